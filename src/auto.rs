@@ -1,0 +1,100 @@
+//! `AutoModelForCausalLM`: loads a model directory, picking the architecture from the
+//! `model_type` in its `config.json`; plus `from_pretrained` / `save_pretrained` on GPT.
+
+use std::path::{Path, PathBuf};
+
+use candle_core::Device;
+
+use crate::checkpoint::{self, SaveOptions};
+use crate::error::{Error, Result};
+use crate::gpt::GPT;
+use crate::hf_cache;
+
+/// model_type of nanomoe's MoE checkpoints (and of nanoMoE's Python HF code).
+pub const NANOMOE_MODEL_TYPE: &str = "nanomoe_gpt";
+
+/// Every `model_type` AutoModelForCausalLM can load.
+pub const SUPPORTED_MODEL_TYPES: &[&str] = &["gpt2", NANOMOE_MODEL_TYPE];
+
+/// The four OpenAI GPT-2 checkpoints and their Hub repos.
+pub const GPT2_REPOS: &[(&str, &str)] = &[
+    ("gpt2", "openai-community/gpt2"),
+    ("gpt2-medium", "openai-community/gpt2-medium"),
+    ("gpt2-large", "openai-community/gpt2-large"),
+    ("gpt2-xl", "openai-community/gpt2-xl"),
+];
+
+pub struct AutoModelForCausalLM;
+
+impl AutoModelForCausalLM {
+    /// Loads a model directory (or a repo id already in the local HF cache).
+    pub fn from_pretrained(path: impl AsRef<Path>) -> Result<GPT> {
+        GPT::from_pretrained(path)
+    }
+}
+
+/// Resolves a MODEL argument: an existing directory, or a repo id in the HF cache.
+pub fn resolve_model_dir(model: &Path) -> Result<PathBuf> {
+    if model.is_dir() {
+        return Ok(model.to_path_buf());
+    }
+    let s = model.to_string_lossy();
+    if hf_cache::is_repo_id(&s) && !model.exists() {
+        if let Some(snap) = hf_cache::cached_snapshot(&s, "main") {
+            return Ok(snap);
+        }
+        return Err(Error::file(
+            model,
+            format!(
+                "not a directory, and repo {s:?} is not in the local HF cache ({}); downloading by repo id is not supported yet",
+                hf_cache::hub_cache_dir().display()
+            ),
+        ));
+    }
+    Err(Error::file(model, if model.exists() { "not a directory" } else { "no such directory" }))
+}
+
+impl GPT {
+    /// Loads an HF-format model directory (gpt2 or nanomoe_gpt; sharded or not; F32, F16 or
+    /// BF16 weights, computed in f32) onto the CPU.
+    pub fn from_pretrained(path: impl AsRef<Path>) -> Result<Self> {
+        Self::from_pretrained_on(path, &Device::Cpu)
+    }
+
+    pub fn from_pretrained_on(path: impl AsRef<Path>, device: &Device) -> Result<Self> {
+        let dir = resolve_model_dir(path.as_ref())?;
+        let (config, format) = checkpoint::read_config(&dir)?;
+        let params = checkpoint::load_params(&dir, &config, format, device)?;
+        GPT::from_params(config, params)
+    }
+
+    /// Saves as an HF directory: native GPT-2 for dense models, `nanomoe_gpt` for MoE.
+    pub fn save_pretrained(&self, dir: impl AsRef<Path>) -> Result<()> {
+        self.save_pretrained_with(dir, &SaveOptions::default())
+    }
+
+    pub fn save_pretrained_with(&self, dir: impl AsRef<Path>, opts: &SaveOptions) -> Result<()> {
+        checkpoint::save_model(dir.as_ref(), &self.config, self.params(), opts)
+    }
+
+    /// Loads OpenAI's GPT-2 (`gpt2`, `gpt2-medium`, `gpt2-large`, `gpt2-xl`) from a local
+    /// directory of that name or from the local HF cache.
+    pub fn from_pretrained_gpt2(name: &str) -> Result<Self> {
+        let Some((_, repo)) = GPT2_REPOS.iter().find(|(n, _)| *n == name) else {
+            let names: Vec<&str> = GPT2_REPOS.iter().map(|(n, _)| *n).collect();
+            return Err(Error::Input(format!("unknown GPT-2 model {name:?}; choose one of {}", names.join(", "))));
+        };
+        if Path::new(name).is_dir() {
+            return Self::from_pretrained(name);
+        }
+        for id in [*repo, name] {
+            if let Some(snap) = hf_cache::cached_snapshot(id, "main") {
+                return Self::from_pretrained(snap);
+            }
+        }
+        Err(Error::Input(format!(
+            "{name}: {repo} is not in the local HF cache ({}) and downloading from the Hub is not supported yet",
+            hf_cache::hub_cache_dir().display()
+        )))
+    }
+}

@@ -1,0 +1,316 @@
+//! Text generation: HF-style `generate` with a KV cache, and nanoGPT's `generate`.
+//!
+//! Logits processors run in transformers' order: repetition penalty, then temperature,
+//! top-k, top-p, min-p. When a sequence would pass `block_size`, the context is cropped
+//! to its last `block_size` tokens and re-encoded (as nanoGPT crops `idx`), so cached
+//! and uncached generation stay identical.
+
+use candle_core::Tensor;
+use rand::{rngs::StdRng, Rng, SeedableRng};
+
+use crate::error::{input_err, Result};
+use crate::gpt::{ids_from_tensor, KvCache, GPT};
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct GenerationConfig {
+    pub max_new_tokens: usize,
+    /// Sample from the processed distribution; false = greedy (argmax). Unlike
+    /// transformers, sampling is the default, as in nanoGPT's sample.py.
+    pub do_sample: bool,
+    pub temperature: f64,
+    pub top_k: Option<usize>,
+    pub top_p: Option<f64>,
+    pub min_p: Option<f64>,
+    /// > 1 discourages tokens already in the sequence (CTRL, Keskar et al. 2019).
+    pub repetition_penalty: f64,
+    /// Stop a sequence once it emits this id.
+    pub eos_token_id: Option<u32>,
+    /// Id used to left-pad prompts of different lengths (default: eos, else 0).
+    pub pad_token_id: Option<u32>,
+    /// Same seed, same output. None: seeded from the OS.
+    pub seed: Option<u64>,
+    pub use_cache: bool,
+}
+
+impl Default for GenerationConfig {
+    fn default() -> Self {
+        GenerationConfig {
+            max_new_tokens: 20,
+            do_sample: true,
+            temperature: 1.0,
+            top_k: None,
+            top_p: None,
+            min_p: None,
+            repetition_penalty: 1.0,
+            eos_token_id: None,
+            pad_token_id: None,
+            seed: None,
+            use_cache: true,
+        }
+    }
+}
+
+impl GenerationConfig {
+    pub fn greedy(max_new_tokens: usize) -> Self {
+        GenerationConfig { max_new_tokens, do_sample: false, ..Default::default() }
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        if self.do_sample && !(self.temperature > 0.0) {
+            return Err(input_err!("temperature must be > 0 when sampling, got {}", self.temperature));
+        }
+        if self.top_k == Some(0) {
+            return Err(input_err!("top_k must be at least 1"));
+        }
+        if let Some(p) = self.top_p {
+            if !(p > 0.0 && p <= 1.0) {
+                return Err(input_err!("top_p must be in (0, 1], got {p}"));
+            }
+        }
+        if let Some(p) = self.min_p {
+            if !(0.0..=1.0).contains(&p) {
+                return Err(input_err!("min_p must be in [0, 1], got {p}"));
+            }
+        }
+        if !(self.repetition_penalty > 0.0) {
+            return Err(input_err!("repetition_penalty must be > 0, got {}", self.repetition_penalty));
+        }
+        Ok(())
+    }
+}
+
+/// Applies the configured processors to one row of logits in place, then picks a token.
+fn next_token(logits: &mut [f32], context: &[u32], cfg: &GenerationConfig, rng: &mut StdRng) -> u32 {
+    if cfg.repetition_penalty != 1.0 {
+        let p = cfg.repetition_penalty as f32;
+        let mut seen = vec![false; logits.len()];
+        for &t in context {
+            let t = t as usize;
+            if t < logits.len() && !seen[t] {
+                seen[t] = true;
+                logits[t] = if logits[t] < 0.0 { logits[t] * p } else { logits[t] / p };
+            }
+        }
+    }
+    if !cfg.do_sample {
+        return argmax(logits);
+    }
+    let temp = cfg.temperature as f32;
+    logits.iter_mut().for_each(|l| *l /= temp);
+    if let Some(k) = cfg.top_k {
+        if k < logits.len() {
+            let mut sorted: Vec<f32> = logits.to_vec();
+            sorted.sort_by(|a, b| b.total_cmp(a));
+            let kth = sorted[k - 1];
+            logits.iter_mut().for_each(|l| {
+                if *l < kth {
+                    *l = f32::NEG_INFINITY
+                }
+            });
+        }
+    }
+    let mut probs = softmax(logits);
+    if let Some(top_p) = cfg.top_p.filter(|&p| p < 1.0) {
+        // Keep the smallest set of most likely tokens whose mass reaches top_p.
+        let mut order: Vec<usize> = (0..probs.len()).collect();
+        order.sort_by(|&a, &b| probs[b].total_cmp(&probs[a]).then(a.cmp(&b)));
+        let mut cum = 0.0f64;
+        let mut keep = vec![false; probs.len()];
+        for &i in &order {
+            keep[i] = true;
+            cum += probs[i] as f64;
+            if cum >= top_p {
+                break;
+            }
+        }
+        probs.iter_mut().zip(&keep).for_each(|(p, k)| if !k { *p = 0.0 });
+    }
+    if let Some(min_p) = cfg.min_p.filter(|&p| p > 0.0) {
+        let max = probs.iter().cloned().fold(0.0f32, f32::max);
+        let floor = (min_p as f32) * max;
+        probs.iter_mut().for_each(|p| if *p < floor { *p = 0.0 });
+    }
+    sample(&probs, rng)
+}
+
+fn argmax(v: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &x) in v.iter().enumerate() {
+        if x > v[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+fn softmax(v: &[f32]) -> Vec<f32> {
+    let m = v.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+    let e: Vec<f32> = v.iter().map(|&x| (x - m).exp()).collect();
+    let s: f32 = e.iter().sum();
+    e.into_iter().map(|x| x / s).collect()
+}
+
+/// Draws an index from unnormalised non-negative weights.
+fn sample(weights: &[f32], rng: &mut StdRng) -> u32 {
+    let total: f64 = weights.iter().map(|&w| w as f64).sum();
+    let mut r = rng.random::<f64>() * total;
+    let mut last = 0;
+    for (i, &w) in weights.iter().enumerate() {
+        if w > 0.0 {
+            last = i;
+            if r < w as f64 {
+                return i as u32;
+            }
+            r -= w as f64;
+        }
+    }
+    last as u32
+}
+
+impl GPT {
+    /// Generates continuations of a batch of prompts. Returns each prompt followed by its
+    /// new tokens (stopping after `eos_token_id` when set).
+    pub fn generate(&self, input_ids: &Tensor, cfg: &GenerationConfig) -> Result<Vec<Vec<u32>>> {
+        let prompts = ids_from_tensor(input_ids, self.config.vocab_size)?;
+        self.generate_with(&prompts, cfg, |_, _| {})
+    }
+
+    /// [`GPT::generate`] for prompts of any lengths, calling `on_token(row, id)` for each new
+    /// token as it is produced (streaming).
+    pub fn generate_with(
+        &self,
+        prompts: &[Vec<u32>],
+        cfg: &GenerationConfig,
+        mut on_token: impl FnMut(usize, u32),
+    ) -> Result<Vec<Vec<u32>>> {
+        cfg.validate()?;
+        if prompts.is_empty() || prompts.iter().any(Vec::is_empty) {
+            return Err(input_err!("every prompt needs at least one token"));
+        }
+        let vocab = self.config.vocab_size;
+        for p in prompts {
+            if let Some(&bad) = p.iter().find(|&&t| t as usize >= vocab) {
+                return Err(input_err!("token id {bad} is out of range for vocab_size {vocab}"));
+            }
+        }
+        let block = self.config.block_size;
+        let pad_id = cfg.pad_token_id.or(cfg.eos_token_id).unwrap_or(0);
+        let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
+        // Left-padded working rows.
+        let mut rows: Vec<Vec<u32>> = prompts
+            .iter()
+            .map(|p| {
+                let mut r = vec![pad_id; longest - p.len()];
+                r.extend_from_slice(p);
+                r
+            })
+            .collect();
+        let mut pads: Vec<usize> = prompts.iter().map(|p| longest - p.len()).collect();
+        let padded = pads.iter().any(|&p| p > 0);
+        let mut rng = match cfg.seed {
+            Some(s) => StdRng::seed_from_u64(s),
+            None => StdRng::from_os_rng(),
+        };
+        let mut done = vec![false; rows.len()];
+        let mut generated: Vec<Vec<u32>> = vec![Vec::new(); rows.len()];
+        let mut cache = KvCache::new();
+        let mut fed = 0usize; // positions of each row already in the cache
+        for _ in 0..cfg.max_new_tokens {
+            let len = rows[0].len();
+            let pad_arg = padded.then_some(pads.as_slice());
+            let logits = if cfg.use_cache && fed > 0 && len <= block {
+                let new: Vec<Vec<u32>> = rows.iter().map(|r| r[fed..].to_vec()).collect();
+                fed = len;
+                self.forward_step(&new, Some(&mut cache), pad_arg)?
+            } else {
+                // (Re-)encode the whole context, cropped to its last block_size tokens.
+                let start = len.saturating_sub(block);
+                if start > 0 {
+                    pads.iter_mut().for_each(|p| *p = p.saturating_sub(start));
+                    rows.iter_mut().for_each(|r| {
+                        r.drain(..start);
+                    });
+                }
+                let pad_arg = padded.then_some(pads.as_slice());
+                cache.clear();
+                fed = rows[0].len();
+                self.forward_step(&rows, cfg.use_cache.then_some(&mut cache), pad_arg)?
+            };
+            let logits: Vec<Vec<f32>> = logits.to_dtype(candle_core::DType::F32)?.to_vec2()?;
+            for (i, mut row_logits) in logits.into_iter().enumerate() {
+                let tok = if done[i] {
+                    pad_id
+                } else {
+                    let t = next_token(&mut row_logits, &rows[i][pads[i]..], cfg, &mut rng);
+                    on_token(i, t);
+                    generated[i].push(t);
+                    done[i] = Some(t) == cfg.eos_token_id;
+                    t
+                };
+                rows[i].push(tok);
+            }
+            if done.iter().all(|&d| d) {
+                break;
+            }
+        }
+        Ok(prompts.iter().zip(generated).map(|(p, g)| [p.as_slice(), &g].concat()).collect())
+    }
+
+    /// nanoGPT's `generate(idx, max_new_tokens, temperature, top_k)`: samples with the
+    /// model's generator (see [`GPT::set_seed`]); returns idx with the new tokens, [B, T + n].
+    pub fn generate_legacy(&self, idx: &Tensor, max_new_tokens: usize, temperature: f64, top_k: Option<usize>) -> Result<Tensor> {
+        let prompts = ids_from_tensor(idx, self.config.vocab_size)?;
+        let seed = self.next_seed();
+        let cfg = GenerationConfig { max_new_tokens, temperature, top_k, seed: Some(seed), ..Default::default() };
+        let out = self.generate_with(&prompts, &cfg, |_, _| {})?;
+        let (b, t) = (out.len(), out[0].len());
+        let flat: Vec<u32> = out.into_iter().flatten().collect();
+        Ok(Tensor::from_vec(flat, (b, t), idx.device())?.to_dtype(idx.dtype())?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn top_k_and_top_p_filter() {
+        let mut rng = StdRng::seed_from_u64(0);
+        let cfg = GenerationConfig { top_k: Some(1), ..Default::default() };
+        for _ in 0..20 {
+            let mut l = vec![0.0, 3.0, 1.0, 2.0];
+            assert_eq!(next_token(&mut l, &[], &cfg, &mut rng), 1);
+        }
+        // top_p = 0.5 keeps only the dominant token.
+        let cfg = GenerationConfig { top_p: Some(0.5), ..Default::default() };
+        for _ in 0..20 {
+            let mut l = vec![0.0, 5.0, 1.0, 2.0];
+            assert_eq!(next_token(&mut l, &[], &cfg, &mut rng), 1);
+        }
+        // min_p = 0.5 removes tokens below half the top probability.
+        let cfg = GenerationConfig { min_p: Some(0.5), ..Default::default() };
+        for _ in 0..20 {
+            let mut l = vec![0.0, 5.0, 1.0, 2.0];
+            assert_eq!(next_token(&mut l, &[], &cfg, &mut rng), 1);
+        }
+    }
+
+    #[test]
+    fn repetition_penalty_follows_ctrl() {
+        let mut rng = StdRng::seed_from_u64(0);
+        let cfg = GenerationConfig { repetition_penalty: 2.0, do_sample: false, ..Default::default() };
+        // token 1 (logit 3, seen) -> 1.5 ; token 2 (logit 2) wins.
+        let mut l = vec![0.0, 3.0, 2.0, -1.0];
+        assert_eq!(next_token(&mut l, &[1, 3], &cfg, &mut rng), 2);
+        assert_eq!(l, vec![0.0, 1.5, 2.0, -2.0]);
+    }
+
+    #[test]
+    fn bad_generation_configs_are_named() {
+        let e = GenerationConfig { top_p: Some(1.5), ..Default::default() }.validate().unwrap_err();
+        assert_eq!(e.to_string(), "invalid input: top_p must be in (0, 1], got 1.5");
+        let e = GenerationConfig { temperature: 0.0, ..Default::default() }.validate().unwrap_err();
+        assert_eq!(e.to_string(), "invalid input: temperature must be > 0 when sampling, got 0");
+        assert!(GenerationConfig { temperature: 0.0, do_sample: false, ..Default::default() }.validate().is_ok());
+    }
+}

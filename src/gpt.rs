@@ -1,0 +1,531 @@
+//! The GPT model: GPT-2's architecture, with an MoE layer in place of the MLP in every
+//! `stride`-th block (nanoMoE). Read top to bottom: layer norm, attention, MLP, block,
+//! model, forward passes.
+//!
+//! Weights are stored as torch's nn.Linear does ([out, in]) under the HF tensor names of a
+//! `nanomoe_gpt` checkpoint; GPT-2's Conv1D layout is handled only in `checkpoint.rs`.
+
+use std::sync::Mutex;
+
+use candle_core::{DType, Device, Tensor};
+use rand::{rngs::StdRng, SeedableRng};
+
+use crate::config::{Activation, GPTConfig};
+use crate::error::{input_err, Result};
+use crate::moe::{MoeCtx, MoeLayer, MoeStats, Routing};
+use crate::nn;
+use crate::params::{param_specs, ParamStore};
+
+/// Attention scores of masked positions are replaced by this (not -inf: a fully masked
+/// row, as a left-padding query has, then stays finite).
+const MASKED: f32 = -1e30;
+
+struct LayerNorm {
+    w: Tensor,
+    b: Option<Tensor>,
+    eps: f64,
+}
+
+impl LayerNorm {
+    fn load(p: &ParamStore, prefix: &str, eps: f64) -> Result<Self> {
+        Ok(LayerNorm { w: p.get(&format!("{prefix}.weight"))?, b: opt(p, &format!("{prefix}.bias"))?, eps })
+    }
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        nn::layer_norm(x, &self.w, self.b.as_ref(), self.eps)
+    }
+}
+
+struct Linear {
+    w: Tensor,
+    b: Option<Tensor>,
+}
+
+impl Linear {
+    fn load(p: &ParamStore, prefix: &str) -> Result<Self> {
+        Ok(Linear { w: p.get(&format!("{prefix}.weight"))?, b: opt(p, &format!("{prefix}.bias"))? })
+    }
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        nn::linear(x, &self.w, self.b.as_ref())
+    }
+}
+
+fn opt(p: &ParamStore, name: &str) -> Result<Option<Tensor>> {
+    Ok(if p.var(name).is_some() { Some(p.get(name)?) } else { None })
+}
+
+/// Keys and values of every layer for the tokens seen so far.
+#[derive(Default, Clone)]
+pub struct KvCache {
+    layers: Vec<Option<(Tensor, Tensor)>>,
+}
+
+impl KvCache {
+    pub fn new() -> Self {
+        Self::default()
+    }
+    /// Number of cached positions.
+    pub fn seq_len(&self) -> usize {
+        match self.layers.first() {
+            Some(Some((k, _))) => k.dims()[2],
+            _ => 0,
+        }
+    }
+    pub fn clear(&mut self) {
+        self.layers.clear();
+    }
+}
+
+/// Per-forward options shared by every layer.
+struct Ctx<'a> {
+    cfg: &'a GPTConfig,
+    training: bool,
+    routing: Routing,
+    rng: &'a mut StdRng,
+}
+
+struct CausalSelfAttention {
+    c_attn: Linear,
+    c_proj: Linear,
+    n_head: usize,
+}
+
+impl CausalSelfAttention {
+    /// x: [B, T, C]; `mask`: [B or 1, 1, T, T_total] of 1 = may attend.
+    fn forward(&self, x: &Tensor, mask: &Tensor, cache: Option<&mut Option<(Tensor, Tensor)>>, ctx: &mut Ctx) -> Result<Tensor> {
+        let (b, t, c) = x.dims3()?;
+        let hd = c / self.n_head;
+        let qkv = self.c_attn.forward(x)?;
+        let heads = |i: usize| -> Result<Tensor> {
+            Ok(qkv.narrow(2, i * c, c)?.reshape((b, t, self.n_head, hd))?.transpose(1, 2)?.contiguous()?)
+        };
+        let (q, mut k, mut v) = (heads(0)?, heads(1)?, heads(2)?);
+        if let Some(slot) = cache {
+            if let Some((pk, pv)) = slot.as_ref() {
+                k = Tensor::cat(&[pk, &k], 2)?;
+                v = Tensor::cat(&[pv, &v], 2)?;
+            }
+            *slot = Some((k.clone(), v.clone()));
+        }
+        let att = (q.matmul(&k.t()?)? * (1.0 / (hd as f64).sqrt()))?;
+        let fill = Tensor::new(MASKED, x.device())?.to_dtype(att.dtype())?.broadcast_as(att.shape())?;
+        let att = mask.broadcast_as(att.shape())?.where_cond(&att, &fill)?;
+        let mut att = nn::softmax_last(&att)?;
+        if ctx.training && ctx.cfg.dropout > 0.0 {
+            att = nn::dropout(&att, ctx.cfg.dropout, ctx.rng)?;
+        }
+        let y = att.matmul(&v)?.transpose(1, 2)?.reshape((b, t, c))?;
+        let mut y = self.c_proj.forward(&y)?;
+        if ctx.training && ctx.cfg.dropout > 0.0 {
+            y = nn::dropout(&y, ctx.cfg.dropout, ctx.rng)?;
+        }
+        Ok(y)
+    }
+}
+
+enum Mlp {
+    Dense { c_fc: Linear, c_proj: Linear, act: Activation },
+    Moe(MoeLayer),
+}
+
+/// Losses and routing statistics collected from the MoE layers of one forward pass.
+#[derive(Default)]
+struct MoeTotals {
+    aux: Option<Tensor>,
+    z: Option<Tensor>,
+    stats: Vec<MoeStats>,
+}
+
+fn add(acc: &mut Option<Tensor>, x: Tensor) -> Result<()> {
+    *acc = Some(match acc.take() {
+        Some(a) => (a + x)?,
+        None => x,
+    });
+    Ok(())
+}
+
+struct Block {
+    ln_1: LayerNorm,
+    attn: CausalSelfAttention,
+    ln_2: LayerNorm,
+    mlp: Mlp,
+}
+
+impl Block {
+    fn forward(&self, x: &Tensor, mask: &Tensor, cache: Option<&mut Option<(Tensor, Tensor)>>, ctx: &mut Ctx, moe: &mut MoeTotals) -> Result<Tensor> {
+        let x = (x + self.attn.forward(&self.ln_1.forward(x)?, mask, cache, ctx)?)?;
+        let h = self.ln_2.forward(&x)?;
+        let y = match &self.mlp {
+            Mlp::Dense { c_fc, c_proj, act } => {
+                let y = c_proj.forward(&nn::gelu(&c_fc.forward(&h)?, *act)?)?;
+                if ctx.training && ctx.cfg.dropout > 0.0 {
+                    nn::dropout(&y, ctx.cfg.dropout, ctx.rng)?
+                } else {
+                    y
+                }
+            }
+            Mlp::Moe(layer) => {
+                let mut mctx = MoeCtx { cfg: ctx.cfg, training: ctx.training, routing: ctx.routing, rng: Some(&mut *ctx.rng) };
+                let out = layer.forward(&h, &mut mctx)?;
+                add(&mut moe.aux, out.aux_loss)?;
+                add(&mut moe.z, out.z_loss)?;
+                moe.stats.push(out.stats);
+                out.y
+            }
+        };
+        Ok((x + y)?)
+    }
+}
+
+/// Loss terms of one forward pass. `aux_loss` and `router_z_loss` are the unweighted sums
+/// over MoE layers; the total loss adds them times their weights when switched on.
+#[derive(Debug, Clone, Default)]
+pub struct Losses {
+    pub ntp_loss: Option<Tensor>,
+    pub aux_loss: Option<Tensor>,
+    pub router_z_loss: Option<Tensor>,
+}
+
+/// HF-style output of [`GPT::forward`].
+pub struct CausalLMOutput {
+    /// Total loss (cross-entropy + weighted aux and z losses), when labels were given.
+    pub loss: Option<Tensor>,
+    /// [B, T, V]
+    pub logits: Tensor,
+    /// Per-loss breakdown.
+    pub aux: Losses,
+    /// Routing statistics per MoE layer.
+    pub moe_stats: Vec<MoeStats>,
+}
+
+pub struct GPT {
+    pub config: GPTConfig,
+    params: ParamStore,
+    wte: Tensor,
+    wpe: Tensor,
+    blocks: Vec<Block>,
+    ln_f: LayerNorm,
+    training: bool,
+    routing: Routing,
+    rng: Mutex<StdRng>,
+}
+
+/// Token ids of a batch, read from an integer tensor and checked against the vocabulary.
+pub(crate) fn ids_from_tensor(ids: &Tensor, vocab: usize) -> Result<Vec<Vec<u32>>> {
+    let ids = match ids.rank() {
+        1 => ids.unsqueeze(0)?,
+        2 => ids.clone(),
+        r => return Err(input_err!("input ids must have shape [batch, seq_len], got rank {r} ({:?})", ids.dims())),
+    };
+    if ids.dtype().is_float() {
+        return Err(input_err!("input ids must be an integer tensor, got {:?}", ids.dtype()));
+    }
+    let rows: Vec<Vec<i64>> = ids.to_dtype(DType::I64)?.to_vec2()?;
+    rows.into_iter()
+        .map(|r| {
+            r.into_iter()
+                .map(|v| {
+                    if v < 0 || v as usize >= vocab {
+                        Err(input_err!("token id {v} is out of range for vocab_size {vocab}"))
+                    } else {
+                        Ok(v as u32)
+                    }
+                })
+                .collect()
+        })
+        .collect()
+}
+
+fn labels_from_tensor(labels: &Tensor, ignore: i64, vocab: usize) -> Result<Vec<Vec<Option<u32>>>> {
+    let labels = if labels.rank() == 1 { labels.unsqueeze(0)? } else { labels.clone() };
+    if labels.rank() != 2 || labels.dtype().is_float() {
+        return Err(input_err!("labels must be an integer tensor of shape [batch, seq_len], got {:?} {:?}", labels.dtype(), labels.dims()));
+    }
+    let rows: Vec<Vec<i64>> = labels.to_dtype(DType::I64)?.to_vec2()?;
+    rows.into_iter()
+        .map(|r| {
+            r.into_iter()
+                .map(|v| match v {
+                    v if v == ignore => Ok(None),
+                    v if v >= 0 && (v as usize) < vocab => Ok(Some(v as u32)),
+                    v => Err(input_err!("label {v} is out of range for vocab_size {vocab} (use {ignore} to ignore a position)")),
+                })
+                .collect()
+        })
+        .collect()
+}
+
+impl GPT {
+    /// Random init (nanoGPT's, or Switch Transformer's with `use_switch_tfm_init`), seed 0.
+    pub fn new(config: &GPTConfig, device: &Device) -> Result<Self> {
+        Self::new_seeded(config, 0, device)
+    }
+
+    pub fn new_seeded(config: &GPTConfig, seed: u64, device: &Device) -> Result<Self> {
+        config.validate()?;
+        let params = ParamStore::init(&param_specs(config), seed, device)?;
+        Self::from_params(config.clone(), params)
+    }
+
+    /// Builds the model around existing parameters (checked against the config).
+    pub fn from_params(config: GPTConfig, mut params: ParamStore) -> Result<Self> {
+        config.validate()?;
+        params.check_against(&param_specs(&config))?;
+        let eps = config.layer_norm_epsilon;
+        let act = config.activation()?;
+        let mut blocks = Vec::with_capacity(config.n_layer);
+        for i in 0..config.n_layer {
+            let p = format!("transformer.h.{i}");
+            let mlp = if config.is_moe_layer(i) {
+                Mlp::Moe(MoeLayer::load(&config, &params, &format!("{p}.mlp"), i)?)
+            } else {
+                Mlp::Dense { c_fc: Linear::load(&params, &format!("{p}.mlp.c_fc"))?, c_proj: Linear::load(&params, &format!("{p}.mlp.c_proj"))?, act }
+            };
+            blocks.push(Block {
+                ln_1: LayerNorm::load(&params, &format!("{p}.ln_1"), eps)?,
+                attn: CausalSelfAttention {
+                    c_attn: Linear::load(&params, &format!("{p}.attn.c_attn"))?,
+                    c_proj: Linear::load(&params, &format!("{p}.attn.c_proj"))?,
+                    n_head: config.n_head,
+                },
+                ln_2: LayerNorm::load(&params, &format!("{p}.ln_2"), eps)?,
+                mlp,
+            });
+        }
+        Ok(GPT {
+            wte: params.get("transformer.wte.weight")?,
+            wpe: params.get("transformer.wpe.weight")?,
+            ln_f: LayerNorm::load(&params, "transformer.ln_f", eps)?,
+            blocks,
+            params,
+            config,
+            training: false,
+            routing: Routing::Capacity,
+            rng: Mutex::new(StdRng::seed_from_u64(0)),
+        })
+    }
+
+    pub fn params(&self) -> &ParamStore {
+        &self.params
+    }
+
+    pub fn device(&self) -> &Device {
+        self.wte.device()
+    }
+
+    /// Training mode: dropout, noisy top-k and train capacity are on.
+    pub fn train(&mut self) {
+        self.training = true;
+    }
+
+    /// Evaluation mode (the default).
+    pub fn eval(&mut self) {
+        self.training = false;
+    }
+
+    pub fn is_training(&self) -> bool {
+        self.training
+    }
+
+    /// Capacity-limited (nanoMoE, default) or dropless MoE routing.
+    pub fn set_routing(&mut self, routing: Routing) {
+        self.routing = routing;
+    }
+
+    /// Seeds the generator behind dropout and router noise.
+    pub fn set_seed(&self, seed: u64) {
+        *self.rng.lock().unwrap_or_else(|e| e.into_inner()) = StdRng::seed_from_u64(seed);
+    }
+
+    /// Draws a seed from the model's generator.
+    pub(crate) fn next_seed(&self) -> u64 {
+        use rand::Rng;
+        self.rng.lock().unwrap_or_else(|e| e.into_inner()).random()
+    }
+
+    /// Total number of parameters (the tied lm_head counted once).
+    pub fn num_params(&self) -> usize {
+        self.params.num_params()
+    }
+
+    /// Parameters used per token: an MoE layer's experts count k / n_exp.
+    pub fn num_active_params(&self) -> usize {
+        let c = &self.config;
+        let mut n = 0usize;
+        for (name, v) in self.params.iter() {
+            if name.contains(".mlp.experts.") {
+                n += v.elem_count() / c.n_exp * c.moe_top_k;
+            } else {
+                n += v.elem_count();
+            }
+        }
+        n
+    }
+
+    /// Final hidden states [B, T, C] and MoE totals. `pad[b]` left-padding positions of row b
+    /// are masked out as keys and do not advance positions.
+    fn hidden(&self, ids: &[Vec<u32>], cache: Option<&mut KvCache>, pad: Option<&[usize]>) -> Result<(Tensor, MoeTotals)> {
+        let b = ids.len();
+        let t = ids.first().map(Vec::len).unwrap_or(0);
+        if b == 0 || t == 0 {
+            return Err(input_err!("input ids are empty"));
+        }
+        if ids.iter().any(|r| r.len() != t) {
+            return Err(input_err!("all sequences in a batch must have the same length (left-pad them)"));
+        }
+        let past = cache.as_ref().map(|c| c.seq_len()).unwrap_or(0);
+        let total = past + t;
+        if total > self.config.block_size {
+            return Err(input_err!(
+                "sequence length {total} exceeds block_size {} of this model",
+                self.config.block_size
+            ));
+        }
+        if let Some(pad) = pad {
+            if pad.len() != b {
+                return Err(input_err!("padding lengths ({}) do not match the batch size ({b})", pad.len()));
+            }
+        }
+        let device = self.device();
+        let pad_of = |r: usize| pad.map(|p| p[r]).unwrap_or(0);
+        // positions and mask
+        let mut pos = Vec::with_capacity(b * t);
+        for r in 0..b {
+            for i in 0..t {
+                pos.push((past + i).saturating_sub(pad_of(r)) as u32);
+            }
+        }
+        let mask_rows = if pad.is_some() { b } else { 1 };
+        let mut mask = Vec::with_capacity(mask_rows * t * total);
+        for r in 0..mask_rows {
+            for i in 0..t {
+                for j in 0..total {
+                    mask.push(u8::from(j <= past + i && j >= pad_of(r)));
+                }
+            }
+        }
+        let mask = Tensor::from_vec(mask, (mask_rows, 1, t, total), device)?;
+        let flat: Vec<u32> = ids.iter().flatten().copied().collect();
+        let tok = self.wte.index_select(&Tensor::from_vec(flat, b * t, device)?, 0)?;
+        let pe = self.wpe.index_select(&Tensor::from_vec(pos, b * t, device)?, 0)?;
+        let mut x = (tok + pe)?.reshape((b, t, self.config.n_embd))?;
+
+        let mut rng = self.rng.lock().unwrap_or_else(|e| e.into_inner());
+        let mut ctx = Ctx { cfg: &self.config, training: self.training, routing: self.routing, rng: &mut rng };
+        if ctx.training && self.config.dropout > 0.0 {
+            x = nn::dropout(&x, self.config.dropout, ctx.rng)?;
+        }
+        let mut moe = MoeTotals::default();
+        match cache {
+            Some(cache) => {
+                cache.layers.resize(self.blocks.len(), None);
+                for (block, slot) in self.blocks.iter().zip(cache.layers.iter_mut()) {
+                    x = block.forward(&x, &mask, Some(slot), &mut ctx, &mut moe)?;
+                }
+            }
+            None => {
+                for block in &self.blocks {
+                    x = block.forward(&x, &mask, None, &mut ctx, &mut moe)?;
+                }
+            }
+        }
+        Ok((self.ln_f.forward(&x)?, moe))
+    }
+
+    fn lm_head(&self, h: &Tensor) -> Result<Tensor> {
+        nn::linear(h, &self.wte, None)
+    }
+
+    /// Adds the weighted MoE losses to the next-token loss.
+    fn total_loss(&self, ntp: Option<Tensor>, moe: &MoeTotals) -> Result<(Option<Tensor>, Losses)> {
+        let c = &self.config;
+        let mut loss = ntp.clone();
+        if let Some(l) = loss.as_mut() {
+            if c.is_moe() && c.use_aux_loss {
+                if let Some(a) = &moe.aux {
+                    *l = (&*l + (a * c.aux_loss_weight)?)?;
+                }
+            }
+            if c.is_moe() && c.use_router_z_loss {
+                if let Some(z) = &moe.z {
+                    *l = (&*l + (z * c.router_z_loss_weight)?)?;
+                }
+            }
+        }
+        Ok((loss, Losses { ntp_loss: ntp, aux_loss: moe.aux.clone(), router_z_loss: moe.z.clone() }))
+    }
+
+    /// HF-style forward. `labels` ([B, T], same shape as `input_ids`) follow HF semantics:
+    /// shifted inside the model, -100 ignored.
+    pub fn forward(&self, input_ids: &Tensor, labels: Option<&Tensor>) -> Result<CausalLMOutput> {
+        let ids = ids_from_tensor(input_ids, self.config.vocab_size)?;
+        let labels = labels.map(|l| labels_from_tensor(l, -100, self.config.vocab_size)).transpose()?;
+        if let Some(l) = &labels {
+            if l.len() != ids.len() || l.iter().any(|r| r.len() != ids[0].len()) {
+                return Err(input_err!("labels must have the same shape as input_ids"));
+            }
+        }
+        let (h, moe) = self.hidden(&ids, None, None)?;
+        let logits = self.lm_head(&h)?;
+        let ntp = match &labels {
+            Some(l) => {
+                let (b, t, v) = logits.dims3()?;
+                if t < 2 {
+                    None
+                } else {
+                    let shifted = logits.narrow(1, 0, t - 1)?.reshape((b * (t - 1), v))?;
+                    let targets: Vec<Option<u32>> = l.iter().flat_map(|r| r[1..].iter().copied()).collect();
+                    nn::cross_entropy(&shifted, &targets)?
+                }
+            }
+            None => None,
+        };
+        let (loss, aux) = self.total_loss(ntp, &moe)?;
+        Ok(CausalLMOutput { loss, logits, aux, moe_stats: moe.stats })
+    }
+
+    /// nanoGPT-style forward: `targets` are already shifted by the caller, -1 ignored.
+    /// Without targets only the last position's logits are returned ([B, 1, V]).
+    pub fn forward_legacy(&self, idx: &Tensor, targets: Option<&Tensor>) -> Result<(Tensor, Option<Tensor>, Losses)> {
+        let (logits, loss, losses, _) = self.forward_legacy_with_stats(idx, targets)?;
+        Ok((logits, loss, losses))
+    }
+
+    /// [`GPT::forward_legacy`] plus the routing statistics of each MoE layer.
+    pub fn forward_legacy_with_stats(&self, idx: &Tensor, targets: Option<&Tensor>) -> Result<(Tensor, Option<Tensor>, Losses, Vec<MoeStats>)> {
+        let ids = ids_from_tensor(idx, self.config.vocab_size)?;
+        let (h, moe) = self.hidden(&ids, None, None)?;
+        match targets {
+            Some(tg) => {
+                let tg = labels_from_tensor(tg, -1, self.config.vocab_size)?;
+                if tg.len() != ids.len() || tg.iter().any(|r| r.len() != ids[0].len()) {
+                    return Err(input_err!("targets must have the same shape as idx"));
+                }
+                let logits = self.lm_head(&h)?;
+                let (b, t, v) = logits.dims3()?;
+                let flat: Vec<Option<u32>> = tg.into_iter().flatten().collect();
+                let ntp = nn::cross_entropy(&logits.reshape((b * t, v))?, &flat)?;
+                let (loss, losses) = self.total_loss(ntp, &moe)?;
+                Ok((logits, loss, losses, moe.stats))
+            }
+            None => {
+                let t = h.dim(1)?;
+                let logits = self.lm_head(&h.narrow(1, t - 1, 1)?)?;
+                let (_, losses) = self.total_loss(None, &moe)?;
+                Ok((logits, None, losses, moe.stats))
+            }
+        }
+    }
+
+    /// One decoding step: runs `ids` (new tokens of every row) through the model, extending
+    /// `cache`, and returns the logits of the last position [B, V].
+    pub fn forward_step(&self, ids: &[Vec<u32>], cache: Option<&mut KvCache>, pad: Option<&[usize]>) -> Result<Tensor> {
+        for r in ids {
+            if let Some(&bad) = r.iter().find(|&&v| v as usize >= self.config.vocab_size) {
+                return Err(input_err!("token id {bad} is out of range for vocab_size {}", self.config.vocab_size));
+            }
+        }
+        let (h, _) = self.hidden(ids, cache, pad)?;
+        let t = h.dim(1)?;
+        Ok(self.lm_head(&h.narrow(1, t - 1, 1)?)?.squeeze(1)?)
+    }
+}

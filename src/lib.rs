@@ -1,0 +1,33 @@
+//! nanomoe: train, run and share GPT-2-style language models with Mixture-of-Experts
+//! layers (nanoGPT + MoE), HuggingFace-native in both directions.
+//!
+//! Table of contents:
+//! - [`config`]: `GPTConfig`, the hyper-parameters (its JSON form is `config.json`).
+//! - [`params`]: parameter names, shapes, initialisation and the store that owns them.
+//! - [`nn`]: layer norm, linear, GELU, softmax, cross-entropy: ops with a backward pass.
+//! - [`moe`]: the Mixture-of-Experts layer: router, capacity, dispatch, aux and z losses.
+//! - [`gpt`]: the GPT model, its forward passes and the KV cache.
+//! - [`generate`]: HF-style and nanoGPT-style generation.
+//! - [`checkpoint`]: HF-format directories (GPT-2 and nanomoe_gpt), safetensors I/O.
+//! - [`auto`]: `AutoModelForCausalLM`, `from_pretrained`, `save_pretrained`.
+//! - [`hf_cache`]: the local HuggingFace cache shared with Python.
+//! - [`error`]: the error type.
+
+pub mod auto;
+pub mod checkpoint;
+pub mod config;
+pub mod error;
+pub mod generate;
+pub mod gpt;
+pub mod hf_cache;
+pub mod moe;
+pub mod nn;
+pub mod params;
+
+pub use auto::AutoModelForCausalLM;
+pub use checkpoint::{SaveDType, SaveOptions};
+pub use config::GPTConfig;
+pub use error::{Error, Result};
+pub use generate::GenerationConfig;
+pub use gpt::{CausalLMOutput, KvCache, Losses, GPT};
+pub use moe::{MoeStats, Routing};

@@ -1,0 +1,352 @@
+//! The Mixture-of-Experts layer that replaces the MLP in every `stride`-th block,
+//! with nanoMoE's routing semantics so that its checkpoints behave identically.
+//!
+//! router:  logits = x W_g^T (+ softplus(x W_noise^T) * N(0,1) when training with noisy
+//!          top-k, Shazeer et al. 2017 eq. 4) -> top-k -> softmax over the k chosen logits
+//!          (Shazeer et al. 2017 eq. 3-5).
+//! capacity per expert = floor(k * factor * tokens / n_exp), rounded up to even, at least
+//!          min_capacity (Switch Transformer, Fedus et al. 2021, eq. 3). Every first choice
+//!          is placed before any second choice, earlier tokens before later ones; a choice
+//!          past its expert's capacity is dropped (the residual stream carries the token).
+//! losses:  aux = n_exp * sum_e f_e P_e (Switch Transformer eq. 4-6), router z-loss =
+//!          mean_t logsumexp(logits_t)^2 (ST-MoE, Zoph et al. 2022, eq. 5).
+//!
+//! Dispatch is by index: the routing plan is computed from the router logits, tokens are
+//! gathered into an [n_exp, capacity, n_embd] batch (empty slots point at a zero row),
+//! and expert outputs are scattered back with `index_add`, so memory is linear in tokens
+//! (nanoMoE's reference builds a dense one-hot [tokens, n_exp, capacity] tensor instead).
+
+use candle_core::{DType, Tensor};
+use rand::rngs::StdRng;
+use rand_distr::{Distribution, StandardNormal};
+
+use crate::config::{Activation, GPTConfig};
+use crate::error::Result;
+use crate::nn;
+use crate::params::ParamStore;
+
+/// How tokens are limited per expert.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Routing {
+    /// nanoMoE semantics: train_capacity in training, eval_capacity otherwise.
+    #[default]
+    Capacity,
+    /// No capacity limit: no token is ever dropped (an inference option).
+    Dropless,
+}
+
+/// Expert capacity for `tokens` tokens with capacity factor `factor`.
+pub fn expert_capacity(cfg: &GPTConfig, tokens: usize, factor: f64) -> usize {
+    // Same operation order as nanoMoE's get_capacity, in f64 like Python floats.
+    let mut cap = (cfg.moe_top_k as f64 * factor * tokens as f64 / cfg.n_exp as f64).floor() as usize;
+    cap += cap % 2;
+    cap.max(cfg.min_capacity)
+}
+
+/// The discrete routing decisions of one MoE layer for one forward pass.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RoutingPlan {
+    pub n_exp: usize,
+    pub k: usize,
+    /// Slots per expert.
+    pub capacity: usize,
+    /// Expert of each (token, choice), [tokens * k], best choice first.
+    pub experts: Vec<u32>,
+    /// Slot of each (token, choice) within its expert, `None` when dropped.
+    pub slots: Vec<Option<u32>>,
+}
+
+impl RoutingPlan {
+    /// Top-k selection and capacity assignment from router logits `[tokens][n_exp]`.
+    /// `capacity` None = dropless. Ties in the logits go to the lower expert index.
+    pub fn new(logits: &[Vec<f32>], n_exp: usize, k: usize, capacity: Option<usize>) -> Self {
+        let n = logits.len();
+        let mut experts = Vec::with_capacity(n * k);
+        let mut order: Vec<u32> = (0..n_exp as u32).collect();
+        for row in logits {
+            order.sort_by(|&a, &b| row[b as usize].total_cmp(&row[a as usize]).then(a.cmp(&b)));
+            experts.extend_from_slice(&order[..k]);
+            order.sort_unstable();
+        }
+        let capacity = capacity.unwrap_or_else(|| {
+            let mut counts = vec![0usize; n_exp];
+            for &e in &experts {
+                counts[e as usize] += 1;
+            }
+            counts.into_iter().max().unwrap_or(0).max(1)
+        });
+        let mut fill = vec![0u32; n_exp];
+        let mut slots = vec![None; n * k];
+        for j in 0..k {
+            for t in 0..n {
+                let e = experts[t * k + j] as usize;
+                if (fill[e] as usize) < capacity {
+                    slots[t * k + j] = Some(fill[e]);
+                    fill[e] += 1;
+                }
+            }
+        }
+        RoutingPlan { n_exp, k, capacity, experts, slots }
+    }
+
+    pub fn tokens(&self) -> usize {
+        self.experts.len() / self.k
+    }
+
+    /// Tokens each expert processes (after drops).
+    pub fn tokens_per_expert(&self) -> Vec<usize> {
+        let mut c = vec![0; self.n_exp];
+        for (e, s) in self.experts.iter().zip(&self.slots) {
+            if s.is_some() {
+                c[*e as usize] += 1;
+            }
+        }
+        c
+    }
+
+    /// f_e of the aux loss: mean over tokens of how many of its k choices went to e.
+    pub fn choice_fraction(&self) -> Vec<f32> {
+        let mut f = vec![0f32; self.n_exp];
+        for &e in &self.experts {
+            f[e as usize] += 1.0;
+        }
+        let n = self.tokens().max(1) as f32;
+        f.iter_mut().for_each(|x| *x /= n);
+        f
+    }
+
+    pub fn dropped(&self) -> usize {
+        self.slots.iter().filter(|s| s.is_none()).count()
+    }
+}
+
+/// Per-layer routing statistics of one forward pass.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MoeStats {
+    pub layer: usize,
+    pub tokens_per_expert: Vec<usize>,
+    /// (token, choice) assignments dropped for capacity.
+    pub dropped: usize,
+    pub assignments: usize,
+    /// Mean entropy (nats) of the full softmax over router logits.
+    pub router_entropy: f32,
+}
+
+/// What one MoE layer returns besides its output.
+pub struct MoeOutput {
+    pub y: Tensor,
+    pub aux_loss: Tensor,
+    pub z_loss: Tensor,
+    pub stats: MoeStats,
+}
+
+/// Tensors of one MoE layer (names as in nanoMoE: mlp.router.w_g, mlp.experts.c_fc, ...).
+pub struct MoeLayer {
+    layer: usize,
+    w_g: Tensor,
+    w_noise: Option<Tensor>,
+    c_fc: Tensor,
+    c_proj: Tensor,
+    fc_bias: Option<Tensor>,
+    proj_bias: Option<Tensor>,
+    n_exp: usize,
+    k: usize,
+    act: Activation,
+    dropout: f64,
+}
+
+pub struct MoeCtx<'a> {
+    pub cfg: &'a GPTConfig,
+    pub training: bool,
+    pub routing: Routing,
+    pub rng: Option<&'a mut StdRng>,
+}
+
+impl MoeLayer {
+    pub fn load(cfg: &GPTConfig, p: &ParamStore, prefix: &str, layer: usize) -> Result<Self> {
+        let opt = |n: &str| -> Result<Option<Tensor>> {
+            Ok(if p.var(&format!("{prefix}.{n}")).is_some() { Some(p.get(&format!("{prefix}.{n}"))?) } else { None })
+        };
+        Ok(MoeLayer {
+            layer,
+            w_g: p.get(&format!("{prefix}.router.w_g.weight"))?,
+            w_noise: opt("router.w_noise.weight")?,
+            c_fc: p.get(&format!("{prefix}.experts.c_fc"))?,
+            c_proj: p.get(&format!("{prefix}.experts.c_proj"))?,
+            fc_bias: opt("experts.fc_bias")?,
+            proj_bias: opt("experts.proj_bias")?,
+            n_exp: cfg.n_exp,
+            k: cfg.moe_top_k,
+            act: cfg.activation()?,
+            dropout: cfg.dropout,
+        })
+    }
+
+    /// x: [B, T, C] -> y: [B, T, C] plus losses and statistics.
+    pub fn forward(&self, x: &Tensor, ctx: &mut MoeCtx) -> Result<MoeOutput> {
+        let (b, t, c) = x.dims3()?;
+        let n = b * t;
+        let device = x.device();
+        let x_flat = x.reshape((n, c))?;
+
+        // ---- router (kept in f32) ----
+        let xr = x_flat.to_dtype(DType::F32)?;
+        let mut logits = nn::linear(&xr, &self.w_g.to_dtype(DType::F32)?, None)?; // [N, E]
+        if ctx.training && ctx.cfg.use_noisy_top_k {
+            if let (Some(w_noise), Some(rng)) = (&self.w_noise, ctx.rng.as_deref_mut()) {
+                let scale = nn::softplus(&nn::linear(&xr, &w_noise.to_dtype(DType::F32)?, None)?)?;
+                let z: Vec<f32> = (0..n * self.n_exp).map(|_| StandardNormal.sample(rng)).collect();
+                let z = Tensor::from_vec(z, (n, self.n_exp), device)?;
+                logits = (logits + scale.mul(&z)?)?;
+            }
+        }
+        let z_loss = nn::logsumexp_last(&logits)?.sqr()?.mean_all()?;
+
+        let logits_host: Vec<Vec<f32>> = logits.detach().to_vec2()?;
+        let capacity = match ctx.routing {
+            Routing::Dropless => None,
+            Routing::Capacity => {
+                let factor = if ctx.training { ctx.cfg.train_capacity } else { ctx.cfg.eval_capacity };
+                Some(expert_capacity(ctx.cfg, n, factor))
+            }
+        };
+        let plan = RoutingPlan::new(&logits_host, self.n_exp, self.k, capacity);
+
+        let idx = Tensor::from_slice(&plan.experts, (n, self.k), device)?;
+        let top_logits = logits.gather(&idx, 1)?; // [N, k]
+        let probs = nn::softmax_last(&top_logits)?; // [N, k]
+
+        // aux loss = n_exp * sum_e f_e * P_e with P_e = mean_t prob(t, e)
+        //          = n_exp / N * sum_{t,j} f_{e(t,j)} * prob(t, j)
+        let f = plan.choice_fraction();
+        let fw: Vec<f32> = plan.experts.iter().map(|&e| f[e as usize]).collect();
+        let fw = Tensor::from_vec(fw, (n, self.k), device)?;
+        let aux_loss = ((probs.mul(&fw)?.sum_all()? * (self.n_exp as f64 / n as f64))?).to_dtype(DType::F32)?;
+
+        // ---- dispatch: [E, cap, C] batch gathered from x (row N is zeros) ----
+        let cap = plan.capacity;
+        let mut disp = vec![n as u32; self.n_exp * cap];
+        let mut kept_pair = Vec::new(); // index into probs.flatten()
+        let mut kept_slot = Vec::new(); // row in the [E * cap] expert output
+        let mut kept_tok = Vec::new(); // token receiving it
+        for (pair, (&e, s)) in plan.experts.iter().zip(&plan.slots).enumerate() {
+            if let Some(s) = s {
+                let row = e as usize * cap + *s as usize;
+                disp[row] = (pair / self.k) as u32;
+                kept_pair.push(pair as u32);
+                kept_slot.push(row as u32);
+                kept_tok.push((pair / self.k) as u32);
+            }
+        }
+        let x_ext = Tensor::cat(&[&x_flat, &Tensor::zeros((1, c), x.dtype(), device)?], 0)?;
+        let disp = Tensor::from_vec(disp, self.n_exp * cap, device)?;
+        let xe = x_ext.index_select(&disp, 0)?.reshape((self.n_exp, cap, c))?;
+        let mut h = xe.matmul(&self.c_fc)?;
+        if let Some(bias) = &self.fc_bias {
+            h = h.broadcast_add(bias)?;
+        }
+        let h = nn::gelu(&h, self.act)?;
+        let mut ye = h.matmul(&self.c_proj)?;
+        if let Some(bias) = &self.proj_bias {
+            ye = ye.broadcast_add(bias)?;
+        }
+        if ctx.training && self.dropout > 0.0 {
+            if let Some(rng) = ctx.rng.as_deref_mut() {
+                ye = nn::dropout(&ye, self.dropout, rng)?;
+            }
+        }
+        let ye = ye.reshape((self.n_exp * cap, c))?;
+
+        // ---- combine: y[t] = sum_j prob(t, j) * expert_out(slot(t, j)) ----
+        let m = kept_pair.len();
+        let y = if m == 0 {
+            Tensor::zeros((n, c), x.dtype(), device)?
+        } else {
+            let rows = ye.index_select(&Tensor::from_vec(kept_slot, m, device)?, 0)?;
+            let w = probs
+                .flatten_all()?
+                .index_select(&Tensor::from_vec(kept_pair, m, device)?, 0)?
+                .to_dtype(x.dtype())?;
+            let contrib = rows.broadcast_mul(&w.unsqueeze(1)?)?;
+            Tensor::zeros((n, c), x.dtype(), device)?.index_add(&Tensor::from_vec(kept_tok, m, device)?, &contrib, 0)?
+        };
+
+        let stats = MoeStats {
+            layer: self.layer,
+            tokens_per_expert: plan.tokens_per_expert(),
+            dropped: plan.dropped(),
+            assignments: plan.experts.len(),
+            router_entropy: mean_entropy(&logits_host),
+        };
+        Ok(MoeOutput { y: y.reshape((b, t, c))?, aux_loss, z_loss, stats })
+    }
+}
+
+fn mean_entropy(logits: &[Vec<f32>]) -> f32 {
+    if logits.is_empty() {
+        return 0.0;
+    }
+    let mut total = 0f64;
+    for row in logits {
+        let m = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max) as f64;
+        let z: f64 = row.iter().map(|&v| (v as f64 - m).exp()).sum();
+        let lz = z.ln();
+        total -= row.iter().map(|&v| {
+            let lp = v as f64 - m - lz;
+            lp.exp() * lp
+        }).sum::<f64>();
+    }
+    (total / logits.len() as f64) as f32
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(n_exp: usize, k: usize) -> GPTConfig {
+        GPTConfig { n_exp, moe_top_k: k, min_capacity: 1, ..GPTConfig::tiny() }
+    }
+
+    #[test]
+    fn capacity_formula_matches_nanomoe() {
+        let c = GPTConfig { n_exp: 8, moe_top_k: 2, min_capacity: 4, ..GPTConfig::tiny() };
+        // floor(2 * 1.25 * 100 / 8) = 31 -> 32 (even)
+        assert_eq!(expert_capacity(&c, 100, 1.25), 32);
+        // floor(2 * 2.0 * 3 / 8) = 1 -> 2 -> min_capacity 4
+        assert_eq!(expert_capacity(&c, 3, 2.0), 4);
+        // floor(2 * 2.0 * 12 / 8) = 6
+        assert_eq!(expert_capacity(&c, 12, 2.0), 6);
+        let c1 = cfg(4, 1);
+        // floor(1 * 1.0 * 5 / 4) = 1 -> 2
+        assert_eq!(expert_capacity(&c1, 5, 1.0), 2);
+    }
+
+    #[test]
+    fn first_choices_take_precedence_and_earlier_tokens_win() {
+        // 3 experts, top-2, capacity 2.
+        let logits = vec![
+            vec![3.0, 2.0, 0.0], // t0: e0, e1
+            vec![0.0, 3.0, 2.0], // t1: e1, e2
+            vec![3.0, 0.0, 2.0], // t2: e0, e2
+            vec![3.0, 2.0, 0.0], // t3: e0, e1
+        ];
+        let p = RoutingPlan::new(&logits, 3, 2, Some(2));
+        assert_eq!(p.experts, vec![0, 1, 1, 2, 0, 2, 0, 1]);
+        // first choices: t0->e0 s0, t1->e1 s0, t2->e0 s1, t3->e0 dropped (full)
+        // second choices: t0->e1 s1, t1->e2 s0, t2->e2 s1, t3->e1 dropped (full)
+        assert_eq!(p.slots, vec![Some(0), Some(1), Some(0), Some(0), Some(1), Some(1), None, None]);
+        assert_eq!(p.tokens_per_expert(), vec![2, 2, 2]);
+        assert_eq!(p.dropped(), 2);
+        assert_eq!(p.choice_fraction(), vec![0.75, 0.75, 0.5]);
+        // Dropless keeps everything.
+        let d = RoutingPlan::new(&logits, 3, 2, None);
+        assert_eq!(d.capacity, 3);
+        assert_eq!(d.dropped(), 0);
+    }
+
+    #[test]
+    fn ties_go_to_the_lower_expert() {
+        let p = RoutingPlan::new(&[vec![1.0, 1.0, 1.0, 1.0]], 4, 2, None);
+        assert_eq!(p.experts, vec![0, 1]);
+    }
+}

@@ -1,0 +1,157 @@
+//! Building blocks composed only of candle ops that have a backward pass.
+//!
+//! candle-nn's fused `LayerNorm`, `ops::softmax_last_dim`, `ops::layer_norm` and `sdpa`
+//! have no backward and silently drop gradients, so they are never used here.
+
+use candle_core::{DType, Tensor, D};
+use rand::Rng;
+
+use crate::config::Activation;
+use crate::error::Result;
+
+/// `x @ w^T + b` with `w` stored as torch's nn.Linear does: [out, in].
+/// `x` may have any number of leading dimensions.
+pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+    let dims = x.dims();
+    let in_dim = dims[dims.len() - 1];
+    let lead: usize = dims[..dims.len() - 1].iter().product();
+    let y = x.reshape((lead, in_dim))?.matmul(&w.t()?)?;
+    let y = match b {
+        Some(b) => y.broadcast_add(b)?,
+        None => y,
+    };
+    let mut out_dims = dims[..dims.len() - 1].to_vec();
+    out_dims.push(w.dim(0)?);
+    Ok(y.reshape(out_dims)?)
+}
+
+/// LayerNorm over the last dimension (biased variance, as torch).
+pub fn layer_norm(x: &Tensor, w: &Tensor, b: Option<&Tensor>, eps: f64) -> Result<Tensor> {
+    let mean = x.mean_keepdim(D::Minus1)?;
+    let xc = x.broadcast_sub(&mean)?;
+    let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
+    let y = xc.broadcast_div(&(var + eps)?.sqrt()?)?.broadcast_mul(w)?;
+    Ok(match b {
+        Some(b) => y.broadcast_add(b)?,
+        None => y,
+    })
+}
+
+pub fn gelu(x: &Tensor, act: Activation) -> Result<Tensor> {
+    Ok(match act {
+        Activation::GeluTanh => x.gelu()?,
+        Activation::GeluErf => x.gelu_erf()?,
+    })
+}
+
+/// Numerically stable softmax over the last dimension.
+pub fn softmax_last(x: &Tensor) -> Result<Tensor> {
+    let max = x.max_keepdim(D::Minus1)?.detach();
+    let e = x.broadcast_sub(&max)?.exp()?;
+    let s = e.sum_keepdim(D::Minus1)?;
+    Ok(e.broadcast_div(&s)?)
+}
+
+/// log-sum-exp over the last dimension (keeps nothing of that dimension).
+pub fn logsumexp_last(x: &Tensor) -> Result<Tensor> {
+    let max = x.max_keepdim(D::Minus1)?.detach();
+    let s = x.broadcast_sub(&max)?.exp()?.sum_keepdim(D::Minus1)?.log()?;
+    Ok((s + max)?.squeeze(D::Minus1)?)
+}
+
+/// softplus(x) = log(1 + e^x), computed as max(x, 0) + log(1 + e^-|x|).
+pub fn softplus(x: &Tensor) -> Result<Tensor> {
+    let tail = (x.abs()?.neg()?.exp()? + 1.0)?.log()?;
+    Ok((x.relu()? + tail)?)
+}
+
+/// Mean cross-entropy of `logits` [N, V] against `targets` (N ids; `None` = ignored).
+/// Returns `None` when every target is ignored.
+pub fn cross_entropy(logits: &Tensor, targets: &[Option<u32>]) -> Result<Option<Tensor>> {
+    let (n, _v) = logits.dims2()?;
+    debug_assert_eq!(n, targets.len());
+    let keep: Vec<u32> = (0..n as u32).filter(|&i| targets[i as usize].is_some()).collect();
+    if keep.is_empty() {
+        return Ok(None);
+    }
+    let device = logits.device();
+    let tgt: Vec<u32> = keep.iter().map(|&i| targets[i as usize].unwrap()).collect();
+    let rows = if keep.len() == n {
+        logits.clone()
+    } else {
+        logits.index_select(&Tensor::new(keep.as_slice(), device)?, 0)?
+    };
+    let logits = rows.to_dtype(DType::F32)?;
+    let lse = logsumexp_last(&logits)?;
+    let picked = logits.gather(&Tensor::new(tgt.as_slice(), device)?.unsqueeze(1)?, 1)?.squeeze(1)?;
+    Ok(Some((lse - picked)?.mean_all()?))
+}
+
+/// Inverted dropout with a caller-owned RNG (training only; reproducible from a seed).
+pub fn dropout(x: &Tensor, p: f64, rng: &mut impl Rng) -> Result<Tensor> {
+    if p <= 0.0 {
+        return Ok(x.clone());
+    }
+    let n = x.elem_count();
+    let scale = (1.0 / (1.0 - p)) as f32;
+    let mask: Vec<f32> = (0..n).map(|_| if rng.random::<f64>() < p { 0.0 } else { scale }).collect();
+    let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
+    Ok((x * mask)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    fn t(v: &[f32], shape: &[usize]) -> Tensor {
+        Tensor::from_slice(v, shape, &Device::Cpu).unwrap()
+    }
+
+    #[test]
+    fn layer_norm_matches_definition_and_has_gradients() {
+        let x = Var::from_tensor(&t(&[1., 2., 4., -1., 0., 3.], &[2, 3])).unwrap();
+        let w = Var::from_tensor(&t(&[1., 0.5, 2.], &[3])).unwrap();
+        let b = Var::from_tensor(&t(&[0., 1., -1.], &[3])).unwrap();
+        let y = layer_norm(&x, &w, Some(&b), 1e-5).unwrap();
+        let row: Vec<f32> = y.get(0).unwrap().to_vec1().unwrap();
+        let (m, var) = (7.0f32 / 3.0, ((1.0f32 - 7. / 3.).powi(2) + (2.0f32 - 7. / 3.).powi(2) + (4.0f32 - 7. / 3.).powi(2)) / 3.0);
+        let expect = [(1. - m) / (var + 1e-5).sqrt(), (2. - m) / (var + 1e-5).sqrt() * 0.5 + 1., (4. - m) / (var + 1e-5).sqrt() * 2. - 1.];
+        for (a, e) in row.iter().zip(expect) {
+            assert!((a - e).abs() < 1e-5, "{a} vs {e}");
+        }
+        let g = y.sqr().unwrap().sum_all().unwrap().backward().unwrap();
+        for v in [&x, &w, &b] {
+            let gv = g.get(v).expect("gradient present");
+            assert!(gv.abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap() > 0.0);
+        }
+    }
+
+    #[test]
+    fn softmax_and_logsumexp_are_stable() {
+        let x = t(&[1000., 1001., 1002.], &[1, 3]);
+        let s: Vec<f32> = softmax_last(&x).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        let z = 1.0 + (-1f32).exp() + (-2f32).exp();
+        assert!((s[2] - 1.0 / z).abs() < 1e-6);
+        let l: Vec<f32> = logsumexp_last(&x).unwrap().to_vec1().unwrap();
+        assert!((l[0] - (1002.0 + z.ln())).abs() < 1e-3);
+    }
+
+    #[test]
+    fn softplus_matches_definition() {
+        let x = t(&[-30., -1., 0., 2., 40.], &[5]);
+        let y: Vec<f32> = softplus(&x).unwrap().to_vec1().unwrap();
+        for (xi, yi) in [-30f32, -1., 0., 2., 40.].iter().zip(y) {
+            let e = if *xi > 20. { *xi } else { (1.0 + xi.exp()).ln() };
+            assert!((yi - e).abs() < 1e-5, "{xi}: {yi} vs {e}");
+        }
+    }
+
+    #[test]
+    fn cross_entropy_ignores_positions() {
+        let logits = t(&[0., 0., 0., 0., 10., 0.], &[2, 3]);
+        let l = cross_entropy(&logits, &[Some(2), None]).unwrap().unwrap();
+        assert!((l.to_scalar::<f32>().unwrap() - 3f32.ln()).abs() < 1e-6);
+        assert!(cross_entropy(&logits, &[None, None]).unwrap().is_none());
+    }
+}

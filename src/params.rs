@@ -1,0 +1,193 @@
+//! The parameters of a GPT: their names (equal to the HF tensor names of a
+//! `nanomoe_gpt` checkpoint), shapes and initialisation, and the store that owns them.
+//!
+//! `param_specs` is the single list of what a model with a given config holds. Random
+//! init, checkpoint validation (missing / extra / mis-shaped tensors), saving and the
+//! optimizer's decay groups all read it.
+
+use std::collections::BTreeMap;
+
+use candle_core::{DType, Device, Tensor, Var};
+use rand::{rngs::StdRng, SeedableRng};
+use rand_distr::{Distribution, Normal};
+
+use crate::config::GPTConfig;
+use crate::error::{Error, Result};
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Init {
+    Normal(f64),
+    /// Truncated normal on [-2 std, 2 std] (torch.nn.init.trunc_normal_ as nanoMoE calls it).
+    TruncNormal(f64),
+    Zeros,
+    Ones,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ParamSpec {
+    pub name: String,
+    pub shape: Vec<usize>,
+    pub init: Init,
+}
+
+/// Every parameter of a GPT with this config, in a fixed order.
+pub fn param_specs(c: &GPTConfig) -> Vec<ParamSpec> {
+    let d = c.n_embd;
+    let mut out = Vec::new();
+    let mut push = |name: String, shape: Vec<usize>, init: Init| out.push(ParamSpec { name, shape, init });
+    // nanoGPT init: N(0, 0.02) everywhere, residual projections N(0, 0.02/sqrt(2 n_layer))
+    // (GPT-2 paper, sec. 2.3). Switch init: truncated normal, std sqrt(s / fan_in)
+    // (Switch Transformer, Fedus et al. 2021, p. 10).
+    let switch = |fan_in: usize| Init::TruncNormal((c.switch_tfm_init_scale / fan_in as f64).sqrt());
+    let linear = |fan_in: usize| if c.use_switch_tfm_init { switch(fan_in) } else { Init::Normal(0.02) };
+    let resid = |fan_in: usize| {
+        if c.use_switch_tfm_init {
+            switch(fan_in)
+        } else {
+            Init::Normal(0.02 / (2.0 * c.n_layer as f64).sqrt())
+        }
+    };
+    // wte doubles as lm_head (a Linear), which nanoMoE initialises last.
+    push("transformer.wte.weight".into(), vec![c.vocab_size, d], linear(d));
+    push("transformer.wpe.weight".into(), vec![c.block_size, d], Init::Normal(0.02));
+    let ln = |push: &mut dyn FnMut(String, Vec<usize>, Init), p: String| {
+        push(format!("{p}.weight"), vec![d], Init::Ones);
+        if c.bias {
+            push(format!("{p}.bias"), vec![d], Init::Zeros);
+        }
+    };
+    for i in 0..c.n_layer {
+        let p = format!("transformer.h.{i}");
+        ln(&mut push, format!("{p}.ln_1"));
+        push(format!("{p}.attn.c_attn.weight"), vec![3 * d, d], linear(d));
+        if c.bias {
+            push(format!("{p}.attn.c_attn.bias"), vec![3 * d], Init::Zeros);
+        }
+        push(format!("{p}.attn.c_proj.weight"), vec![d, d], resid(d));
+        if c.bias {
+            push(format!("{p}.attn.c_proj.bias"), vec![d], Init::Zeros);
+        }
+        ln(&mut push, format!("{p}.ln_2"));
+        if c.is_moe_layer(i) {
+            let e = c.n_exp;
+            push(format!("{p}.mlp.router.w_g.weight"), vec![e, d], linear(d));
+            if c.use_noisy_top_k {
+                push(format!("{p}.mlp.router.w_noise.weight"), vec![e, d], linear(d));
+            }
+            push(format!("{p}.mlp.experts.c_fc"), vec![e, d, 4 * d], linear(d));
+            push(format!("{p}.mlp.experts.c_proj"), vec![e, 4 * d, d], resid(4 * d));
+            if c.bias {
+                push(format!("{p}.mlp.experts.fc_bias"), vec![e, 1, 4 * d], Init::Zeros);
+                push(format!("{p}.mlp.experts.proj_bias"), vec![e, 1, d], Init::Zeros);
+            }
+        } else {
+            push(format!("{p}.mlp.c_fc.weight"), vec![4 * d, d], linear(d));
+            if c.bias {
+                push(format!("{p}.mlp.c_fc.bias"), vec![4 * d], Init::Zeros);
+            }
+            push(format!("{p}.mlp.c_proj.weight"), vec![d, 4 * d], resid(4 * d));
+            if c.bias {
+                push(format!("{p}.mlp.c_proj.bias"), vec![d], Init::Zeros);
+            }
+        }
+    }
+    ln(&mut push, "transformer.ln_f".into());
+    out
+}
+
+/// Named, trainable parameters (candle `Var`s) in a fixed order.
+#[derive(Clone)]
+pub struct ParamStore {
+    vars: BTreeMap<String, Var>,
+    order: Vec<String>,
+}
+
+impl ParamStore {
+    /// Random init following the specs, reproducible from `seed`.
+    pub fn init(specs: &[ParamSpec], seed: u64, device: &Device) -> Result<Self> {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let mut tensors = Vec::with_capacity(specs.len());
+        for s in specs {
+            let n: usize = s.shape.iter().product();
+            let data: Vec<f32> = match s.init {
+                Init::Zeros => vec![0.0; n],
+                Init::Ones => vec![1.0; n],
+                Init::Normal(std) => {
+                    let dist = Normal::new(0.0f64, std).map_err(|e| Error::Msg(e.to_string()))?;
+                    (0..n).map(|_| dist.sample(&mut rng) as f32).collect()
+                }
+                Init::TruncNormal(std) => {
+                    let dist = Normal::new(0.0f64, std).map_err(|e| Error::Msg(e.to_string()))?;
+                    (0..n)
+                        .map(|_| loop {
+                            let x = dist.sample(&mut rng);
+                            if x.abs() <= 2.0 * std {
+                                break x as f32;
+                            }
+                        })
+                        .collect()
+                }
+            };
+            tensors.push((s.name.clone(), Tensor::from_vec(data, s.shape.as_slice(), device)?));
+        }
+        Self::from_tensors(tensors)
+    }
+
+    /// Takes tensors as they are (any float dtype is converted to f32).
+    pub fn from_tensors(tensors: Vec<(String, Tensor)>) -> Result<Self> {
+        let mut vars = BTreeMap::new();
+        let mut order = Vec::with_capacity(tensors.len());
+        for (name, t) in tensors {
+            let t = if t.dtype() == DType::F32 { t } else { t.to_dtype(DType::F32)? };
+            order.push(name.clone());
+            vars.insert(name, Var::from_tensor(&t)?);
+        }
+        Ok(ParamStore { vars, order })
+    }
+
+    /// Checks that the store holds exactly the specs' tensors with their shapes, and puts
+    /// them in spec order.
+    pub fn check_against(&mut self, specs: &[ParamSpec]) -> Result<()> {
+        for s in specs {
+            match self.vars.get(&s.name) {
+                None => return Err(Error::Checkpoint(format!("missing tensor {} (expected shape {:?})", s.name, s.shape))),
+                Some(v) if v.dims() != s.shape.as_slice() => {
+                    return Err(Error::Checkpoint(format!(
+                        "tensor {} has shape {:?}, expected {:?}",
+                        s.name,
+                        v.dims(),
+                        s.shape
+                    )))
+                }
+                _ => {}
+            }
+        }
+        if self.vars.len() != specs.len() {
+            let known: std::collections::HashSet<&str> = specs.iter().map(|s| s.name.as_str()).collect();
+            let extra: Vec<&str> = self.order.iter().map(String::as_str).filter(|n| !known.contains(n)).collect();
+            return Err(Error::Checkpoint(format!("unexpected tensor(s) not used by this config: {}", extra.join(", "))));
+        }
+        self.order = specs.iter().map(|s| s.name.clone()).collect();
+        Ok(())
+    }
+
+    pub fn get(&self, name: &str) -> Result<Tensor> {
+        self.vars
+            .get(name)
+            .map(|v| v.as_tensor().clone())
+            .ok_or_else(|| Error::Checkpoint(format!("missing tensor {name}")))
+    }
+
+    pub fn var(&self, name: &str) -> Option<&Var> {
+        self.vars.get(name)
+    }
+
+    /// (name, var) in spec order.
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &Var)> {
+        self.order.iter().map(move |n| (n.as_str(), &self.vars[n]))
+    }
+
+    pub fn num_params(&self) -> usize {
+        self.vars.values().map(|v| v.elem_count()).sum()
+    }
+}
