@@ -1,1 +1,12 @@
-fn main() {}
+//! The `nanomoe` command line. Every error exits non-zero with one line on stderr.
+
+mod cli;
+
+fn main() {
+    if let Err(e) = cli::run() {
+        let msg = e.to_string();
+        let line = msg.lines().next().unwrap_or("error").trim_start_matches("error: ");
+        eprintln!("error: {line}");
+        std::process::exit(1);
+    }
+}

@@ -1,0 +1,379 @@
+//! Sub-commands of the `nanomoe` binary.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{anyhow, bail, Context, Result};
+use candle_core::{DType, Device, Tensor};
+use clap::{Parser, Subcommand};
+use serde_json::{json, Value};
+
+use nanomoe::checkpoint::{self, SaveDType, SaveOptions};
+use nanomoe::{GPTConfig, GenerationConfig, Routing, GPT};
+
+#[derive(Parser)]
+#[command(name = "nanomoe", version, about = "Train, run and share GPT-2-style models with Mixture-of-Experts layers, HuggingFace-native")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Create a randomly initialised model and save it as an HF directory.
+    New {
+        /// A config file (JSON) or an inline JSON object, e.g. '{"n_layer":2,"n_exp":4}'.
+        #[arg(long)]
+        config: String,
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Weight dtype on disk: f32, f16 or bf16.
+        #[arg(long, default_value = "f32")]
+        dtype: String,
+        /// Shard weights above this size (e.g. 5GB, 200MB).
+        #[arg(long, default_value = "50GB")]
+        max_shard_size: String,
+    },
+    /// Architecture, parameter counts, dtype and files of a model.
+    Info {
+        model: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Run a forward pass; prints {"loss": ..., "losses": {...}} as JSON.
+    Forward {
+        model: PathBuf,
+        /// Token ids: rows separated by ';', ids by ','. E.g. 1,2,3;4,5,6
+        #[arg(long)]
+        ids: String,
+        /// HF-style labels (shifted inside the model, -100 ignored), same shape as --ids.
+        #[arg(long, allow_hyphen_values = true)]
+        labels: Option<String>,
+        /// Write the logits [B, T, V] to this safetensors file as tensor `logits`.
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// MoE routing without a capacity limit.
+        #[arg(long)]
+        dropless: bool,
+    },
+    /// Generate token ids from prompt ids.
+    Generate {
+        model: PathBuf,
+        /// Prompt ids: rows separated by ';', ids by ','.
+        #[arg(long)]
+        ids: String,
+        #[arg(long, default_value_t = 32)]
+        max_new_tokens: usize,
+        /// Greedy decoding (argmax) instead of sampling.
+        #[arg(long, conflicts_with_all = ["temperature", "top_k", "top_p", "min_p"])]
+        greedy: bool,
+        #[arg(long)]
+        temperature: Option<f64>,
+        #[arg(long)]
+        top_k: Option<usize>,
+        #[arg(long)]
+        top_p: Option<f64>,
+        #[arg(long)]
+        min_p: Option<f64>,
+        #[arg(long, default_value_t = 1.0)]
+        repetition_penalty: f64,
+        #[arg(long)]
+        seed: Option<u64>,
+        /// Do not stop at the eos token of generation_config.json.
+        #[arg(long)]
+        ignore_eos: bool,
+        /// Recompute the whole context every step instead of using the KV cache.
+        #[arg(long)]
+        no_cache: bool,
+        /// MoE routing without a capacity limit.
+        #[arg(long)]
+        dropless: bool,
+        /// Print {"ids": [[...]]} (new tokens only).
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+pub fn run() -> Result<()> {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            use clap::error::ErrorKind;
+            if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand) {
+                e.exit();
+            }
+            return Err(anyhow!("{}", e.to_string().lines().next().unwrap_or("invalid arguments").to_string()));
+        }
+    };
+    match cli.cmd {
+        Cmd::New { config, out, seed, dtype, max_shard_size } => cmd_new(&config, &out, seed, &dtype, &max_shard_size),
+        Cmd::Info { model, json } => cmd_info(&model, json),
+        Cmd::Forward { model, ids, labels, out, dropless } => cmd_forward(&model, &ids, labels.as_deref(), out.as_deref(), dropless),
+        Cmd::Generate {
+            model,
+            ids,
+            max_new_tokens,
+            greedy,
+            temperature,
+            top_k,
+            top_p,
+            min_p,
+            repetition_penalty,
+            seed,
+            ignore_eos,
+            no_cache,
+            dropless,
+            json,
+        } => {
+            let gen = GenerationConfig {
+                max_new_tokens,
+                do_sample: !greedy,
+                temperature: temperature.unwrap_or(1.0),
+                top_k,
+                top_p,
+                min_p,
+                repetition_penalty,
+                eos_token_id: None,
+                pad_token_id: None,
+                seed,
+                use_cache: !no_cache,
+            };
+            cmd_generate(&model, &ids, gen, ignore_eos, dropless, json)
+        }
+    }
+}
+
+fn load_config_arg(arg: &str) -> Result<GPTConfig> {
+    let text = if arg.trim_start().starts_with('{') {
+        arg.to_string()
+    } else {
+        std::fs::read_to_string(arg).with_context(|| format!("cannot read config file {arg}"))?
+    };
+    let v: Value = serde_json::from_str(&text).map_err(|e| anyhow!("config {arg:?} is not valid JSON: {e}"))?;
+    let cfg = if v.get("model_type").and_then(Value::as_str) == Some("gpt2") {
+        GPTConfig::from_gpt2_json(&v)?
+    } else {
+        GPTConfig::from_json_value(&v)?
+    };
+    Ok(cfg)
+}
+
+fn cmd_new(config: &str, out: &Path, seed: u64, dtype: &str, max_shard_size: &str) -> Result<()> {
+    let cfg = load_config_arg(config)?;
+    let opts = SaveOptions { dtype: SaveDType::parse(dtype)?, max_shard_size: checkpoint::parse_size(max_shard_size)? };
+    let model = GPT::new_seeded(&cfg, seed, &Device::Cpu)?;
+    model.save_pretrained_with(out, &opts)?;
+    println!(
+        "saved a {} model with {} parameters to {}",
+        if cfg.is_moe() { "nanomoe_gpt (MoE)" } else { "gpt2 (dense)" },
+        model.num_params(),
+        out.display()
+    );
+    Ok(())
+}
+
+fn cmd_info(model: &Path, as_json: bool) -> Result<()> {
+    let dir = nanomoe::auto::resolve_model_dir(model)?;
+    let (cfg, format) = checkpoint::read_config(&dir)?;
+    let files = checkpoint::weight_files(&dir)?;
+    let mut dtypes = std::collections::BTreeSet::new();
+    let mut total = 0usize;
+    for f in &files {
+        let (n, d) = safetensors_summary(f)?;
+        total += n;
+        dtypes.extend(d);
+    }
+    let gpt = GPT::from_pretrained(&dir)?;
+    let mut listing = Vec::new();
+    for entry in std::fs::read_dir(&dir)? {
+        let e = entry?;
+        let size = e.metadata().map(|m| m.len()).unwrap_or(0);
+        listing.push((e.file_name().to_string_lossy().to_string(), size));
+    }
+    listing.sort();
+    let arch = match format {
+        checkpoint::Format::Gpt2 => "gpt2",
+        checkpoint::Format::NanoMoe => "nanomoe_gpt",
+    };
+    let moe_layers: Vec<usize> = (0..cfg.n_layer).filter(|&i| cfg.is_moe_layer(i)).collect();
+    let dtypes: Vec<String> = dtypes.into_iter().collect();
+    if as_json {
+        let v = json!({
+            "model_type": arch,
+            "config": serde_json::to_value(&cfg)?,
+            "parameters": gpt.num_params(),
+            "active_parameters": gpt.num_active_params(),
+            "stored_elements": total,
+            "moe_layers": moe_layers,
+            "dtype": dtypes,
+            "files": listing.iter().map(|(n, s)| json!({"name": n, "bytes": s})).collect::<Vec<_>>(),
+        });
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    println!("model:      {}", dir.display());
+    println!("model_type: {arch}");
+    println!(
+        "shape:      {} layers, {} heads, {} wide, block {}, vocab {}, bias {}, {}",
+        cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.block_size, cfg.vocab_size, cfg.bias, cfg.activation_function
+    );
+    if cfg.is_moe() {
+        println!(
+            "moe:        {} experts, top-{}, stride {} (MoE blocks {:?}), capacity train {} / eval {} (min {})",
+            cfg.n_exp, cfg.moe_top_k, cfg.stride, moe_layers, cfg.train_capacity, cfg.eval_capacity, cfg.min_capacity
+        );
+    }
+    println!("parameters: {} total, {} active per token", fmt_count(gpt.num_params()), fmt_count(gpt.num_active_params()));
+    println!("dtype:      {}", dtypes.join(", "));
+    println!("files:");
+    for (n, s) in listing {
+        println!("  {n:<40} {s:>12} bytes");
+    }
+    Ok(())
+}
+
+fn fmt_count(n: usize) -> String {
+    if n >= 1_000_000_000 {
+        format!("{:.2}B ({n})", n as f64 / 1e9)
+    } else if n >= 1_000_000 {
+        format!("{:.2}M ({n})", n as f64 / 1e6)
+    } else {
+        n.to_string()
+    }
+}
+
+/// Element count and dtypes of a safetensors file, read from its header only.
+fn safetensors_summary(path: &Path) -> Result<(usize, Vec<String>)> {
+    use std::io::Read;
+    let mut f = std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+    let mut len = [0u8; 8];
+    f.read_exact(&mut len).with_context(|| format!("{}: truncated safetensors file", path.display()))?;
+    let n = u64::from_le_bytes(len);
+    if n > 100_000_000 {
+        bail!("{}: safetensors header of {n} bytes is not plausible", path.display());
+    }
+    let mut h = vec![0u8; n as usize];
+    f.read_exact(&mut h).with_context(|| format!("{}: truncated safetensors header", path.display()))?;
+    let v: Value = serde_json::from_slice(&h).with_context(|| format!("{}: invalid safetensors header", path.display()))?;
+    let mut count = 0usize;
+    let mut dtypes = Vec::new();
+    for (k, t) in v.as_object().into_iter().flatten() {
+        if k == "__metadata__" {
+            continue;
+        }
+        let shape: Vec<usize> = serde_json::from_value(t["shape"].clone()).unwrap_or_default();
+        count += shape.iter().product::<usize>();
+        if let Some(d) = t["dtype"].as_str() {
+            if !dtypes.iter().any(|x| x == d) {
+                dtypes.push(d.to_string());
+            }
+        }
+    }
+    Ok((count, dtypes))
+}
+
+/// Parses "1,2,3;4,5,6" into rows.
+fn parse_rows(s: &str, what: &str) -> Result<Vec<Vec<i64>>> {
+    let rows: Vec<Vec<i64>> = s
+        .split(';')
+        .map(|row| {
+            row.split(',')
+                .map(|x| x.trim().parse::<i64>().map_err(|_| anyhow!("{what}: {x:?} is not an integer")))
+                .collect::<Result<Vec<i64>>>()
+        })
+        .collect::<Result<_>>()?;
+    if rows.iter().any(Vec::is_empty) {
+        bail!("{what}: empty row");
+    }
+    Ok(rows)
+}
+
+fn rows_tensor(rows: &[Vec<i64>], what: &str) -> Result<Tensor> {
+    let t = rows[0].len();
+    if rows.iter().any(|r| r.len() != t) {
+        bail!("{what}: all rows must have the same length");
+    }
+    let flat: Vec<i64> = rows.iter().flatten().copied().collect();
+    Ok(Tensor::from_vec(flat, (rows.len(), t), &Device::Cpu)?)
+}
+
+fn scalar(t: &Option<Tensor>) -> Result<Value> {
+    Ok(match t {
+        Some(t) => json!(t.to_dtype(DType::F32)?.to_scalar::<f32>()?),
+        None => Value::Null,
+    })
+}
+
+fn cmd_forward(model: &Path, ids: &str, labels: Option<&str>, out: Option<&Path>, dropless: bool) -> Result<()> {
+    let mut gpt = GPT::from_pretrained(model)?;
+    if dropless {
+        gpt.set_routing(Routing::Dropless);
+    }
+    let ids = rows_tensor(&parse_rows(ids, "--ids")?, "--ids")?;
+    let labels = match labels {
+        Some(l) => {
+            let t = rows_tensor(&parse_rows(l, "--labels")?, "--labels")?;
+            if t.dims() != ids.dims() {
+                bail!("--labels has shape {:?} but --ids has shape {:?}", t.dims(), ids.dims());
+            }
+            Some(t)
+        }
+        None => None,
+    };
+    let o = gpt.forward(&ids, labels.as_ref())?;
+    if let Some(path) = out {
+        let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        let tmp = dir.join(format!(".{}.tmp-{}", path.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default(), std::process::id()));
+        checkpoint::write_safetensors(&tmp, &[("logits".to_string(), o.logits.clone())], SaveDType::F32)?;
+        std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))?;
+    }
+    let v = json!({
+        "loss": scalar(&o.loss)?,
+        "losses": {
+            "ntp_loss": scalar(&o.aux.ntp_loss)?,
+            "aux_loss": scalar(&o.aux.aux_loss)?,
+            "router_z_loss": scalar(&o.aux.router_z_loss)?,
+        },
+        "shape": o.logits.dims(),
+    });
+    println!("{}", serde_json::to_string(&v)?);
+    Ok(())
+}
+
+fn cmd_generate(model: &Path, ids: &str, mut gen: GenerationConfig, ignore_eos: bool, dropless: bool, as_json: bool) -> Result<()> {
+    let dir = nanomoe::auto::resolve_model_dir(model)?;
+    let mut gpt = GPT::from_pretrained(&dir)?;
+    if dropless {
+        gpt.set_routing(Routing::Dropless);
+    }
+    if !ignore_eos {
+        let p = dir.join(checkpoint::GENERATION_CONFIG_FILE);
+        if let Ok(s) = std::fs::read_to_string(&p) {
+            let v: Value = serde_json::from_str(&s).with_context(|| format!("{} is not valid JSON", p.display()))?;
+            gen.eos_token_id = v.get("eos_token_id").and_then(Value::as_u64).map(|x| x as u32);
+        }
+    }
+    let rows = parse_rows(ids, "--ids")?;
+    let mut prompts = Vec::with_capacity(rows.len());
+    for r in &rows {
+        let mut p = Vec::with_capacity(r.len());
+        for &v in r {
+            if v < 0 || v as usize >= gpt.config.vocab_size {
+                bail!("token id {v} is out of range for vocab_size {}", gpt.config.vocab_size);
+            }
+            p.push(v as u32);
+        }
+        prompts.push(p);
+    }
+    let out = gpt.generate_with(&prompts, &gen, |_, _| {})?;
+    let new: Vec<Vec<u32>> = out.iter().zip(&prompts).map(|(o, p)| o[p.len()..].to_vec()).collect();
+    if as_json {
+        println!("{}", serde_json::to_string(&json!({ "ids": new }))?);
+    } else {
+        for row in new {
+            println!("{}", row.iter().map(|x| x.to_string()).collect::<Vec<_>>().join(","));
+        }
+    }
+    Ok(())
+}
