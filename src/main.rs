@@ -4,7 +4,7 @@ mod cli;
 
 fn main() {
     if let Err(e) = cli::run() {
-        let msg = e.to_string();
+        let msg = format!("{e:#}");
         let line = msg.lines().next().unwrap_or("error").trim_start_matches("error: ");
         eprintln!("error: {line}");
         std::process::exit(1);

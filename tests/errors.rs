@@ -1,0 +1,212 @@
+//! Bad input gets a clear error naming the problem: library and command line.
+
+use std::path::Path;
+use std::process::Command;
+
+use candle_core::{DType, Device, Tensor};
+use nanomoe::checkpoint::{write_safetensors, SaveDType};
+use nanomoe::{AutoModelForCausalLM, GPTConfig, GPT};
+
+fn cfg() -> GPTConfig {
+    GPTConfig { block_size: 8, vocab_size: 20, n_layer: 1, n_head: 2, n_embd: 8, ..Default::default() }
+}
+
+fn saved(dir: &Path, c: &GPTConfig) {
+    GPT::new_seeded(c, 1, &Device::Cpu).unwrap().save_pretrained(dir).unwrap();
+}
+
+fn err(dir: &Path) -> String {
+    match AutoModelForCausalLM::from_pretrained(dir) {
+        Ok(_) => panic!("loaded {}", dir.display()),
+        Err(e) => e.to_string(),
+    }
+}
+
+/// Rewrites model.safetensors through `edit` on its (name, tensor) list.
+fn edit_weights(dir: &Path, edit: impl FnOnce(&mut Vec<(String, Tensor)>)) {
+    let path = dir.join("model.safetensors");
+    let bytes = std::fs::read(&path).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut ts: Vec<(String, Tensor)> = st
+        .tensors()
+        .into_iter()
+        .map(|(n, v)| (n, Tensor::from_raw_buffer(v.data(), DType::F32, v.shape(), &Device::Cpu).unwrap()))
+        .collect();
+    edit(&mut ts);
+    write_safetensors(&path, &ts, SaveDType::F32).unwrap();
+}
+
+#[test]
+fn checkpoint_errors_name_the_tensor_and_shapes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path().join("m");
+    let f = d.join("model.safetensors");
+
+    saved(&d, &cfg());
+    edit_weights(&d, |ts| ts.retain(|(n, _)| n != "transformer.h.0.ln_2.bias"));
+    assert_eq!(err(&d), format!("{}: missing tensor transformer.h.0.ln_2.bias (expected shape [8])", d.display()));
+
+    saved(&d, &cfg());
+    edit_weights(&d, |ts| ts.push(("transformer.h.7.mlp.c_fc.weight".into(), Tensor::zeros((2, 2), DType::F32, &Device::Cpu).unwrap())));
+    assert_eq!(err(&d), format!("{}: unexpected tensor transformer.h.7.mlp.c_fc.weight (shape [2, 2]) not used by this config", f.display()));
+
+    saved(&d, &cfg());
+    edit_weights(&d, |ts| {
+        for (n, t) in ts.iter_mut() {
+            if n == "transformer.wpe.weight" {
+                *t = Tensor::zeros((4, 8), DType::F32, &Device::Cpu).unwrap();
+            }
+        }
+    });
+    assert_eq!(err(&d), format!("{}: tensor transformer.wpe.weight has shape [4, 8], expected [8, 8]", f.display()));
+
+    // Truncated file.
+    saved(&d, &cfg());
+    let bytes = std::fs::read(&f).unwrap();
+    std::fs::write(&f, &bytes[..bytes.len() / 2]).unwrap();
+    assert!(err(&d).starts_with(&format!("{}: not a valid safetensors file:", f.display())), "{}", err(&d));
+    std::fs::write(&f, b"abc").unwrap();
+    assert!(err(&d).starts_with(&format!("{}: not a valid safetensors file:", f.display())));
+
+    // Untied lm_head.
+    saved(&d, &cfg());
+    edit_weights(&d, |ts| ts.push(("lm_head.weight".into(), Tensor::ones((20, 8), DType::F32, &Device::Cpu).unwrap())));
+    assert_eq!(err(&d), format!("{}: lm_head.weight differs from transformer.wte.weight; untied output embeddings are not supported", d.display()));
+
+    // A tied lm_head equal to wte, keys without the transformer. prefix, and attn.bias buffers load.
+    saved(&d, &cfg());
+    edit_weights(&d, |ts| {
+        let wte = ts.iter().find(|(n, _)| n == "transformer.wte.weight").unwrap().1.clone();
+        for (n, _) in ts.iter_mut() {
+            *n = n.trim_start_matches("transformer.").to_string();
+        }
+        ts.push(("lm_head.weight".into(), wte));
+        ts.push(("h.0.attn.bias".into(), Tensor::ones((1, 1, 8, 8), DType::F32, &Device::Cpu).unwrap()));
+    });
+    AutoModelForCausalLM::from_pretrained(&d).unwrap();
+}
+
+#[test]
+fn config_and_directory_errors() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path().join("m");
+    saved(&d, &cfg());
+    std::fs::write(d.join("config.json"), r#"{"model_type": "llama"}"#).unwrap();
+    assert_eq!(err(&d), "unknown model_type \"llama\"; supported model types: gpt2, nanomoe_gpt");
+    std::fs::write(d.join("config.json"), "{not json").unwrap();
+    assert!(err(&d).starts_with(&format!("{}: not valid JSON", d.join("config.json").display())));
+    std::fs::write(d.join("config.json"), r#"{"model_type": "nanomoe_gpt", "n_exp": 4, "moe_top_k": 9}"#).unwrap();
+    assert_eq!(err(&d), format!("{}: invalid config: moe_top_k (9) must be between 1 and n_exp (4)", d.join("config.json").display()));
+    std::fs::remove_file(d.join("config.json")).unwrap();
+    assert_eq!(err(&d), format!("{}: no config.json: not a model directory", d.join("config.json").display()));
+    let missing = tmp.path().join("nope/deeper");
+    assert_eq!(err(&missing), format!("{}: no such directory", missing.display()));
+
+    saved(&d, &cfg());
+    std::fs::remove_file(d.join("model.safetensors")).unwrap();
+    assert_eq!(err(&d), format!("{}: no model.safetensors or model.safetensors.index.json", d.display()));
+}
+
+#[test]
+fn forward_input_errors() {
+    let m = GPT::new(&cfg(), &Device::Cpu).unwrap();
+    let long = Tensor::zeros((1, 9), DType::U32, &Device::Cpu).unwrap();
+    assert_eq!(m.forward(&long, None).err().unwrap().to_string(), "invalid input: sequence length 9 exceeds block_size 8 of this model");
+    let bad = Tensor::new(&[[1u32, 20]], &Device::Cpu).unwrap();
+    assert_eq!(m.forward(&bad, None).err().unwrap().to_string(), "invalid input: token id 20 is out of range for vocab_size 20");
+    let neg = Tensor::new(&[[1i64, -3]], &Device::Cpu).unwrap();
+    assert_eq!(m.forward(&neg, None).err().unwrap().to_string(), "invalid input: token id -3 is out of range for vocab_size 20");
+    let ok = Tensor::new(&[[1u32, 2, 3]], &Device::Cpu).unwrap();
+    let badlab = Tensor::new(&[[1i64, -5, 3]], &Device::Cpu).unwrap();
+    assert_eq!(
+        m.forward(&ok, Some(&badlab)).err().unwrap().to_string(),
+        "invalid input: label -5 is out of range for vocab_size 20 (use -100 to ignore a position)"
+    );
+    let shape = Tensor::new(&[[1i64, 2]], &Device::Cpu).unwrap();
+    assert_eq!(m.forward(&ok, Some(&shape)).err().unwrap().to_string(), "invalid input: labels must have the same shape as input_ids");
+    let float = Tensor::new(&[[1f32, 2.]], &Device::Cpu).unwrap();
+    assert_eq!(m.forward(&float, None).err().unwrap().to_string(), "invalid input: input ids must be an integer tensor, got F32");
+    let gen = nanomoe::GenerationConfig::greedy(3);
+    assert_eq!(m.generate(&bad, &gen).err().unwrap().to_string(), "invalid input: token id 20 is out of range for vocab_size 20");
+    assert_eq!(
+        GPT::from_pretrained_gpt2("gpt3").err().unwrap().to_string(),
+        "invalid input: unknown GPT-2 model \"gpt3\"; choose one of gpt2, gpt2-medium, gpt2-large, gpt2-xl"
+    );
+}
+
+fn cli(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_nanomoe")).args(args).output().unwrap();
+    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).to_string(), String::from_utf8_lossy(&out.stderr).to_string())
+}
+
+#[test]
+fn cli_errors_are_one_line() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path().join("m");
+    let ds = d.to_str().unwrap();
+    let (code, out, _) = cli(&["new", "--config", r#"{"n_layer":1,"n_head":2,"n_embd":8,"vocab_size":20,"block_size":8}"#, "--out", ds]);
+    assert_eq!(code, 0);
+    assert!(out.contains("saved a gpt2 (dense) model"), "{out}");
+    let cases: Vec<(Vec<&str>, String)> = vec![
+        (vec!["generate", ds, "--ids", "1,2,x"], "error: --ids: \"x\" is not an integer".into()),
+        (vec!["generate", ds, "--ids", "1,25"], "error: token id 25 is out of range for vocab_size 20".into()),
+        (vec!["forward", ds, "--ids", "1,2,3,4,5,6,7,8,9"], "error: invalid input: sequence length 9 exceeds block_size 8 of this model".into()),
+        (vec!["forward", ds, "--ids", "1,2;3"], "error: --ids: all rows must have the same length".into()),
+        (vec!["forward", ds, "--ids", "1,2", "--labels", "1"], "error: --labels has shape [1, 1] but --ids has shape [1, 2]".into()),
+        (vec!["new", "--config", r#"{"n_embd": 10, "n_head": 3}"#, "--out", ds], "error: invalid config: n_embd (10) must be divisible by n_head (3)".into()),
+        (vec!["new", "--config", "/does/not/exist.json", "--out", ds], "error: cannot read config file /does/not/exist.json: No such file or directory (os error 2)".into()),
+        (vec!["info", "/does/not/exist"], "error: /does/not/exist: no such directory".into()),
+        (vec!["generate", ds, "--ids", "1", "--top-p", "2"], "error: invalid input: top_p must be in (0, 1], got 2".into()),
+        (vec!["generate", ds, "--ids", "1", "--frobnicate"], "error: unexpected argument '--frobnicate' found".into()),
+        (vec!["new", "--config", "{}", "--out", ds, "--dtype", "f8"], "error: invalid input: unknown dtype \"f8\" (use f32, f16 or bf16)".into()),
+    ];
+    for (args, msg) in cases {
+        let (code, _, err) = cli(&args);
+        assert_ne!(code, 0, "{args:?}");
+        assert_eq!(err.trim_end(), msg, "{args:?}");
+        assert_eq!(err.trim_end().lines().count(), 1, "{args:?}");
+    }
+    // A failed `new` left the earlier model intact.
+    assert!(GPT::from_pretrained(&d).is_ok());
+}
+
+#[test]
+fn cli_forward_and_generate_outputs() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path().join("m");
+    let ds = d.to_str().unwrap();
+    let conf = r#"{"n_layer":2,"n_head":2,"n_embd":8,"vocab_size":20,"block_size":16,"n_exp":4,"stride":1,"use_aux_loss":true}"#;
+    assert_eq!(cli(&["new", "--config", conf, "--out", ds, "--seed", "3"]).0, 0);
+    let lp = tmp.path().join("logits.safetensors");
+    let (code, out, err) = cli(&["forward", ds, "--ids", "1,2,3;4,5,6", "--labels", "1,2,-100;4,5,6", "--out", lp.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    let m = GPT::from_pretrained(&d).unwrap();
+    let ids = Tensor::new(&[[1u32, 2, 3], [4, 5, 6]], &Device::Cpu).unwrap();
+    let labels = Tensor::new(&[[1i64, 2, -100], [4, 5, 6]], &Device::Cpu).unwrap();
+    let o = m.forward(&ids, Some(&labels)).unwrap();
+    let loss = o.loss.unwrap().to_scalar::<f32>().unwrap() as f64;
+    assert!((v["loss"].as_f64().unwrap() - loss).abs() < 1e-6);
+    assert!(v["losses"]["aux_loss"].as_f64().unwrap() > 0.0);
+    assert!(v["losses"]["router_z_loss"].as_f64().is_some());
+    let bytes = std::fs::read(&lp).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let t = st.tensor("logits").unwrap();
+    assert_eq!(t.shape(), &[2, 3, 20]);
+    let file = Tensor::from_raw_buffer(t.data(), DType::F32, t.shape(), &Device::Cpu).unwrap();
+    assert_eq!((file - &o.logits).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap(), 0.0);
+
+    let (code, out, _) = cli(&["generate", ds, "--ids", "1,2,3", "--greedy", "--max-new-tokens", "5", "--json", "--ignore-eos"]);
+    assert_eq!(code, 0);
+    let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    let expect = m.generate(&Tensor::new(&[[1u32, 2, 3]], &Device::Cpu).unwrap(), &nanomoe::GenerationConfig::greedy(5)).unwrap();
+    let got: Vec<u32> = v["ids"][0].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect();
+    assert_eq!(got, expect[0][3..].to_vec());
+
+    let (code, out, _) = cli(&["info", ds, "--json"]);
+    assert_eq!(code, 0);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["model_type"], "nanomoe_gpt");
+    assert_eq!(v["parameters"].as_u64().unwrap() as usize, m.num_params());
+    assert_eq!(v["active_parameters"].as_u64().unwrap() as usize, m.num_active_params());
+}
