@@ -22,8 +22,9 @@ enum Cmd {
     /// Create a randomly initialised model and save it as an HF directory.
     New {
         /// A config file (JSON) or an inline JSON object, e.g. '{"n_layer":2,"n_exp":4}'.
+        /// Default: nanoMoE's setup (6 layers, 384 wide, 8 experts, top-2, stride 2).
         #[arg(long)]
-        config: String,
+        config: Option<String>,
         #[arg(long)]
         out: PathBuf,
         #[arg(long, default_value_t = 0)]
@@ -107,7 +108,7 @@ pub fn run() -> Result<()> {
         }
     };
     match cli.cmd {
-        Cmd::New { config, out, seed, dtype, max_shard_size } => cmd_new(&config, &out, seed, &dtype, &max_shard_size),
+        Cmd::New { config, out, seed, dtype, max_shard_size } => cmd_new(config.as_deref(), &out, seed, &dtype, &max_shard_size),
         Cmd::Info { model, json } => cmd_info(&model, json),
         Cmd::Forward { model, ids, labels, out, dropless } => cmd_forward(&model, &ids, labels.as_deref(), out.as_deref(), dropless),
         Cmd::Generate {
@@ -159,8 +160,11 @@ fn load_config_arg(arg: &str) -> Result<GPTConfig> {
     Ok(cfg)
 }
 
-fn cmd_new(config: &str, out: &Path, seed: u64, dtype: &str, max_shard_size: &str) -> Result<()> {
-    let cfg = load_config_arg(config)?;
+fn cmd_new(config: Option<&str>, out: &Path, seed: u64, dtype: &str, max_shard_size: &str) -> Result<()> {
+    let cfg = match config {
+        Some(c) => load_config_arg(c)?,
+        None => GPTConfig::nano_moe(),
+    };
     let opts = SaveOptions { dtype: SaveDType::parse(dtype)?, max_shard_size: checkpoint::parse_size(max_shard_size)? };
     let model = GPT::new_seeded(&cfg, seed, &Device::Cpu)?;
     model.save_pretrained_with(out, &opts)?;

@@ -100,6 +100,26 @@ impl GPTConfig {
         GPTConfig { block_size: 32, vocab_size: 64, n_layer: 2, n_head: 2, n_embd: 16, ..Default::default() }
     }
 
+    /// nanoMoE's published setup: 6 layers, 384 wide, 8 experts, top-2, every second block
+    /// MoE, aux + z losses, Switch init, fp32 router.
+    pub fn nano_moe() -> Self {
+        GPTConfig {
+            n_layer: 6,
+            n_head: 6,
+            n_embd: 384,
+            bias: false,
+            activation_function: "gelu".into(), // nn.GELU(), exact, as nanoMoE
+            n_exp: 8,
+            moe_top_k: 2,
+            stride: 2,
+            use_aux_loss: true,
+            use_router_z_loss: true,
+            use_switch_tfm_init: true,
+            router_use_full_prec: true,
+            ..Default::default()
+        }
+    }
+
     pub fn is_moe(&self) -> bool {
         self.n_exp > 1
     }
