@@ -27,6 +27,13 @@ pub const GENERATION_CONFIG_FILE: &str = "generation_config.json";
 pub const WEIGHTS_FILE: &str = "model.safetensors";
 pub const WEIGHTS_INDEX_FILE: &str = "model.safetensors.index.json";
 
+/// The remote code written next to every `nanomoe_gpt` model, so that transformers loads
+/// it with `trust_remote_code=True`.
+pub const REMOTE_CODE: &[(&str, &str)] = &[
+    ("configuration_nanomoe_gpt.py", include_str!("../python/nanomoe_hf/configuration_nanomoe_gpt.py")),
+    ("modeling_nanomoe_gpt.py", include_str!("../python/nanomoe_hf/modeling_nanomoe_gpt.py")),
+];
+
 /// transformers' default `max_shard_size` ("50GB").
 pub const DEFAULT_MAX_SHARD_SIZE: u64 = 50_000_000_000;
 
@@ -523,6 +530,11 @@ pub fn save_model(dir: &Path, config: &GPTConfig, params: &ParamStore, opts: &Sa
         Format::NanoMoe => config.to_nanomoe_json(opts.dtype.hf_name()),
     };
     out.write_json(CONFIG_FILE, &cfg_json)?;
+    if format == Format::NanoMoe {
+        for (name, code) in REMOTE_CODE {
+            out.write_bytes(name, code.as_bytes())?;
+        }
+    }
     out.write_json(GENERATION_CONFIG_FILE, &generation_config_json(config))?;
     write_weights(&out, export_tensors(config, params, format)?, opts)?;
     out.commit()

@@ -326,6 +326,13 @@ impl GPTConfig {
         let mut m = Map::new();
         m.insert("architectures".into(), json!(["GPT"]));
         m.insert("model_type".into(), json!(crate::auto::NANOMOE_MODEL_TYPE));
+        m.insert(
+            "auto_map".into(),
+            json!({
+                "AutoConfig": "configuration_nanomoe_gpt.GPTConfig",
+                "AutoModelForCausalLM": "modeling_nanomoe_gpt.GPT",
+            }),
+        );
         if let Value::Object(fields) = serde_json::to_value(self).expect("config serializes") {
             m.extend(fields);
         }
