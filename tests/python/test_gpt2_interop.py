@@ -29,6 +29,21 @@ def random_hf_gpt2(activation):
     return m
 
 
+def check_parity(m, d, ids, labels, prompt, tmp_path):
+    """Rust's logits and loss equal transformers'; 32 greedy tokens equal too. Returns them."""
+    logits, loss = hf_outputs(m, ids, labels)
+    rl, v = rust_forward(d, ids, labels, tmp_path)
+    assert rl.shape == logits.shape
+    assert (rl - logits).abs().max().item() <= 1e-4
+    assert abs(v["loss"] - loss) <= 1e-5
+    with torch.no_grad():
+        hf = m.generate(torch.tensor([prompt]), max_new_tokens=32, do_sample=False,
+                        repetition_penalty=1.5)[0, len(prompt):].tolist()
+    rust = rust_greedy(d, prompt, 32, 1.5)
+    assert rust == hf
+    return rust
+
+
 def hf_outputs(m, ids, labels):
     with torch.no_grad():
         out = m(torch.tensor(ids), labels=torch.tensor(labels))
@@ -45,17 +60,8 @@ def test_python_saved_gpt2_loads_in_rust(tmp_path, activation, variant):
         assert (d / "model.safetensors.index.json").exists()
     else:
         m.save_pretrained(d)
-    logits, loss = hf_outputs(m, IDS, LABELS)
-    rl, v = rust_forward(d, IDS, LABELS, tmp_path)
-    assert rl.shape == logits.shape
-    assert (rl - logits).abs().max().item() <= 1e-4
-    assert abs(v["loss"] - loss) <= 1e-5
-    prompt = IDS[0][:6]
-    with torch.no_grad():
-        hf = m.generate(torch.tensor([prompt]), max_new_tokens=32, do_sample=False, repetition_penalty=1.5)[0, len(prompt):].tolist()
-    rust = rust_greedy(d, prompt, 32, 1.5)
-    assert rust == hf
-    assert len(set(rust)) > 8
+    rust = check_parity(m, d, IDS, LABELS, IDS[0][:6], tmp_path)
+    assert len(set(rust)) > 8  # a varied sequence, not one repeated token
 
 
 def test_python_saved_bf16_gpt2_loads_in_rust(tmp_path):
@@ -84,15 +90,7 @@ def test_rust_saved_dense_model_loads_in_transformers(tmp_path, conf):
     ids = [[(7 * i + 3) % vocab for i in range(20)], [(11 * i + 1) % vocab for i in range(20)]]
     labels = [r[:] for r in ids]
     labels[0][3] = -100
-    logits, loss = hf_outputs(m, ids, labels)
-    rl, v = rust_forward(d, ids, labels, tmp_path)
-    assert (rl - logits).abs().max().item() <= 1e-4
-    assert abs(v["loss"] - loss) <= 1e-5
-    prompt = ids[0][:5]
-    with torch.no_grad():
-        hf = m.generate(torch.tensor([prompt]), max_new_tokens=32, do_sample=False, repetition_penalty=1.5)[0, len(prompt):].tolist()
-    rust = rust_greedy(d, prompt, 32, 1.5)
-    assert rust == hf
+    check_parity(m, d, ids, labels, ids[0][:5], tmp_path)
     # (nanoGPT's init gives near-uniform logits, so these sequences repeat themselves; the
     # varied-sequence check is on the Python-made model above.)
     # No generation parameters leak into config.json.
