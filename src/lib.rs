@@ -8,6 +8,8 @@
 //! - [`moe`]: the Mixture-of-Experts layer: router, capacity, dispatch, aux and z losses.
 //! - [`gpt`]: the GPT model, its forward passes and the KV cache.
 //! - [`generate`]: HF-style and nanoGPT-style generation.
+//! - [`optim`]: AdamW with nanoMoE's decay groups, gradient clipping, the LR schedule.
+//! - [`train_step`]: one optimisation step with gradient accumulation.
 //! - [`checkpoint`]: HF-format directories (GPT-2 and nanomoe_gpt), safetensors I/O.
 //! - [`auto`]: `AutoModelForCausalLM`, `from_pretrained`, `save_pretrained`.
 //! - [`hf_cache`]: the local HuggingFace cache shared with Python.
@@ -22,7 +24,9 @@ pub mod gpt;
 pub mod hf_cache;
 pub mod moe;
 pub mod nn;
+pub mod optim;
 pub mod params;
+pub mod train_step;
 
 pub use auto::AutoModelForCausalLM;
 pub use checkpoint::{SaveDType, SaveOptions};
