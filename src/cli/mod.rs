@@ -58,12 +58,36 @@ enum Cmd {
         #[arg(long)]
         dropless: bool,
     },
+    /// Build, save or run a tokenizer: prints the ids of --text (or the text of --decode).
+    Tokenize {
+        /// char, gpt2, or a tokenizer.json / model directory.
+        #[arg(long, default_value = "gpt2")]
+        tokenizer: String,
+        /// Corpus a character-level tokenizer is built from.
+        #[arg(long)]
+        corpus: Option<PathBuf>,
+        /// Write tokenizer.json and tokenizer_config.json into this directory.
+        #[arg(long)]
+        save: Option<PathBuf>,
+        /// Text to encode; FILE:path reads a file.
+        #[arg(long)]
+        text: Option<String>,
+        /// Comma-separated ids to decode.
+        #[arg(long, conflicts_with = "text")]
+        decode: Option<String>,
+    },
     /// Generate token ids from prompt ids.
     Generate {
         model: PathBuf,
         /// Prompt ids: rows separated by ';', ids by ','.
+        #[arg(long, required_unless_present = "prompt", conflicts_with = "prompt")]
+        ids: Option<String>,
+        /// Text prompt (needs a tokenizer in the model directory); FILE:path reads a file.
         #[arg(long)]
-        ids: String,
+        prompt: Option<String>,
+        /// Print text as it is generated.
+        #[arg(long, requires = "prompt")]
+        stream: bool,
         #[arg(long, default_value_t = 32)]
         max_new_tokens: usize,
         /// Greedy decoding (argmax) instead of sampling.
@@ -110,10 +134,13 @@ pub fn run() -> Result<()> {
     match cli.cmd {
         Cmd::New { config, out, seed, dtype, max_shard_size } => cmd_new(config.as_deref(), &out, seed, &dtype, &max_shard_size),
         Cmd::Info { model, json } => cmd_info(&model, json),
+        Cmd::Tokenize { tokenizer, corpus, save, text, decode } => cmd_tokenize(&tokenizer, corpus.as_deref(), save.as_deref(), text, decode),
         Cmd::Forward { model, ids, labels, out, dropless } => cmd_forward(&model, &ids, labels.as_deref(), out.as_deref(), dropless),
         Cmd::Generate {
             model,
             ids,
+            prompt,
+            stream,
             max_new_tokens,
             greedy,
             temperature,
@@ -140,7 +167,12 @@ pub fn run() -> Result<()> {
                 seed,
                 use_cache: !no_cache,
             };
-            cmd_generate(&model, &ids, gen, ignore_eos, dropless, json)
+            let input = match (ids, prompt) {
+                (Some(ids), _) => PromptArg::Ids(ids),
+                (None, Some(p)) => PromptArg::Text(read_prompt(&p)?),
+                (None, None) => bail!("give --ids or --prompt"),
+            };
+            cmd_generate(&model, input, gen, GenerateFlags { ignore_eos, dropless, json, stream })
         }
     }
 }
@@ -345,39 +377,170 @@ fn cmd_forward(model: &Path, ids: &str, labels: Option<&str>, out: Option<&Path>
     Ok(())
 }
 
-fn cmd_generate(model: &Path, ids: &str, mut gen: GenerationConfig, ignore_eos: bool, dropless: bool, as_json: bool) -> Result<()> {
+fn cmd_tokenize(spec: &str, corpus: Option<&Path>, save: Option<&Path>, text: Option<String>, decode: Option<String>) -> Result<()> {
+    let corpus_text = match corpus {
+        Some(p) => Some(std::fs::read_to_string(p).with_context(|| format!("cannot read corpus {}", p.display()))?),
+        None => None,
+    };
+    if spec == "char" && corpus_text.is_none() {
+        bail!("--tokenizer char needs --corpus FILE");
+    }
+    let tok = nanomoe::tokenizer::Tokenizer::from_spec(spec, corpus_text.as_deref())?;
+    if let Some(dir) = save {
+        tok.save_pretrained(dir, None)?;
+        eprintln!("saved tokenizer ({} tokens) to {}", tok.vocab_size(), dir.display());
+    }
+    if let Some(t) = text {
+        let ids = tok.encode(&read_prompt(&t)?)?;
+        println!("{}", serde_json::to_string(&json!({ "ids": ids }))?);
+    }
+    if let Some(d) = decode {
+        let ids: Vec<u32> = d
+            .split(',')
+            .map(|x| x.trim().parse::<u32>().map_err(|_| anyhow!("--decode: {x:?} is not a token id")))
+            .collect::<Result<_>>()?;
+        if let Some(bad) = ids.iter().find(|&&i| i as usize >= tok.vocab_size()) {
+            bail!("--decode: token id {bad} is out of range for a vocabulary of {}", tok.vocab_size());
+        }
+        println!("{}", serde_json::to_string(&json!({ "text": tok.decode(&ids)? }))?);
+    }
+    Ok(())
+}
+
+/// A text prompt argument: the text itself, or FILE:path.
+pub fn read_prompt(arg: &str) -> Result<String> {
+    match arg.strip_prefix("FILE:") {
+        Some(path) => std::fs::read_to_string(path).with_context(|| format!("cannot read prompt file {path}")),
+        None => Ok(arg.to_string()),
+    }
+}
+
+enum PromptArg {
+    Ids(String),
+    Text(String),
+}
+
+struct GenerateFlags {
+    ignore_eos: bool,
+    dropless: bool,
+    json: bool,
+    stream: bool,
+}
+
+/// eos_token_id of a model directory's generation_config.json, if any.
+pub fn generation_eos(dir: &Path) -> Result<Option<u32>> {
+    let p = dir.join(checkpoint::GENERATION_CONFIG_FILE);
+    match std::fs::read_to_string(&p) {
+        Ok(s) => {
+            let v: Value = serde_json::from_str(&s).map_err(|e| anyhow!("{}: not valid JSON: {e}", p.display()))?;
+            Ok(v.get("eos_token_id").and_then(Value::as_u64).map(|x| x as u32))
+        }
+        Err(_) => Ok(None),
+    }
+}
+
+/// The tokenizer of a model directory, or a clear error.
+pub fn model_tokenizer(dir: &Path) -> Result<nanomoe::tokenizer::Tokenizer> {
+    if !dir.join(nanomoe::tokenizer::TOKENIZER_FILE).is_file() {
+        bail!("{} has no tokenizer.json: give token ids with --ids", dir.display());
+    }
+    Ok(nanomoe::tokenizer::Tokenizer::from_dir(dir)?)
+}
+
+fn cmd_generate(model: &Path, input: PromptArg, mut gen: GenerationConfig, flags: GenerateFlags) -> Result<()> {
     let dir = nanomoe::auto::resolve_model_dir(model)?;
     let mut gpt = GPT::from_pretrained(&dir)?;
-    if dropless {
+    if flags.dropless {
         gpt.set_routing(Routing::Dropless);
     }
-    if !ignore_eos {
-        let p = dir.join(checkpoint::GENERATION_CONFIG_FILE);
-        if let Ok(s) = std::fs::read_to_string(&p) {
-            let v: Value = serde_json::from_str(&s).with_context(|| format!("{} is not valid JSON", p.display()))?;
-            gen.eos_token_id = v.get("eos_token_id").and_then(Value::as_u64).map(|x| x as u32);
-        }
+    if !flags.ignore_eos {
+        gen.eos_token_id = generation_eos(&dir)?;
     }
-    let rows = parse_rows(ids, "--ids")?;
-    let mut prompts = Vec::with_capacity(rows.len());
-    for r in &rows {
-        let mut p = Vec::with_capacity(r.len());
-        for &v in r {
-            if v < 0 || v as usize >= gpt.config.vocab_size {
-                bail!("token id {v} is out of range for vocab_size {}", gpt.config.vocab_size);
+    let vocab = gpt.config.vocab_size;
+    let (prompts, tokenizer) = match input {
+        PromptArg::Ids(ids) => {
+            let rows = parse_rows(&ids, "--ids")?;
+            let mut prompts = Vec::with_capacity(rows.len());
+            for r in &rows {
+                let mut p = Vec::with_capacity(r.len());
+                for &v in r {
+                    if v < 0 || v as usize >= vocab {
+                        bail!("token id {v} is out of range for vocab_size {vocab}");
+                    }
+                    p.push(v as u32);
+                }
+                prompts.push(p);
             }
-            p.push(v as u32);
+            (prompts, None)
         }
-        prompts.push(p);
-    }
-    let out = gpt.generate_with(&prompts, &gen, |_, _| {})?;
-    let new: Vec<Vec<u32>> = out.iter().zip(&prompts).map(|(o, p)| o[p.len()..].to_vec()).collect();
-    if as_json {
-        println!("{}", serde_json::to_string(&json!({ "ids": new }))?);
+        PromptArg::Text(text) => {
+            let tok = model_tokenizer(&dir)?;
+            let ids = tok.encode(&text)?;
+            if ids.is_empty() {
+                bail!("the prompt encodes to no tokens");
+            }
+            if let Some(bad) = ids.iter().find(|&&t| t as usize >= vocab) {
+                bail!("the tokenizer produced id {bad}, outside the model's vocab_size {vocab}: tokenizer and model disagree");
+            }
+            (vec![ids], Some(tok))
+        }
+    };
+    let out = if flags.stream {
+        let tok = tokenizer.as_ref().expect("--stream requires --prompt");
+        let mut printer = StreamPrinter::new(tok, &prompts[0])?;
+        let out = gpt.generate_with(&prompts, &gen, |_, t| printer.push(t))?;
+        println!();
+        out
     } else {
-        for row in new {
-            println!("{}", row.iter().map(|x| x.to_string()).collect::<Vec<_>>().join(","));
+        gpt.generate_with(&prompts, &gen, |_, _| {})?
+    };
+    let new: Vec<Vec<u32>> = out.iter().zip(&prompts).map(|(o, p)| o[p.len()..].to_vec()).collect();
+    match (&tokenizer, flags.json) {
+        (Some(tok), true) => {
+            let texts: Vec<String> = new.iter().map(|r| tok.decode(r)).collect::<nanomoe::Result<_>>()?;
+            println!("{}", serde_json::to_string(&json!({ "ids": new, "text": texts }))?);
+        }
+        (None, true) => println!("{}", serde_json::to_string(&json!({ "ids": new }))?),
+        (Some(tok), false) => {
+            if !flags.stream {
+                println!("{}", tok.decode(&out[0])?);
+            }
+        }
+        (None, false) => {
+            for row in new {
+                println!("{}", row.iter().map(|x| x.to_string()).collect::<Vec<_>>().join(","));
+            }
         }
     }
     Ok(())
+}
+
+/// Prints decoded text as tokens arrive, holding back bytes that do not form whole
+/// characters yet.
+pub struct StreamPrinter<'a> {
+    tok: &'a nanomoe::tokenizer::Tokenizer,
+    ids: Vec<u32>,
+    printed: usize,
+}
+
+impl<'a> StreamPrinter<'a> {
+    pub fn new(tok: &'a nanomoe::tokenizer::Tokenizer, prompt: &[u32]) -> Result<Self> {
+        let mut p = StreamPrinter { tok, ids: prompt.to_vec(), printed: 0 };
+        let text = tok.decode(prompt)?;
+        print!("{text}");
+        p.printed = text.len();
+        Ok(p)
+    }
+
+    pub fn push(&mut self, id: u32) {
+        use std::io::Write;
+        self.ids.push(id);
+        if let Ok(text) = self.tok.decode(&self.ids) {
+            if !text.ends_with('\u{fffd}') && text.len() >= self.printed && text.is_char_boundary(self.printed) {
+                print!("{}", &text[self.printed..]);
+                self.printed = text.len();
+                let _ = std::io::stdout().flush();
+            }
+        }
+    }
 }
