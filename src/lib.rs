@@ -12,6 +12,7 @@
 //! - [`train_step`]: one optimisation step with gradient accumulation.
 //! - [`checkpoint`]: HF-format directories (GPT-2 and nanomoe_gpt), safetensors I/O.
 //! - [`auto`]: `AutoModelForCausalLM`, `from_pretrained`, `save_pretrained`.
+//! - [`train`]: data, settings, the training loop and resumable states.
 //! - [`tokenizer`]: character-level and GPT-2 tokenizers, saved as tokenizer.json.
 //! - [`hf_cache`]: the local HuggingFace cache shared with Python.
 //! - [`error`]: the error type.
@@ -28,6 +29,7 @@ pub mod nn;
 pub mod optim;
 pub mod params;
 pub mod tokenizer;
+pub mod train;
 pub mod train_step;
 
 pub use auto::AutoModelForCausalLM;

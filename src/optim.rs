@@ -89,15 +89,18 @@ impl AdamW {
         let bc2 = 1.0 - c.beta2.powi(t);
         for s in &mut self.slots {
             let Some(g) = grads.get(&s.var) else { continue };
+            // Gradients carry candle's op graph; detach so that moments do not keep every
+            // step's graph alive.
+            let g = &g.detach();
             let mut p = s.var.as_tensor().detach();
             if s.decay && c.weight_decay != 0.0 {
                 p = (p * (1.0 - c.lr * c.weight_decay))?;
             }
-            s.m = ((&s.m * c.beta1)? + (g * (1.0 - c.beta1))?)?;
-            s.v = ((&s.v * c.beta2)? + (g.sqr()? * (1.0 - c.beta2))?)?;
+            s.m = ((&s.m * c.beta1)? + (g * (1.0 - c.beta1))?)?.detach();
+            s.v = ((&s.v * c.beta2)? + (g.sqr()? * (1.0 - c.beta2))?)?.detach();
             let denom = ((s.v.sqrt()? / bc2.sqrt())? + c.eps)?;
             let update = (s.m.div(&denom)? * (c.lr / bc1))?;
-            s.var.set(&(p - update)?)?;
+            s.var.set(&(p - update)?.detach())?;
         }
         Ok(())
     }
@@ -146,7 +149,7 @@ pub fn clip_grad_norm(params: &ParamStore, grads: &mut GradStore, max_norm: f64)
         if coef < 1.0 {
             for (_, var) in params.iter() {
                 if let Some(g) = grads.get(var) {
-                    let scaled = (g * coef)?;
+                    let scaled = (g.detach() * coef)?;
                     grads.insert(var, scaled);
                 }
             }

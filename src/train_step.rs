@@ -61,7 +61,13 @@ pub fn train_step(model: &GPT, opt: &mut AdamW, micro_batches: &[(Tensor, Tensor
         stats.ntp_loss += scalar(&losses.ntp_loss)? / n as f32;
         stats.aux_loss += scalar(&losses.aux_loss)? / n as f32;
         stats.router_z_loss += scalar(&losses.router_z_loss)? / n as f32;
-        accumulate(model.params(), &mut grads, (loss / n)?.backward()?)?;
+        let mut g = (loss / n)?.backward()?;
+        for (_, var) in model.params().iter() {
+            if let Some(t) = g.remove(var) {
+                g.insert(var, t.detach());
+            }
+        }
+        accumulate(model.params(), &mut grads, g)?;
     }
     let mut grads = grads.expect("at least one micro batch");
     stats.grad_norm = clip_grad_norm(model.params(), &mut grads, grad_clip)?;

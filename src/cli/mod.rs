@@ -58,6 +58,14 @@ enum Cmd {
         #[arg(long)]
         dropless: bool,
     },
+    /// Train a model, nanoGPT style: `nanomoe train [CONFIG.toml] [--key=value ...]`.
+    /// With no arguments: a small MoE on the built-in arithmetic corpus.
+    #[command(disable_help_flag = false)]
+    Train {
+        /// A TOML config file, then --key=value overrides (e.g. --batch_size=16).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
     /// Build, save or run a tokenizer: prints the ids of --text (or the text of --decode).
     Tokenize {
         /// char, gpt2, or a tokenizer.json / model directory.
@@ -134,6 +142,7 @@ pub fn run() -> Result<()> {
     match cli.cmd {
         Cmd::New { config, out, seed, dtype, max_shard_size } => cmd_new(config.as_deref(), &out, seed, &dtype, &max_shard_size),
         Cmd::Info { model, json } => cmd_info(&model, json),
+        Cmd::Train { args } => cmd_train(&args),
         Cmd::Tokenize { tokenizer, corpus, save, text, decode } => cmd_tokenize(&tokenizer, corpus.as_deref(), save.as_deref(), text, decode),
         Cmd::Forward { model, ids, labels, out, dropless } => cmd_forward(&model, &ids, labels.as_deref(), out.as_deref(), dropless),
         Cmd::Generate {
@@ -374,6 +383,28 @@ fn cmd_forward(model: &Path, ids: &str, labels: Option<&str>, out: Option<&Path>
         "shape": o.logits.dims(),
     });
     println!("{}", serde_json::to_string(&v)?);
+    Ok(())
+}
+
+fn cmd_train(args: &[String]) -> Result<()> {
+    let (file, overrides) = match args.first() {
+        Some(a) if !a.starts_with("--") => (Some(a.as_str()), &args[1..]),
+        _ => (None, args),
+    };
+    let text = match file {
+        Some(f) => Some(std::fs::read_to_string(f).with_context(|| format!("cannot read config file {f}"))?),
+        None => None,
+    };
+    let resolved = nanomoe::train::Resolved::resolve(file.zip(text.as_deref()), overrides)?;
+    let out = nanomoe::train::train(&resolved)?;
+    let dir = out.out_dir.join("model");
+    println!("saved the model to {} (best by val loss: {})", dir.display(), out.out_dir.join("best").display());
+    println!("next:");
+    println!("  nanomoe sample {} --prompt \"{}\"", dir.display(), if out.accuracy.is_some() { "123+456=" } else { "\\n" });
+    if resolved.train.data_dir != nanomoe::train::settings::BUILTIN_ARITHMETIC {
+        println!("  nanomoe eval {} --data {}", dir.display(), resolved.train.data_dir);
+    }
+    println!("  python -c \"from transformers import AutoModelForCausalLM; AutoModelForCausalLM.from_pretrained('{}', trust_remote_code=True)\"", dir.display());
     Ok(())
 }
 

@@ -1,0 +1,380 @@
+//! The training loop, in the spirit of nanoGPT's train.py.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use candle_core::Device;
+use indicatif::{ProgressBar, ProgressStyle};
+use rand::{rngs::StdRng, SeedableRng};
+use serde_json::json;
+
+use crate::config::GPTConfig;
+use crate::error::{Error, Result};
+use crate::gpt::GPT;
+use crate::moe::MoeStats;
+use crate::optim::{lr_at, AdamW, AdamWConfig};
+use crate::params::ParamStore;
+use crate::tokenizer::Tokenizer;
+use crate::train::arithmetic;
+use crate::train::data::{get_batch, Dataset, Meta, Split};
+use crate::train::settings::{default_model, Resolved, TrainSettings, BUILTIN_ARITHMETIC};
+use crate::train::state::{load_latest, save_state, StateInfo};
+use crate::train_step::train_step;
+
+/// splitmix64 of a few words: independent, reproducible generator seeds.
+pub fn mix(words: &[u64]) -> u64 {
+    let mut h = 0x9E37_79B9_7F4A_7C15u64;
+    for &w in words {
+        h ^= w.wrapping_add(0x9E37_79B9_7F4A_7C15).wrapping_add(h << 6).wrapping_add(h >> 2);
+        let mut z = h;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        h = z ^ (z >> 31);
+    }
+    h
+}
+
+/// Result of a training run.
+#[derive(Debug, Clone)]
+pub struct Outcome {
+    pub out_dir: PathBuf,
+    pub iters: u64,
+    pub best_val_loss: Option<f64>,
+    pub last_val_loss: Option<f64>,
+    pub accuracy: Option<f64>,
+    pub train_losses: Vec<(u64, f32)>,
+}
+
+/// Eval result of one split.
+#[derive(Debug, Clone)]
+pub struct EvalResult {
+    pub loss: f64,
+    pub moe: Vec<LayerStats>,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct LayerStats {
+    pub layer: usize,
+    pub tokens_per_expert: Vec<usize>,
+    pub drop_rate: f64,
+    pub router_entropy: f64,
+}
+
+fn aggregate(stats: &[Vec<MoeStats>]) -> Vec<LayerStats> {
+    let mut out: Vec<LayerStats> = Vec::new();
+    let n = stats.len().max(1) as f64;
+    for batch in stats {
+        for s in batch {
+            let entry = match out.iter_mut().find(|l| l.layer == s.layer) {
+                Some(e) => e,
+                None => {
+                    out.push(LayerStats { layer: s.layer, tokens_per_expert: vec![0; s.tokens_per_expert.len()], drop_rate: 0.0, router_entropy: 0.0 });
+                    out.last_mut().expect("pushed")
+                }
+            };
+            for (a, b) in entry.tokens_per_expert.iter_mut().zip(&s.tokens_per_expert) {
+                *a += b;
+            }
+            entry.drop_rate += s.dropped as f64 / s.assignments.max(1) as f64 / n;
+            entry.router_entropy += s.router_entropy as f64 / n;
+        }
+    }
+    out
+}
+
+/// Mean next-token loss over `iters` random batches of a split (eval mode), with MoE stats.
+pub fn evaluate(model: &mut GPT, split: &Split, batch_size: usize, iters: u64, seed: u64) -> Result<EvalResult> {
+    let was_training = model.is_training();
+    model.eval();
+    let mut total = 0f64;
+    let mut stats = Vec::new();
+    let block = model.config.block_size;
+    let vocab = model.config.vocab_size;
+    for k in 0..iters {
+        let mut rng = StdRng::seed_from_u64(mix(&[seed, k]));
+        let (x, y) = get_batch(split, batch_size, block, vocab, &mut rng, model.device())?;
+        let (_, _, losses, s) = model.forward_legacy_with_stats(&x, Some(&y))?;
+        total += losses.ntp_loss.map(|l| l.to_scalar::<f32>()).transpose()?.unwrap_or(0.0) as f64;
+        stats.push(s);
+    }
+    if was_training {
+        model.train();
+    }
+    Ok(EvalResult { loss: total / iters as f64, moe: aggregate(&stats) })
+}
+
+/// FLOPs per token of a forward + backward pass (PaLM appendix B, as nanoGPT estimates).
+pub fn flops_per_token(model: &GPT) -> f64 {
+    let c = &model.config;
+    let n = model.num_active_params() as f64 - (c.block_size * c.n_embd) as f64;
+    6.0 * n + 12.0 * (c.n_layer * c.n_embd * c.block_size) as f64
+}
+
+fn data_and_tokenizer(s: &TrainSettings) -> Result<(Dataset, Option<Tokenizer>)> {
+    if s.data_dir == BUILTIN_ARITHMETIC {
+        let tok = arithmetic::tokenizer()?;
+        let (train, val) = arithmetic::corpus(60_000, s.seed);
+        let train = tok.encode(&train)?;
+        let val = tok.encode(&val)?;
+        let meta = Meta {
+            vocab_size: tok.vocab_size(),
+            dtype: "uint16".into(),
+            train_tokens: train.len() as u64,
+            val_tokens: val.len() as u64,
+            tokenizer: "char".into(),
+        };
+        return Ok((Dataset { train: Split::from_vec("train", train), val: Split::from_vec("val", val), meta, dir: None }, Some(tok)));
+    }
+    let ds = Dataset::open(Path::new(&s.data_dir))?;
+    let tok_path = Path::new(&s.data_dir).join(crate::tokenizer::TOKENIZER_FILE);
+    let tok = if tok_path.is_file() { Some(Tokenizer::from_file(&tok_path)?) } else { None };
+    Ok((ds, tok))
+}
+
+/// Whether `dir` holds another run's outputs.
+fn holds_run(dir: &Path) -> bool {
+    ["state", "model", "best", "metrics.jsonl"].iter().any(|f| dir.join(f).exists())
+}
+
+fn crop_block_size(model: GPT, block: usize) -> Result<GPT> {
+    if block == model.config.block_size {
+        return Ok(model);
+    }
+    if block > model.config.block_size {
+        return Err(Error::Config(format!("block_size {block} is larger than the model's block_size {}", model.config.block_size)));
+    }
+    let mut tensors = Vec::new();
+    for (n, v) in model.params().iter() {
+        let t = v.as_tensor().clone();
+        let t = if n == "transformer.wpe.weight" { t.narrow(0, 0, block)?.contiguous()? } else { t };
+        tensors.push((n.to_string(), t));
+    }
+    let cfg = GPTConfig { block_size: block, ..model.config.clone() };
+    GPT::from_params(cfg, ParamStore::from_tensors(tensors)?)
+}
+
+fn check_tokenizers(model_dir: &Path, data_tok: Option<&Tokenizer>) -> Result<()> {
+    let p = model_dir.join(crate::tokenizer::TOKENIZER_FILE);
+    if let (Some(dt), true) = (data_tok, p.is_file()) {
+        let mt = Tokenizer::from_file(&p)?;
+        let probe = "The quick brown fox, 12345!\n  jumps over the lazy dog.";
+        if mt.vocab_size() != dt.vocab_size() || mt.encode(probe)? != dt.encode(probe)? {
+            return Err(Error::Config(format!(
+                "the data's tokenizer ({} tokens) disagrees with the model's in {} ({} tokens)",
+                dt.vocab_size(),
+                model_dir.display(),
+                mt.vocab_size()
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Prints through the progress bar when one is shown.
+struct Log {
+    bar: ProgressBar,
+    metrics: std::fs::File,
+}
+
+impl Log {
+    fn line(&self, s: &str) {
+        if self.bar.is_hidden() {
+            println!("{s}");
+        } else {
+            self.bar.println(s);
+        }
+    }
+    fn metric(&mut self, v: serde_json::Value) -> Result<()> {
+        writeln!(self.metrics, "{v}").map_err(|e| Error::Msg(format!("cannot write metrics.jsonl: {e}")))
+    }
+}
+
+/// Trains as the settings say; returns what happened.
+pub fn train(resolved: &Resolved) -> Result<Outcome> {
+    let s = &resolved.train;
+    if s.threads > 0 {
+        std::env::set_var("RAYON_NUM_THREADS", s.threads.to_string());
+    }
+    let device = Device::Cpu;
+    let out_dir = PathBuf::from(&s.out_dir);
+    let resuming = s.init_from == "resume";
+    if !resuming && holds_run(&out_dir) {
+        if !s.overwrite {
+            return Err(Error::Config(format!(
+                "out_dir {} holds another run; continue it with --init_from=resume or replace it with --overwrite=true",
+                out_dir.display()
+            )));
+        }
+        for f in ["state", "model", "best"] {
+            let _ = std::fs::remove_dir_all(out_dir.join(f));
+        }
+        let _ = std::fs::remove_file(out_dir.join("metrics.jsonl"));
+    }
+    std::fs::create_dir_all(&out_dir).map_err(|e| Error::file(&out_dir, e))?;
+    let (data, tokenizer) = data_and_tokenizer(s)?;
+    let vocab = data.meta.vocab_size;
+
+    // ---- model ----
+    let opt_cfg = AdamWConfig { lr: s.learning_rate, beta1: s.beta1, beta2: s.beta2, eps: 1e-8, weight_decay: s.weight_decay };
+    let (mut model, mut opt, mut iter, mut best_val, mut tokens_seen) = match s.init_from.as_str() {
+        "resume" => {
+            let st = load_latest(&out_dir)?;
+            let model = GPT::from_params(st.info.model.clone(), st.params)?;
+            let mut opt = AdamW::new(model.params(), opt_cfg)?;
+            opt.load_state(st.info.iter, st.moments)?;
+            (model, opt, st.info.iter, st.info.best_val_loss, st.info.tokens_seen)
+        }
+        "scratch" => {
+            let cfg = resolved.model_config(default_model(), vocab)?;
+            let model = GPT::new_seeded(&cfg, s.seed, &device)?;
+            let opt = AdamW::new(model.params(), opt_cfg)?;
+            (model, opt, 0, None, 0)
+        }
+        other => {
+            let model = if other.starts_with("gpt2") {
+                GPT::from_pretrained_gpt2(other)?
+            } else {
+                let dir = crate::auto::resolve_model_dir(Path::new(other))?;
+                check_tokenizers(&dir, tokenizer.as_ref())?;
+                GPT::from_pretrained(&dir)?
+            };
+            let block = resolved.model.get("block_size").and_then(|v| v.as_u64()).map(|b| b as usize).unwrap_or(model.config.block_size);
+            let mut model = crop_block_size(model, block)?;
+            if let Some(d) = resolved.model.get("dropout").and_then(|v| v.as_f64()) {
+                model.config.dropout = d;
+                model.config.validate()?;
+            }
+            let opt = AdamW::new(model.params(), opt_cfg)?;
+            (model, opt, 0, None, 0)
+        }
+    };
+    if vocab > model.config.vocab_size {
+        return Err(Error::Config(format!(
+            "the data's vocabulary ({vocab} tokens) is larger than the model's vocab_size {}",
+            model.config.vocab_size
+        )));
+    }
+    let block = model.config.block_size;
+    let settings_json = serde_json::to_value(s).expect("serializes");
+    let tokens_per_iter = (s.batch_size * block) as u64 * s.gradient_accumulation_steps;
+    let fpt = flops_per_token(&model);
+
+    let bar = ProgressBar::new(s.max_iters);
+    bar.set_style(
+        ProgressStyle::with_template("{bar:30} {pos}/{len} {msg} [{elapsed} < {eta}]").expect("template").progress_chars("=> "),
+    );
+    bar.set_position(iter);
+    let metrics = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(out_dir.join("metrics.jsonl"))
+        .map_err(|e| Error::file(out_dir.join("metrics.jsonl"), e))?;
+    let mut log = Log { bar, metrics };
+    log.line(&format!(
+        "training {} ({} params, {} active) on {} ({} train / {} val tokens), {} tokens per step, {} steps",
+        if model.config.is_moe() { format!("an MoE GPT with {} experts, top-{}", model.config.n_exp, model.config.moe_top_k) } else { "a dense GPT".to_string() },
+        model.num_params(),
+        model.num_active_params(),
+        s.data_dir,
+        data.train.len(),
+        data.val.len(),
+        tokens_per_iter,
+        s.max_iters
+    ));
+
+    let save_models = |model: &GPT, best: bool| -> Result<()> {
+        let dirs: &[&str] = if best { &["model", "best"] } else { &["model"] };
+        for d in dirs {
+            let p = out_dir.join(d);
+            model.save_pretrained(&p)?;
+            if let Some(t) = &tokenizer {
+                t.save_pretrained(&p, Some(model.config.block_size))?;
+            }
+        }
+        Ok(())
+    };
+
+    let mut train_losses = Vec::new();
+    let mut last_val = None;
+    model.train();
+    let mut window = Instant::now();
+    let mut window_tokens = 0u64;
+    loop {
+        let lr = lr_at(iter, s.learning_rate, s.min_lr, s.warmup_iters, s.lr_decay_iters, s.decay_lr);
+        if iter % s.eval_interval == 0 || iter >= s.max_iters {
+            let tr = evaluate(&mut model, &data.train, s.batch_size, s.eval_iters, mix(&[s.seed, iter, 1]))?;
+            let va = evaluate(&mut model, &data.val, s.batch_size, s.eval_iters, mix(&[s.seed, iter, 2]))?;
+            last_val = Some(va.loss);
+            log.line(&format!("step {iter}: train loss {:.4}, val loss {:.4} (ppl {:.2})", tr.loss, va.loss, va.loss.exp()));
+            for l in &va.moe {
+                log.line(&format!(
+                    "  layer {} experts {:?} drop {:.1}% entropy {:.3}",
+                    l.layer,
+                    l.tokens_per_expert,
+                    100.0 * l.drop_rate,
+                    l.router_entropy
+                ));
+            }
+            log.metric(json!({"iter": iter, "train_loss": tr.loss, "val_loss": va.loss, "lr": lr, "moe": va.moe}))?;
+            let improved = best_val.is_none_or(|b| va.loss < b);
+            if improved {
+                best_val = Some(va.loss);
+            }
+            if iter > 0 && (improved || s.always_save_checkpoint || iter >= s.max_iters) {
+                let info = StateInfo { iter, best_val_loss: best_val, tokens_seen, model: model.config.clone(), settings: settings_json.clone() };
+                save_state(&out_dir, &info, model.params(), &opt, s.keep_last_states)?;
+                save_models(&model, improved)?;
+            }
+        }
+        if iter >= s.max_iters || s.eval_only {
+            break;
+        }
+        opt.set_lr(lr);
+        model.set_seed(mix(&[s.seed, iter, 3]));
+        let mut micro = Vec::with_capacity(s.gradient_accumulation_steps as usize);
+        for k in 0..s.gradient_accumulation_steps {
+            let mut rng = StdRng::seed_from_u64(mix(&[s.seed, iter, 4, k]));
+            micro.push(get_batch(&data.train, s.batch_size, block, model.config.vocab_size, &mut rng, &device)?);
+        }
+        let st = train_step(&model, &mut opt, &micro, s.grad_clip)?;
+        if !st.loss.is_finite() {
+            return Err(Error::Msg(format!("loss became {} at step {iter}; lower learning_rate", st.loss)));
+        }
+        iter += 1;
+        tokens_seen += tokens_per_iter;
+        window_tokens += tokens_per_iter;
+        train_losses.push((iter, st.loss));
+        if iter % s.log_interval == 0 || iter == s.max_iters {
+            let secs = window.elapsed().as_secs_f64().max(1e-9);
+            let tps = window_tokens as f64 / secs;
+            let mfu = tps * fpt / s.peak_flops;
+            log.bar.set_message(format!("loss {:.4} lr {:.2e} {:.0} tok/s mfu {:.1}%", st.loss, lr, tps, 100.0 * mfu));
+            if log.bar.is_hidden() {
+                println!("iter {iter}: loss {:.4}, lr {lr:.2e}, {tps:.0} tok/s, mfu {:.1}%", st.loss, 100.0 * mfu);
+            }
+            log.metric(json!({"iter": iter, "loss": st.loss, "ntp_loss": st.ntp_loss, "aux_loss": st.aux_loss,
+                "router_z_loss": st.router_z_loss, "grad_norm": st.grad_norm, "lr": lr, "tokens_per_sec": tps, "mfu": mfu}))?;
+            window = Instant::now();
+            window_tokens = 0;
+        }
+        log.bar.set_position(iter);
+    }
+    log.bar.finish_and_clear();
+    if !out_dir.join("model").is_dir() {
+        save_models(&model, true)?;
+    }
+    let accuracy = if s.data_dir == BUILTIN_ARITHMETIC {
+        let tok = tokenizer.as_ref().expect("builtin data has a tokenizer");
+        let (acc, examples) = arithmetic::accuracy(&mut model, tok, &arithmetic::test_problems(500, s.seed))?;
+        println!("samples (answers are written least-significant digit first):");
+        for (p, got, ok) in examples {
+            println!("  {p}{got}  {}", if ok { "right" } else { "wrong" });
+        }
+        println!("accuracy on 500 held-out additions: {:.1}%", 100.0 * acc);
+        Some(acc)
+    } else {
+        None
+    };
+    Ok(Outcome { out_dir, iters: iter, best_val_loss: best_val, last_val_loss: last_val, accuracy, train_losses })
+}
