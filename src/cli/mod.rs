@@ -66,6 +66,55 @@ enum Cmd {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Tokenize text into nanoGPT's train.bin / val.bin + meta.json + tokenizer files.
+    Prepare {
+        /// A text file, or a directory of text files.
+        #[arg(long, required_unless_present = "dataset")]
+        input: Option<PathBuf>,
+        /// A named dataset to download (needs network access): shakespeare.
+        #[arg(long, conflicts_with = "input")]
+        dataset: Option<String>,
+        /// char, gpt2, or a path to a tokenizer.json.
+        #[arg(long, default_value = "char")]
+        tokenizer: String,
+        #[arg(long, default_value_t = 0.1)]
+        val_fraction: f64,
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Loss, perplexity and MoE statistics of a model on a prepared dataset.
+    Eval {
+        model: PathBuf,
+        #[arg(long)]
+        data: PathBuf,
+        #[arg(long, default_value = "val")]
+        split: String,
+        #[arg(long, default_value_t = 50)]
+        iters: u64,
+        #[arg(long, default_value_t = 8)]
+        batch_size: usize,
+        #[arg(long, default_value_t = 1337)]
+        seed: u64,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Sample text from a model (nanoGPT's sample.py), streaming.
+    Sample {
+        model: PathBuf,
+        /// Start text; FILE:path reads a file. Default: a newline.
+        #[arg(long, default_value = "\n")]
+        prompt: String,
+        #[arg(long, default_value_t = 1)]
+        num_samples: usize,
+        #[arg(long, default_value_t = 200)]
+        max_new_tokens: usize,
+        #[arg(long, default_value_t = 0.8)]
+        temperature: f64,
+        #[arg(long, default_value_t = 200)]
+        top_k: usize,
+        #[arg(long, default_value_t = 1337)]
+        seed: u64,
+    },
     /// Build, save or run a tokenizer: prints the ids of --text (or the text of --decode).
     Tokenize {
         /// char, gpt2, or a tokenizer.json / model directory.
@@ -143,6 +192,11 @@ pub fn run() -> Result<()> {
         Cmd::New { config, out, seed, dtype, max_shard_size } => cmd_new(config.as_deref(), &out, seed, &dtype, &max_shard_size),
         Cmd::Info { model, json } => cmd_info(&model, json),
         Cmd::Train { args } => cmd_train(&args),
+        Cmd::Prepare { input, dataset, tokenizer, val_fraction, out } => cmd_prepare(input, dataset, tokenizer, val_fraction, out),
+        Cmd::Eval { model, data, split, iters, batch_size, seed, json } => cmd_eval(&model, &data, &split, iters, batch_size, seed, json),
+        Cmd::Sample { model, prompt, num_samples, max_new_tokens, temperature, top_k, seed } => {
+            cmd_sample(&model, &prompt, num_samples, max_new_tokens, temperature, top_k, seed)
+        }
         Cmd::Tokenize { tokenizer, corpus, save, text, decode } => cmd_tokenize(&tokenizer, corpus.as_deref(), save.as_deref(), text, decode),
         Cmd::Forward { model, ids, labels, out, dropless } => cmd_forward(&model, &ids, labels.as_deref(), out.as_deref(), dropless),
         Cmd::Generate {
@@ -386,6 +440,76 @@ fn cmd_forward(model: &Path, ids: &str, labels: Option<&str>, out: Option<&Path>
     Ok(())
 }
 
+fn cmd_prepare(input: Option<PathBuf>, dataset: Option<String>, tokenizer: String, val_fraction: f64, out: PathBuf) -> Result<()> {
+    use std::io::IsTerminal;
+    let input = match (input, dataset) {
+        (Some(i), _) => i,
+        (None, Some(d)) if d == "shakespeare" => bail!(
+            "cannot download the shakespeare dataset: this build has no network access; download tiny-shakespeare's input.txt yourself and pass --input input.txt"
+        ),
+        (None, Some(d)) => bail!("unknown dataset {d:?} (known: shakespeare)"),
+        (None, None) => bail!("give --input or --dataset"),
+    };
+    let inputs = nanomoe::train::prepare::list_inputs(&input)?;
+    let opts = nanomoe::train::prepare::PrepareOptions { inputs, tokenizer, val_fraction, out: out.clone(), progress: std::io::stderr().is_terminal() };
+    let meta = nanomoe::train::prepare::prepare(&opts)?;
+    println!(
+        "wrote {}: {} train and {} val tokens ({}), vocab_size {} ({} tokenizer)",
+        out.display(),
+        meta.train_tokens,
+        meta.val_tokens,
+        meta.dtype,
+        meta.vocab_size,
+        meta.tokenizer
+    );
+    println!("next: nanomoe train --data_dir={} --out_dir=out", out.display());
+    Ok(())
+}
+
+fn cmd_eval(model: &Path, data: &Path, split: &str, iters: u64, batch_size: usize, seed: u64, as_json: bool) -> Result<()> {
+    let dir = nanomoe::auto::resolve_model_dir(model)?;
+    let mut gpt = GPT::from_pretrained(&dir)?;
+    let ds = nanomoe::train::data::Dataset::open(data)?;
+    if ds.meta.vocab_size > gpt.config.vocab_size {
+        bail!("the data's vocabulary ({} tokens) is larger than the model's vocab_size {}", ds.meta.vocab_size, gpt.config.vocab_size);
+    }
+    if iters == 0 || batch_size == 0 {
+        bail!("--iters and --batch-size must be at least 1");
+    }
+    let r = nanomoe::train::run::evaluate(&mut gpt, ds.split(split)?, batch_size, iters, seed)?;
+    if as_json {
+        println!("{}", serde_json::to_string(&json!({"split": split, "loss": r.loss, "perplexity": r.loss.exp(), "moe": r.moe}))?);
+    } else {
+        println!("{split} loss {:.4}, perplexity {:.3} ({iters} batches of {batch_size} x {})", r.loss, r.loss.exp(), gpt.config.block_size);
+        for l in &r.moe {
+            println!("  layer {}: tokens per expert {:?}, drop rate {:.2}%, router entropy {:.3}", l.layer, l.tokens_per_expert, 100.0 * l.drop_rate, l.router_entropy);
+        }
+    }
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+fn cmd_sample(model: &Path, prompt: &str, num_samples: usize, max_new_tokens: usize, temperature: f64, top_k: usize, seed: u64) -> Result<()> {
+    let dir = nanomoe::auto::resolve_model_dir(model)?;
+    let gpt = GPT::from_pretrained(&dir)?;
+    let tok = model_tokenizer(&dir)?;
+    let text = read_prompt(&prompt.replace("\\n", "\n"))?;
+    let ids = tok.encode(&text)?;
+    if ids.is_empty() {
+        bail!("the prompt encodes to no tokens");
+    }
+    if let Some(bad) = ids.iter().find(|&&t| t as usize >= gpt.config.vocab_size) {
+        bail!("the tokenizer produced id {bad}, outside the model's vocab_size {}: tokenizer and model disagree", gpt.config.vocab_size);
+    }
+    for k in 0..num_samples {
+        let gen = GenerationConfig { max_new_tokens, temperature, top_k: Some(top_k), seed: Some(seed.wrapping_add(k as u64)), ..Default::default() };
+        let mut printer = StreamPrinter::new(&tok, &ids)?;
+        gpt.generate_with(std::slice::from_ref(&ids), &gen, |_, t| printer.push(t))?;
+        println!("\n---------------");
+    }
+    Ok(())
+}
+
 fn cmd_train(args: &[String]) -> Result<()> {
     let (file, overrides) = match args.first() {
         Some(a) if !a.starts_with("--") => (Some(a.as_str()), &args[1..]),
@@ -400,8 +524,8 @@ fn cmd_train(args: &[String]) -> Result<()> {
     let dir = out.out_dir.join("model");
     println!("saved the model to {} (best by val loss: {})", dir.display(), out.out_dir.join("best").display());
     println!("next:");
-    println!("  nanomoe sample {} --prompt \"{}\"", dir.display(), if out.accuracy.is_some() { "123+456=" } else { "\\n" });
-    if resolved.train.data_dir != nanomoe::train::settings::BUILTIN_ARITHMETIC {
+    println!("  nanomoe sample {} --prompt \"{}\"", dir.display(), match resolved.train.data_dir.as_str() { nanomoe::train::settings::BUILTIN_ARITHMETIC => "12+34=", nanomoe::train::settings::BUILTIN_GRAMMAR => "the small", _ => "\\n" });
+    if !resolved.train.data_dir.starts_with("builtin:") {
         println!("  nanomoe eval {} --data {}", dir.display(), resolved.train.data_dir);
     }
     println!("  python -c \"from transformers import AutoModelForCausalLM; AutoModelForCausalLM.from_pretrained('{}', trust_remote_code=True)\"", dir.display());

@@ -77,6 +77,24 @@ impl Split {
         self.len
     }
 
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Checks that every id is below `vocab` (one pass over the data).
+    pub fn check_ids(&self, vocab: usize) -> Result<()> {
+        for i in 0..self.len {
+            let t = self.get(i);
+            if t as usize >= vocab {
+                return Err(Error::Input(format!(
+                    "{} split holds token id {t} at position {i}, outside the model's vocab_size {vocab}",
+                    self.name
+                )));
+            }
+        }
+        Ok(())
+    }
+
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }

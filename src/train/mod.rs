@@ -2,6 +2,8 @@
 
 pub mod arithmetic;
 pub mod data;
+pub mod grammar;
+pub mod prepare;
 pub mod run;
 pub mod settings;
 pub mod state;

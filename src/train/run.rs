@@ -16,9 +16,9 @@ use crate::moe::MoeStats;
 use crate::optim::{lr_at, AdamW, AdamWConfig};
 use crate::params::ParamStore;
 use crate::tokenizer::Tokenizer;
-use crate::train::arithmetic;
+use crate::train::{arithmetic, grammar};
 use crate::train::data::{get_batch, Dataset, Meta, Split};
-use crate::train::settings::{default_model, Resolved, TrainSettings, BUILTIN_ARITHMETIC};
+use crate::train::settings::{default_model, Resolved, TrainSettings, BUILTIN_ARITHMETIC, BUILTIN_GRAMMAR};
 use crate::train::state::{load_latest, save_state, StateInfo};
 use crate::train_step::train_step;
 
@@ -112,9 +112,12 @@ pub fn flops_per_token(model: &GPT) -> f64 {
 }
 
 fn data_and_tokenizer(s: &TrainSettings) -> Result<(Dataset, Option<Tokenizer>)> {
-    if s.data_dir == BUILTIN_ARITHMETIC {
-        let tok = arithmetic::tokenizer()?;
-        let (train, val) = arithmetic::corpus(60_000, s.seed);
+    let builtin = match s.data_dir.as_str() {
+        BUILTIN_ARITHMETIC => Some((arithmetic::tokenizer()?, arithmetic::corpus(60_000, s.seed))),
+        BUILTIN_GRAMMAR => Some((grammar::tokenizer()?, grammar::corpus(30_000, s.seed))),
+        _ => None,
+    };
+    if let Some((tok, (train, val))) = builtin {
         let train = tok.encode(&train)?;
         let val = tok.encode(&val)?;
         let meta = Meta {
@@ -211,7 +214,6 @@ pub fn train(resolved: &Resolved) -> Result<Outcome> {
         }
         let _ = std::fs::remove_file(out_dir.join("metrics.jsonl"));
     }
-    std::fs::create_dir_all(&out_dir).map_err(|e| Error::file(&out_dir, e))?;
     let (data, tokenizer) = data_and_tokenizer(s)?;
     let vocab = data.meta.vocab_size;
 
@@ -256,6 +258,18 @@ pub fn train(resolved: &Resolved) -> Result<Outcome> {
         )));
     }
     let block = model.config.block_size;
+    for split in [&data.train, &data.val] {
+        if split.len() <= block {
+            return Err(Error::Input(format!(
+                "{} split has {} tokens, fewer than block_size + 1 = {}",
+                split.name(),
+                split.len(),
+                block + 1
+            )));
+        }
+        split.check_ids(model.config.vocab_size)?;
+    }
+    std::fs::create_dir_all(&out_dir).map_err(|e| Error::file(&out_dir, e))?;
     let settings_json = serde_json::to_value(s).expect("serializes");
     let tokens_per_iter = (s.batch_size * block) as u64 * s.gradient_accumulation_steps;
     let fpt = flops_per_token(&model);
@@ -364,17 +378,28 @@ pub fn train(resolved: &Resolved) -> Result<Outcome> {
     if !out_dir.join("model").is_dir() {
         save_models(&model, true)?;
     }
-    let accuracy = if s.data_dir == BUILTIN_ARITHMETIC {
-        let tok = tokenizer.as_ref().expect("builtin data has a tokenizer");
-        let (acc, examples) = arithmetic::accuracy(&mut model, tok, &arithmetic::test_problems(500, s.seed))?;
-        println!("samples (answers are written least-significant digit first):");
-        for (p, got, ok) in examples {
-            println!("  {p}{got}  {}", if ok { "right" } else { "wrong" });
+    let accuracy = match s.data_dir.as_str() {
+        BUILTIN_ARITHMETIC => {
+            let tok = tokenizer.as_ref().expect("builtin data has a tokenizer");
+            let (acc, examples) = arithmetic::accuracy(&mut model, tok, &arithmetic::test_problems(500, s.seed))?;
+            println!("samples (answers are written least-significant digit first):");
+            for (p, got, ok) in examples {
+                println!("  {p}{got}  {}", if ok { "right" } else { "wrong" });
+            }
+            println!("accuracy on 500 held-out additions: {:.1}%", 100.0 * acc);
+            Some(acc)
         }
-        println!("accuracy on 500 held-out additions: {:.1}%", 100.0 * acc);
-        Some(acc)
-    } else {
-        None
+        BUILTIN_GRAMMAR => {
+            let tok = tokenizer.as_ref().expect("builtin data has a tokenizer");
+            let (acc, examples) = grammar::acceptance(&mut model, tok, 200, s.seed)?;
+            println!("samples:");
+            for (line, ok) in examples {
+                println!("  {line:<45} {}", if ok { "grammatical" } else { "NOT grammatical" });
+            }
+            println!("success: the grammar accepts {:.1}% of 200 sampled sentences", 100.0 * acc);
+            Some(acc)
+        }
+        _ => None,
     };
     Ok(Outcome { out_dir, iters: iter, best_val_loss: best_val, last_val_loss: last_val, accuracy, train_losses })
 }

@@ -91,7 +91,7 @@ pub fn load_latest(out_dir: &Path) -> Result<LoadedState> {
     let root = state_root(out_dir);
     let latest = root.join("latest");
     let name = std::fs::read_to_string(&latest)
-        .map_err(|e| Error::file(&latest, format!("{e}: nothing to resume in {}", out_dir.display())))?;
+        .map_err(|e| Error::file(&latest, format!("{e}: nothing to resume in {} (start over with --overwrite=true)", out_dir.display())))?;
     let dir = root.join(name.trim());
     let info_path = dir.join("state.json");
     let info: StateInfo = serde_json::from_str(&std::fs::read_to_string(&info_path).map_err(|e| Error::file(&info_path, e))?)

@@ -1,0 +1,184 @@
+//! `nanomoe prepare`: text files -> nanoGPT's train.bin / val.bin + meta.json + tokenizer
+//! files. Inputs are streamed in chunks cut at line starts, so memory stays flat on
+//! multi-GB inputs; the last `val_fraction` of the text becomes the val split. The output
+//! directory is written into a temporary directory and renamed into place when complete.
+
+use std::collections::BTreeSet;
+use std::fs::File;
+use std::io::{BufWriter, Read, Write};
+use std::path::{Path, PathBuf};
+
+use indicatif::{ProgressBar, ProgressStyle};
+
+use crate::checkpoint::AtomicDir;
+use crate::error::{Error, Result};
+use crate::tokenizer::Tokenizer;
+use crate::train::data::{Meta, META_FILE};
+
+const CHUNK: usize = 4 << 20;
+
+#[derive(Debug, Clone)]
+pub struct PrepareOptions {
+    pub inputs: Vec<PathBuf>,
+    /// "char", "gpt2" or a tokenizer.json path.
+    pub tokenizer: String,
+    pub val_fraction: f64,
+    pub out: PathBuf,
+    pub progress: bool,
+}
+
+/// The text files of an input: the file itself, or a directory's files (sorted, recursive).
+pub fn list_inputs(input: &Path) -> Result<Vec<PathBuf>> {
+    if input.is_file() {
+        if input.extension().is_some_and(|e| e == "parquet") {
+            return Err(Error::file(input, "parquet input is not supported yet; export the text column to .txt files"));
+        }
+        return Ok(vec![input.to_path_buf()]);
+    }
+    if !input.is_dir() {
+        return Err(Error::file(input, "no such file or directory"));
+    }
+    let mut out = Vec::new();
+    let mut stack = vec![input.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).map_err(|e| Error::file(&d, e))? {
+            let p = e.map_err(|e| Error::file(&d, e))?.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if p.is_file() && !p.file_name().is_some_and(|n| n.to_string_lossy().starts_with('.')) {
+                out.push(p);
+            }
+        }
+    }
+    out.sort();
+    if out.is_empty() {
+        return Err(Error::file(input, "holds no files"));
+    }
+    Ok(out)
+}
+
+/// Calls `f` with consecutive text chunks of all inputs, each cut just after a newline that
+/// is followed by a non-space character (so BPE sees the same pieces as in one pass).
+fn for_each_chunk(inputs: &[PathBuf], mut f: impl FnMut(&str) -> Result<()>) -> Result<()> {
+    for path in inputs {
+        let mut file = File::open(path).map_err(|e| Error::file(path, e))?;
+        let mut carry: Vec<u8> = Vec::new();
+        let mut buf = vec![0u8; CHUNK];
+        loop {
+            let n = file.read(&mut buf).map_err(|e| Error::file(path, e))?;
+            if n == 0 {
+                break;
+            }
+            carry.extend_from_slice(&buf[..n]);
+            let cut = (1..carry.len()).rev().find(|&i| carry[i - 1] == b'\n' && !carry[i].is_ascii_whitespace());
+            if let Some(cut) = cut {
+                let rest = carry.split_off(cut);
+                let text = std::str::from_utf8(&carry).map_err(|e| Error::file(path, format!("not UTF-8 text: {e}")))?;
+                f(text)?;
+                carry = rest;
+            }
+        }
+        if !carry.is_empty() {
+            let text = std::str::from_utf8(&carry).map_err(|e| Error::file(path, format!("not UTF-8 text: {e}")))?;
+            f(text)?;
+        }
+    }
+    Ok(())
+}
+
+struct BinWriter {
+    w: BufWriter<File>,
+    width: usize,
+    count: u64,
+    path: PathBuf,
+}
+
+impl BinWriter {
+    fn new(path: PathBuf, width: usize) -> Result<Self> {
+        let f = File::create(&path).map_err(|e| Error::file(&path, e))?;
+        Ok(BinWriter { w: BufWriter::with_capacity(1 << 20, f), width, count: 0, path })
+    }
+    fn write(&mut self, ids: &[u32]) -> Result<()> {
+        for &id in ids {
+            let r = if self.width == 2 { self.w.write_all(&(id as u16).to_le_bytes()) } else { self.w.write_all(&id.to_le_bytes()) };
+            r.map_err(|e| Error::file(&self.path, e))?;
+        }
+        self.count += ids.len() as u64;
+        Ok(())
+    }
+    fn finish(self) -> Result<u64> {
+        let f = self.w.into_inner().map_err(|e| Error::file(&self.path, e.error()))?;
+        f.sync_all().map_err(|e| Error::file(&self.path, e))?;
+        Ok(self.count)
+    }
+}
+
+/// Prepares a data directory; returns its meta.
+pub fn prepare(opts: &PrepareOptions) -> Result<Meta> {
+    if !(opts.val_fraction >= 0.0 && opts.val_fraction < 1.0) {
+        return Err(Error::Input(format!("--val-fraction must be in [0, 1), got {}", opts.val_fraction)));
+    }
+    let total: u64 = opts.inputs.iter().map(|p| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0)).sum();
+    if total == 0 {
+        return Err(Error::Input(format!("the input ({}) has no text", opts.inputs.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", "))));
+    }
+    let bar = if opts.progress { ProgressBar::new(total) } else { ProgressBar::hidden() };
+    bar.set_style(ProgressStyle::with_template("{msg} {bar:30} {bytes}/{total_bytes} [{eta}]").expect("template"));
+
+    let tokenizer = if opts.tokenizer == "char" {
+        bar.set_message("collecting characters");
+        let mut chars = BTreeSet::new();
+        for_each_chunk(&opts.inputs, |t| {
+            chars.extend(t.chars());
+            bar.inc(t.len() as u64);
+            Ok(())
+        })?;
+        bar.set_position(0);
+        Tokenizer::char_level_from_chars(chars)?
+    } else {
+        Tokenizer::from_spec(&opts.tokenizer, None)?
+    };
+    let vocab = tokenizer.vocab_size();
+    let width = if vocab <= 1 << 16 { 2 } else { 4 };
+    let out = AtomicDir::new(&opts.out)?;
+    let mut train = BinWriter::new(out.path("train.bin"), width)?;
+    let mut val = BinWriter::new(out.path("val.bin"), width)?;
+    let split_at = ((1.0 - opts.val_fraction) * total as f64) as u64;
+    let mut offset = 0u64;
+    bar.set_message("tokenizing");
+    for_each_chunk(&opts.inputs, |t| {
+        let end = offset + t.len() as u64;
+        if end <= split_at || opts.val_fraction == 0.0 {
+            train.write(&tokenizer.encode(t)?)?;
+        } else if offset >= split_at {
+            val.write(&tokenizer.encode(t)?)?;
+        } else {
+            // Split this chunk at the first line start at or after the split point.
+            let local = (split_at - offset) as usize;
+            let cut = t[local..].find('\n').map(|i| local + i + 1).unwrap_or(t.len());
+            train.write(&tokenizer.encode(&t[..cut])?)?;
+            val.write(&tokenizer.encode(&t[cut..])?)?;
+        }
+        offset = end;
+        bar.inc(t.len() as u64);
+        Ok(())
+    })?;
+    bar.finish_and_clear();
+    let meta = Meta {
+        vocab_size: vocab,
+        dtype: if width == 2 { "uint16".into() } else { "uint32".into() },
+        train_tokens: train.finish()?,
+        val_tokens: val.finish()?,
+        tokenizer: opts.tokenizer.clone(),
+    };
+    if meta.train_tokens == 0 {
+        return Err(Error::Input("the input produced no training tokens".into()));
+    }
+    if opts.val_fraction > 0.0 && meta.val_tokens == 0 {
+        return Err(Error::Input("the input is too short to split off a val set; lower --val-fraction".into()));
+    }
+    out.write_json(META_FILE, &serde_json::to_value(&meta).expect("serializes"))?;
+    tokenizer.save_pretrained(&out.path(""), None)?;
+    out.commit()?;
+    Ok(meta)
+}
