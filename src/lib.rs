@@ -11,6 +11,7 @@
 //! - [`optim`]: AdamW with nanoMoE's decay groups, gradient clipping, the LR schedule.
 //! - [`train_step`]: one optimisation step with gradient accumulation.
 //! - [`checkpoint`]: HF-format directories (GPT-2 and nanomoe_gpt), safetensors I/O.
+//! - [`convert`]: nanoGPT / nanoMoE `ckpt.pt` and HF directories -> HF directories.
 //! - [`auto`]: `AutoModelForCausalLM`, `from_pretrained`, `save_pretrained`.
 //! - [`train`]: data, settings, the training loop and resumable states.
 //! - [`tokenizer`]: character-level and GPT-2 tokenizers, saved as tokenizer.json.
@@ -20,6 +21,7 @@
 pub mod auto;
 pub mod checkpoint;
 pub mod config;
+pub mod convert;
 pub mod error;
 pub mod generate;
 pub mod gpt;

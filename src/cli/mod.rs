@@ -36,6 +36,15 @@ enum Cmd {
         #[arg(long, default_value = "50GB")]
         max_shard_size: String,
     },
+    /// Convert a nanoGPT/nanoMoE ckpt.pt, or an HF model directory, into an HF directory.
+    Convert {
+        input: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+        /// Weight dtype on disk: f32, f16 or bf16.
+        #[arg(long, default_value = "f32")]
+        dtype: String,
+    },
     /// Architecture, parameter counts, dtype and files of a model.
     Info {
         model: PathBuf,
@@ -191,6 +200,19 @@ pub fn run() -> Result<()> {
     match cli.cmd {
         Cmd::New { config, out, seed, dtype, max_shard_size } => cmd_new(config.as_deref(), &out, seed, &dtype, &max_shard_size),
         Cmd::Info { model, json } => cmd_info(&model, json),
+        Cmd::Convert { input, out, dtype } => {
+            let opts = SaveOptions { dtype: SaveDType::parse(&dtype)?, ..Default::default() };
+            let m = nanomoe::convert::convert(&input, &out, &opts)?;
+            println!(
+                "converted {} to {} ({}, {} parameters, {})",
+                input.display(),
+                out.display(),
+                if m.config.is_moe() { "nanomoe_gpt" } else { "gpt2" },
+                m.num_params(),
+                opts.dtype.hf_name()
+            );
+            Ok(())
+        }
         Cmd::Train { args } => cmd_train(&args),
         Cmd::Prepare { input, dataset, tokenizer, val_fraction, out } => cmd_prepare(input, dataset, tokenizer, val_fraction, out),
         Cmd::Eval { model, data, split, iters, batch_size, seed, json } => cmd_eval(&model, &data, &split, iters, batch_size, seed, json),
