@@ -147,7 +147,15 @@ pub fn read_config(dir: &Path) -> Result<(GPTConfig, Format)> {
     let wrap = |e: Error| Error::file(&path, e);
     match model_type {
         "gpt2" => Ok((GPTConfig::from_gpt2_json(&v).map_err(wrap)?, Format::Gpt2)),
-        crate::auto::NANOMOE_MODEL_TYPE => Ok((GPTConfig::from_json_value(&v).map_err(wrap)?, Format::NanoMoe)),
+        crate::auto::NANOMOE_MODEL_TYPE => {
+            // Directories written by nanoMoE's own HF code carry no activation_function:
+            // nanoMoE uses torch's exact nn.GELU().
+            let mut v = v.clone();
+            if let Some(o) = v.as_object_mut() {
+                o.entry("activation_function").or_insert(Value::from("gelu"));
+            }
+            Ok((GPTConfig::from_json_value(&v).map_err(wrap)?, Format::NanoMoe))
+        }
         other => Err(Error::UnknownModelType {
             found: other.to_string(),
             supported: crate::auto::SUPPORTED_MODEL_TYPES.join(", "),

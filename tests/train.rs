@@ -74,6 +74,11 @@ fn resume_continues_exactly() {
     // Only the last keep_last_states (2) states are kept.
     let states: Vec<_> = std::fs::read_dir(straight.join("state")).unwrap().filter_map(|e| e.ok()).filter(|e| e.file_name().to_string_lossy().starts_with("step-")).collect();
     assert_eq!(states.len(), 2);
+    // Plots are written as PNG.
+    for p in ["loss.png", "experts.png"] {
+        let bytes = std::fs::read(straight.join(p)).unwrap();
+        assert_eq!(&bytes[..8], b"\x89PNG\r\n\x1a\n", "{p}");
+    }
     // The saved model is an HF directory with the tokenizer.
     assert!(straight.join("model/tokenizer.json").is_file());
     assert!(straight.join("model/config.json").is_file());
@@ -303,4 +308,35 @@ fn presets_parse_and_describe_their_models() {
             ("shakespeare-char-moe".to_string(), 4, 128, 8, 2, 2),
         ]
     );
+}
+
+#[test]
+fn trained_models_generate_text_from_prompts() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("o");
+    run(&out, &["--max_iters=5"]);
+    let model = out.join("model").display().to_string();
+    let (code, stdout, err) = cli(&["generate".into(), model.clone(), "--prompt".into(), "the small".into(), "--max-new-tokens".into(), "12".into(), "--seed".into(), "3".into()]);
+    assert_eq!(code, 0, "{err}");
+    assert!(stdout.starts_with("the small"), "{stdout}");
+    let (code, streamed, _) = cli(&["generate".into(), model.clone(), "--prompt".into(), "the small".into(), "--max-new-tokens".into(), "12".into(), "--seed".into(), "3".into(), "--stream".into()]);
+    assert_eq!(code, 0);
+    assert_eq!(streamed, stdout, "streamed text equals the printed text");
+    let p = tmp.path().join("prompt.txt");
+    std::fs::write(&p, "the small").unwrap();
+    let (_, from_file, _) = cli(&["generate".into(), model.clone(), "--prompt".into(), format!("FILE:{}", p.display()), "--max-new-tokens".into(), "12".into(), "--seed".into(), "3".into()]);
+    assert_eq!(from_file, stdout);
+    let (code, json_out, _) = cli(&["generate".into(), model.clone(), "--prompt".into(), "the".into(), "--max-new-tokens".into(), "4".into(), "--seed".into(), "3".into(), "--json".into()]);
+    assert_eq!(code, 0);
+    let v: serde_json::Value = serde_json::from_str(json_out.trim()).unwrap();
+    let ids: Vec<u32> = v["ids"][0].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect();
+    assert!(!ids.is_empty() && ids.len() <= 4);
+    let tok = nanomoe::tokenizer::Tokenizer::from_dir(&out.join("model")).unwrap();
+    assert_eq!(tok.decode(&ids).unwrap(), v["text"][0].as_str().unwrap());
+    let (code, sample, _) = cli(&["sample".into(), model.clone(), "--num-samples".into(), "2".into(), "--max-new-tokens".into(), "20".into()]);
+    assert_eq!(code, 0);
+    assert_eq!(sample.matches("---------------").count(), 2);
+    let (code, ev, e) = cli(&["eval".into(), model, "--data".into(), "builtin:grammar".into()]);
+    assert_ne!(code, 0);
+    assert_eq!(e.trim(), "error: builtin:grammar: no such data directory (prepare one with `nanomoe prepare`)", "{ev}");
 }

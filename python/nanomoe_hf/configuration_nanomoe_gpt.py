@@ -24,7 +24,7 @@ class GPTConfig(PretrainedConfig):
         n_embd=768,
         dropout=0.0,
         bias=True,
-        activation_function="gelu_new",
+        activation_function="gelu",  # nanoMoE's nn.GELU(); nanomoe always writes this key
         layer_norm_epsilon=1e-5,
         n_exp=1,
         moe_top_k=None,

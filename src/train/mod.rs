@@ -3,6 +3,7 @@
 pub mod arithmetic;
 pub mod data;
 pub mod grammar;
+pub mod plot;
 pub mod prepare;
 pub mod run;
 pub mod settings;

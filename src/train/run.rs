@@ -331,6 +331,9 @@ pub fn train(resolved: &Resolved) -> Result<Outcome> {
                 ));
             }
             log.metric(json!({"iter": iter, "train_loss": tr.loss, "val_loss": va.loss, "lr": lr, "moe": va.moe}))?;
+            if let Err(e) = crate::train::plot::plot_run(&out_dir) {
+                log.line(&format!("warning: {e}"));
+            }
             let improved = best_val.is_none_or(|b| va.loss < b);
             if improved {
                 best_val = Some(va.loss);

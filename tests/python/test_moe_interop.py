@@ -97,3 +97,23 @@ def test_python_trained_moe_loads_in_rust(tmp_path):
         logits = m(x).logits
     rl, _ = rust_forward(d2, IDS, None, tmp_path)
     assert (rl - logits).abs().max().item() <= 1e-4
+
+
+def test_directories_in_the_seed_format_load_in_both(tmp_path):
+    """nanoMoE's own HF code writes model_type nanomoe_gpt with the legacy key top_k and no
+    activation_function (it uses exact GELU); both our Python files and Rust read that."""
+    d = tmp_path / "seed"
+    conf = {**CONFIGS["stride2-top1-nobias"], "activation_function": "gelu", "moe_top_k": 2}
+    run("new", "--config", json.dumps(conf), "--out", d, "--seed", "4")
+    before, _ = rust_forward(d, IDS, None, tmp_path)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["top_k"] = cfg.pop("moe_top_k")
+    del cfg["activation_function"]
+    (d / "config.json").write_text(json.dumps(cfg))
+    after, _ = rust_forward(d, IDS, None, tmp_path)
+    assert (after - before).abs().max().item() == 0.0
+    m = load_py(d)
+    assert m.config.moe_top_k == 2 and m.config.activation_function == "gelu"
+    with torch.no_grad():
+        logits = m(torch.tensor(IDS)).logits
+    assert (logits - before).abs().max().item() <= 1e-4
