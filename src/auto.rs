@@ -27,29 +27,31 @@ pub const GPT2_REPOS: &[(&str, &str)] = &[
 pub struct AutoModelForCausalLM;
 
 impl AutoModelForCausalLM {
-    /// Loads a model directory (or a repo id already in the local HF cache).
+    /// Loads a model directory, or a Hub repo id (owner/name).
     pub fn from_pretrained(path: impl AsRef<Path>) -> Result<GPT> {
         GPT::from_pretrained(path)
     }
+
+    /// Loads a Hub repo id at a revision (branch, tag or commit sha).
+    pub fn from_pretrained_revision(repo_id: &str, revision: &str) -> Result<GPT> {
+        GPT::from_pretrained(resolve_model_dir_at(Path::new(repo_id), revision)?)
+    }
 }
 
-/// Resolves a MODEL argument: an existing directory, or a repo id in the HF cache.
+/// Resolves a MODEL argument: an existing directory, or a Hub repo id at `main`.
 pub fn resolve_model_dir(model: &Path) -> Result<PathBuf> {
+    resolve_model_dir_at(model, "main")
+}
+
+/// Resolves a MODEL argument: an existing directory, or a Hub repo id at `revision`
+/// (from the local HF cache when complete there, else downloaded into it).
+pub fn resolve_model_dir_at(model: &Path, revision: &str) -> Result<PathBuf> {
     if model.is_dir() {
         return Ok(model.to_path_buf());
     }
     let s = model.to_string_lossy();
-    if hf_cache::is_repo_id(&s) && !model.exists() {
-        if let Some(snap) = hf_cache::cached_snapshot(&s, "main") {
-            return Ok(snap);
-        }
-        return Err(Error::file(
-            model,
-            format!(
-                "not a directory, and repo {s:?} is not in the local HF cache ({}); downloading by repo id is not supported yet",
-                hf_cache::hub_cache_dir().display()
-            ),
-        ));
+    if hf_cache::is_repo_id(&s) && s.contains('/') && !model.exists() {
+        return crate::hub::HubClient::from_env().download_model(&s, revision);
     }
     Err(Error::file(model, if model.exists() { "not a directory" } else { "no such directory" }))
 }
@@ -87,14 +89,12 @@ impl GPT {
         if Path::new(name).is_dir() {
             return Self::from_pretrained(name);
         }
+        // The legacy repo name "gpt2" is what older caches hold.
         for id in [*repo, name] {
             if let Some(snap) = hf_cache::cached_snapshot(id, "main") {
                 return Self::from_pretrained(snap);
             }
         }
-        Err(Error::Input(format!(
-            "{name}: {repo} is not in the local HF cache ({}) and downloading from the Hub is not supported yet",
-            hf_cache::hub_cache_dir().display()
-        )))
+        Self::from_pretrained(crate::hub::HubClient::from_env().download_model(repo, "main")?)
     }
 }

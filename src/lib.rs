@@ -15,6 +15,7 @@
 //! - [`auto`]: `AutoModelForCausalLM`, `from_pretrained`, `save_pretrained`.
 //! - [`train`]: data, settings, the training loop and resumable states.
 //! - [`tokenizer`]: character-level and GPT-2 tokenizers, saved as tokenizer.json.
+//! - [`hub`]: loading by repo id from the HuggingFace Hub into the shared cache.
 //! - [`hf_cache`]: the local HuggingFace cache shared with Python.
 //! - [`error`]: the error type.
 
@@ -26,6 +27,7 @@ pub mod error;
 pub mod generate;
 pub mod gpt;
 pub mod hf_cache;
+pub mod hub;
 pub mod moe;
 pub mod nn;
 pub mod optim;

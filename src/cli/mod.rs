@@ -13,8 +13,19 @@ use nanomoe::{GPTConfig, GenerationConfig, Routing, GPT};
 #[derive(Parser)]
 #[command(name = "nanomoe", version, about = "Train, run and share GPT-2-style models with Mixture-of-Experts layers, HuggingFace-native")]
 struct Cli {
+    /// Revision (branch, tag or commit) for MODEL arguments that are Hub repo ids.
+    #[arg(long, global = true, default_value = "main")]
+    revision: String,
     #[command(subcommand)]
     cmd: Cmd,
+}
+
+static REVISION: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
+/// A MODEL argument as a directory: itself, or a Hub repo id at --revision.
+fn model_dir(model: &Path) -> Result<PathBuf> {
+    let rev = REVISION.get().map(String::as_str).unwrap_or("main");
+    Ok(nanomoe::auto::resolve_model_dir_at(model, rev)?)
 }
 
 #[derive(Subcommand)]
@@ -197,6 +208,7 @@ pub fn run() -> Result<()> {
             return Err(anyhow!("{}", e.to_string().lines().next().unwrap_or("invalid arguments").to_string()));
         }
     };
+    let _ = REVISION.set(cli.revision.clone());
     match cli.cmd {
         Cmd::New { config, out, seed, dtype, max_shard_size } => cmd_new(config.as_deref(), &out, seed, &dtype, &max_shard_size),
         Cmd::Info { model, json } => cmd_info(&model, json),
@@ -295,7 +307,7 @@ fn cmd_new(config: Option<&str>, out: &Path, seed: u64, dtype: &str, max_shard_s
 }
 
 fn cmd_info(model: &Path, as_json: bool) -> Result<()> {
-    let dir = nanomoe::auto::resolve_model_dir(model)?;
+    let dir = model_dir(model)?;
     let (cfg, format) = checkpoint::read_config(&dir)?;
     let files = checkpoint::weight_files(&dir)?;
     let mut dtypes = std::collections::BTreeSet::new();
@@ -427,7 +439,7 @@ fn scalar(t: &Option<Tensor>) -> Result<Value> {
 }
 
 fn cmd_forward(model: &Path, ids: &str, labels: Option<&str>, out: Option<&Path>, dropless: bool) -> Result<()> {
-    let mut gpt = GPT::from_pretrained(model)?;
+    let mut gpt = GPT::from_pretrained(model_dir(model)?)?;
     if dropless {
         gpt.set_routing(Routing::Dropless);
     }
@@ -489,7 +501,7 @@ fn cmd_prepare(input: Option<PathBuf>, dataset: Option<String>, tokenizer: Strin
 }
 
 fn cmd_eval(model: &Path, data: &Path, split: &str, iters: u64, batch_size: usize, seed: u64, as_json: bool) -> Result<()> {
-    let dir = nanomoe::auto::resolve_model_dir(model)?;
+    let dir = model_dir(model)?;
     let mut gpt = GPT::from_pretrained(&dir)?;
     let ds = nanomoe::train::data::Dataset::open(data)?;
     if ds.meta.vocab_size > gpt.config.vocab_size {
@@ -512,7 +524,7 @@ fn cmd_eval(model: &Path, data: &Path, split: &str, iters: u64, batch_size: usiz
 
 #[allow(clippy::too_many_arguments)]
 fn cmd_sample(model: &Path, prompt: &str, num_samples: usize, max_new_tokens: usize, temperature: f64, top_k: usize, seed: u64) -> Result<()> {
-    let dir = nanomoe::auto::resolve_model_dir(model)?;
+    let dir = model_dir(model)?;
     let gpt = GPT::from_pretrained(&dir)?;
     let tok = model_tokenizer(&dir)?;
     let text = read_prompt(&prompt.replace("\\n", "\n"))?;
@@ -625,7 +637,7 @@ pub fn model_tokenizer(dir: &Path) -> Result<nanomoe::tokenizer::Tokenizer> {
 }
 
 fn cmd_generate(model: &Path, input: PromptArg, mut gen: GenerationConfig, flags: GenerateFlags) -> Result<()> {
-    let dir = nanomoe::auto::resolve_model_dir(model)?;
+    let dir = model_dir(model)?;
     let mut gpt = GPT::from_pretrained(&dir)?;
     if flags.dropless {
         gpt.set_routing(Routing::Dropless);

@@ -1,0 +1,171 @@
+"""A stand-in for the HuggingFace Hub's download endpoints, on 127.0.0.1, for tests.
+
+It answers with the Hub's status codes and headers (X-Repo-Commit, ETag, X-Linked-Etag,
+X-Linked-Size, X-Error-Code), redirects LFS files (*.safetensors) to a separate file store
+(another port, so another origin), counts requests, and records whether an Authorization
+header ever reached the file store. The test suite checks it against the real Python
+client (huggingface_hub.snapshot_download), so it cannot drift from the protocol.
+"""
+import hashlib
+import json
+import threading
+import urllib.parse
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+TOKEN = "hf_standin_secret_token_123"
+
+
+def git_sha1(data: bytes) -> str:
+    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+
+
+class Hub:
+    def __init__(self):
+        self.repos = {}  # repo -> {"private": bool, "refs": {name: sha}, "commits": {sha: {path: bytes}}}
+        self.requests = []  # (server, method, path)
+        self.store_auth_seen = []
+        self.faults = {}  # repo -> "truncate" | "badsha"
+        self.lock = threading.Lock()
+        self.hub = ThreadingHTTPServer(("127.0.0.1", 0), self._handler("hub"))
+        self.store = ThreadingHTTPServer(("127.0.0.1", 0), self._handler("store"))
+        for s in (self.hub, self.store):
+            threading.Thread(target=s.serve_forever, daemon=True).start()
+        self.endpoint = "http://127.0.0.1:%d" % self.hub.server_address[1]
+        self.store_url = "http://127.0.0.1:%d" % self.store.server_address[1]
+        self.blobs = {}  # sha256 -> bytes
+
+    def close(self):
+        for s in (self.hub, self.store):
+            s.shutdown()
+            s.server_close()
+
+    def add(self, repo, files, private=False, branch="main"):
+        """Commits `files` ({path: bytes}) to `repo`; returns the commit sha."""
+        sha = hashlib.sha1(json.dumps(sorted((k, git_sha1(v)) for k, v in files.items())).encode() + repo.encode()).hexdigest()
+        r = self.repos.setdefault(repo, {"private": private, "refs": {}, "commits": {}})
+        r["private"] = private
+        r["commits"][sha] = dict(files)
+        r["refs"][branch] = sha
+        for v in files.values():
+            self.blobs[hashlib.sha256(v).hexdigest()] = v
+        return sha
+
+    def count(self, server="hub"):
+        with self.lock:
+            return sum(1 for s, _, _ in self.requests if s == server)
+
+    def _handler(hub_self, which):
+        hub = hub_self
+
+        class H(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *a):
+                pass
+
+            def _send(self, status, headers=None, body=b"", head=False, declared=None):
+                self.send_response(status)
+                for k, v in (headers or {}).items():
+                    self.send_header(k, v)
+                self.send_header("Content-Length", str(len(body) if declared is None else declared))
+                self.end_headers()
+                if not head:
+                    self.wfile.write(body)
+                    self.wfile.flush()
+                if declared is not None:
+                    self.close_connection = True
+
+            def _error(self, status, code, head=False):
+                self._send(status, {"X-Error-Code": code, "Content-Type": "application/json"},
+                           json.dumps({"error": code}).encode(), head)
+
+            def _repo(self, repo, head=False):
+                r = hub.repos.get(repo)
+                auth = self.headers.get("Authorization")
+                if r is None or (r["private"] and auth != "Bearer " + TOKEN):
+                    self._error(401, "RepoNotFound", head)
+                    return None
+                return r
+
+            def do_HEAD(self):
+                self.do_GET(head=True)
+
+            def do_GET(self, head=False):
+                path = urllib.parse.urlsplit(self.path).path
+                with hub.lock:
+                    hub.requests.append((which, self.command, path))
+                if which == "store":
+                    if self.headers.get("Authorization"):
+                        hub.store_auth_seen.append(path)
+                    data = hub.blobs.get(path.rsplit("/", 1)[-1])
+                    if data is None:
+                        return self._send(404, head=head)
+                    start = 0
+                    rng = self.headers.get("Range")
+                    if rng and rng.startswith("bytes="):
+                        start = int(rng[6:].split("-")[0])
+                    status = 206 if start else 200
+                    return self._send(status, {"Content-Type": "application/octet-stream"}, data[start:], head)
+                parts = [urllib.parse.unquote(p) for p in path.split("/")]
+                # /api/models/{owner}/{name}/revision/{rev}
+                if len(parts) >= 7 and parts[1:3] == ["api", "models"] and parts[5] == "revision":
+                    repo = parts[3] + "/" + parts[4]
+                    r = self._repo(repo, head)
+                    if r is None:
+                        return
+                    rev = "/".join(parts[6:])
+                    sha = r["refs"].get(rev, rev if rev in r["commits"] else None)
+                    if sha is None:
+                        return self._error(404, "RevisionNotFound", head)
+                    files = list(r["commits"][sha])
+                    if hub.faults.get(repo) == "traversal":
+                        files.append("../../escape.txt")
+                    body = json.dumps({"id": repo, "modelId": repo, "sha": sha, "private": r["private"],
+                                       "siblings": [{"rfilename": f} for f in files]}).encode()
+                    return self._send(200, {"Content-Type": "application/json"}, body, head)
+                # /api/models/{owner}/{name}/tree/{rev}[/{path}]  (recursive listing)
+                if len(parts) >= 7 and parts[1:3] == ["api", "models"] and parts[5] == "tree":
+                    repo = parts[3] + "/" + parts[4]
+                    r = self._repo(repo, head)
+                    if r is None:
+                        return
+                    rev = parts[6]
+                    sha = r["refs"].get(rev, rev if rev in r["commits"] else None)
+                    if sha is None:
+                        return self._error(404, "RevisionNotFound", head)
+                    entries = []
+                    for f, data in sorted(r["commits"][sha].items()):
+                        e = {"type": "file", "oid": git_sha1(data), "size": len(data), "path": f}
+                        if f.endswith(".safetensors"):
+                            e["lfs"] = {"oid": hashlib.sha256(data).hexdigest(), "size": len(data), "pointerSize": 134}
+                        entries.append(e)
+                    return self._send(200, {"Content-Type": "application/json"}, json.dumps(entries).encode(), head)
+                # /{owner}/{name}/resolve/{rev}/{path...}
+                if len(parts) >= 6 and parts[3] == "resolve":
+                    repo = parts[1] + "/" + parts[2]
+                    r = self._repo(repo, head)
+                    if r is None:
+                        return
+                    rev, fname = parts[4], "/".join(parts[5:])
+                    sha = r["refs"].get(rev, rev if rev in r["commits"] else None)
+                    if sha is None:
+                        return self._error(404, "RevisionNotFound", head)
+                    data = r["commits"][sha].get(fname)
+                    if data is None:
+                        return self._error(404, "EntryNotFound", head)
+                    fault = hub.faults.get(repo)
+                    common = {"X-Repo-Commit": sha}
+                    if fname.endswith(".safetensors"):
+                        digest = hashlib.sha256(data).hexdigest()
+                        linked = hashlib.sha256(b"other").hexdigest() if fault == "badsha" else digest
+                        hdr = dict(common, **{"ETag": '"%s"' % linked, "X-Linked-Etag": '"%s"' % linked,
+                                              "X-Linked-Size": str(len(data)),
+                                              "Location": hub.store_url + "/lfs/" + digest})
+                        return self._send(302, hdr, b"", head)
+                    hdr = dict(common, **{"ETag": '"%s"' % git_sha1(data), "Content-Type": "application/octet-stream"})
+                    if fault == "truncate" and not head:
+                        return self._send(200, hdr, data[: len(data) // 2], head, declared=len(data))
+                    return self._send(200, hdr, data, head)
+                self._send(404, head=head)
+
+        return H

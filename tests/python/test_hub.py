@@ -1,0 +1,156 @@
+"""Hub downloads against a local stand-in, checked with Python's huggingface_hub and
+transformers on the same cache."""
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import ids_arg, nanomoe_bin, run
+from hub_standin import TOKEN, Hub
+
+IDS = [[1, 2, 3, 4, 5, 6, 7, 8]]
+
+
+@pytest.fixture
+def hub():
+    h = Hub()
+    yield h
+    h.close()
+
+
+def model_files(tmp_path, conf, seed=1):
+    d = tmp_path / ("src%d" % seed)
+    run("new", "--config", json.dumps(conf), "--out", d, "--seed", seed)
+    run("tokenize", "--tokenizer", "gpt2", "--save", d)
+    return d, {p.name: p.read_bytes() for p in d.iterdir() if p.is_file()}
+
+
+def env(hub, cache, **extra):
+    e = dict(os.environ, HF_ENDPOINT=hub.endpoint, HF_HUB_CACHE=str(cache), HF_HUB_DISABLE_XET="1",
+             HF_HOME=str(Path(cache).parent / "hfhome"))
+    e.pop("HF_TOKEN", None)
+    e.pop("HF_HUB_OFFLINE", None)
+    e.update(extra)
+    return e
+
+
+def nm(e, *args):
+    p = subprocess.run([nanomoe_bin(), *map(str, args)], capture_output=True, text=True, env=e)
+    return p.returncode, p.stdout, p.stderr
+
+
+def logits(e, model, tmp_path):
+    from safetensors.torch import load_file
+    out = tmp_path / "l.safetensors"
+    code, so, se = nm(e, "forward", model, "--ids", ids_arg(IDS), "--out", out)
+    assert code == 0, se
+    return load_file(str(out))["logits"]
+
+
+DENSE = {"n_layer": 1, "n_head": 2, "n_embd": 16, "vocab_size": 50257, "block_size": 32}
+MOE = {"n_layer": 2, "n_head": 2, "n_embd": 16, "vocab_size": 64, "block_size": 32, "n_exp": 4, "stride": 2}
+
+
+@pytest.mark.parametrize("conf", [DENSE, MOE])
+def test_nanomoe_download_is_reused_by_python(tmp_path, hub, conf):
+    from huggingface_hub import snapshot_download
+    d, files = model_files(tmp_path, conf)
+    sha = hub.add("owner/model", files)
+    cache = tmp_path / "cache"
+    e = env(hub, cache)
+    want = logits(e, d, tmp_path)
+    got = logits(e, "owner/model", tmp_path)
+    assert (got - want).abs().max().item() == 0.0
+    assert hub.count("store") >= 1 and hub.store_auth_seen == []
+    snap = cache / "models--owner--model" / "snapshots" / sha
+    assert (cache / "models--owner--model" / "refs" / "main").read_text() == sha
+    for name in ["config.json", "model.safetensors"]:
+        assert (snap / name).is_symlink() and not os.path.isabs(os.readlink(snap / name))
+    # Python finds nanomoe's download offline, byte-identical.
+    os.environ.update(e)
+    try:
+        p = snapshot_download("owner/model", cache_dir=str(cache), local_files_only=True)
+    finally:
+        for k in ("HF_ENDPOINT", "HF_HUB_CACHE", "HF_HUB_DISABLE_XET", "HF_HOME"):
+            os.environ.pop(k, None)
+    assert Path(p) == snap
+    for name, data in files.items():
+        assert (snap / name).read_bytes() == data
+    # A second load makes no request at all.
+    before = hub.count()
+    logits(e, "owner/model", tmp_path)
+    assert hub.count() == before
+
+
+def test_python_download_is_used_offline_with_zero_requests(tmp_path, hub):
+    d, files = model_files(tmp_path, MOE, seed=2)
+    hub.add("owner/py", files)
+    cache = tmp_path / "cache"
+    e = env(hub, cache)
+    code = subprocess.run(["python", "-c", "from huggingface_hub import snapshot_download; snapshot_download('owner/py')"],
+                          env=dict(e, PATH=str(Path(os.sys.executable).parent) + ":" + e["PATH"]), capture_output=True, text=True)
+    assert code.returncode == 0, code.stderr
+    before = hub.count() + hub.count("store")
+    got = logits(dict(e, HF_HUB_OFFLINE="1"), "owner/py", tmp_path)
+    assert (got - logits(e, d, tmp_path)).abs().max().item() == 0.0
+    assert hub.count() + hub.count("store") == before
+    code, _, err = nm(dict(e, HF_HUB_OFFLINE="1"), "info", "owner/other")
+    assert code != 0 and "HF_HUB_OFFLINE is set and the snapshot of owner/other at main is not in the cache" in err
+
+
+def test_private_repos_token_and_errors(tmp_path, hub):
+    d, files = model_files(tmp_path, MOE, seed=3)
+    hub.add("owner/private", files, private=True)
+    cache = tmp_path / "cache"
+    e = env(hub, cache)
+    code, out, err = nm(e, "info", "owner/private")
+    assert code != 0 and "repo owner/private not found" in err and "set HF_TOKEN" in err
+    e_tok = dict(e, HF_TOKEN=TOKEN)
+    code, out, err = nm(e_tok, "info", "owner/private")
+    assert code == 0, err
+    assert hub.store_auth_seen == []
+    assert TOKEN not in out + err
+    for root, _, names in os.walk(tmp_path):
+        for n in names:
+            p = Path(root) / n
+            if p.is_file() and not p.is_symlink():
+                assert TOKEN.encode() not in p.read_bytes(), p
+    # The token file under HF_HOME works too.
+    (Path(e["HF_HOME"])).mkdir(parents=True, exist_ok=True)
+    (Path(e["HF_HOME"]) / "token").write_text(TOKEN)
+    code, _, err = nm(dict(e, HF_HUB_CACHE=str(tmp_path / "cache2")), "info", "owner/private")
+    assert code == 0, err
+    (Path(e["HF_HOME"]) / "token").unlink()
+    # Errors name the cause.
+    code, _, err = nm(e, "info", "owner/nothing")
+    assert "repo owner/nothing not found" in err
+    hub.add("owner/public", files)
+    code, _, err = nm(e, "info", "owner/public", "--revision", "v9")
+    assert code != 0 and 'revision "v9" not found in repo owner/public' in err
+    code, _, err = nm(dict(e, HF_ENDPOINT="http://127.0.0.1:9"), "info", "owner/public")
+    assert code != 0 and "network unreachable" in err
+
+
+@pytest.mark.parametrize("fault,message", [
+    ("truncate", "is truncated"),
+    ("badsha", "download corrupted"),
+    ("traversal", "would escape the cache"),
+])
+def test_hostile_answers_are_refused(tmp_path, hub, fault, message):
+    d, files = model_files(tmp_path, MOE, seed=4)
+    hub.add("faults/" + fault, files)
+    hub.faults["faults/" + fault] = fault
+    cache = tmp_path / "cache"
+    code, _, err = nm(env(hub, cache), "info", "faults/" + fault)
+    assert code != 0 and message in err, err
+    assert err.count("\n") == 1
+    snaps = cache / ("models--faults--" + fault) / "snapshots"
+    # Nothing incomplete in a snapshot: every linked file is whole.
+    for root, _, names in os.walk(snaps) if snaps.exists() else []:
+        for n in names:
+            p = Path(root) / n
+            assert p.read_bytes() == files[n]
+    assert not (tmp_path / "escape.txt").exists()
