@@ -24,7 +24,8 @@ class Hub:
         self.repos = {}  # repo -> {"private": bool, "refs": {name: sha}, "commits": {sha: {path: bytes}}}
         self.requests = []  # (server, method, path)
         self.store_auth_seen = []
-        self.faults = {}  # repo -> "truncate" | "badsha"
+        self.faults = {}  # repo -> "truncate" | "badsha" | "traversal"
+        self.ranges = []  # (file, start) of ranged requests
         self.lock = threading.Lock()
         self.hub = ThreadingHTTPServer(("127.0.0.1", 0), self._handler("hub"))
         self.store = ThreadingHTTPServer(("127.0.0.1", 0), self._handler("store"))
@@ -165,6 +166,11 @@ class Hub:
                     hdr = dict(common, **{"ETag": '"%s"' % git_sha1(data), "Content-Type": "application/octet-stream"})
                     if fault == "truncate" and not head:
                         return self._send(200, hdr, data[: len(data) // 2], head, declared=len(data))
+                    rng = self.headers.get("Range")
+                    if rng and rng.startswith("bytes=") and not head:
+                        start = int(rng[6:].split("-")[0])
+                        hub.ranges.append((fname, start))
+                        return self._send(206, hdr, data[start:], head)
                     return self._send(200, hdr, data, head)
                 self._send(404, head=head)
 

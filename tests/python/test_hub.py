@@ -154,3 +154,22 @@ def test_hostile_answers_are_refused(tmp_path, hub, fault, message):
             p = Path(root) / n
             assert p.read_bytes() == files[n]
     assert not (tmp_path / "escape.txt").exists()
+
+
+def test_interrupted_downloads_resume(tmp_path, hub):
+    d, files = model_files(tmp_path, MOE, seed=5)
+    hub.add("owner/flaky", files)
+    hub.faults["owner/flaky"] = "truncate"
+    cache = tmp_path / "cache"
+    e = env(hub, cache)
+    code, _, err = nm(e, "info", "owner/flaky")
+    assert code != 0 and "is truncated" in err
+    partial = list((cache / "models--owner--flaky" / "blobs").glob("*.incomplete"))
+    assert len(partial) == 1 and partial[0].stat().st_size > 0
+    have = partial[0].stat().st_size
+    del hub.faults["owner/flaky"]
+    code, _, err = nm(e, "info", "owner/flaky")
+    assert code == 0, err
+    assert [start for _, start in hub.ranges] == [have]  # resumed where it broke off
+    assert not list((cache / "models--owner--flaky" / "blobs").glob("*.incomplete"))
+    assert (logits(e, "owner/flaky", tmp_path) - logits(e, d, tmp_path)).abs().max().item() == 0.0
