@@ -88,6 +88,14 @@ impl HubClient {
         HubClient { endpoint, token, offline, cache, agent }
     }
 
+    pub(crate) fn token(&self) -> Option<&str> {
+        self.token.as_deref()
+    }
+
+    pub(crate) fn agent(&self) -> &ureq::Agent {
+        &self.agent
+    }
+
     fn repo_dir(&self, repo: &str) -> PathBuf {
         self.cache.join(repo_folder_name(repo))
     }
@@ -299,6 +307,11 @@ impl HubClient {
     }
 }
 
+/// scheme://host:port of a URL, for messages.
+pub(crate) fn host_of(url: &str) -> String {
+    origin(url)
+}
+
 fn origin(url: &str) -> String {
     let scheme_end = url.find("://").map(|i| i + 3).unwrap_or(0);
     match url[scheme_end..].find('/') {
@@ -307,7 +320,7 @@ fn origin(url: &str) -> String {
     }
 }
 
-fn urlencode(s: &str) -> String {
+pub(crate) fn urlencode(s: &str) -> String {
     s.bytes()
         .map(|b| match b {
             b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => (b as char).to_string(),

@@ -16,6 +16,7 @@
 //! - [`train`]: data, settings, the training loop and resumable states.
 //! - [`tokenizer`]: character-level and GPT-2 tokenizers, saved as tokenizer.json.
 //! - [`hub`]: loading by repo id from the HuggingFace Hub into the shared cache.
+//! - [`hub_upload`]: `push_to_hub`: create, preupload, LFS upload, NDJSON commit.
 //! - [`hf_cache`]: the local HuggingFace cache shared with Python.
 //! - [`error`]: the error type.
 
@@ -28,6 +29,7 @@ pub mod generate;
 pub mod gpt;
 pub mod hf_cache;
 pub mod hub;
+pub mod hub_upload;
 pub mod moe;
 pub mod nn;
 pub mod optim;

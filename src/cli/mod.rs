@@ -56,6 +56,15 @@ enum Cmd {
         #[arg(long, default_value = "f32")]
         dtype: String,
     },
+    /// Upload a model directory to the Hub (creates the repo; --revision picks the branch).
+    Push {
+        dir: PathBuf,
+        repo: String,
+        #[arg(long)]
+        private: bool,
+        #[arg(long, default_value = "Upload model with nanomoe")]
+        message: String,
+    },
     /// Architecture, parameter counts, dtype and files of a model.
     Info {
         model: PathBuf,
@@ -212,6 +221,13 @@ pub fn run() -> Result<()> {
     match cli.cmd {
         Cmd::New { config, out, seed, dtype, max_shard_size } => cmd_new(config.as_deref(), &out, seed, &dtype, &max_shard_size),
         Cmd::Info { model, json } => cmd_info(&model, json),
+        Cmd::Push { dir, repo, private, message } => {
+            let opts = nanomoe::hub_upload::PushOptions { private, revision: cli.revision.clone(), message };
+            let client = nanomoe::hub::HubClient::from_env();
+            let commit = client.push_folder(&dir, &repo, &opts)?;
+            println!("pushed {} to {}/{} (commit {commit})", dir.display(), client.endpoint, repo);
+            Ok(())
+        }
         Cmd::Convert { input, out, dtype } => {
             let opts = SaveOptions { dtype: SaveDType::parse(&dtype)?, ..Default::default() };
             let m = nanomoe::convert::convert(&input, &out, &opts)?;

@@ -34,6 +34,10 @@ class Hub:
         self.endpoint = "http://127.0.0.1:%d" % self.hub.server_address[1]
         self.store_url = "http://127.0.0.1:%d" % self.store.server_address[1]
         self.blobs = {}  # sha256 -> bytes
+        self.parts = {}  # sha256 -> {part number: bytes}
+        self.multipart_threshold = 64 * 1024
+        self.chunk_size = 32 * 1024
+        self.commits_made = []  # (repo, summary, [paths])
 
     def close(self):
         for s in (self.hub, self.store):
@@ -87,6 +91,122 @@ class Hub:
                     self._error(401, "RepoNotFound", head)
                     return None
                 return r
+
+            def _body(self):
+                n = int(self.headers.get("Content-Length") or 0)
+                return self.rfile.read(n)
+
+            def _authed(self):
+                return self.headers.get("Authorization") == "Bearer " + TOKEN
+
+            def do_PUT(self):
+                path = urllib.parse.urlsplit(self.path).path
+                body = self._body()
+                with hub.lock:
+                    hub.requests.append((which, "PUT", path))
+                if which != "store":
+                    return self._send(405)
+                if self.headers.get("Authorization"):
+                    hub.store_auth_seen.append(path)
+                parts = path.split("/")
+                if parts[1] == "upload":
+                    oid = parts[2]
+                    if hashlib.sha256(body).hexdigest() != oid:
+                        return self._send(400, body=b"sha256 mismatch")
+                    hub.blobs[oid] = body
+                    return self._send(200)
+                if parts[1] == "part":
+                    hub.parts.setdefault(parts[2], {})[int(parts[3])] = body
+                    return self._send(200, {"ETag": '"%s"' % hashlib.md5(body).hexdigest()})
+                self._send(404)
+
+            def do_POST(self):
+                path = urllib.parse.urlsplit(self.path).path
+                body = self._body()
+                with hub.lock:
+                    hub.requests.append((which, "POST", path))
+                parts = [urllib.parse.unquote(p) for p in path.split("/")]
+                if which == "store":
+                    if self.headers.get("Authorization"):
+                        hub.store_auth_seen.append(path)
+                    if parts[1] == "complete":
+                        oid = parts[2]
+                        req = json.loads(body)
+                        chunks = hub.parts.get(oid, {})
+                        data = b"".join(chunks[p["partNumber"]] for p in sorted(req["parts"], key=lambda p: p["partNumber"]))
+                        if hashlib.sha256(data).hexdigest() != oid:
+                            return self._send(400, body=b"sha256 mismatch")
+                        hub.blobs[oid] = data
+                        return self._send(200, {"Content-Type": "application/json"}, b"{}")
+                    return self._send(404)
+                if not self._authed():
+                    return self._error(401, "Unauthorized")
+                if path == "/api/repos/create":
+                    req = json.loads(body)
+                    repo = (req.get("organization") or "user") + "/" + req["name"]
+                    if repo in hub.repos:
+                        return self._send(409, {"Content-Type": "application/json"}, b'{"error": "exists"}')
+                    hub.repos[repo] = {"private": bool(req.get("private")), "refs": {}, "commits": {}}
+                    return self._send(200, {"Content-Type": "application/json"}, json.dumps({"url": hub.endpoint + "/" + repo}).encode())
+                # /api/models/{o}/{n}/preupload/{rev} and /commit/{rev}
+                if len(parts) >= 7 and parts[1:3] == ["api", "models"] and parts[5] in ("preupload", "commit"):
+                    repo = parts[3] + "/" + parts[4]
+                    rev = "/".join(parts[6:])
+                    r = hub.repos.get(repo)
+                    if r is None:
+                        return self._error(404, "RepoNotFound")
+                    if parts[5] == "preupload":
+                        req = json.loads(body)
+                        out = [{"path": f["path"], "uploadMode": "lfs" if f["path"].endswith(".safetensors") or f["size"] > 10_000_000 else "regular",
+                                "shouldIgnore": False} for f in req["files"]]
+                        return self._send(200, {"Content-Type": "application/json"}, json.dumps({"files": out}).encode())
+                    lines = [json.loads(l) for l in body.decode().splitlines() if l.strip()]
+                    parent = r["refs"].get(rev)
+                    files = dict(r["commits"][parent]) if parent else {}
+                    summary = ""
+                    import base64
+                    for l in lines:
+                        k, v = l["key"], l["value"]
+                        if k == "header":
+                            summary = v.get("summary", "")
+                        elif k == "file":
+                            files[v["path"]] = base64.b64decode(v["content"])
+                        elif k == "lfsFile":
+                            data = hub.blobs.get(v["oid"])
+                            if data is None or len(data) != v["size"]:
+                                return self._send(400, body=b"missing lfs object")
+                            files[v["path"]] = data
+                        elif k == "deletedFile":
+                            files.pop(v["path"], None)
+                    sha = hub.add(repo, files, private=r["private"], branch=rev)
+                    hub.commits_made.append((repo, summary, sorted(files)))
+                    return self._send(200, {"Content-Type": "application/json"},
+                                      json.dumps({"commitOid": sha, "commitUrl": hub.endpoint + "/" + repo + "/commit/" + sha}).encode())
+                # /{o}/{n}.git/info/lfs/objects/batch and .../verify
+                if len(parts) >= 5 and parts[2].endswith(".git") and parts[3:5] == ["info", "lfs"]:
+                    req = json.loads(body)
+                    if parts[-1] == "verify":
+                        ok = hub.blobs.get(req["oid"]) is not None and len(hub.blobs[req["oid"]]) == req["size"]
+                        return self._send(200 if ok else 404, {"Content-Type": "application/json"}, b"{}")
+                    objs = []
+                    multipart = any(o["size"] > hub.multipart_threshold for o in req["objects"]) and "multipart" in req.get("transfers", [])
+                    for o in req["objects"]:
+                        oid, size = o["oid"], o["size"]
+                        entry = {"oid": oid, "size": size, "authenticated": True}
+                        if oid not in hub.blobs:
+                            verify = {"href": hub.endpoint + "/" + parts[1] + "/" + parts[2] + "/info/lfs/objects/verify", "header": {}}
+                            if multipart and size > hub.multipart_threshold:
+                                n = (size + hub.chunk_size - 1) // hub.chunk_size
+                                header = {"chunk_size": str(hub.chunk_size)}
+                                for i in range(1, n + 1):
+                                    header["%05d" % i] = hub.store_url + "/part/%s/%d" % (oid, i)
+                                entry["actions"] = {"upload": {"href": hub.store_url + "/complete/" + oid, "header": header}, "verify": verify}
+                            else:
+                                entry["actions"] = {"upload": {"href": hub.store_url + "/upload/" + oid, "header": {}}, "verify": verify}
+                        objs.append(entry)
+                    return self._send(200, {"Content-Type": "application/vnd.git-lfs+json"},
+                                      json.dumps({"transfer": "multipart" if multipart else "basic", "objects": objs}).encode())
+                self._send(404)
 
             def do_HEAD(self):
                 self.do_GET(head=True)

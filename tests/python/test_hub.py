@@ -173,3 +173,61 @@ def test_interrupted_downloads_resume(tmp_path, hub):
     assert [start for _, start in hub.ranges] == [have]  # resumed where it broke off
     assert not list((cache / "models--owner--flaky" / "blobs").glob("*.incomplete"))
     assert (logits(e, "owner/flaky", tmp_path) - logits(e, d, tmp_path)).abs().max().item() == 0.0
+
+
+def py(e, code):
+    """Runs Python code in a fresh interpreter with env `e` (huggingface_hub reads its
+    settings at import)."""
+    p = subprocess.run([os.sys.executable, "-c", code], env=e, capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return p.stdout
+
+
+@pytest.mark.parametrize("conf", [DENSE, MOE])
+def test_push_then_python_downloads_identical_files(tmp_path, hub, conf):
+    from safetensors.torch import load_file
+    d, files = model_files(tmp_path, conf, seed=6)
+    cache = tmp_path / "cache"
+    e = dict(env(hub, cache), HF_TOKEN=TOKEN)
+    code, out, err = nm(e, "push", d, "me/pushed", "--message", "first upload")
+    assert code == 0, err
+    assert TOKEN not in out + err
+    assert hub.commits_made[-1][:2] == ("me/pushed", "first upload")
+    assert hub.store_auth_seen == []
+    if conf is DENSE:  # the 1.6 MB weights went through the multipart transfer
+        assert any(p.startswith("/part/") for s, m, p in hub.requests if s == "store")
+    pycache = tmp_path / "pycache"
+    snap = py(dict(e, HF_HUB_CACHE=str(pycache)), f"""
+import torch
+from huggingface_hub import snapshot_download
+from transformers import AutoModelForCausalLM
+from safetensors.torch import save_file
+p = snapshot_download("me/pushed")
+m = AutoModelForCausalLM.from_pretrained("me/pushed", trust_remote_code=True).eval()
+with torch.no_grad():
+    save_file({{"logits": m(torch.tensor({IDS})).logits.contiguous()}}, "{tmp_path / 'py.safetensors'}")
+print(p)
+""").strip().splitlines()[-1]
+    p = Path(snap)
+    for name, data in files.items():
+        assert (p / name).read_bytes() == data, name
+    card = (p / "README.md").read_text()
+    assert "me/pushed" in card and "active per token" in card
+    assert ("trust_remote_code=True" in card) == (conf is MOE)
+    pyl = load_file(str(tmp_path / "py.safetensors"))["logits"]
+    assert (pyl - logits(e, d, tmp_path)).abs().max().item() <= 1e-4
+    # Pushing without a token is a clear error.
+    code, _, err = nm(env(hub, cache), "push", d, "me/pushed")
+    assert code != 0 and "pushing needs a token" in err
+
+
+def test_python_upload_folder_loads_in_nanomoe(tmp_path, hub):
+    d, files = model_files(tmp_path, MOE, seed=7)
+    e = dict(env(hub, tmp_path / "cache"), HF_TOKEN=TOKEN)
+    py(e, f"""
+from huggingface_hub import HfApi
+api = HfApi()
+api.create_repo("me/fromsdk", exist_ok=True)
+api.upload_folder(folder_path="{d}", repo_id="me/fromsdk")
+""")
+    assert (logits(e, "me/fromsdk", tmp_path) - logits(e, d, tmp_path)).abs().max().item() == 0.0
