@@ -170,6 +170,27 @@ impl HubClient {
         complete.then_some(snap)
     }
 
+    /// Names what is missing from the cache for a model at `revision`.
+    fn offline_miss(&self, repo: &str, revision: &str) -> String {
+        let dir = self.repo_dir(repo);
+        let sha = fs::read_to_string(dir.join("refs").join(revision)).map(|s| s.trim().to_string()).ok();
+        let snap = dir.join("snapshots").join(sha.as_deref().unwrap_or(revision));
+        let missing = if !snap.is_dir() {
+            None
+        } else if !snap.join("config.json").is_file() {
+            Some("config.json".to_string())
+        } else {
+            match crate::checkpoint::weight_files(&snap) {
+                Ok(files) => files.iter().find(|f| !f.is_file()).map(|f| f.file_name().unwrap_or_default().to_string_lossy().to_string()),
+                Err(_) => Some(crate::checkpoint::WEIGHTS_FILE.to_string()),
+            }
+        };
+        match missing {
+            Some(f) => format!("HF_HUB_OFFLINE is set and {f} of {repo} at {revision} is not in the cache ({})", snap.display()),
+            None => format!("HF_HUB_OFFLINE is set and the snapshot of {repo} at {revision} is not in the cache ({})", dir.display()),
+        }
+    }
+
     /// Downloads what a model directory needs (or finds it in the cache); returns the
     /// snapshot directory.
     pub fn download_model(&self, repo: &str, revision: &str) -> Result<PathBuf> {
@@ -183,12 +204,7 @@ impl HubClient {
             return Ok(snap);
         }
         if self.offline {
-            let dir = self.repo_dir(repo);
-            let missing = if dir.join("refs").join(revision).is_file() || dir.join("snapshots").join(revision).is_dir() { "model weights or config.json" } else { "the snapshot" };
-            return Err(hub_err(format!(
-                "HF_HUB_OFFLINE is set and {missing} of {repo} at {revision} is not in the cache ({})",
-                dir.display()
-            )));
+            return Err(hub_err(self.offline_miss(repo, revision)));
         }
         let (sha, files) = self.repo_info(repo, revision)?;
         let files: Vec<String> = files.into_iter().filter(|f| wanted(f)).collect();

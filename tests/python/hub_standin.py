@@ -87,6 +87,9 @@ class Hub:
             def _repo(self, repo, head=False):
                 r = hub.repos.get(repo)
                 auth = self.headers.get("Authorization")
+                if hub.faults.get(repo) == "unauthorized":
+                    self._send(401, {"Content-Type": "application/json"}, b'{"error": "Invalid credentials"}', head)
+                    return None
                 if r is None or (r["private"] and auth != "Bearer " + TOKEN):
                     self._error(401, "RepoNotFound", head)
                     return None
@@ -239,6 +242,8 @@ class Hub:
                     if sha is None:
                         return self._error(404, "RevisionNotFound", head)
                     files = list(r["commits"][sha])
+                    if hub.faults.get(repo) == "ghostfile":
+                        files.append("model-00009-of-00009.safetensors")
                     if hub.faults.get(repo) == "traversal":
                         files.append("../../escape.txt")
                     body = json.dumps({"id": repo, "modelId": repo, "sha": sha, "private": r["private"],

@@ -99,6 +99,11 @@ def test_python_download_is_used_offline_with_zero_requests(tmp_path, hub):
     assert hub.count() + hub.count("store") == before
     code, _, err = nm(dict(e, HF_HUB_OFFLINE="1"), "info", "owner/other")
     assert code != 0 and "HF_HUB_OFFLINE is set and the snapshot of owner/other at main is not in the cache" in err
+    # A cache that lost a file: the error names it.
+    snap = next((cache / "models--owner--py" / "snapshots").iterdir())
+    (snap / "model.safetensors").unlink()
+    code, _, err = nm(dict(e, HF_HUB_OFFLINE="1"), "info", "owner/py")
+    assert code != 0 and "HF_HUB_OFFLINE is set and model.safetensors of owner/py at main is not in the cache" in err
 
 
 def test_private_repos_token_and_errors(tmp_path, hub):
@@ -135,6 +140,8 @@ def test_private_repos_token_and_errors(tmp_path, hub):
 
 
 @pytest.mark.parametrize("fault,message", [
+    ("unauthorized", "unauthorized for faults/unauthorized (401)"),
+    ("ghostfile", "file model-00009-of-00009.safetensors not found in faults/ghostfile"),
     ("truncate", "is truncated"),
     ("badsha", "download corrupted"),
     ("traversal", "would escape the cache"),
