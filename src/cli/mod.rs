@@ -10,6 +10,8 @@ use serde_json::{json, Value};
 use nanomoe::checkpoint::{self, SaveDType, SaveOptions};
 use nanomoe::{GPTConfig, GenerationConfig, Routing, GPT};
 
+mod bench;
+
 #[derive(Parser)]
 #[command(name = "nanomoe", version, about = "Train, run and share GPT-2-style models with Mixture-of-Experts layers, HuggingFace-native")]
 struct Cli {
@@ -65,6 +67,9 @@ enum Cmd {
         #[arg(long, default_value = "Upload model with nanomoe")]
         message: String,
     },
+    /// Our side of the benchmarks (bench/bench.py runs it next to PyTorch); prints JSON.
+    #[command(subcommand)]
+    Bench(bench::Bench),
     /// Architecture, parameter counts, dtype and files of a model.
     Info {
         model: PathBuf,
@@ -221,6 +226,7 @@ pub fn run() -> Result<()> {
     match cli.cmd {
         Cmd::New { config, out, seed, dtype, max_shard_size } => cmd_new(config.as_deref(), &out, seed, &dtype, &max_shard_size),
         Cmd::Info { model, json } => cmd_info(&model, json),
+        Cmd::Bench(b) => bench::run(b, model_dir),
         Cmd::Push { dir, repo, private, message } => {
             let opts = nanomoe::hub_upload::PushOptions { private, revision: cli.revision.clone(), message };
             let client = nanomoe::hub::HubClient::from_env();

@@ -1,0 +1,158 @@
+//! `nanomoe bench`: our side of the benchmarks. `bench/bench.py` runs these next to the
+//! PyTorch / transformers reference on the same weights and inputs and prints ratios.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, Tensor};
+use clap::Subcommand;
+use serde_json::json;
+
+use nanomoe::moe::{MoeCtx, MoeLayer, Routing};
+use nanomoe::optim::{AdamW, AdamWConfig};
+use nanomoe::params::{param_specs, ParamStore};
+use nanomoe::train_step::train_step;
+use nanomoe::{GPTConfig, GenerationConfig, GPT};
+
+#[derive(Subcommand)]
+pub enum Bench {
+    /// Training steps (forward, backward, AdamW) on the batches of an inputs file.
+    Train {
+        model: PathBuf,
+        /// safetensors with int64 `x` and `y` of shape [steps, batch, block].
+        #[arg(long)]
+        inputs: PathBuf,
+        #[arg(long, default_value_t = 2)]
+        warmup: usize,
+    },
+    /// Greedy decoding of `new_tokens` tokens from a one-token prompt.
+    Decode {
+        model: PathBuf,
+        #[arg(long, default_value_t = 128)]
+        new_tokens: usize,
+        #[arg(long, default_value_t = 3)]
+        repeats: usize,
+    },
+    /// One forward pass over `tokens` tokens (batch 1).
+    Prefill {
+        model: PathBuf,
+        #[arg(long, default_value_t = 512)]
+        tokens: usize,
+        #[arg(long, default_value_t = 3)]
+        repeats: usize,
+    },
+    /// Forward + backward of one MoE layer (training mode) on `tokens` tokens.
+    MoeLayer {
+        #[arg(long)]
+        experts: usize,
+        #[arg(long, default_value_t = 2)]
+        top_k: usize,
+        #[arg(long, default_value_t = 2048)]
+        tokens: usize,
+        #[arg(long, default_value_t = 256)]
+        n_embd: usize,
+        #[arg(long, default_value_t = 5)]
+        repeats: usize,
+    },
+}
+
+fn report(case: &str, times: &[f64], tokens_per_run: f64) -> Result<()> {
+    let mut sorted = times.to_vec();
+    sorted.sort_by(|a, b| a.total_cmp(b));
+    let median = sorted[sorted.len() / 2];
+    let v = json!({
+        "case": case,
+        "times_s": times,
+        "median_s": median,
+        "min_s": sorted[0],
+        "max_s": sorted[sorted.len() - 1],
+        "tokens_per_sec": tokens_per_run / median,
+    });
+    println!("{v}");
+    Ok(())
+}
+
+fn load_inputs(path: &Path) -> Result<(Tensor, Tensor)> {
+    let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    let get = |n: &str| -> Result<Tensor> {
+        let v = st.tensor(n).map_err(|e| anyhow::anyhow!("{}: tensor {n}: {e}", path.display()))?;
+        if v.dtype() != safetensors::Dtype::I64 {
+            bail!("{}: tensor {n} must be int64", path.display());
+        }
+        Ok(Tensor::from_raw_buffer(v.data(), DType::I64, v.shape(), &Device::Cpu)?)
+    };
+    Ok((get("x")?, get("y")?))
+}
+
+pub fn run(b: Bench, model_dir: impl Fn(&Path) -> Result<PathBuf>) -> Result<()> {
+    match b {
+        Bench::Train { model, inputs, warmup } => {
+            let mut gpt = GPT::from_pretrained(model_dir(&model)?)?;
+            gpt.train();
+            let (x, y) = load_inputs(&inputs)?;
+            let (steps, batch, block) = x.dims3()?;
+            let mut opt = AdamW::new(gpt.params(), AdamWConfig { lr: 1e-4, ..Default::default() })?;
+            let mut times = Vec::new();
+            for s in 0..steps {
+                let mb = vec![(x.get(s)?.to_dtype(DType::U32)?, y.get(s)?)];
+                let t = Instant::now();
+                train_step(&gpt, &mut opt, &mb, 1.0)?;
+                if s >= warmup {
+                    times.push(t.elapsed().as_secs_f64());
+                }
+            }
+            if times.is_empty() {
+                bail!("no timed steps: the inputs hold {steps} steps, warmup is {warmup}");
+            }
+            report("train", &times, (batch * block) as f64)
+        }
+        Bench::Decode { model, new_tokens, repeats } => {
+            let gpt = GPT::from_pretrained(model_dir(&model)?)?;
+            let prompt = vec![vec![0u32]];
+            let cfg = GenerationConfig::greedy(new_tokens);
+            gpt.generate_with(&prompt, &GenerationConfig::greedy(4), |_, _| {})?; // warm up
+            let mut times = Vec::new();
+            for _ in 0..repeats {
+                let t = Instant::now();
+                gpt.generate_with(&prompt, &cfg, |_, _| {})?;
+                times.push(t.elapsed().as_secs_f64());
+            }
+            report("decode", &times, new_tokens as f64)
+        }
+        Bench::Prefill { model, tokens, repeats } => {
+            let gpt = GPT::from_pretrained(model_dir(&model)?)?;
+            let ids: Vec<u32> = (0..tokens as u32).map(|i| (i * 7919) % gpt.config.vocab_size as u32).collect();
+            let x = Tensor::from_vec(ids, (1, tokens), &Device::Cpu)?;
+            gpt.forward(&x, None)?;
+            let mut times = Vec::new();
+            for _ in 0..repeats {
+                let t = Instant::now();
+                gpt.forward(&x, None)?;
+                times.push(t.elapsed().as_secs_f64());
+            }
+            report("prefill", &times, tokens as f64)
+        }
+        Bench::MoeLayer { experts, top_k, tokens, n_embd, repeats } => {
+            let cfg = GPTConfig { n_layer: 1, n_head: 1, n_embd, vocab_size: 8, block_size: 8, n_exp: experts, moe_top_k: top_k, ..Default::default() };
+            cfg.validate()?;
+            let specs: Vec<_> = param_specs(&cfg).into_iter().filter(|s| s.name.contains(".mlp.")).collect();
+            let store = ParamStore::init(&specs, 0, &Device::Cpu)?;
+            let layer = MoeLayer::load(&cfg, &store, "transformer.h.0.mlp", 0)?;
+            let x = Tensor::randn(0f32, 1f32, (1, tokens, n_embd), &Device::Cpu)?;
+            let mut times = Vec::new();
+            for i in 0..repeats + 1 {
+                let t = Instant::now();
+                let mut ctx = MoeCtx { cfg: &cfg, training: true, routing: Routing::Capacity, rng: None };
+                let out = layer.forward(&x, &mut ctx)?;
+                let loss = (out.y.sqr()?.mean_all()? + out.aux_loss)?;
+                loss.backward()?;
+                if i > 0 {
+                    times.push(t.elapsed().as_secs_f64());
+                }
+            }
+            report(&format!("moe-layer-{experts}"), &times, tokens as f64)
+        }
+    }
+}
