@@ -323,6 +323,25 @@ impl HubClient {
     }
 }
 
+/// Downloads `url` (following redirects) into `dest` through a temporary file.
+pub fn download_url(url: &str, dest: &Path) -> Result<()> {
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .timeout_connect(Some(Duration::from_secs(20)))
+        .http_status_as_error(false)
+        .build()
+        .into();
+    let mut resp = agent.get(url).call().map_err(|e| hub_err(format!("network unreachable: cannot reach {} ({e})", origin(url))))?;
+    if !resp.status().is_success() {
+        return Err(hub_err(format!("downloading {url} failed: HTTP {}", resp.status().as_u16())));
+    }
+    let mut bytes = Vec::new();
+    resp.body_mut()
+        .as_reader()
+        .read_to_end(&mut bytes)
+        .map_err(|e| hub_err(format!("downloading {url} broke off: {e}")))?;
+    crate::tokenizer::write_atomic(dest, &bytes)
+}
+
 /// scheme://host:port of a URL, for messages.
 pub(crate) fn host_of(url: &str) -> String {
     origin(url)

@@ -159,6 +159,7 @@ fn cli_errors_are_one_line() {
         (vec!["generate", ds, "--ids", "1", "--top-p", "2"], "error: invalid input: top_p must be in (0, 1], got 2".into()),
         (vec!["generate", ds, "--ids", "1", "--frobnicate"], "error: unexpected argument '--frobnicate' found".into()),
         (vec!["new", "--config", "{}", "--out", ds, "--dtype", "f8"], "error: invalid input: unknown dtype \"f8\" (use f32, f16 or bf16)".into()),
+        (vec!["prepare", "--dataset", "wikitext", "--out", ds], "error: unknown dataset \"wikitext\" (known: shakespeare)".into()),
     ];
     for (args, msg) in cases {
         let (code, _, err) = cli(&args);

@@ -500,9 +500,20 @@ fn cmd_prepare(input: Option<PathBuf>, dataset: Option<String>, tokenizer: Strin
     use std::io::IsTerminal;
     let input = match (input, dataset) {
         (Some(i), _) => i,
-        (None, Some(d)) if d == "shakespeare" => bail!(
-            "cannot download the shakespeare dataset: this build has no network access; download tiny-shakespeare's input.txt yourself and pass --input input.txt"
-        ),
+        (None, Some(d)) if d == "shakespeare" => {
+            // The canonical tiny-shakespeare text (Karpathy's char-rnn data).
+            const URL: &str = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt";
+            let parent = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+            std::fs::create_dir_all(parent)?;
+            let dest = parent.join(format!("{}-input.txt", out.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_else(|| "data".into())));
+            if !dest.is_file() {
+                eprintln!("downloading tiny-shakespeare to {}", dest.display());
+                if let Err(e) = nanomoe::hub::download_url(URL, &dest) {
+                    bail!("cannot download the shakespeare dataset ({e}); offline, download tiny-shakespeare's input.txt yourself and pass --input input.txt");
+                }
+            }
+            dest
+        }
         (None, Some(d)) => bail!("unknown dataset {d:?} (known: shakespeare)"),
         (None, None) => bail!("give --input or --dataset"),
     };
