@@ -77,7 +77,7 @@ pub fn model_card(dir: &Path, repo: &str) -> Result<String> {
     s.push_str("---\n\n");
     s.push_str(&format!("# {repo}\n\n"));
     s.push_str(&format!(
-        "A GPT-2-style language model{} made with [nanomoe](https://github.com/) (Rust).\n\n",
+        "A GPT-2-style language model{} made with nanomoe (Rust, HuggingFace-native).\n\n",
         if moe { " with Mixture-of-Experts layers" } else { "" }
     ));
     s.push_str("| | |\n|---|---|\n");
@@ -271,7 +271,8 @@ impl crate::gpt::GPT {
     }
 
     pub fn push_to_hub_with(&self, repo: &str, opts: &PushOptions) -> Result<String> {
-        let tmp = std::env::temp_dir().join(format!("nanomoe-push-{}-{}", std::process::id(), crate::train::run::mix(&[self.num_params() as u64])));
+        let stamp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+        let tmp = std::env::temp_dir().join(format!("nanomoe-push-{}-{stamp}", std::process::id()));
         let _ = fs::remove_dir_all(&tmp);
         self.save_pretrained(&tmp)?;
         let res = HubClient::from_env().push_folder(&tmp, repo, opts);
