@@ -12,4 +12,6 @@ if [ ! -f "$STAMP" ]; then
   "$VENV/bin/pip" install -q "torch==2.15.*" "transformers==5.*" "tokenizers" "safetensors" "numpy" "pytest" >&2
   touch "$STAMP"
 fi
+# Packages added after the environment was first made.
+"$VENV/bin/python" -c "import pyarrow" 2>/dev/null || "$VENV/bin/pip" install -q pyarrow >&2
 echo "$VENV"

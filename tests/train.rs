@@ -185,7 +185,7 @@ fn bad_data_gets_clear_errors() {
     let d = tmp.path().join("data");
     let text: String = (0..200).map(|i| format!("line {i} of some text\n")).collect();
     write(&tmp.path().join("in.txt"), text.as_bytes());
-    let opts = PrepareOptions { inputs: vec![tmp.path().join("in.txt")], tokenizer: "char".into(), val_fraction: 0.1, out: d.clone(), progress: false };
+    let opts = PrepareOptions { inputs: vec![tmp.path().join("in.txt")], tokenizer: "char".into(), val_fraction: 0.1, out: d.clone(), progress: false, text_column: "text".into() };
     prepare(&opts).unwrap();
     let ds = d.display().to_string();
     let count = std::cell::Cell::new(0);
@@ -241,7 +241,7 @@ fn fine_tuning_checks_block_size_and_tokenizer() {
     // Data made with another tokenizer is refused.
     let d = tmp.path().join("data");
     write(&tmp.path().join("in.txt"), "abcdefghijklmnopqrstuvwxyz\n".repeat(50).as_bytes());
-    prepare(&PrepareOptions { inputs: vec![tmp.path().join("in.txt")], tokenizer: "char".into(), val_fraction: 0.1, out: d.clone(), progress: false }).unwrap();
+    prepare(&PrepareOptions { inputs: vec![tmp.path().join("in.txt")], tokenizer: "char".into(), val_fraction: 0.1, out: d.clone(), progress: false, text_column: "text".into() }).unwrap();
     let e = train(&Resolved::resolve(None, &args(&tmp.path().join("ft2"), &[&format!("--init_from={model}"), &format!("--data_dir={}", d.display())])).unwrap()).unwrap_err().to_string();
     assert!(e.starts_with("invalid config: the data's tokenizer (28 tokens) disagrees with the model's in"), "{e}");
 }
@@ -256,7 +256,7 @@ fn prepare_writes_nanogpt_format() {
     let text = std::fs::read_to_string(shakespeare()).unwrap();
     for tk in ["char", "gpt2"] {
         let d = tmp.path().join(tk);
-        let meta = prepare(&PrepareOptions { inputs: vec![shakespeare()], tokenizer: tk.into(), val_fraction: 0.1, out: d.clone(), progress: false }).unwrap();
+        let meta = prepare(&PrepareOptions { inputs: vec![shakespeare()], tokenizer: tk.into(), val_fraction: 0.1, out: d.clone(), progress: false, text_column: "text".into() }).unwrap();
         assert_eq!(meta.dtype, "uint16");
         let ds = Dataset::open(&d).unwrap();
         let tok = nanomoe::tokenizer::Tokenizer::from_dir(&d).unwrap();
@@ -278,10 +278,10 @@ fn prepare_writes_nanogpt_format() {
     write(&dir.join("a.txt"), b"first file\n");
     write(&dir.join("sub/c.txt"), b"third file\n");
     assert_eq!(list_inputs(&dir).unwrap(), vec![dir.join("a.txt"), dir.join("b.txt"), dir.join("sub/c.txt")]);
-    let e = prepare(&PrepareOptions { inputs: vec![dir.join("a.txt")], tokenizer: "char".into(), val_fraction: 1.5, out: tmp.path().join("x"), progress: false }).unwrap_err();
+    let e = prepare(&PrepareOptions { inputs: vec![dir.join("a.txt")], tokenizer: "char".into(), val_fraction: 1.5, out: tmp.path().join("x"), progress: false, text_column: "text".into() }).unwrap_err();
     assert_eq!(e.to_string(), "invalid input: --val-fraction must be in [0, 1), got 1.5");
     write(&dir.join("empty.txt"), b"");
-    let e = prepare(&PrepareOptions { inputs: vec![dir.join("empty.txt")], tokenizer: "char".into(), val_fraction: 0.1, out: tmp.path().join("x"), progress: false }).unwrap_err();
+    let e = prepare(&PrepareOptions { inputs: vec![dir.join("empty.txt")], tokenizer: "char".into(), val_fraction: 0.1, out: tmp.path().join("x"), progress: false, text_column: "text".into() }).unwrap_err();
     assert_eq!(e.to_string(), format!("invalid input: the input ({}) has no text", dir.join("empty.txt").display()));
     assert!(!tmp.path().join("x").exists());
 }

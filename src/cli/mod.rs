@@ -113,6 +113,9 @@ enum Cmd {
         tokenizer: String,
         #[arg(long, default_value_t = 0.1)]
         val_fraction: f64,
+        /// Column holding the text in parquet inputs.
+        #[arg(long, default_value = "text")]
+        text_column: String,
         #[arg(long)]
         out: PathBuf,
     },
@@ -248,7 +251,7 @@ pub fn run() -> Result<()> {
             Ok(())
         }
         Cmd::Train { args } => cmd_train(&args),
-        Cmd::Prepare { input, dataset, tokenizer, val_fraction, out } => cmd_prepare(input, dataset, tokenizer, val_fraction, out),
+        Cmd::Prepare { input, dataset, tokenizer, val_fraction, text_column, out } => cmd_prepare(input, dataset, tokenizer, val_fraction, text_column, out),
         Cmd::Eval { model, data, split, iters, batch_size, seed, json } => cmd_eval(&model, &data, &split, iters, batch_size, seed, json),
         Cmd::Sample { model, prompt, num_samples, max_new_tokens, temperature, top_k, seed } => {
             cmd_sample(&model, &prompt, num_samples, max_new_tokens, temperature, top_k, seed)
@@ -496,7 +499,7 @@ fn cmd_forward(model: &Path, ids: &str, labels: Option<&str>, out: Option<&Path>
     Ok(())
 }
 
-fn cmd_prepare(input: Option<PathBuf>, dataset: Option<String>, tokenizer: String, val_fraction: f64, out: PathBuf) -> Result<()> {
+fn cmd_prepare(input: Option<PathBuf>, dataset: Option<String>, tokenizer: String, val_fraction: f64, text_column: String, out: PathBuf) -> Result<()> {
     use std::io::IsTerminal;
     let input = match (input, dataset) {
         (Some(i), _) => i,
@@ -518,7 +521,7 @@ fn cmd_prepare(input: Option<PathBuf>, dataset: Option<String>, tokenizer: Strin
         (None, None) => bail!("give --input or --dataset"),
     };
     let inputs = nanomoe::train::prepare::list_inputs(&input)?;
-    let opts = nanomoe::train::prepare::PrepareOptions { inputs, tokenizer, val_fraction, out: out.clone(), progress: std::io::stderr().is_terminal() };
+    let opts = nanomoe::train::prepare::PrepareOptions { inputs, tokenizer, val_fraction, out: out.clone(), progress: std::io::stderr().is_terminal(), text_column };
     let meta = nanomoe::train::prepare::prepare(&opts)?;
     println!(
         "wrote {}: {} train and {} val tokens ({}), vocab_size {} ({} tokenizer)",

@@ -25,14 +25,56 @@ pub struct PrepareOptions {
     pub val_fraction: f64,
     pub out: PathBuf,
     pub progress: bool,
+    /// Column holding the text in parquet inputs (HF datasets' format).
+    pub text_column: String,
+}
+
+fn is_parquet(p: &Path) -> bool {
+    p.extension().is_some_and(|e| e == "parquet")
+}
+
+fn parquet_reader(path: &Path) -> Result<parquet::file::serialized_reader::SerializedFileReader<File>> {
+    let f = File::open(path).map_err(|e| Error::file(path, e))?;
+    parquet::file::serialized_reader::SerializedFileReader::new(f).map_err(|e| Error::file(path, format!("not a readable parquet file: {e}")))
+}
+
+fn parquet_rows(path: &Path) -> Result<u64> {
+    use parquet::file::reader::FileReader;
+    Ok(parquet_reader(path)?.metadata().file_metadata().num_rows().max(0) as u64)
+}
+
+/// Calls `f` with the text of every row of `column` (rows whose value is null are skipped).
+fn for_each_parquet_doc(path: &Path, column: &str, mut f: impl FnMut(&str) -> Result<()>) -> Result<()> {
+    use parquet::file::reader::FileReader;
+    use parquet::record::Field;
+    let reader = parquet_reader(path)?;
+    let schema = reader.metadata().file_metadata().schema();
+    let fields = schema.get_fields();
+    let Some(field) = fields.iter().find(|t| t.name() == column) else {
+        let names: Vec<&str> = fields.iter().map(|t| t.name()).collect();
+        return Err(Error::file(path, format!("has no column {column:?} (columns: {}); choose one with --text-column", names.join(", "))));
+    };
+    let projection = parquet::schema::types::Type::group_type_builder(schema.name())
+        .with_fields(vec![field.clone()])
+        .build()
+        .map_err(|e| Error::file(path, e))?;
+    let rows = reader.get_row_iter(Some(projection)).map_err(|e| Error::file(path, e))?;
+    for row in rows {
+        let row = row.map_err(|e| Error::file(path, format!("unreadable row: {e}")))?;
+        for (_, value) in row.get_column_iter() {
+            match value {
+                Field::Str(s) => f(s)?,
+                Field::Null => {}
+                other => return Err(Error::file(path, format!("column {column:?} holds {other:?}, not text"))),
+            }
+        }
+    }
+    Ok(())
 }
 
 /// The text files of an input: the file itself, or a directory's files (sorted, recursive).
 pub fn list_inputs(input: &Path) -> Result<Vec<PathBuf>> {
     if input.is_file() {
-        if input.extension().is_some_and(|e| e == "parquet") {
-            return Err(Error::file(input, "parquet input is not supported yet; export the text column to .txt files"));
-        }
         return Ok(vec![input.to_path_buf()]);
     }
     if !input.is_dir() {
@@ -53,6 +95,9 @@ pub fn list_inputs(input: &Path) -> Result<Vec<PathBuf>> {
     out.sort();
     if out.is_empty() {
         return Err(Error::file(input, "holds no files"));
+    }
+    if out.iter().any(|p| is_parquet(p)) && !out.iter().all(|p| is_parquet(p)) {
+        return Err(Error::file(input, "mixes parquet and text files; prepare them separately"));
     }
     Ok(out)
 }
@@ -118,6 +163,9 @@ pub fn prepare(opts: &PrepareOptions) -> Result<Meta> {
     if !(opts.val_fraction >= 0.0 && opts.val_fraction < 1.0) {
         return Err(Error::Input(format!("--val-fraction must be in [0, 1), got {}", opts.val_fraction)));
     }
+    if opts.inputs.iter().any(|p| is_parquet(p)) {
+        return prepare_parquet(opts);
+    }
     let total: u64 = opts.inputs.iter().map(|p| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0)).sum();
     if total == 0 {
         return Err(Error::Input(format!("the input ({}) has no text", opts.inputs.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", "))));
@@ -174,6 +222,76 @@ pub fn prepare(opts: &PrepareOptions) -> Result<Meta> {
     if meta.train_tokens == 0 {
         return Err(Error::Input("the input produced no training tokens".into()));
     }
+    if opts.val_fraction > 0.0 && meta.val_tokens == 0 {
+        return Err(Error::Input("the input is too short to split off a val set; lower --val-fraction".into()));
+    }
+    out.write_json(META_FILE, &serde_json::to_value(&meta).expect("serializes"))?;
+    tokenizer.save_pretrained(&out.path(""), None)?;
+    out.commit()?;
+    Ok(meta)
+}
+
+/// Parquet inputs: one document per row of the text column, each followed by the
+/// tokenizer's end-of-text token (or a newline when it has none); the last `val_fraction`
+/// of the rows become the val split.
+fn prepare_parquet(opts: &PrepareOptions) -> Result<Meta> {
+    let col = opts.text_column.as_str();
+    let mut total_rows = 0u64;
+    for p in &opts.inputs {
+        total_rows += parquet_rows(p)?;
+    }
+    if total_rows == 0 {
+        return Err(Error::Input("the parquet input has no rows".into()));
+    }
+    let bar = if opts.progress { ProgressBar::new(total_rows) } else { ProgressBar::hidden() };
+    bar.set_style(ProgressStyle::with_template("{msg} {bar:30} {pos}/{len} rows [{eta}]").expect("template"));
+    let tokenizer = if opts.tokenizer == "char" {
+        bar.set_message("collecting characters");
+        let mut chars = BTreeSet::new();
+        chars.insert('\n');
+        for p in &opts.inputs {
+            for_each_parquet_doc(p, col, |t| {
+                chars.extend(t.chars());
+                bar.inc(1);
+                Ok(())
+            })?;
+        }
+        bar.set_position(0);
+        Tokenizer::char_level_from_chars(chars)?
+    } else {
+        Tokenizer::from_spec(&opts.tokenizer, None)?
+    };
+    let sep: Vec<u32> = match tokenizer.eos_token_id() {
+        Some(id) => vec![id],
+        None => tokenizer.encode("\n")?,
+    };
+    let vocab = tokenizer.vocab_size();
+    let width = if vocab <= 1 << 16 { 2 } else { 4 };
+    let out = AtomicDir::new(&opts.out)?;
+    let mut train = BinWriter::new(out.path("train.bin"), width)?;
+    let mut val = BinWriter::new(out.path("val.bin"), width)?;
+    let split_at = ((1.0 - opts.val_fraction) * total_rows as f64).ceil() as u64;
+    let mut row = 0u64;
+    bar.set_message("tokenizing");
+    for p in &opts.inputs {
+        for_each_parquet_doc(p, col, |t| {
+            let ids = tokenizer.encode(t)?;
+            let w = if row < split_at || opts.val_fraction == 0.0 { &mut train } else { &mut val };
+            w.write(&ids)?;
+            w.write(&sep)?;
+            row += 1;
+            bar.inc(1);
+            Ok(())
+        })?;
+    }
+    bar.finish_and_clear();
+    let meta = Meta {
+        vocab_size: vocab,
+        dtype: if width == 2 { "uint16".into() } else { "uint32".into() },
+        train_tokens: train.finish()?,
+        val_tokens: val.finish()?,
+        tokenizer: opts.tokenizer.clone(),
+    };
     if opts.val_fraction > 0.0 && meta.val_tokens == 0 {
         return Err(Error::Input("the input is too short to split off a val set; lower --val-fraction".into()));
     }
