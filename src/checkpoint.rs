@@ -411,7 +411,7 @@ pub fn write_safetensors(path: &Path, tensors: &[(String, Tensor)], dtype: SaveD
         converted.push(t);
     }
     let mut h = serde_json::to_string(&Value::Object(header)).expect("json serializes");
-    while h.len() % 8 != 0 {
+    while !h.len().is_multiple_of(8) {
         h.push(' ');
     }
     let file = File::create(path).map_err(|e| Error::file(path, e))?;

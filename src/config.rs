@@ -126,7 +126,7 @@ impl GPTConfig {
 
     /// Whether block `i` carries an MoE layer.
     pub fn is_moe_layer(&self, i: usize) -> bool {
-        self.n_exp > 1 && (i + 1) % self.stride == 0
+        self.n_exp > 1 && (i + 1).is_multiple_of(self.stride)
     }
 
     pub fn head_dim(&self) -> usize {
@@ -168,7 +168,7 @@ impl GPTConfig {
                 return bad(format!("{name} must be at least 1"));
             }
         }
-        if self.n_embd % self.n_head != 0 {
+        if !self.n_embd.is_multiple_of(self.n_head) {
             return bad(format!(
                 "n_embd ({}) must be divisible by n_head ({})",
                 self.n_embd, self.n_head

@@ -94,7 +94,7 @@ fn merges_from_ranks(by_rank: &[Vec<u8>]) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
 
 fn gpt2_tokenizer_json() -> Result<&'static str> {
     static JSON: OnceLock<std::result::Result<String, String>> = OnceLock::new();
-    JSON.get_or_init(|| build_gpt2_json().map_err(|e| e.to_string())).as_deref().map_err(|e| tk_err(e))
+    JSON.get_or_init(|| build_gpt2_json().map_err(|e| e.to_string())).as_deref().map_err(tk_err)
 }
 
 fn build_gpt2_json() -> Result<String> {

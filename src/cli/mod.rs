@@ -222,7 +222,7 @@ pub fn run() -> Result<()> {
             if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand) {
                 e.exit();
             }
-            return Err(anyhow!("{}", e.to_string().lines().next().unwrap_or("invalid arguments").to_string()));
+            return Err(anyhow!("{}", e.to_string().lines().next().unwrap_or("invalid arguments")));
         }
     };
     let _ = REVISION.set(cli.revision.clone());

@@ -29,7 +29,7 @@ pub fn line(a: u32, b: u32) -> String {
 /// Held-out problems (a tenth, chosen by a hash of the pair) never appear in the training
 /// text.
 fn held_out(a: u32, b: u32) -> bool {
-    crate::train::run::mix(&[a as u64, b as u64]) % 10 == 0
+    crate::train::run::mix(&[a as u64, b as u64]).is_multiple_of(10)
 }
 
 /// Deterministic corpus text of `lines` problems (train) plus a val text of problems that

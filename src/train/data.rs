@@ -64,7 +64,7 @@ impl Split {
         if size == 0 {
             return Err(Error::file(path, "is empty"));
         }
-        if size % width != 0 {
+        if !size.is_multiple_of(width) {
             return Err(Error::file(path, format!("size {size} bytes is not a multiple of the token width {width}")));
         }
         // SAFETY: read-only map of a file this process does not modify.
