@@ -5,6 +5,7 @@
 //! - [`config`]: `GPTConfig`, the hyper-parameters (its JSON form is `config.json`).
 //! - [`params`]: parameter names, shapes, initialisation and the store that owns them.
 //! - [`nn`]: layer norm, linear, GELU, softmax, cross-entropy: ops with a backward pass.
+//! - [`kernels`]: fused CPU kernels (candle custom ops with a backward pass).
 //! - [`moe`]: the Mixture-of-Experts layer: router, capacity, dispatch, aux and z losses.
 //! - [`gpt`]: the GPT model, its forward passes and the KV cache.
 //! - [`generate`]: HF-style and nanoGPT-style generation.
@@ -30,6 +31,7 @@ pub mod gpt;
 pub mod hf_cache;
 pub mod hub;
 pub mod hub_upload;
+pub mod kernels;
 pub mod moe;
 pub mod nn;
 pub mod optim;

@@ -66,8 +66,17 @@ pub fn softplus(x: &Tensor) -> Result<Tensor> {
 }
 
 /// Mean cross-entropy of `logits` [N, V] against `targets` (N ids; `None` = ignored).
-/// Returns `None` when every target is ignored.
+/// Returns `None` when every target is ignored. f32 CPU logits use the fused kernel.
 pub fn cross_entropy(logits: &Tensor, targets: &[Option<u32>]) -> Result<Option<Tensor>> {
+    if logits.dtype() == DType::F32 && logits.device().is_cpu() {
+        return crate::kernels::cross_entropy::cross_entropy(logits, targets);
+    }
+    cross_entropy_composite(logits, targets)
+}
+
+/// Cross-entropy from composite candle ops (any dtype or device; the reference of the
+/// fused kernel's tests).
+pub fn cross_entropy_composite(logits: &Tensor, targets: &[Option<u32>]) -> Result<Option<Tensor>> {
     let (n, _v) = logits.dims2()?;
     debug_assert_eq!(n, targets.len());
     let keep: Vec<u32> = (0..n as u32).filter(|&i| targets[i as usize].is_some()).collect();
@@ -75,7 +84,7 @@ pub fn cross_entropy(logits: &Tensor, targets: &[Option<u32>]) -> Result<Option<
         return Ok(None);
     }
     let device = logits.device();
-    let tgt: Vec<u32> = keep.iter().map(|&i| targets[i as usize].unwrap()).collect();
+    let tgt: Vec<u32> = keep.iter().filter_map(|&i| targets[i as usize]).collect();
     let rows = if keep.len() == n {
         logits.clone()
     } else {
@@ -145,6 +154,29 @@ mod tests {
             let e = if *xi > 20. { *xi } else { (1.0 + xi.exp()).ln() };
             assert!((yi - e).abs() < 1e-5, "{xi}: {yi} vs {e}");
         }
+    }
+
+    #[test]
+    fn fused_cross_entropy_matches_composite_values_and_gradients() {
+        use rand::{rngs::StdRng, Rng, SeedableRng};
+        let mut rng = StdRng::seed_from_u64(0);
+        let (n, v) = (37, 101);
+        let data: Vec<f32> = (0..n * v).map(|_| rng.random_range(-8.0..8.0)).collect();
+        let targets: Vec<Option<u32>> = (0..n).map(|i| if i % 5 == 3 { None } else { Some(rng.random_range(0..v as u32)) }).collect();
+        let x = Var::from_tensor(&t(&data, &[n, v])).unwrap();
+        let fused = crate::kernels::cross_entropy::cross_entropy(&x, &targets).unwrap().unwrap();
+        let comp = cross_entropy_composite(&x, &targets).unwrap().unwrap();
+        let (a, b) = (fused.to_scalar::<f32>().unwrap(), comp.to_scalar::<f32>().unwrap());
+        assert!((a - b).abs() < 1e-5, "{a} vs {b}");
+        // Scale the loss so the incoming gradient is not 1.
+        let ga = (fused * 3.0).unwrap().backward().unwrap();
+        let gb = (comp * 3.0).unwrap().backward().unwrap();
+        let (ga, gb) = (ga.get(&x).unwrap(), gb.get(&x).unwrap());
+        let d = (ga - gb).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+        assert!(d < 1e-6, "gradient difference {d}");
+        // Ignored rows get no gradient.
+        let row3: Vec<f32> = ga.get(3).unwrap().to_vec1().unwrap();
+        assert!(row3.iter().all(|&g| g == 0.0));
     }
 
     #[test]
