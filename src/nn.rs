@@ -38,6 +38,14 @@ pub fn layer_norm(x: &Tensor, w: &Tensor, b: Option<&Tensor>, eps: f64) -> Resul
 }
 
 pub fn gelu(x: &Tensor, act: Activation) -> Result<Tensor> {
+    if x.dtype() == DType::F32 && x.device().is_cpu() {
+        return crate::kernels::gelu::fused_gelu(x, act);
+    }
+    gelu_composite(x, act)
+}
+
+/// GELU from candle's own ops (the reference of the fused kernel's tests).
+pub fn gelu_composite(x: &Tensor, act: Activation) -> Result<Tensor> {
     Ok(match act {
         Activation::GeluTanh => x.gelu()?,
         Activation::GeluErf => x.gelu_erf()?,
@@ -177,6 +185,23 @@ mod tests {
         // Ignored rows get no gradient.
         let row3: Vec<f32> = ga.get(3).unwrap().to_vec1().unwrap();
         assert!(row3.iter().all(|&g| g == 0.0));
+    }
+
+    #[test]
+    fn fused_gelu_matches_composite_values_and_gradients() {
+        let data: Vec<f32> = (0..4001).map(|i| (i as f32 - 2000.0) / 250.0).collect();
+        for act in [Activation::GeluTanh, Activation::GeluErf] {
+            let x = Var::from_tensor(&t(&data, &[4001])).unwrap();
+            let a = crate::kernels::gelu::fused_gelu(&x, act).unwrap();
+            let b = gelu_composite(&x, act).unwrap();
+            let d = (&a - &b).unwrap().abs().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+            assert!(d < 2e-6, "{act:?} values differ by {d}");
+            let w = t(&data.iter().map(|v| v.sin()).collect::<Vec<_>>(), &[4001]);
+            let ga = a.mul(&w).unwrap().sum_all().unwrap().backward().unwrap();
+            let gb = b.mul(&w).unwrap().sum_all().unwrap().backward().unwrap();
+            let d = (ga.get(&x).unwrap() - gb.get(&x).unwrap()).unwrap().abs().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+            assert!(d < 2e-5, "{act:?} gradients differ by {d}");
+        }
     }
 
     #[test]

@@ -2,3 +2,4 @@
 //! test against the composite candle version.
 
 pub mod cross_entropy;
+pub mod gelu;
