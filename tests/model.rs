@@ -131,7 +131,8 @@ fn saving_keeps_other_files_and_a_failed_save_changes_nothing() {
         w.write_bytes("model.safetensors", b"garbage").unwrap();
     }
     assert_eq!(std::fs::read(dir.path().join("model.safetensors")).unwrap(), before);
-    let parent_entries = std::fs::read_dir(dir.path().parent().unwrap()).unwrap().filter_map(|e| e.ok()).filter(|e| e.file_name().to_string_lossy().contains(".tmp-")).count();
+    let own = format!(".{}.tmp-", dir.path().file_name().unwrap().to_string_lossy());
+    let parent_entries = std::fs::read_dir(dir.path().parent().unwrap()).unwrap().filter_map(|e| e.ok()).filter(|e| e.file_name().to_string_lossy().starts_with(&own)).count();
     assert_eq!(parent_entries, 0);
     // A real save keeps files it does not write.
     m.save_pretrained(dir.path()).unwrap();
