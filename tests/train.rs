@@ -52,7 +52,7 @@ fn logged_losses(out: &Path) -> Vec<(u64, f64)> {
     std::fs::read_to_string(out.join("metrics.jsonl"))
         .unwrap()
         .lines()
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()) // a kill can tear the last line
         .filter(|v| v.get("loss").is_some())
         .map(|v| (v["iter"].as_u64().unwrap(), v["loss"].as_f64().unwrap()))
         .collect()
@@ -123,11 +123,13 @@ fn kill_9_during_training_and_checkpoints_then_resume_matches() {
         } else {
             cmd.push("--overwrite=true".into()); // killed before its first checkpoint
         }
-        let mut child = Command::new(bin()).args(&cmd).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+        let mut child = Command::new(bin()).args(&cmd).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
         let start = Instant::now();
         loop {
             if let Some(status) = child.try_wait().unwrap() {
-                assert!(status.success(), "round {round}: {status}");
+                let mut err = String::new();
+                std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut err).unwrap();
+                assert!(status.success(), "round {round}: {status}: {err}");
                 break;
             }
             let writing = std::fs::read_dir(killed.join("state")).map(|d| d.filter_map(|e| e.ok()).any(|e| e.file_name().to_string_lossy().contains(".tmp-"))).unwrap_or(false);

@@ -309,6 +309,7 @@ pub fn train(resolved: &Resolved) -> Result<Outcome> {
         Ok(())
     };
 
+    let start_iter = if resuming { iter } else { u64::MAX };
     let mut train_losses = Vec::new();
     let mut last_val = None;
     model.train();
@@ -338,7 +339,8 @@ pub fn train(resolved: &Resolved) -> Result<Outcome> {
             if improved {
                 best_val = Some(va.loss);
             }
-            if iter > 0 && (improved || s.always_save_checkpoint || iter >= s.max_iters) {
+            // (At the step a run resumed from, the state on disk is already this one.)
+            if iter > 0 && iter != start_iter && (improved || s.always_save_checkpoint || iter >= s.max_iters) {
                 let info = StateInfo { iter, best_val_loss: best_val, tokens_seen, model: model.config.clone(), settings: settings_json.clone() };
                 save_state(&out_dir, &info, model.params(), &opt, s.keep_last_states)?;
                 save_models(&model, improved)?;

@@ -92,7 +92,17 @@ pub fn load_latest(out_dir: &Path) -> Result<LoadedState> {
     let latest = root.join("latest");
     let name = std::fs::read_to_string(&latest)
         .map_err(|e| Error::file(&latest, format!("{e}: nothing to resume in {} (start over with --overwrite=true)", out_dir.display())))?;
-    let dir = root.join(name.trim());
+    let mut dir = root.join(name.trim());
+    if !dir.join("state.json").is_file() {
+        // Killed while that state was being replaced: fall back to the newest complete one.
+        let mut complete: Vec<PathBuf> = std::fs::read_dir(&root)
+            .map_err(|e| Error::file(&root, e))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("step-")) && p.join("state.json").is_file())
+            .collect();
+        complete.sort();
+        dir = complete.pop().ok_or_else(|| Error::file(&dir, format!("missing, and no other complete state in {}: start over with --overwrite=true", root.display())))?;
+    }
     let info_path = dir.join("state.json");
     let info: StateInfo = serde_json::from_str(&std::fs::read_to_string(&info_path).map_err(|e| Error::file(&info_path, e))?)
         .map_err(|e| Error::file(&info_path, format!("invalid training state: {e}")))?;
