@@ -158,6 +158,45 @@ impl BinWriter {
     }
 }
 
+/// The output directory being written: train.bin, val.bin, then meta.json and the tokenizer.
+struct Output {
+    dir: AtomicDir,
+    train: BinWriter,
+    val: BinWriter,
+    width: usize,
+}
+
+impl Output {
+    fn new(opts: &PrepareOptions, tokenizer: &Tokenizer) -> Result<Self> {
+        let width = if tokenizer.vocab_size() <= 1 << 16 { 2 } else { 4 };
+        let dir = AtomicDir::new(&opts.out)?;
+        let train = BinWriter::new(dir.path("train.bin"), width)?;
+        let val = BinWriter::new(dir.path("val.bin"), width)?;
+        Ok(Output { dir, train, val, width })
+    }
+
+    /// Checks the splits, writes meta.json and the tokenizer, and puts the directory in place.
+    fn finish(self, opts: &PrepareOptions, tokenizer: &Tokenizer) -> Result<Meta> {
+        let meta = Meta {
+            vocab_size: tokenizer.vocab_size(),
+            dtype: if self.width == 2 { "uint16".into() } else { "uint32".into() },
+            train_tokens: self.train.finish()?,
+            val_tokens: self.val.finish()?,
+            tokenizer: opts.tokenizer.clone(),
+        };
+        if meta.train_tokens == 0 {
+            return Err(Error::Input("the input produced no training tokens".into()));
+        }
+        if opts.val_fraction > 0.0 && meta.val_tokens == 0 {
+            return Err(Error::Input("the input is too short to split off a val set; lower --val-fraction".into()));
+        }
+        self.dir.write_json(META_FILE, &serde_json::to_value(&meta).expect("serializes"))?;
+        tokenizer.save_pretrained(&self.dir.path(""), None)?;
+        self.dir.commit()?;
+        Ok(meta)
+    }
+}
+
 /// Prepares a data directory; returns its meta.
 pub fn prepare(opts: &PrepareOptions) -> Result<Meta> {
     if !(opts.val_fraction >= 0.0 && opts.val_fraction < 1.0) {
@@ -186,11 +225,8 @@ pub fn prepare(opts: &PrepareOptions) -> Result<Meta> {
     } else {
         Tokenizer::from_spec(&opts.tokenizer, None)?
     };
-    let vocab = tokenizer.vocab_size();
-    let width = if vocab <= 1 << 16 { 2 } else { 4 };
-    let out = AtomicDir::new(&opts.out)?;
-    let mut train = BinWriter::new(out.path("train.bin"), width)?;
-    let mut val = BinWriter::new(out.path("val.bin"), width)?;
+    let mut out = Output::new(opts, &tokenizer)?;
+    let (train, val) = (&mut out.train, &mut out.val);
     let split_at = ((1.0 - opts.val_fraction) * total as f64) as u64;
     let mut offset = 0u64;
     bar.set_message("tokenizing");
@@ -212,23 +248,7 @@ pub fn prepare(opts: &PrepareOptions) -> Result<Meta> {
         Ok(())
     })?;
     bar.finish_and_clear();
-    let meta = Meta {
-        vocab_size: vocab,
-        dtype: if width == 2 { "uint16".into() } else { "uint32".into() },
-        train_tokens: train.finish()?,
-        val_tokens: val.finish()?,
-        tokenizer: opts.tokenizer.clone(),
-    };
-    if meta.train_tokens == 0 {
-        return Err(Error::Input("the input produced no training tokens".into()));
-    }
-    if opts.val_fraction > 0.0 && meta.val_tokens == 0 {
-        return Err(Error::Input("the input is too short to split off a val set; lower --val-fraction".into()));
-    }
-    out.write_json(META_FILE, &serde_json::to_value(&meta).expect("serializes"))?;
-    tokenizer.save_pretrained(&out.path(""), None)?;
-    out.commit()?;
-    Ok(meta)
+    out.finish(opts, &tokenizer)
 }
 
 /// Parquet inputs: one document per row of the text column, each followed by the
@@ -265,18 +285,14 @@ fn prepare_parquet(opts: &PrepareOptions) -> Result<Meta> {
         Some(id) => vec![id],
         None => tokenizer.encode("\n")?,
     };
-    let vocab = tokenizer.vocab_size();
-    let width = if vocab <= 1 << 16 { 2 } else { 4 };
-    let out = AtomicDir::new(&opts.out)?;
-    let mut train = BinWriter::new(out.path("train.bin"), width)?;
-    let mut val = BinWriter::new(out.path("val.bin"), width)?;
+    let mut out = Output::new(opts, &tokenizer)?;
     let split_at = ((1.0 - opts.val_fraction) * total_rows as f64).ceil() as u64;
     let mut row = 0u64;
     bar.set_message("tokenizing");
     for p in &opts.inputs {
         for_each_parquet_doc(p, col, |t| {
             let ids = tokenizer.encode(t)?;
-            let w = if row < split_at || opts.val_fraction == 0.0 { &mut train } else { &mut val };
+            let w = if row < split_at || opts.val_fraction == 0.0 { &mut out.train } else { &mut out.val };
             w.write(&ids)?;
             w.write(&sep)?;
             row += 1;
@@ -285,18 +301,5 @@ fn prepare_parquet(opts: &PrepareOptions) -> Result<Meta> {
         })?;
     }
     bar.finish_and_clear();
-    let meta = Meta {
-        vocab_size: vocab,
-        dtype: if width == 2 { "uint16".into() } else { "uint32".into() },
-        train_tokens: train.finish()?,
-        val_tokens: val.finish()?,
-        tokenizer: opts.tokenizer.clone(),
-    };
-    if opts.val_fraction > 0.0 && meta.val_tokens == 0 {
-        return Err(Error::Input("the input is too short to split off a val set; lower --val-fraction".into()));
-    }
-    out.write_json(META_FILE, &serde_json::to_value(&meta).expect("serializes"))?;
-    tokenizer.save_pretrained(&out.path(""), None)?;
-    out.commit()?;
-    Ok(meta)
+    out.finish(opts, &tokenizer)
 }
