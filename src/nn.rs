@@ -25,8 +25,17 @@ pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
     Ok(y.reshape(out_dims)?)
 }
 
-/// LayerNorm over the last dimension (biased variance, as torch).
+/// LayerNorm over the last dimension (biased variance, as torch). f32 CPU tensors use the
+/// fused kernel.
 pub fn layer_norm(x: &Tensor, w: &Tensor, b: Option<&Tensor>, eps: f64) -> Result<Tensor> {
+    if x.dtype() == DType::F32 && w.dtype() == DType::F32 && x.device().is_cpu() {
+        return crate::kernels::layer_norm::fused_layer_norm(x, w, b, eps);
+    }
+    layer_norm_composite(x, w, b, eps)
+}
+
+/// LayerNorm from composite candle ops (the reference of the fused kernel's tests).
+pub fn layer_norm_composite(x: &Tensor, w: &Tensor, b: Option<&Tensor>, eps: f64) -> Result<Tensor> {
     let mean = x.mean_keepdim(D::Minus1)?;
     let xc = x.broadcast_sub(&mean)?;
     let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
@@ -141,6 +150,35 @@ mod tests {
         for v in [&x, &w, &b] {
             let gv = g.get(v).expect("gradient present");
             assert!(gv.abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap() > 0.0);
+        }
+    }
+
+    #[test]
+    fn fused_layer_norm_matches_composite_values_and_gradients() {
+        use rand::{rngs::StdRng, Rng, SeedableRng};
+        let mut rng = StdRng::seed_from_u64(1);
+        let (n, c) = (23, 48);
+        let mut r = |k: usize, s: f32| -> Vec<f32> { (0..k).map(|_| rng.random_range(-s..s)).collect() };
+        let (xd, wd, bd, gd) = (r(n * c, 3.0), r(c, 2.0), r(c, 1.0), r(n * c, 1.0));
+        let x = Var::from_tensor(&t(&xd, &[n, c])).unwrap();
+        let w = Var::from_tensor(&t(&wd, &[c])).unwrap();
+        let b = Var::from_tensor(&t(&bd, &[c])).unwrap();
+        let gy = t(&gd, &[n, c]);
+        let max = |a: &Tensor, b: &Tensor| (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+        for bias in [true, false] {
+            let bo = if bias { Some(b.as_tensor()) } else { None };
+            let fy = crate::kernels::layer_norm::fused_layer_norm(&x, &w, bo, 1e-5).unwrap();
+            let cy = layer_norm_composite(&x, &w, bo, 1e-5).unwrap();
+            assert!(max(&fy, &cy) < 1e-5);
+            let gf = fy.mul(&gy).unwrap().sum_all().unwrap().backward().unwrap();
+            let gc = cy.mul(&gy).unwrap().sum_all().unwrap().backward().unwrap();
+            for (name, v) in [("x", &x), ("w", &w)] {
+                let d = max(gf.get(v).unwrap(), gc.get(v).unwrap());
+                assert!(d < 1e-4, "bias {bias}: d{name} differs by {d}");
+            }
+            if bias {
+                assert!(max(gf.get(&b).unwrap(), gc.get(&b).unwrap()) < 1e-5);
+            }
         }
     }
 

@@ -3,3 +3,4 @@
 
 pub mod cross_entropy;
 pub mod gelu;
+pub mod layer_norm;
