@@ -4,10 +4,13 @@
 
 use std::sync::Arc;
 
-use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Storage, Tensor};
+use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
 use crate::error::{Error, Result};
+use crate::kernels::{contiguous_f32, with_f32};
+
+const NAME: &str = "fused cross-entropy";
 
 /// Target id meaning "ignore this row".
 const IGNORE: u32 = u32::MAX;
@@ -24,24 +27,13 @@ fn row_lse(row: &[f32]) -> f32 {
     max + sum.ln()
 }
 
-fn contiguous_f32<'a>(storage: &'a CpuStorage, layout: &Layout) -> candle_core::Result<&'a [f32]> {
-    let data = match storage {
-        CpuStorage::F32(v) => v.as_slice(),
-        _ => candle_core::bail!("fused cross-entropy needs f32 logits"),
-    };
-    match layout.contiguous_offsets() {
-        Some((a, b)) => Ok(&data[a..b]),
-        None => candle_core::bail!("fused cross-entropy needs contiguous logits"),
-    }
-}
-
 impl CustomOp1 for CrossEntropy {
     fn name(&self) -> &'static str {
         "fused-cross-entropy"
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let x = contiguous_f32(storage, layout)?;
+        let x = contiguous_f32(storage, layout, NAME)?;
         let v = self.vocab;
         let total: f64 = x
             .par_chunks(v)
@@ -54,24 +46,21 @@ impl CustomOp1 for CrossEntropy {
 
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> candle_core::Result<Option<Tensor>> {
         let g = grad_res.to_dtype(candle_core::DType::F32)?.to_scalar::<f32>()? / self.count as f32;
-        let arg = arg.contiguous()?;
-        let (storage, layout) = arg.storage_and_layout();
-        let x = match &*storage {
-            Storage::Cpu(s) => contiguous_f32(s, layout)?,
-            _ => candle_core::bail!("fused cross-entropy runs on the CPU"),
-        };
         let v = self.vocab;
-        let mut grad = vec![0f32; x.len()];
-        grad.par_chunks_mut(v).zip(x.par_chunks(v)).zip(self.targets.par_iter()).for_each(|((out, row), &t)| {
-            if t == IGNORE {
-                return;
-            }
-            let lse = row_lse(row);
-            for (o, &xi) in out.iter_mut().zip(row) {
-                *o = (xi - lse).exp() * g;
-            }
-            out[t as usize] -= g;
-        });
+        let grad = with_f32(arg, NAME, |x| {
+            let mut grad = vec![0f32; x.len()];
+            grad.par_chunks_mut(v).zip(x.par_chunks(v)).zip(self.targets.par_iter()).for_each(|((out, row), &t)| {
+                if t == IGNORE {
+                    return;
+                }
+                let lse = row_lse(row);
+                for (o, &xi) in out.iter_mut().zip(row) {
+                    *o = (xi - lse).exp() * g;
+                }
+                out[t as usize] -= g;
+            });
+            Ok(grad)
+        })?;
         Ok(Some(Tensor::from_vec(grad, arg.shape(), arg.device())?))
     }
 }

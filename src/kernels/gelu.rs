@@ -29,12 +29,8 @@ fn gelu_grad(x: f32, act: Activation) -> f32 {
 }
 
 fn map(storage: &CpuStorage, layout: &Layout, f: impl Fn(f32) -> f32 + Sync) -> candle_core::Result<(CpuStorage, Shape)> {
-    let data = match storage {
-        CpuStorage::F32(v) => v.as_slice(),
-        _ => candle_core::bail!("fused gelu needs f32"),
-    };
-    let Some((a, b)) = layout.contiguous_offsets() else { candle_core::bail!("fused gelu needs a contiguous input") };
-    let out: Vec<f32> = data[a..b].par_iter().with_min_len(4096).map(|&x| f(x)).collect();
+    let data = crate::kernels::contiguous_f32(storage, layout, "fused gelu")?;
+    let out: Vec<f32> = data.par_iter().with_min_len(4096).map(|&x| f(x)).collect();
     Ok((CpuStorage::F32(out), layout.shape().clone()))
 }
 

@@ -2,24 +2,16 @@
 //! one-pass backward: dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat)),
 //! dw = sum over rows of dy * xhat, where dxhat = dy * w.
 
-use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Storage, Tensor};
+use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
 use crate::error::Result;
+use crate::kernels::{contiguous_f32, with_f32};
+
+const NAME: &str = "fused layer norm";
 
 struct LayerNormOp {
     eps: f32,
-}
-
-fn slice<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [f32]> {
-    let data = match s {
-        CpuStorage::F32(v) => v.as_slice(),
-        _ => candle_core::bail!("fused layer norm needs f32"),
-    };
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&data[a..b]),
-        None => candle_core::bail!("fused layer norm needs contiguous inputs"),
-    }
 }
 
 /// (mean, 1 / sqrt(var + eps)) of a row.
@@ -30,22 +22,13 @@ fn stats(row: &[f32], eps: f32) -> (f32, f32) {
     (mean, 1.0 / (var + eps).sqrt())
 }
 
-fn with_slice<T>(t: &Tensor, f: impl FnOnce(&[f32]) -> candle_core::Result<T>) -> candle_core::Result<T> {
-    let t = t.contiguous()?;
-    let (storage, layout) = t.storage_and_layout();
-    match &*storage {
-        Storage::Cpu(s) => f(slice(s, layout)?),
-        _ => candle_core::bail!("fused layer norm runs on the CPU"),
-    }
-}
-
 impl CustomOp2 for LayerNormOp {
     fn name(&self) -> &'static str {
         "fused-layer-norm"
     }
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (x, w) = (slice(s1, l1)?, slice(s2, l2)?);
+        let (x, w) = (contiguous_f32(s1, l1, NAME)?, contiguous_f32(s2, l2, NAME)?);
         let c = w.len();
         let mut y = vec![0f32; x.len()];
         y.par_chunks_mut(c).zip(x.par_chunks(c)).for_each(|(out, row)| {
@@ -59,9 +42,9 @@ impl CustomOp2 for LayerNormOp {
 
     fn bwd(&self, x: &Tensor, w: &Tensor, _res: &Tensor, dy: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
         let eps = self.eps;
-        let (dx, dw) = with_slice(x, |xs| {
-            with_slice(w, |ws| {
-                with_slice(dy, |dys| {
+        let (dx, dw) = with_f32(x, NAME, |xs| {
+            with_f32(w, NAME, |ws| {
+                with_f32(dy, NAME, |dys| {
                     let c = ws.len();
                     let mut dx = vec![0f32; xs.len()];
                     let dw = dx

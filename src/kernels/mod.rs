@@ -1,6 +1,30 @@
 //! Fused CPU kernels as candle custom ops, each with a backward pass and a gradient parity
 //! test against the composite candle version.
 
+use candle_core::{CpuStorage, Layout, Storage, Tensor};
+
 pub mod cross_entropy;
 pub mod gelu;
 pub mod layer_norm;
+
+/// The f32 elements of a contiguous CPU storage, or an error naming the kernel.
+pub(crate) fn contiguous_f32<'a>(storage: &'a CpuStorage, layout: &Layout, kernel: &str) -> candle_core::Result<&'a [f32]> {
+    let data = match storage {
+        CpuStorage::F32(v) => v.as_slice(),
+        _ => candle_core::bail!("{kernel} needs f32 inputs"),
+    };
+    match layout.contiguous_offsets() {
+        Some((a, b)) => Ok(&data[a..b]),
+        None => candle_core::bail!("{kernel} needs contiguous inputs"),
+    }
+}
+
+/// Runs `f` on the f32 elements of a CPU tensor (made contiguous first).
+pub(crate) fn with_f32<T>(t: &Tensor, kernel: &str, f: impl FnOnce(&[f32]) -> candle_core::Result<T>) -> candle_core::Result<T> {
+    let t = t.contiguous()?;
+    let (storage, layout) = t.storage_and_layout();
+    match &*storage {
+        Storage::Cpu(s) => f(contiguous_f32(s, layout, kernel)?),
+        _ => candle_core::bail!("{kernel} runs on the CPU"),
+    }
+}
