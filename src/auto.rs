@@ -90,11 +90,10 @@ impl GPT {
             return Self::from_pretrained(name);
         }
         // The legacy repo name "gpt2" is what older caches hold.
-        for id in [*repo, name] {
-            if let Some(snap) = hf_cache::cached_snapshot(id, "main") {
-                return Self::from_pretrained(snap);
-            }
+        let hub = crate::hub::HubClient::from_env();
+        if let Some(snap) = hub.cached_model(name, "main") {
+            return Self::from_pretrained(snap);
         }
-        Self::from_pretrained(crate::hub::HubClient::from_env().download_model(repo, "main")?)
+        Self::from_pretrained(hub.download_model(repo, "main")?)
     }
 }

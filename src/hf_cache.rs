@@ -40,21 +40,3 @@ pub fn is_repo_id(s: &str) -> bool {
                 && p.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
         })
 }
-
-/// The snapshot directory of `repo_id` at `revision` (a branch, tag or commit sha) when it
-/// is in the cache.
-pub fn cached_snapshot(repo_id: &str, revision: &str) -> Option<PathBuf> {
-    if !is_repo_id(repo_id) || revision.contains('/') && !revision.chars().all(|c| c.is_ascii_alphanumeric() || "-_./".contains(c)) {
-        return None;
-    }
-    let repo = hub_cache_dir().join(repo_folder_name(repo_id));
-    let commit = match std::fs::read_to_string(repo.join("refs").join(revision)) {
-        Ok(s) => s.trim().to_string(),
-        Err(_) => revision.to_string(),
-    };
-    if commit.is_empty() || commit.contains("..") || commit.contains('/') {
-        return None;
-    }
-    let snap = repo.join("snapshots").join(commit);
-    snap.join("config.json").is_file().then_some(snap)
-}

@@ -159,7 +159,7 @@ impl HubClient {
     }
 
     /// The cached snapshot of `repo` at `revision` if it holds a loadable model.
-    fn cached_model(&self, repo: &str, revision: &str) -> Option<PathBuf> {
+    pub fn cached_model(&self, repo: &str, revision: &str) -> Option<PathBuf> {
         let dir = self.repo_dir(repo);
         let sha = fs::read_to_string(dir.join("refs").join(revision)).map(|s| s.trim().to_string()).unwrap_or_else(|_| revision.to_string());
         if !safe_relative(&sha) || sha.contains('/') {

@@ -158,6 +158,19 @@ impl BinWriter {
     }
 }
 
+/// The tokenizer `opts` names; a character-level one is built from the characters `collect`
+/// gathers in a first pass over the input.
+fn make_tokenizer(opts: &PrepareOptions, bar: &ProgressBar, collect: impl FnOnce(&mut BTreeSet<char>) -> Result<()>) -> Result<Tokenizer> {
+    if opts.tokenizer != "char" {
+        return Tokenizer::from_spec(&opts.tokenizer, None);
+    }
+    bar.set_message("collecting characters");
+    let mut chars = BTreeSet::new();
+    collect(&mut chars)?;
+    bar.set_position(0);
+    Tokenizer::char_level_from_chars(chars)
+}
+
 /// The output directory being written: train.bin, val.bin, then meta.json and the tokenizer.
 struct Output {
     dir: AtomicDir,
@@ -212,19 +225,13 @@ pub fn prepare(opts: &PrepareOptions) -> Result<Meta> {
     let bar = if opts.progress { ProgressBar::new(total) } else { ProgressBar::hidden() };
     bar.set_style(ProgressStyle::with_template("{msg} {bar:30} {bytes}/{total_bytes} [{eta}]").expect("template"));
 
-    let tokenizer = if opts.tokenizer == "char" {
-        bar.set_message("collecting characters");
-        let mut chars = BTreeSet::new();
+    let tokenizer = make_tokenizer(opts, &bar, |chars| {
         for_each_chunk(&opts.inputs, |t| {
             chars.extend(t.chars());
             bar.inc(t.len() as u64);
             Ok(())
-        })?;
-        bar.set_position(0);
-        Tokenizer::char_level_from_chars(chars)?
-    } else {
-        Tokenizer::from_spec(&opts.tokenizer, None)?
-    };
+        })
+    })?;
     let mut out = Output::new(opts, &tokenizer)?;
     let (train, val) = (&mut out.train, &mut out.val);
     let split_at = ((1.0 - opts.val_fraction) * total as f64) as u64;
@@ -265,10 +272,8 @@ fn prepare_parquet(opts: &PrepareOptions) -> Result<Meta> {
     }
     let bar = if opts.progress { ProgressBar::new(total_rows) } else { ProgressBar::hidden() };
     bar.set_style(ProgressStyle::with_template("{msg} {bar:30} {pos}/{len} rows [{eta}]").expect("template"));
-    let tokenizer = if opts.tokenizer == "char" {
-        bar.set_message("collecting characters");
-        let mut chars = BTreeSet::new();
-        chars.insert('\n');
+    let tokenizer = make_tokenizer(opts, &bar, |chars| {
+        chars.insert('\n'); // the document separator
         for p in &opts.inputs {
             for_each_parquet_doc(p, col, |t| {
                 chars.extend(t.chars());
@@ -276,11 +281,8 @@ fn prepare_parquet(opts: &PrepareOptions) -> Result<Meta> {
                 Ok(())
             })?;
         }
-        bar.set_position(0);
-        Tokenizer::char_level_from_chars(chars)?
-    } else {
-        Tokenizer::from_spec(&opts.tokenizer, None)?
-    };
+        Ok(())
+    })?;
     let sep: Vec<u32> = match tokenizer.eos_token_id() {
         Some(id) => vec![id],
         None => tokenizer.encode("\n")?,
