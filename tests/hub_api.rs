@@ -1,21 +1,15 @@
 //! The library's push_to_hub and from_pretrained by repo id, against the stand-in Hub of
 //! tests/python (started as a subprocess; needs the Python environment of ./scripts/test).
 
+mod common;
+use common::python;
+
 use std::io::{BufRead, BufReader, Write};
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 
 use candle_core::{Device, Tensor};
 use nanomoe::{AutoModelForCausalLM, GPTConfig, GPT};
-
-fn python() -> PathBuf {
-    if let Some(p) = std::env::var_os("NANOMOE_PYTHON") {
-        return PathBuf::from(p);
-    }
-    let p = PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cache/nanomoe/venv-v1/bin/python");
-    assert!(p.is_file(), "no Python environment: run ./scripts/test once, or set NANOMOE_PYTHON");
-    p
-}
 
 #[test]
 fn push_to_hub_then_load_by_repo_id() {

@@ -2,6 +2,9 @@
 //! torch.optim.AdamW with the same decay groups, through nanomoe's remote code. Needs the
 //! Python environment of `./scripts/test` (NANOMOE_PYTHON, or ~/.cache/nanomoe/venv-v1).
 
+mod common;
+use common::python;
+
 use std::path::PathBuf;
 use std::process::Command;
 
@@ -10,15 +13,6 @@ use nanomoe::optim::{lr_at, AdamW, AdamWConfig};
 use nanomoe::train_step::train_step;
 use nanomoe::{GPTConfig, GPT};
 use rand::{rngs::StdRng, Rng, SeedableRng};
-
-fn python() -> PathBuf {
-    if let Some(p) = std::env::var_os("NANOMOE_PYTHON") {
-        return PathBuf::from(p);
-    }
-    let p = PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cache/nanomoe/venv-v1/bin/python");
-    assert!(p.is_file(), "no Python environment: run ./scripts/test once, or set NANOMOE_PYTHON");
-    p
-}
 
 type Micro = (Vec<Vec<i64>>, Vec<Vec<i64>>);
 
