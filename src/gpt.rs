@@ -12,13 +12,10 @@ use rand::{rngs::StdRng, SeedableRng};
 
 use crate::config::{Activation, GPTConfig};
 use crate::error::{input_err, Result};
+use crate::kernels::attention::{self, CausalMask};
 use crate::moe::{MoeCtx, MoeLayer, MoeStats, Routing};
 use crate::nn;
 use crate::params::{param_specs, ParamStore};
-
-/// Attention scores of masked positions are replaced by this (not -inf: a fully masked
-/// row, as a left-padding query has, then stays finite).
-const MASKED: f32 = -1e30;
 
 struct LayerNorm {
     w: Tensor,
@@ -53,7 +50,7 @@ fn opt(p: &ParamStore, name: &str) -> Result<Option<Tensor>> {
     Ok(if p.var(name).is_some() { Some(p.get(name)?) } else { None })
 }
 
-/// Keys and values of every layer for the tokens seen so far.
+/// Keys and values ([B, T, C] each, heads side by side) of every layer for the tokens seen so far.
 #[derive(Default, Clone)]
 pub struct KvCache {
     layers: Vec<Option<(Tensor, Tensor)>>,
@@ -66,7 +63,7 @@ impl KvCache {
     /// Number of cached positions.
     pub fn seq_len(&self) -> usize {
         match self.layers.first() {
-            Some(Some((k, _))) => k.dims()[2],
+            Some(Some((k, _))) => k.dims()[1],
             _ => 0,
         }
     }
@@ -89,31 +86,42 @@ struct CausalSelfAttention {
     n_head: usize,
 }
 
+/// The attention mask of one forward pass: as a tensor for the composite path, and as
+/// (past, left padding) for the fused kernel.
+struct Mask {
+    /// [B or 1, 1, T, T_total] of 1 = may attend.
+    tensor: Tensor,
+    causal: CausalMask,
+}
+
 impl CausalSelfAttention {
-    /// x: [B, T, C]; `mask`: [B or 1, 1, T, T_total] of 1 = may attend.
-    fn forward(&self, x: &Tensor, mask: &Tensor, cache: Option<&mut Option<(Tensor, Tensor)>>, ctx: &mut Ctx) -> Result<Tensor> {
-        let (b, t, c) = x.dims3()?;
-        let hd = c / self.n_head;
+    /// x: [B, T, C]. The fused kernel runs for f32 CPU tensors unless attention dropout is on
+    /// (or gradients are tracked through a KV cache); candle's composite ops otherwise.
+    fn forward(&self, x: &Tensor, mask: &Mask, cache: Option<&mut Option<(Tensor, Tensor)>>, ctx: &mut Ctx) -> Result<Tensor> {
+        let (_, _, c) = x.dims3()?;
         let qkv = self.c_attn.forward(x)?;
-        let heads = |i: usize| -> Result<Tensor> {
-            Ok(qkv.narrow(2, i * c, c)?.reshape((b, t, self.n_head, hd))?.transpose(1, 2)?.contiguous()?)
-        };
-        let (q, mut k, mut v) = (heads(0)?, heads(1)?, heads(2)?);
-        if let Some(slot) = cache {
-            if let Some((pk, pv)) = slot.as_ref() {
-                k = Tensor::cat(&[pk, &k], 2)?;
-                v = Tensor::cat(&[pv, &v], 2)?;
+        let attn_dropout = ctx.training && ctx.cfg.dropout > 0.0;
+        let fused = qkv.dtype() == DType::F32 && qkv.device().is_cpu() && !attn_dropout;
+        let y = match cache {
+            None if fused => attention::causal_attention(&qkv, self.n_head, mask.causal.clone())?,
+            cache => {
+                let q = qkv.narrow(2, 0, c)?;
+                let (mut k, mut v) = (qkv.narrow(2, c, c)?, qkv.narrow(2, 2 * c, c)?);
+                if let Some(slot) = cache {
+                    (k, v) = match slot.as_ref() {
+                        Some((pk, pv)) => (Tensor::cat(&[pk, &k], 1)?, Tensor::cat(&[pv, &v], 1)?),
+                        None => (k.contiguous()?, v.contiguous()?),
+                    };
+                    *slot = Some((k.clone(), v.clone()));
+                }
+                if fused && !(q.track_op() || k.track_op() || v.track_op()) {
+                    attention::cached_attention(&q, &k, &v, self.n_head, &mask.causal)?
+                } else {
+                    let drop = if attn_dropout { Some((ctx.cfg.dropout, &mut *ctx.rng)) } else { None };
+                    nn::attention_composite(&q, &k, &v, self.n_head, &mask.tensor, drop)?
+                }
             }
-            *slot = Some((k.clone(), v.clone()));
-        }
-        let att = (q.matmul(&k.t()?)? * (1.0 / (hd as f64).sqrt()))?;
-        let fill = Tensor::new(MASKED, x.device())?.to_dtype(att.dtype())?.broadcast_as(att.shape())?;
-        let att = mask.broadcast_as(att.shape())?.where_cond(&att, &fill)?;
-        let mut att = nn::softmax_last(&att)?;
-        if ctx.training && ctx.cfg.dropout > 0.0 {
-            att = nn::dropout(&att, ctx.cfg.dropout, ctx.rng)?;
-        }
-        let y = att.matmul(&v)?.transpose(1, 2)?.reshape((b, t, c))?;
+        };
         let mut y = self.c_proj.forward(&y)?;
         if ctx.training && ctx.cfg.dropout > 0.0 {
             y = nn::dropout(&y, ctx.cfg.dropout, ctx.rng)?;
@@ -151,7 +159,7 @@ struct Block {
 }
 
 impl Block {
-    fn forward(&self, x: &Tensor, mask: &Tensor, cache: Option<&mut Option<(Tensor, Tensor)>>, ctx: &mut Ctx, moe: &mut MoeTotals) -> Result<Tensor> {
+    fn forward(&self, x: &Tensor, mask: &Mask, cache: Option<&mut Option<(Tensor, Tensor)>>, ctx: &mut Ctx, moe: &mut MoeTotals) -> Result<Tensor> {
         let x = (x + self.attn.forward(&self.ln_1.forward(x)?, mask, cache, ctx)?)?;
         let h = self.ln_2.forward(&x)?;
         let y = match &self.mlp {
@@ -403,7 +411,10 @@ impl GPT {
                 }
             }
         }
-        let mask = Tensor::from_vec(mask, (mask_rows, 1, t, total), device)?;
+        let mask = Mask {
+            tensor: Tensor::from_vec(mask, (mask_rows, 1, t, total), device)?,
+            causal: CausalMask { past, pad: pad.map(<[usize]>::to_vec) },
+        };
         let flat: Vec<u32> = ids.iter().flatten().copied().collect();
         let tok = self.wte.index_select(&Tensor::from_vec(flat, b * t, device)?, 0)?;
         let pe = self.wpe.index_select(&Tensor::from_vec(pos, b * t, device)?, 0)?;

@@ -19,6 +19,7 @@
 //! - [`hub`]: loading by repo id from the HuggingFace Hub into the shared cache.
 //! - [`hub_upload`]: `push_to_hub`: create, preupload, LFS upload, NDJSON commit.
 //! - [`hf_cache`]: the local HuggingFace cache shared with Python.
+//! - [`runtime`]: thread count and allocator settings for the CPU backend.
 //! - [`error`]: the error type.
 
 pub mod auto;
@@ -36,6 +37,7 @@ pub mod moe;
 pub mod nn;
 pub mod optim;
 pub mod params;
+pub mod runtime;
 pub mod tokenizer;
 pub mod train;
 pub mod train_step;

@@ -61,6 +61,31 @@ pub fn gelu_composite(x: &Tensor, act: Activation) -> Result<Tensor> {
     })
 }
 
+/// Attention scores of masked positions are replaced by this (not -inf: a fully masked
+/// row, as a left-padding query has, then stays finite).
+const MASKED: f32 = -1e30;
+
+/// Multi-head attention from candle ops (the reference of the fused kernel's tests, and the
+/// path for other dtypes, attention dropout, and gradients through a KV cache):
+/// q [B, Tq, C], k and v [B, Tk, C], `mask` [B or 1, 1, Tq, Tk] of 1 = may attend.
+pub fn attention_composite(q: &Tensor, k: &Tensor, v: &Tensor, n_head: usize, mask: &Tensor, dropout: Option<(f64, &mut rand::rngs::StdRng)>) -> Result<Tensor> {
+    let (b, tq, c) = q.dims3()?;
+    let hd = c / n_head;
+    let heads = |x: &Tensor| -> Result<Tensor> {
+        let t = x.dim(1)?;
+        Ok(x.reshape((b, t, n_head, hd))?.transpose(1, 2)?.contiguous()?)
+    };
+    let (q, k, v) = (heads(q)?, heads(k)?, heads(v)?);
+    let att = (q.matmul(&k.t()?)? * (1.0 / (hd as f64).sqrt()))?;
+    let fill = Tensor::new(MASKED, q.device())?.to_dtype(att.dtype())?.broadcast_as(att.shape())?;
+    let att = mask.broadcast_as(att.shape())?.where_cond(&att, &fill)?;
+    let mut att = softmax_last(&att)?;
+    if let Some((p, rng)) = dropout {
+        att = self::dropout(&att, p, rng)?;
+    }
+    Ok(att.matmul(&v)?.transpose(1, 2)?.reshape((b, tq, c))?)
+}
+
 /// Numerically stable softmax over the last dimension.
 pub fn softmax_last(x: &Tensor) -> Result<Tensor> {
     let max = x.max_keepdim(D::Minus1)?.detach();
@@ -240,6 +265,62 @@ mod tests {
             let d = (ga.get(&x).unwrap() - gb.get(&x).unwrap()).unwrap().abs().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
             assert!(d < 2e-5, "{act:?} gradients differ by {d}");
         }
+    }
+
+    /// A [rows, 1, tq, tk] mask tensor as the model builds it.
+    fn mask_tensor(rows: usize, tq: usize, tk: usize, pad: &[usize]) -> Tensor {
+        let past = tk - tq;
+        let mut m = Vec::new();
+        for r in 0..rows {
+            for i in 0..tq {
+                for j in 0..tk {
+                    m.push(u8::from(j <= past + i && j >= pad.get(r).copied().unwrap_or(0)));
+                }
+            }
+        }
+        Tensor::from_vec(m, (rows, 1, tq, tk), &Device::Cpu).unwrap()
+    }
+
+    #[test]
+    fn fused_attention_matches_composite_values_and_gradients() {
+        use crate::kernels::attention::{cached_attention, causal_attention, CausalMask};
+        use rand::{rngs::StdRng, Rng, SeedableRng};
+        let mut rng = StdRng::seed_from_u64(2);
+        let (b, tl, h, hd) = (3, 11, 4, 8);
+        let c = h * hd;
+        let max = |a: &Tensor, b: &Tensor| (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+        let data: Vec<f32> = (0..b * tl * 3 * c).map(|_| rng.random_range(-2.0..2.0)).collect();
+        let gd: Vec<f32> = (0..b * tl * c).map(|_| rng.random_range(-1.0..1.0)).collect();
+        let gy = t(&gd, &[b, tl, c]);
+        // No padding; then left padding with a fully padded query row (row 1 pads 4).
+        for pad in [None, Some(vec![0usize, 4, 10])] {
+            let qkv = Var::from_tensor(&t(&data, &[b, tl, 3 * c])).unwrap();
+            let mask = CausalMask { past: 0, pad: pad.clone() };
+            let fused = causal_attention(&qkv, h, mask).unwrap();
+            let rows = if pad.is_some() { b } else { 1 };
+            let mt = mask_tensor(rows, tl, tl, pad.as_deref().unwrap_or(&[]));
+            let (q, k, v) = (qkv.narrow(2, 0, c).unwrap(), qkv.narrow(2, c, c).unwrap(), qkv.narrow(2, 2 * c, c).unwrap());
+            let comp = attention_composite(&q, &k, &v, h, &mt, None).unwrap();
+            let dv = max(&fused, &comp);
+            assert!(dv < 1e-5, "pad {pad:?}: values differ by {dv}");
+            let gf = fused.mul(&gy).unwrap().sum_all().unwrap().backward().unwrap();
+            let gc = comp.mul(&gy).unwrap().sum_all().unwrap().backward().unwrap();
+            let (gf, gc) = (gf.get(&qkv).unwrap(), gc.get(&qkv).unwrap());
+            let dg = max(gf, gc);
+            assert!(dg < 1e-5, "pad {pad:?}: gradients differ by {dg}");
+            assert!(gf.abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap() > 1.0);
+        }
+        // Cached keys: 4 new queries after 7 cached positions, with padding.
+        let (tq, tk) = (4, 11);
+        let r = |n: usize, rng: &mut StdRng| -> Vec<f32> { (0..n).map(|_| rng.random_range(-2.0..2.0)).collect() };
+        let q = t(&r(b * tq * c, &mut rng), &[b, tq, c]);
+        let k = t(&r(b * tk * c, &mut rng), &[b, tk, c]);
+        let v = t(&r(b * tk * c, &mut rng), &[b, tk, c]);
+        let pad = vec![0usize, 3, 9];
+        let fused = cached_attention(&q, &k, &v, h, &CausalMask { past: tk - tq, pad: Some(pad.clone()) }).unwrap();
+        let comp = attention_composite(&q, &k, &v, h, &mask_tensor(b, tq, tk, &pad), None).unwrap();
+        let d = max(&fused, &comp);
+        assert!(d < 1e-5, "cached: values differ by {d}");
     }
 
     #[test]

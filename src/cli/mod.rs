@@ -18,6 +18,9 @@ struct Cli {
     /// Revision (branch, tag or commit) for MODEL arguments that are Hub repo ids.
     #[arg(long, global = true, default_value = "main")]
     revision: String,
+    /// Compute threads (0 = RAYON_NUM_THREADS when set, else one per core).
+    #[arg(long, global = true, default_value_t = 0)]
+    threads: usize,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -226,6 +229,8 @@ pub fn run() -> Result<()> {
         }
     };
     let _ = REVISION.set(cli.revision.clone());
+    nanomoe::runtime::set_threads(cli.threads);
+    nanomoe::runtime::keep_freed_memory();
     match cli.cmd {
         Cmd::New { config, out, seed, dtype, max_shard_size } => cmd_new(config.as_deref(), &out, seed, &dtype, &max_shard_size),
         Cmd::Info { model, json } => cmd_info(&model, json),

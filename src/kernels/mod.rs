@@ -3,6 +3,7 @@
 
 use candle_core::{CpuStorage, Layout, Storage, Tensor};
 
+pub mod attention;
 pub mod cross_entropy;
 pub mod gelu;
 pub mod layer_norm;

@@ -196,9 +196,7 @@ impl Log {
 /// Trains as the settings say; returns what happened.
 pub fn train(resolved: &Resolved) -> Result<Outcome> {
     let s = &resolved.train;
-    if s.threads > 0 {
-        std::env::set_var("RAYON_NUM_THREADS", s.threads.to_string());
-    }
+    crate::runtime::set_threads(s.threads);
     let device = Device::Cpu;
     let out_dir = PathBuf::from(&s.out_dir);
     let resuming = s.init_from == "resume";

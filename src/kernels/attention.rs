@@ -1,0 +1,264 @@
+//! Causal self-attention fused per (batch row, head): scores, mask, softmax and the weighted
+//! sum of values in one task, reading q, k and v where the c_attn projection wrote them
+//! ([B, T, 3C], head h in columns h*hd..) and writing y as [B, T, C] - no head transposes,
+//! no mask tensor, no [B, H, T, T] score tensors kept between forward and backward.
+//!
+//! Forward keeps only the log-sum-exp of each score row ([B, H, T]); the backward recomputes
+//! the probabilities from it (as FlashAttention does, Dao et al. 2022, sec. 3.1) and applies
+//!   dV = P^T dO,  dP = dO V^T,  dS = P * (dP - rowsum(dP * P)) * scale,
+//!   dQ = dS K,    dK = dS^T Q.
+//! The matrix products go through the `gemm` crate (the one candle uses) with strides, one
+//! thread per task; tasks run in parallel on rayon's pool.
+
+use std::sync::Mutex;
+
+use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
+use gemm::Parallelism;
+use rayon::prelude::*;
+
+use crate::error::Result;
+use crate::kernels::{contiguous_f32, with_f32};
+
+const NAME: &str = "fused attention";
+
+/// Which keys each query may attend to: query i of batch row b sits at position `past + i`
+/// and sees keys j with `pad[b] <= j <= past + i`. A query that sees no key at all (a
+/// left-padding position) attends uniformly to every key, as the composite version's
+/// finite mask fill gives, and passes no gradient to the scores.
+#[derive(Debug, Clone, Default)]
+pub struct CausalMask {
+    pub past: usize,
+    pub pad: Option<Vec<usize>>,
+}
+
+impl CausalMask {
+    /// Visible keys [lo, hi) of query i in row b, out of `tk`; empty when lo >= hi.
+    fn range(&self, b: usize, i: usize, tk: usize) -> (usize, usize) {
+        let lo = self.pad.as_ref().map(|p| p[b]).unwrap_or(0);
+        (lo, (self.past + i + 1).min(tk))
+    }
+}
+
+/// Where q, k or v lives in a flat buffer: element (b, t, h * hd + d) is at
+/// `off + b * bs + t * rs + h * hd + d`.
+#[derive(Clone, Copy)]
+struct View {
+    off: usize,
+    bs: usize,
+    rs: usize,
+}
+
+#[derive(Clone, Copy)]
+struct Dims {
+    b: usize,
+    tq: usize,
+    tk: usize,
+    h: usize,
+    hd: usize,
+}
+
+/// A raw pointer that tasks writing disjoint parts of one buffer may share.
+#[derive(Clone, Copy)]
+struct Out(*mut f32);
+unsafe impl Send for Out {}
+unsafe impl Sync for Out {}
+
+/// dst[m x n] (+)= lhs[m x k] * rhs[k x n]; strides in elements (row, column).
+#[allow(clippy::too_many_arguments)]
+unsafe fn mm(m: usize, n: usize, k: usize, dst: *mut f32, dst_rs: usize, accumulate: bool, lhs: *const f32, lhs_rs: usize, lhs_cs: usize, rhs: *const f32, rhs_rs: usize, rhs_cs: usize) {
+    gemm::gemm(
+        m,
+        n,
+        k,
+        dst,
+        1,
+        dst_rs as isize,
+        accumulate,
+        lhs,
+        lhs_cs as isize,
+        lhs_rs as isize,
+        rhs,
+        rhs_cs as isize,
+        rhs_rs as isize,
+        1.0,
+        1.0,
+        false,
+        false,
+        false,
+        Parallelism::None,
+    )
+}
+
+/// Probabilities of the scores in `s` (one [tq, tk] block, in place) for row b. Returns each
+/// row's log-sum-exp, or uses the given one (backward) instead of recomputing it.
+fn softmax_rows(s: &mut [f32], b: usize, d: Dims, mask: &CausalMask, scale: f32, lse: &mut [f32], given: bool) {
+    for i in 0..d.tq {
+        let row = &mut s[i * d.tk..(i + 1) * d.tk];
+        let (lo, hi) = mask.range(b, i, d.tk);
+        if lo >= hi {
+            row.fill(1.0 / d.tk as f32);
+            lse[i] = f32::NAN;
+            continue;
+        }
+        row[..lo].fill(0.0);
+        row[hi..].fill(0.0);
+        let vis = &mut row[lo..hi];
+        if given {
+            let l = lse[i];
+            vis.iter_mut().for_each(|v| *v = (*v * scale - l).exp());
+        } else {
+            let max = vis.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v)) * scale;
+            let mut sum = 0f32;
+            for v in vis.iter_mut() {
+                *v = (*v * scale - max).exp();
+                sum += *v;
+            }
+            let inv = 1.0 / sum;
+            vis.iter_mut().for_each(|v| *v *= inv);
+            lse[i] = max + sum.ln();
+        }
+    }
+}
+
+/// y [B, tq, C] (and the [B, H, tq] log-sum-exp) from q, k, v.
+fn forward(qd: &[f32], q: View, kd: &[f32], k: View, vd: &[f32], v: View, d: Dims, mask: &CausalMask, scale: f32) -> (Vec<f32>, Vec<f32>) {
+    let c = d.h * d.hd;
+    let mut y = vec![0f32; d.b * d.tq * c];
+    let mut lse = vec![0f32; d.b * d.h * d.tq];
+    let yp = Out(y.as_mut_ptr());
+    lse.par_chunks_mut(d.tq).enumerate().for_each(|(task, lse)| {
+        let (b, h) = (task / d.h, task % d.h);
+        let mut s = vec![0f32; d.tq * d.tk];
+        unsafe {
+            let qp = qd.as_ptr().add(q.off + b * q.bs + h * d.hd);
+            let kp = kd.as_ptr().add(k.off + b * k.bs + h * d.hd);
+            let vp = vd.as_ptr().add(v.off + b * v.bs + h * d.hd);
+            mm(d.tq, d.tk, d.hd, s.as_mut_ptr(), d.tk, false, qp, q.rs, 1, kp, 1, k.rs);
+            softmax_rows(&mut s, b, d, mask, scale, lse, false);
+            let yp = yp;
+            mm(d.tq, d.hd, d.tk, yp.0.add(b * d.tq * c + h * d.hd), c, false, s.as_ptr(), d.tk, 1, vp, v.rs, 1);
+        }
+    });
+    (y, lse)
+}
+
+/// The training-path op: qkv [B, T, 3C] -> y [B, T, C], no cache.
+struct CausalAttention {
+    n_head: usize,
+    mask: CausalMask,
+    lse: Mutex<Option<Vec<f32>>>,
+}
+
+impl CausalAttention {
+    fn geometry(&self, dims: &[usize]) -> candle_core::Result<(Dims, View, View, View)> {
+        let &[b, t, c3] = dims else { candle_core::bail!("{NAME}: qkv must be [B, T, 3C], got {dims:?}") };
+        let c = c3 / 3;
+        if c3 % 3 != 0 || c % self.n_head != 0 {
+            candle_core::bail!("{NAME}: qkv width {c3} is not 3 * n_head * head_dim");
+        }
+        if let Some(p) = &self.mask.pad {
+            if p.len() != b {
+                candle_core::bail!("{NAME}: {} padding lengths for batch size {b}", p.len());
+            }
+        }
+        let d = Dims { b, tq: t, tk: t, h: self.n_head, hd: c / self.n_head };
+        let view = |off| View { off, bs: t * c3, rs: c3 };
+        Ok((d, view(0), view(c), view(2 * c)))
+    }
+
+    fn scale(d: Dims) -> f32 {
+        1.0 / (d.hd as f32).sqrt()
+    }
+}
+
+impl CustomOp1 for CausalAttention {
+    fn name(&self) -> &'static str {
+        "fused-causal-attention"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = contiguous_f32(s, l, NAME)?;
+        let (d, q, k, v) = self.geometry(l.dims())?;
+        let (y, lse) = forward(x, q, x, k, x, v, d, &self.mask, Self::scale(d));
+        *self.lse.lock().unwrap_or_else(|e| e.into_inner()) = Some(lse);
+        Ok((CpuStorage::F32(y), Shape::from((d.b, d.tq, d.h * d.hd))))
+    }
+
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let (d, q, k, v) = self.geometry(arg.dims())?;
+        let scale = Self::scale(d);
+        let c = d.h * d.hd;
+        let dqkv = with_f32(arg, NAME, |x| {
+            let saved = self.lse.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            let lse = match saved {
+                Some(l) => l,
+                None => forward(x, q, x, k, x, v, d, &self.mask, scale).1,
+            };
+            with_f32(grad, NAME, |dy| {
+                let mut dx = vec![0f32; x.len()];
+                let dp_out = Out(dx.as_mut_ptr());
+                (0..d.b * d.h).into_par_iter().for_each(|task| {
+                    let (b, h) = (task / d.h, task % d.h);
+                    let mut lse_row = lse[task * d.tq..(task + 1) * d.tq].to_vec();
+                    let mut p = vec![0f32; d.tq * d.tk];
+                    let mut ds = vec![0f32; d.tq * d.tk];
+                    unsafe {
+                        let head = |w: View| b * w.bs + w.off + h * d.hd;
+                        let (qp, kp, vp) = (x.as_ptr().add(head(q)), x.as_ptr().add(head(k)), x.as_ptr().add(head(v)));
+                        let dop = dy.as_ptr().add(b * d.tq * c + h * d.hd);
+                        let out = dp_out;
+                        let (dq, dk, dv) = (out.0.add(head(q)), out.0.add(head(k)), out.0.add(head(v)));
+                        mm(d.tq, d.tk, d.hd, p.as_mut_ptr(), d.tk, false, qp, q.rs, 1, kp, 1, k.rs);
+                        softmax_rows(&mut p, b, d, &self.mask, scale, &mut lse_row, true);
+                        // dV = P^T dO
+                        mm(d.tk, d.hd, d.tq, dv, v.rs, false, p.as_ptr(), 1, d.tk, dop, c, 1);
+                        // dP = dO V^T
+                        mm(d.tq, d.tk, d.hd, ds.as_mut_ptr(), d.tk, false, dop, c, 1, vp, 1, v.rs);
+                        for i in 0..d.tq {
+                            let (lo, hi) = self.mask.range(b, i, d.tk);
+                            let prow = &p[i * d.tk..(i + 1) * d.tk];
+                            let srow = &mut ds[i * d.tk..(i + 1) * d.tk];
+                            if lo >= hi {
+                                srow.fill(0.0);
+                                continue;
+                            }
+                            let dot: f32 = srow[lo..hi].iter().zip(&prow[lo..hi]).map(|(a, b)| a * b).sum();
+                            for j in 0..d.tk {
+                                srow[j] = if j >= lo && j < hi { prow[j] * (srow[j] - dot) * scale } else { 0.0 };
+                            }
+                        }
+                        // dQ = dS K, dK = dS^T Q
+                        mm(d.tq, d.hd, d.tk, dq, q.rs, false, ds.as_ptr(), d.tk, 1, kp, k.rs, 1);
+                        mm(d.tk, d.hd, d.tq, dk, k.rs, false, ds.as_ptr(), 1, d.tk, qp, q.rs, 1);
+                    }
+                });
+                Ok(dx)
+            })
+        })?;
+        Ok(Some(Tensor::from_vec(dqkv, arg.shape(), arg.device())?))
+    }
+}
+
+/// Causal self-attention of an f32 CPU `qkv` [B, T, 3C] (the c_attn output, heads side by side)
+/// into y [B, T, C], with a backward pass.
+pub fn causal_attention(qkv: &Tensor, n_head: usize, mask: CausalMask) -> Result<Tensor> {
+    Ok(qkv.contiguous()?.apply_op1(CausalAttention { n_head, mask, lse: Mutex::new(None) })?)
+}
+
+/// Attention of new queries q [B, tq, C] over cached keys and values k, v [B, tk, C]
+/// (inference: no backward; callers use the composite version when gradients are tracked).
+pub fn cached_attention(q: &Tensor, k: &Tensor, v: &Tensor, n_head: usize, mask: &CausalMask) -> Result<Tensor> {
+    let (b, tq, c) = q.dims3()?;
+    let tk = k.dim(1)?;
+    let d = Dims { b, tq, tk, h: n_head, hd: c / n_head };
+    let y = with_f32(q, NAME, |qd| {
+        with_f32(k, NAME, |kd| {
+            with_f32(v, NAME, |vd| {
+                let qv = View { off: 0, bs: tq * c, rs: c };
+                let kv = View { off: 0, bs: tk * c, rs: c };
+                Ok(forward(qd, qv, kd, kv, vd, kv, d, mask, 1.0 / (d.hd as f32).sqrt()).0)
+            })
+        })
+    })?;
+    Ok(Tensor::from_vec(y, (b, tq, c), q.device())?)
+}
