@@ -312,6 +312,29 @@ impl GPT {
         })
     }
 
+    /// For inference: stores the weight matrices (embeddings, attention, MLPs, experts; not
+    /// the router, which nanoMoE keeps in f32, nor biases and norms) in `dtype`. With bf16
+    /// the weights take half the memory and decoding, which streams every weight once per
+    /// token, about half the time; activations and accumulation stay f32. Not for training.
+    pub fn with_weight_dtype(self, dtype: DType) -> Result<GPT> {
+        if !matches!(dtype, DType::F32 | DType::BF16) {
+            return Err(input_err!("weight dtype must be f32 or bf16, got {dtype:?}"));
+        }
+        let pick = |name: &str, t: &Tensor| t.rank() >= 2 && !name.contains(".router.") && !name.ends_with("_bias");
+        let params = self.params.with_dtype(dtype, pick)?;
+        let (config, training, routing) = (self.config.clone(), self.training, self.routing);
+        drop(self);
+        let mut gpt = Self::from_params(config, params)?;
+        gpt.training = training;
+        gpt.routing = routing;
+        Ok(gpt)
+    }
+
+    /// The dtype the weight matrices are stored in (see [`GPT::with_weight_dtype`]).
+    pub fn weight_dtype(&self) -> DType {
+        self.wte.dtype()
+    }
+
     pub fn params(&self) -> &ParamStore {
         &self.params
     }
@@ -416,8 +439,9 @@ impl GPT {
             causal: CausalMask { past, pad: pad.map(<[usize]>::to_vec) },
         };
         let flat: Vec<u32> = ids.iter().flatten().copied().collect();
-        let tok = self.wte.index_select(&Tensor::from_vec(flat, b * t, device)?, 0)?;
-        let pe = self.wpe.index_select(&Tensor::from_vec(pos, b * t, device)?, 0)?;
+        // Activations are f32 whatever the weights are stored in.
+        let tok = self.wte.index_select(&Tensor::from_vec(flat, b * t, device)?, 0)?.to_dtype(DType::F32)?;
+        let pe = self.wpe.index_select(&Tensor::from_vec(pos, b * t, device)?, 0)?.to_dtype(DType::F32)?;
         let mut x = (tok + pe)?.reshape((b, t, self.config.n_embd))?;
 
         let mut rng = self.rng.lock().unwrap_or_else(|e| e.into_inner());

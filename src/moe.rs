@@ -223,6 +223,27 @@ impl MoeLayer {
         let fw = Tensor::from_vec(fw, (n, self.k), device)?;
         let aux_loss = ((probs.mul(&fw)?.sum_all()? * (self.n_exp as f64 / n as f64))?).to_dtype(DType::F32)?;
 
+        let y = if ctx.training {
+            self.experts_batched(&x_flat, &plan, &probs, ctx)?
+        } else {
+            self.experts_grouped(&x_flat, &plan, &probs)?
+        };
+
+        let stats = MoeStats {
+            layer: self.layer,
+            tokens_per_expert: plan.tokens_per_expert(),
+            dropped: plan.dropped(),
+            assignments: plan.experts.len(),
+            router_entropy: mean_entropy(&logits_host),
+        };
+        Ok(MoeOutput { y: y.reshape((b, t, c))?, aux_loss, z_loss, stats })
+    }
+    /// Training path: every expert runs on an [E, capacity, C] batch gathered by index
+    /// (empty slots read a zero row), outputs are scattered back with `index_add`.
+    fn experts_batched(&self, x: &Tensor, plan: &RoutingPlan, probs: &Tensor, ctx: &mut MoeCtx) -> Result<Tensor> {
+        let (n, c) = x.dims2()?;
+        let device = x.device();
+        let x_flat = x;
         // ---- dispatch: [E, cap, C] batch gathered from x (row N is zeros) ----
         let cap = plan.capacity;
         let mut disp = vec![n as u32; self.n_exp * cap];
@@ -238,17 +259,17 @@ impl MoeLayer {
                 kept_tok.push((pair / self.k) as u32);
             }
         }
-        let x_ext = Tensor::cat(&[&x_flat, &Tensor::zeros((1, c), x.dtype(), device)?], 0)?;
+        let x_ext = Tensor::cat(&[x_flat, &Tensor::zeros((1, c), x.dtype(), device)?], 0)?;
         let disp = Tensor::from_vec(disp, self.n_exp * cap, device)?;
         let xe = x_ext.index_select(&disp, 0)?.reshape((self.n_exp, cap, c))?;
-        let mut h = xe.matmul(&self.c_fc)?;
+        let mut h = xe.matmul(&self.c_fc.to_dtype(x.dtype())?)?;
         if let Some(bias) = &self.fc_bias {
-            h = h.broadcast_add(bias)?;
+            h = h.broadcast_add(&bias.to_dtype(x.dtype())?)?;
         }
         let h = nn::gelu(&h, self.act)?;
-        let mut ye = h.matmul(&self.c_proj)?;
+        let mut ye = h.matmul(&self.c_proj.to_dtype(x.dtype())?)?;
         if let Some(bias) = &self.proj_bias {
-            ye = ye.broadcast_add(bias)?;
+            ye = ye.broadcast_add(&bias.to_dtype(x.dtype())?)?;
         }
         if ctx.training && self.dropout > 0.0 {
             if let Some(rng) = ctx.rng.as_deref_mut() {
@@ -259,7 +280,7 @@ impl MoeLayer {
 
         // ---- combine: y[t] = sum_j prob(t, j) * expert_out(slot(t, j)) ----
         let m = kept_pair.len();
-        let y = if m == 0 {
+        Ok(if m == 0 {
             Tensor::zeros((n, c), x.dtype(), device)?
         } else {
             let rows = ye.index_select(&Tensor::from_vec(kept_slot, m, device)?, 0)?;
@@ -269,16 +290,44 @@ impl MoeLayer {
                 .to_dtype(x.dtype())?;
             let contrib = rows.broadcast_mul(&w.unsqueeze(1)?)?;
             Tensor::zeros((n, c), x.dtype(), device)?.index_add(&Tensor::from_vec(kept_tok, m, device)?, &contrib, 0)?
-        };
+        })
 
-        let stats = MoeStats {
-            layer: self.layer,
-            tokens_per_expert: plan.tokens_per_expert(),
-            dropped: plan.dropped(),
-            assignments: plan.experts.len(),
-            router_entropy: mean_entropy(&logits_host),
-        };
-        Ok(MoeOutput { y: y.reshape((b, t, c))?, aux_loss, z_loss, stats })
+    }
+
+    /// Inference path: only the experts that received tokens run, each on exactly its
+    /// tokens (no capacity padding), so decoding one token reads k experts' weights, not all.
+    fn experts_grouped(&self, x: &Tensor, plan: &RoutingPlan, probs: &Tensor) -> Result<Tensor> {
+        let (n, c) = x.dims2()?;
+        let device = x.device();
+        let mut per_expert: Vec<(Vec<u32>, Vec<u32>)> = vec![(Vec::new(), Vec::new()); self.n_exp];
+        for (pair, (&e, s)) in plan.experts.iter().zip(&plan.slots).enumerate() {
+            if s.is_some() {
+                per_expert[e as usize].0.push((pair / self.k) as u32);
+                per_expert[e as usize].1.push(pair as u32);
+            }
+        }
+        let probs = probs.flatten_all()?;
+        let mut y = Tensor::zeros((n, c), x.dtype(), device)?;
+        for (e, (toks, pairs)) in per_expert.into_iter().enumerate() {
+            if toks.is_empty() {
+                continue;
+            }
+            let m = toks.len();
+            let toks = Tensor::from_vec(toks, m, device)?;
+            let xe = if m == n && n == 1 { x.clone() } else { x.index_select(&toks, 0)? };
+            let mut h = nn::matmul_kn(&xe, &self.c_fc.get(e)?)?;
+            if let Some(bias) = &self.fc_bias {
+                h = h.broadcast_add(&bias.get(e)?.to_dtype(x.dtype())?)?;
+            }
+            let h = nn::gelu(&h, self.act)?;
+            let mut ye = nn::matmul_kn(&h, &self.c_proj.get(e)?)?;
+            if let Some(bias) = &self.proj_bias {
+                ye = ye.broadcast_add(&bias.get(e)?.to_dtype(x.dtype())?)?;
+            }
+            let w = probs.index_select(&Tensor::from_vec(pairs, m, device)?, 0)?.to_dtype(x.dtype())?;
+            y = y.index_add(&toks, &ye.broadcast_mul(&w.unsqueeze(1)?)?, 0)?;
+        }
+        Ok(y)
     }
 }
 

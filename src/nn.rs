@@ -11,11 +11,18 @@ use crate::error::Result;
 
 /// `x @ w^T + b` with `w` stored as torch's nn.Linear does: [out, in].
 /// `x` may have any number of leading dimensions.
+/// A few rows (decoding) of an f32 CPU `x` go through the weight-streaming kernel; `w` may
+/// be stored in another dtype than `x` (bf16 inference weights), products stay in x's dtype.
 pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
     let dims = x.dims();
     let in_dim = dims[dims.len() - 1];
     let lead: usize = dims[..dims.len() - 1].iter().product();
-    let y = x.reshape((lead, in_dim))?.matmul(&w.t()?)?;
+    let x2 = x.reshape((lead, in_dim))?;
+    let y = if lead <= crate::kernels::matvec::MAX_ROWS && x.dtype() == DType::F32 && x.device().is_cpu() && matches!(w.dtype(), DType::F32 | DType::BF16) {
+        crate::kernels::matvec::linear_nk(&x2, w)?
+    } else {
+        x2.matmul(&w.to_dtype(x.dtype())?.t()?)?
+    };
     let y = match b {
         Some(b) => y.broadcast_add(b)?,
         None => y,
@@ -59,6 +66,16 @@ pub fn gelu_composite(x: &Tensor, act: Activation) -> Result<Tensor> {
         Activation::GeluTanh => x.gelu()?,
         Activation::GeluErf => x.gelu_erf()?,
     })
+}
+
+/// `x [M, K] @ w` for w [K, N] (an expert's matrix), with the same choice of kernel as
+/// [`linear`].
+pub fn matmul_kn(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    let (m, _) = x.dims2()?;
+    if m <= crate::kernels::matvec::MAX_ROWS && x.dtype() == DType::F32 && x.device().is_cpu() && matches!(w.dtype(), DType::F32 | DType::BF16) {
+        return crate::kernels::matvec::matmul_kn(x, w);
+    }
+    Ok(x.matmul(&w.to_dtype(x.dtype())?)?)
 }
 
 /// Attention scores of masked positions are replaced by this (not -inf: a fully masked

@@ -145,6 +145,18 @@ impl ParamStore {
         Ok(ParamStore { vars, order })
     }
 
+    /// A copy with the tensors `pick` selects stored in `dtype` (bf16 inference weights);
+    /// the others are shared.
+    pub fn with_dtype(&self, dtype: DType, pick: impl Fn(&str, &Tensor) -> bool) -> Result<Self> {
+        let mut vars = BTreeMap::new();
+        for (name, v) in &self.vars {
+            let t = v.as_tensor();
+            let v = if pick(name, t) && t.dtype() != dtype { Var::from_tensor(&t.to_dtype(dtype)?)? } else { v.clone() };
+            vars.insert(name.clone(), v);
+        }
+        Ok(ParamStore { vars, order: self.order.clone() })
+    }
+
     /// Checks that the store holds exactly the specs' tensors with their shapes, and puts
     /// them in spec order.
     pub fn check_against(&mut self, specs: &[ParamSpec]) -> Result<()> {

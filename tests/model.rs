@@ -290,3 +290,57 @@ fn parameter_counts() {
     let dense = GPT::new(&GPTConfig { n_exp: 1, ..moe_cfg() }, &Device::Cpu).unwrap();
     assert_eq!(m.num_params(), dense.num_params() - dense_mlp + 4 * expert + 4 * d);
 }
+
+#[test]
+fn bf16_weights_compute_exactly_with_the_rounded_weights() {
+    for cfg in [dense_cfg(), moe_cfg()] {
+        let f32_model = GPT::new_seeded(&cfg, 5, &Device::Cpu).unwrap();
+        // The f32 model with every bf16-stored weight rounded to bf16 and back.
+        let bf16 = GPT::new_seeded(&cfg, 5, &Device::Cpu).unwrap().with_weight_dtype(DType::BF16).unwrap();
+        let rounded_params = bf16.params().with_dtype(DType::F32, |_, _| true).unwrap();
+        let rounded = GPT::from_params(cfg.clone(), rounded_params).unwrap();
+        assert_eq!(bf16.weight_dtype(), DType::BF16);
+        for (name, v) in bf16.params().iter() {
+            let want = if v.rank() >= 2 && !name.contains(".router.") && !name.ends_with("_bias") { DType::BF16 } else { DType::F32 };
+            assert_eq!(v.dtype(), want, "{name}");
+        }
+        let x = sample_ids();
+        // Whole sequences (matrix products) and single decoding steps (weight streaming).
+        assert!(max_diff(&logits(&bf16, &x), &logits(&rounded, &x)) < 1e-4);
+        let d_round = max_diff(&logits(&bf16, &x), &logits(&f32_model, &x));
+        assert!(d_round > 0.0 && d_round < 0.05, "bf16 rounding changes logits by {d_round}");
+        let prompt = ids(&[&[1, 2, 3], &[7, 8, 9]]);
+        let g = GenerationConfig::greedy(12);
+        assert_eq!(bf16.generate(&prompt, &g).unwrap(), rounded.generate(&prompt, &g).unwrap());
+        let uncached = GenerationConfig { use_cache: false, ..g.clone() };
+        assert_eq!(bf16.generate(&prompt, &g).unwrap(), bf16.generate(&prompt, &uncached).unwrap());
+        let mut cache = KvCache::new();
+        bf16.forward_step(&[vec![1, 2, 3]], Some(&mut cache), None).unwrap();
+        let step = bf16.forward_step(&[vec![4]], Some(&mut cache), None).unwrap();
+        let full = logits(&rounded, &ids(&[&[1, 2, 3, 4]])).get(0).unwrap().get(3).unwrap();
+        assert!(max_diff(&step.squeeze(0).unwrap(), &full) < 1e-4);
+    }
+}
+
+#[test]
+fn every_parameter_gets_a_gradient_in_eval_mode_too() {
+    // Inference paths (fused attention, per-expert MoE dispatch, weight streaming for short
+    // inputs) keep their backward passes.
+    for cfg in [dense_cfg(), moe_cfg()] {
+        let m = GPT::new_seeded(&cfg, 1, &Device::Cpu).unwrap();
+        for x in [ids(&[&(0..24).collect::<Vec<u32>>(), &(24..48).collect::<Vec<u32>>(), &(26..50).collect::<Vec<u32>>()]), ids(&[&[1, 2, 3, 4]])] {
+            let out = m.forward(&x, Some(&x)).unwrap();
+            let grads = out.loss.unwrap().backward().unwrap();
+            for (name, var) in m.params().iter() {
+                let Some(g) = grads.get(var) else {
+                    panic!("{name}: no gradient in eval mode")
+                };
+                let s = g.abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
+                // The 4-token input leaves most embedding rows and some experts unused.
+                if x.dims()[1] == 24 {
+                    assert!(s > 0.0 && s.is_finite(), "{name}: gradient sum {s}");
+                }
+            }
+        }
+    }
+}

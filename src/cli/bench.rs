@@ -109,7 +109,7 @@ pub fn run(b: Bench, model_dir: impl Fn(&Path) -> Result<PathBuf>) -> Result<()>
             report("train", &times, (batch * block) as f64)
         }
         Bench::Decode { model, new_tokens, repeats } => {
-            let gpt = GPT::from_pretrained(model_dir(&model)?)?;
+            let gpt = super::inference_model(&model_dir(&model)?)?;
             let prompt = vec![vec![0u32]];
             let cfg = GenerationConfig::greedy(new_tokens);
             gpt.generate_with(&prompt, &GenerationConfig::greedy(4), |_, _| {})?; // warm up
@@ -122,7 +122,7 @@ pub fn run(b: Bench, model_dir: impl Fn(&Path) -> Result<PathBuf>) -> Result<()>
             report("decode", &times, new_tokens as f64)
         }
         Bench::Prefill { model, tokens, repeats } => {
-            let gpt = GPT::from_pretrained(model_dir(&model)?)?;
+            let gpt = super::inference_model(&model_dir(&model)?)?;
             let ids: Vec<u32> = (0..tokens as u32).map(|i| (i * 7919) % gpt.config.vocab_size as u32).collect();
             let x = Tensor::from_vec(ids, (1, tokens), &Device::Cpu)?;
             gpt.forward(&x, None)?;

@@ -18,6 +18,10 @@ struct Cli {
     /// Revision (branch, tag or commit) for MODEL arguments that are Hub repo ids.
     #[arg(long, global = true, default_value = "main")]
     revision: String,
+    /// Weight storage of inference commands (generate, sample, forward, eval, bench decode
+    /// and prefill): f32, or bf16 (half the memory; activations and sums stay f32).
+    #[arg(long, global = true, default_value = "f32")]
+    weight_dtype: String,
     /// Compute threads (0 = RAYON_NUM_THREADS when set, else one per core).
     #[arg(long, global = true, default_value_t = 0)]
     threads: usize,
@@ -26,6 +30,16 @@ struct Cli {
 }
 
 static REVISION: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+static WEIGHT_DTYPE: std::sync::OnceLock<DType> = std::sync::OnceLock::new();
+
+/// A model for inference from a directory, its weights stored as --weight-dtype says.
+pub(crate) fn inference_model(dir: &Path) -> Result<GPT> {
+    let gpt = GPT::from_pretrained(dir)?;
+    match WEIGHT_DTYPE.get() {
+        Some(&d) if d != DType::F32 => Ok(gpt.with_weight_dtype(d)?),
+        _ => Ok(gpt),
+    }
+}
 
 /// A MODEL argument as a directory: itself, or a Hub repo id at --revision.
 fn model_dir(model: &Path) -> Result<PathBuf> {
@@ -229,6 +243,15 @@ pub fn run() -> Result<()> {
         }
     };
     let _ = REVISION.set(cli.revision.clone());
+    let weight_dtype = match cli.weight_dtype.as_str() {
+        "f32" => DType::F32,
+        "bf16" => DType::BF16,
+        other => bail!("--weight-dtype must be f32 or bf16, got '{other}'"),
+    };
+    if weight_dtype != DType::F32 && matches!(cli.cmd, Cmd::Train { .. } | Cmd::Bench(bench::Bench::Train { .. }) | Cmd::Bench(bench::Bench::MoeLayer { .. })) {
+        bail!("--weight-dtype bf16 is for inference commands; training keeps f32 weights");
+    }
+    let _ = WEIGHT_DTYPE.set(weight_dtype);
     nanomoe::runtime::set_threads(cli.threads);
     nanomoe::runtime::keep_freed_memory();
     match cli.cmd {
@@ -469,7 +492,7 @@ fn scalar(t: &Option<Tensor>) -> Result<Value> {
 }
 
 fn cmd_forward(model: &Path, ids: &str, labels: Option<&str>, out: Option<&Path>, dropless: bool) -> Result<()> {
-    let mut gpt = GPT::from_pretrained(model_dir(model)?)?;
+    let mut gpt = inference_model(&model_dir(model)?)?;
     if dropless {
         gpt.set_routing(Routing::Dropless);
     }
@@ -543,7 +566,7 @@ fn cmd_prepare(input: Option<PathBuf>, dataset: Option<String>, tokenizer: Strin
 
 fn cmd_eval(model: &Path, data: &Path, split: &str, iters: u64, batch_size: usize, seed: u64, as_json: bool) -> Result<()> {
     let dir = model_dir(model)?;
-    let mut gpt = GPT::from_pretrained(&dir)?;
+    let mut gpt = inference_model(&dir)?;
     let ds = nanomoe::train::data::Dataset::open(data)?;
     if ds.meta.vocab_size > gpt.config.vocab_size {
         bail!("the data's vocabulary ({} tokens) is larger than the model's vocab_size {}", ds.meta.vocab_size, gpt.config.vocab_size);
@@ -566,7 +589,7 @@ fn cmd_eval(model: &Path, data: &Path, split: &str, iters: u64, batch_size: usiz
 #[allow(clippy::too_many_arguments)]
 fn cmd_sample(model: &Path, prompt: &str, num_samples: usize, max_new_tokens: usize, temperature: f64, top_k: usize, seed: u64) -> Result<()> {
     let dir = model_dir(model)?;
-    let gpt = GPT::from_pretrained(&dir)?;
+    let gpt = inference_model(&dir)?;
     let tok = model_tokenizer(&dir)?;
     let text = read_prompt(&prompt.replace("\\n", "\n"))?;
     let ids = tok.encode(&text)?;
@@ -679,7 +702,7 @@ pub fn model_tokenizer(dir: &Path) -> Result<nanomoe::tokenizer::Tokenizer> {
 
 fn cmd_generate(model: &Path, input: PromptArg, mut gen: GenerationConfig, flags: GenerateFlags) -> Result<()> {
     let dir = model_dir(model)?;
-    let mut gpt = GPT::from_pretrained(&dir)?;
+    let mut gpt = inference_model(&dir)?;
     if flags.dropless {
         gpt.set_routing(Routing::Dropless);
     }

@@ -7,6 +7,7 @@ pub mod attention;
 pub mod cross_entropy;
 pub mod gelu;
 pub mod layer_norm;
+pub mod matvec;
 
 /// The f32 elements of a contiguous CPU storage, or an error naming the kernel.
 pub(crate) fn contiguous_f32<'a>(storage: &'a CpuStorage, layout: &Layout, kernel: &str) -> candle_core::Result<&'a [f32]> {

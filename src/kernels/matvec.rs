@@ -1,0 +1,251 @@
+//! Products of a few activation rows (decoding: 1 to 16 tokens) with a large weight matrix,
+//! reading each weight once straight from memory, in f32 or bf16 (always accumulated in
+//! f32). A general matrix multiplication packs the weight matrix into tiles first, which
+//! for one row costs more than the product itself; decoding is bound by how fast the
+//! weights stream from memory, so bf16 weights halve its time.
+//!
+//! Two weight layouts: [N, K] (torch's nn.Linear, y = x w^T) and [K, N] (nanoMoE's expert
+//! tensors, y = x w). The inner loops are compiled three times - AVX-512, AVX2 + FMA and
+//! baseline - and picked at run time.
+
+use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Tensor};
+use half::bf16;
+use rayon::prelude::*;
+
+use crate::error::Result;
+use crate::kernels::contiguous_f32;
+
+const NAME: &str = "matvec";
+
+/// At most this many activation rows go through these kernels; more use candle's matmul.
+pub const MAX_ROWS: usize = 16;
+
+/// A weight element: f32 or bf16.
+pub trait Weight: Copy + Send + Sync + 'static {
+    fn f(self) -> f32;
+}
+
+impl Weight for f32 {
+    #[inline(always)]
+    fn f(self) -> f32 {
+        self
+    }
+}
+
+impl Weight for bf16 {
+    #[inline(always)]
+    fn f(self) -> f32 {
+        f32::from_bits((self.to_bits() as u32) << 16)
+    }
+}
+
+#[inline(always)]
+fn dot<W: Weight>(a: &[f32], b: &[W]) -> f32 {
+    // 64 lanes: four independent 16-wide accumulators, so the adds do not wait on each other.
+    const L: usize = 64;
+    let mut acc = [0f32; L];
+    let split = a.len() / L * L;
+    for (ca, cb) in a[..split].chunks_exact(L).zip(b[..split].chunks_exact(L)) {
+        for i in 0..L {
+            acc[i] += ca[i] * cb[i].f();
+        }
+    }
+    let mut s: f32 = acc.iter().sum();
+    for (x, w) in a[split..].iter().zip(&b[split..]) {
+        s += x * w.f();
+    }
+    s
+}
+
+/// y[:, n0..n0+len] for w [N, K]: one dot product per (row, output).
+#[inline(always)]
+fn block_nk<W: Weight>(x: &[f32], m: usize, k: usize, w: &[W], n: usize, n0: usize, out: &mut [f32]) {
+    let len = out.len() / m;
+    for j in 0..len {
+        let wr = &w[(n0 + j) * k..(n0 + j + 1) * k];
+        for r in 0..m {
+            out[r * len + j] = dot(&x[r * k..(r + 1) * k], wr);
+        }
+    }
+    let _ = n;
+}
+
+/// y[:, n0..n0+len] for w [K, N]: rows of w scaled and added.
+#[inline(always)]
+fn block_kn<W: Weight>(x: &[f32], m: usize, k: usize, w: &[W], n: usize, n0: usize, out: &mut [f32]) {
+    let len = out.len() / m;
+    out.fill(0.0);
+    for kk in 0..k {
+        let wr = &w[kk * n + n0..kk * n + n0 + len];
+        for r in 0..m {
+            let a = x[r * k + kk];
+            for (o, &wv) in out[r * len..(r + 1) * len].iter_mut().zip(wr) {
+                *o += a * wv.f();
+            }
+        }
+    }
+}
+
+type BlockFn<W> = fn(&[f32], usize, usize, &[W], usize, usize, &mut [f32]);
+
+macro_rules! multiversion {
+    ($name:ident, $body:ident) => {
+        fn $name<W: Weight>() -> BlockFn<W> {
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx512f,avx512bw,avx2,fma")]
+                unsafe fn v4<W: Weight>(x: &[f32], m: usize, k: usize, w: &[W], n: usize, n0: usize, out: &mut [f32]) {
+                    $body(x, m, k, w, n, n0, out)
+                }
+                #[target_feature(enable = "avx2,fma")]
+                unsafe fn v3<W: Weight>(x: &[f32], m: usize, k: usize, w: &[W], n: usize, n0: usize, out: &mut [f32]) {
+                    $body(x, m, k, w, n, n0, out)
+                }
+                if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bw") {
+                    return |x, m, k, w, n, n0, out| unsafe { v4(x, m, k, w, n, n0, out) };
+                }
+                if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+                    return |x, m, k, w, n, n0, out| unsafe { v3(x, m, k, w, n, n0, out) };
+                }
+            }
+            |x, m, k, w, n, n0, out| $body(x, m, k, w, n, n0, out)
+        }
+    };
+}
+
+multiversion!(pick_nk, block_nk);
+multiversion!(pick_kn, block_kn);
+
+/// y [m, n] = x [m, k] times w ([n, k] when `w_nk`, else [k, n]), in parallel over blocks
+/// of outputs.
+pub fn product<W: Weight>(x: &[f32], m: usize, k: usize, w: &[W], n: usize, w_nk: bool) -> Vec<f32> {
+    let f = if w_nk { pick_nk::<W>() } else { pick_kn::<W>() };
+    let threads = rayon::current_num_threads().max(1);
+    // Blocks of a multiple of 16 outputs, about 4 per thread, at least 64.
+    let block = (n.div_ceil(threads * 4).div_ceil(16) * 16).max(64).min(n.max(1));
+    let nblocks = n.div_ceil(block);
+    let mut parts: Vec<Vec<f32>> = (0..nblocks)
+        .into_par_iter()
+        .map(|bi| {
+            let n0 = bi * block;
+            let len = block.min(n - n0);
+            let mut out = vec![0f32; m * len];
+            f(x, m, k, w, n, n0, &mut out);
+            out
+        })
+        .collect();
+    if nblocks == 1 {
+        return parts.pop().unwrap_or_default();
+    }
+    let mut y = vec![0f32; m * n];
+    for (bi, part) in parts.iter().enumerate() {
+        let n0 = bi * block;
+        let len = part.len() / m;
+        for r in 0..m {
+            y[r * n + n0..r * n + n0 + len].copy_from_slice(&part[r * len..(r + 1) * len]);
+        }
+    }
+    y
+}
+
+/// x [M, K] times a weight, as a candle op: f32 weights get gradients for both inputs;
+/// bf16 weights (inference copies) only for x.
+struct MatVec {
+    w_nk: bool,
+}
+
+impl MatVec {
+    fn dims(&self, lx: &Layout, lw: &Layout) -> candle_core::Result<(usize, usize, usize)> {
+        let (m, k) = lx.shape().dims2()?;
+        let (a, b) = lw.shape().dims2()?;
+        let (wk, n) = if self.w_nk { (b, a) } else { (a, b) };
+        if wk != k {
+            candle_core::bail!("{NAME}: x is {:?} but the weight is {:?}", lx.dims(), lw.dims());
+        }
+        Ok((m, k, n))
+    }
+}
+
+impl CustomOp2 for MatVec {
+    fn name(&self) -> &'static str {
+        "matvec"
+    }
+
+    fn cpu_fwd(&self, sx: &CpuStorage, lx: &Layout, sw: &CpuStorage, lw: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (m, k, n) = self.dims(lx, lw)?;
+        let x = contiguous_f32(sx, lx, NAME)?;
+        let Some((a, b)) = lw.contiguous_offsets() else { candle_core::bail!("{NAME} needs a contiguous weight") };
+        let y = match sw {
+            CpuStorage::F32(w) => product(x, m, k, &w[a..b], n, self.w_nk),
+            CpuStorage::BF16(w) => product(x, m, k, &w[a..b], n, self.w_nk),
+            _ => candle_core::bail!("{NAME} needs f32 or bf16 weights"),
+        };
+        Ok((CpuStorage::F32(y), Shape::from((m, n))))
+    }
+
+    fn bwd(&self, x: &Tensor, w: &Tensor, _res: &Tensor, dy: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let wf = w.to_dtype(DType::F32)?;
+        let dx = if self.w_nk { dy.matmul(&wf)? } else { dy.matmul(&wf.t()?)? };
+        let dw = match w.dtype() {
+            DType::F32 if self.w_nk => Some(dy.t()?.matmul(x)?),
+            DType::F32 => Some(x.t()?.matmul(dy)?),
+            _ => None,
+        };
+        Ok((Some(dx), dw))
+    }
+}
+
+/// `x [M, K] @ w^T` for w [N, K] (f32 or bf16), M <= [`MAX_ROWS`] best.
+pub fn linear_nk(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    Ok(x.contiguous()?.apply_op2(&w.contiguous()?, MatVec { w_nk: true })?)
+}
+
+/// `x [M, K] @ w` for w [K, N] (f32 or bf16), M <= [`MAX_ROWS`] best.
+pub fn matmul_kn(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    Ok(x.contiguous()?.apply_op2(&w.contiguous()?, MatVec { w_nk: false })?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+    use rand::{rngs::StdRng, Rng, SeedableRng};
+
+    fn rand(n: usize, rng: &mut StdRng) -> Vec<f32> {
+        (0..n).map(|_| rng.random_range(-1.0..1.0)).collect()
+    }
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
+    }
+
+    #[test]
+    fn products_match_candle_matmul_values_and_gradients() {
+        let mut rng = StdRng::seed_from_u64(3);
+        // Sizes with remainders after the 64-lane chunks and the output blocks.
+        for (m, k, n) in [(1, 7, 5), (3, 130, 300), (16, 384, 1000)] {
+            let x = Var::from_tensor(&Tensor::from_vec(rand(m * k, &mut rng), (m, k), &Device::Cpu).unwrap()).unwrap();
+            let w_nk = Var::from_tensor(&Tensor::from_vec(rand(n * k, &mut rng), (n, k), &Device::Cpu).unwrap()).unwrap();
+            let w_kn = Var::from_tensor(&w_nk.t().unwrap().contiguous().unwrap()).unwrap();
+            let gy = Tensor::from_vec(rand(m * n, &mut rng), (m, n), &Device::Cpu).unwrap();
+            let reference = x.matmul(&w_nk.t().unwrap()).unwrap();
+            for (w, y) in [(&w_nk, linear_nk(&x, &w_nk).unwrap()), (&w_kn, matmul_kn(&x, &w_kn).unwrap())] {
+                let d = max_diff(&y, &reference);
+                assert!(d < 1e-4, "{m}x{k}x{n}: values differ by {d}");
+                let g = y.mul(&gy).unwrap().sum_all().unwrap().backward().unwrap();
+                let gr = reference.mul(&gy).unwrap().sum_all().unwrap().backward().unwrap();
+                assert!(max_diff(g.get(&x).unwrap(), gr.get(&x).unwrap()) < 1e-4, "{m}x{k}x{n}: dx");
+                let gw_ref = gr.get(&w_nk).unwrap();
+                let gw = g.get(w).unwrap();
+                let gw = if gw.dims() == gw_ref.dims() { gw.clone() } else { gw.t().unwrap() };
+                assert!(max_diff(&gw, gw_ref) < 1e-4, "{m}x{k}x{n}: dw");
+            }
+            // bf16 weights: exactly the f32 product of the rounded weights (f32 sums).
+            let wb = w_nk.as_tensor().to_dtype(DType::BF16).unwrap();
+            let rounded = x.matmul(&wb.to_dtype(DType::F32).unwrap().t().unwrap()).unwrap();
+            assert!(max_diff(&linear_nk(&x, &wb).unwrap(), &rounded) < 1e-4);
+            let wbk = w_kn.as_tensor().to_dtype(DType::BF16).unwrap();
+            assert!(max_diff(&matmul_kn(&x, &wbk).unwrap(), &rounded) < 1e-4);
+        }
+    }
+}
