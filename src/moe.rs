@@ -262,12 +262,12 @@ impl MoeLayer {
         let x_ext = Tensor::cat(&[x_flat, &Tensor::zeros((1, c), x.dtype(), device)?], 0)?;
         let disp = Tensor::from_vec(disp, self.n_exp * cap, device)?;
         let xe = x_ext.index_select(&disp, 0)?.reshape((self.n_exp, cap, c))?;
-        let mut h = xe.matmul(&self.c_fc.to_dtype(x.dtype())?)?;
+        let mut h = nn::expert_matmul(&xe, &self.c_fc)?;
         if let Some(bias) = &self.fc_bias {
             h = h.broadcast_add(&bias.to_dtype(x.dtype())?)?;
         }
         let h = nn::gelu(&h, self.act)?;
-        let mut ye = h.matmul(&self.c_proj.to_dtype(x.dtype())?)?;
+        let mut ye = nn::expert_matmul(&h, &self.c_proj)?;
         if let Some(bias) = &self.proj_bias {
             ye = ye.broadcast_add(&bias.to_dtype(x.dtype())?)?;
         }

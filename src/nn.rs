@@ -78,6 +78,15 @@ pub fn matmul_kn(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     Ok(x.matmul(&w.to_dtype(x.dtype())?)?)
 }
 
+/// The experts' batched product `x [E, cap, K] @ w [E, K, N]`: expert-parallel kernel for
+/// f32 CPU tensors, candle's batched matmul otherwise.
+pub fn expert_matmul(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    if x.dtype() == DType::F32 && w.dtype() == DType::F32 && x.device().is_cpu() {
+        return crate::kernels::expert_matmul::expert_matmul(x, w);
+    }
+    Ok(x.matmul(&w.to_dtype(x.dtype())?)?)
+}
+
 /// Attention scores of masked positions are replaced by this (not -inf: a fully masked
 /// row, as a left-padding query has, then stays finite).
 const MASKED: f32 = -1e30;
@@ -338,6 +347,26 @@ mod tests {
         let comp = attention_composite(&q, &k, &v, h, &mask_tensor(b, tq, tk, &pad), None).unwrap();
         let d = max(&fused, &comp);
         assert!(d < 1e-5, "cached: values differ by {d}");
+    }
+
+    #[test]
+    fn expert_matmul_matches_batched_matmul_values_and_gradients() {
+        use rand::{rngs::StdRng, Rng, SeedableRng};
+        let mut rng = StdRng::seed_from_u64(4);
+        let (e, m, k, n) = (5, 7, 12, 9);
+        let mut r = |len: usize| -> Vec<f32> { (0..len).map(|_| rng.random_range(-1.0..1.0)).collect() };
+        let x = Var::from_tensor(&t(&r(e * m * k), &[e, m, k])).unwrap();
+        let w = Var::from_tensor(&t(&r(e * k * n), &[e, k, n])).unwrap();
+        let gy = t(&r(e * m * n), &[e, m, n]);
+        let fused = crate::kernels::expert_matmul::expert_matmul(&x, &w).unwrap();
+        let comp = x.matmul(&w).unwrap();
+        let max = |a: &Tensor, b: &Tensor| (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+        assert!(max(&fused, &comp) < 1e-5);
+        let gf = fused.mul(&gy).unwrap().sum_all().unwrap().backward().unwrap();
+        let gc = comp.mul(&gy).unwrap().sum_all().unwrap().backward().unwrap();
+        for v in [&x, &w] {
+            assert!(max(gf.get(v).unwrap(), gc.get(v).unwrap()) < 1e-5);
+        }
     }
 
     #[test]

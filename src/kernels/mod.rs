@@ -5,6 +5,7 @@ use candle_core::{CpuStorage, Layout, Storage, Tensor};
 
 pub mod attention;
 pub mod cross_entropy;
+pub mod expert_matmul;
 pub mod gelu;
 pub mod layer_norm;
 pub mod matvec;

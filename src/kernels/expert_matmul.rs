@@ -1,0 +1,87 @@
+//! The experts' batched product y[e] = x[e] w[e] (x [E, cap, K], w [E, K, N]) with one
+//! thread per expert instead of every thread on every expert: with many experts each
+//! product is small (cap = k * factor * tokens / E rows), and splitting each one across
+//! threads costs a synchronisation per expert and product. The backward,
+//! dx[e] = dy[e] w[e]^T and dw[e] = x[e]^T dy[e], reads w and x where they are (strided
+//! products) instead of materialising transposed copies of the expert weights.
+
+use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor};
+use gemm::Parallelism;
+use rayon::prelude::*;
+
+use crate::error::Result;
+use crate::kernels::{contiguous_f32, with_f32};
+
+const NAME: &str = "expert matmul";
+
+#[derive(Clone, Copy)]
+struct Out(*mut f32);
+unsafe impl Send for Out {}
+unsafe impl Sync for Out {}
+
+/// dst[m x n] = lhs[m x k] * rhs[k x n]; strides in elements (row, column).
+#[allow(clippy::too_many_arguments)]
+unsafe fn mm(m: usize, n: usize, k: usize, dst: *mut f32, dst_rs: usize, lhs: *const f32, lhs_rs: usize, lhs_cs: usize, rhs: *const f32, rhs_rs: usize, rhs_cs: usize) {
+    gemm::gemm(m, n, k, dst, 1, dst_rs as isize, false, lhs, lhs_cs as isize, lhs_rs as isize, rhs, rhs_cs as isize, rhs_rs as isize, 1.0, 1.0, false, false, false, Parallelism::None)
+}
+
+struct ExpertMatmul;
+
+fn dims(lx: &[usize], lw: &[usize]) -> candle_core::Result<(usize, usize, usize, usize)> {
+    match (lx, lw) {
+        (&[e, m, k], &[e2, k2, n]) if e == e2 && k == k2 => Ok((e, m, k, n)),
+        _ => candle_core::bail!("{NAME}: x {lx:?} and w {lw:?} are not [E, cap, K] and [E, K, N]"),
+    }
+}
+
+/// Runs `f(e)` for every expert on rayon's pool.
+fn per_expert(e: usize, f: impl Fn(usize) + Send + Sync) {
+    (0..e).into_par_iter().for_each(f);
+}
+
+impl CustomOp2 for ExpertMatmul {
+    fn name(&self) -> &'static str {
+        "expert-matmul"
+    }
+
+    fn cpu_fwd(&self, sx: &CpuStorage, lx: &Layout, sw: &CpuStorage, lw: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (e, m, k, n) = dims(lx.dims(), lw.dims())?;
+        let (x, w) = (contiguous_f32(sx, lx, NAME)?, contiguous_f32(sw, lw, NAME)?);
+        let mut y = vec![0f32; e * m * n];
+        let out = Out(y.as_mut_ptr());
+        per_expert(e, |i| unsafe {
+            let out = &out;
+            mm(m, n, k, out.0.add(i * m * n), n, x.as_ptr().add(i * m * k), k, 1, w.as_ptr().add(i * k * n), n, 1);
+        });
+        Ok((CpuStorage::F32(y), Shape::from((e, m, n))))
+    }
+
+    fn bwd(&self, x: &Tensor, w: &Tensor, _res: &Tensor, dy: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let (e, m, k, n) = dims(x.dims(), w.dims())?;
+        let (dx, dw) = with_f32(x, NAME, |xs| {
+            with_f32(w, NAME, |ws| {
+                with_f32(dy, NAME, |dys| {
+                    let mut dx = vec![0f32; e * m * k];
+                    let mut dw = vec![0f32; e * k * n];
+                    let (ox, ow) = (Out(dx.as_mut_ptr()), Out(dw.as_mut_ptr()));
+                    per_expert(e, |i| unsafe {
+                        let (ox, ow) = (&ox, &ow);
+                        let (xp, wp, dyp) = (xs.as_ptr().add(i * m * k), ws.as_ptr().add(i * k * n), dys.as_ptr().add(i * m * n));
+                        // dx = dy w^T: [m x n] [n x k]
+                        mm(m, k, n, ox.0.add(i * m * k), k, dyp, n, 1, wp, 1, n);
+                        // dw = x^T dy: [k x m] [m x n]
+                        mm(k, n, m, ow.0.add(i * k * n), n, xp, 1, k, dyp, n, 1);
+                    });
+                    Ok((dx, dw))
+                })
+            })
+        })?;
+        Ok((Some(Tensor::from_vec(dx, x.shape(), x.device())?), Some(Tensor::from_vec(dw, w.shape(), w.device())?)))
+    }
+}
+
+/// y[e] = x[e] w[e] for f32 CPU x [E, cap, K] and w [E, K, N], expert-parallel, with a
+/// backward pass.
+pub fn expert_matmul(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    Ok(x.contiguous()?.apply_op2(&w.contiguous()?, ExpertMatmul)?)
+}
