@@ -69,11 +69,15 @@ def main():
                 ours = timed([BIN, "bench", "decode", gpt2, "--new-tokens", "128", "--repeats", str(reps)])
                 ref = timed(REF + ["decode", "--model", gpt2, "--new-tokens", "128", "--repeats", str(reps)])
                 rows.append(("decode gpt2-124m f32 (batch 1, 128 tokens)", ours, ref))
+                ours = timed([BIN, "bench", "decode", gpt2, "--new-tokens", "128", "--repeats", str(reps), "--weight-dtype", "bf16"])
+                rows.append(("decode gpt2-124m, ours bf16 weights vs HF f32", ours, ref))
                 nano = new_model(tmp, "nano-moe", {"n_layer": 6, "n_head": 6, "n_embd": 384, "vocab_size": 50304, "block_size": 1024,
                                                   "n_exp": 8, "moe_top_k": 2, "stride": 2, "bias": False})
                 ours = timed([BIN, "bench", "decode", nano, "--new-tokens", "128", "--repeats", str(reps)])
                 ref = timed(REF + ["decode", "--model", nano, "--new-tokens", "128", "--repeats", str(reps)])
-                rows.append(("decode nano-moe 6x384 (batch 1, 128 tokens)", ours, ref))
+                rows.append(("decode nano-moe 6x384 f32 (batch 1, 128 tokens)", ours, ref))
+                ours = timed([BIN, "bench", "decode", nano, "--new-tokens", "128", "--repeats", str(reps), "--weight-dtype", "bf16"])
+                rows.append(("decode nano-moe 6x384, ours bf16 weights vs HF f32", ours, ref))
             if "prefill" in only:
                 ours = timed([BIN, "bench", "prefill", gpt2, "--tokens", "512", "--repeats", str(reps)])
                 ref = timed(REF + ["prefill", "--model", gpt2, "--tokens", "512", "--repeats", str(reps)])

@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use candle_core::Device;
+use candle_core::{DType, Device};
 
 use crate::checkpoint::{self, SaveOptions};
 use crate::error::{Error, Result};
@@ -64,9 +64,19 @@ impl GPT {
     }
 
     pub fn from_pretrained_on(path: impl AsRef<Path>, device: &Device) -> Result<Self> {
+        Self::from_pretrained_with_weight_dtype(path, DType::F32, device)
+    }
+
+    /// Loads for inference with the weight matrices stored in `weight_dtype` (f32 or bf16,
+    /// see [`GPT::with_weight_dtype`]), converted while reading so that memory never holds
+    /// an f32 copy of them.
+    pub fn from_pretrained_with_weight_dtype(path: impl AsRef<Path>, weight_dtype: DType, device: &Device) -> Result<Self> {
+        if !matches!(weight_dtype, DType::F32 | DType::BF16) {
+            return Err(Error::Input(format!("weight dtype must be f32 or bf16, got {weight_dtype:?}")));
+        }
         let dir = resolve_model_dir(path.as_ref())?;
         let (config, format) = checkpoint::read_config(&dir)?;
-        let params = checkpoint::load_params(&dir, &config, format, device)?;
+        let params = checkpoint::load_params_as(&dir, &config, format, weight_dtype, device)?;
         GPT::from_params(config, params)
     }
 

@@ -214,6 +214,12 @@ fn st_dtype(d: safetensors::Dtype) -> Option<DType> {
 /// Loads the weights of a model directory, checked against `config`: a missing, extra or
 /// mis-shaped tensor is an error naming it and both shapes.
 pub fn load_params(dir: &Path, config: &GPTConfig, format: Format, device: &Device) -> Result<ParamStore> {
+    load_params_as(dir, config, format, DType::F32, device)
+}
+
+/// [`load_params`] with the weight matrices ([`crate::params::is_weight_matrix`]) stored in
+/// `weight_dtype` (f32 or bf16), everything else in f32.
+pub fn load_params_as(dir: &Path, config: &GPTConfig, format: Format, weight_dtype: DType, device: &Device) -> Result<ParamStore> {
     let specs = param_specs(config);
     // Shapes as stored in the file.
     let mut expected: BTreeMap<String, Vec<usize>> = specs
@@ -250,7 +256,17 @@ pub fn load_params(dir: &Path, config: &GPTConfig, format: Format, device: &Devi
             let dtype = st_dtype(view.dtype()).ok_or_else(|| {
                 Error::file(&path, format!("tensor {name} has dtype {:?}; supported: F32, F16, BF16", view.dtype()))
             })?;
-            let t = Tensor::from_raw_buffer(view.data(), dtype, view.shape(), device)?.to_dtype(DType::F32)?;
+            let transpose = format == Format::Gpt2 && is_conv1d_weight(&name) && view.shape().len() == 2;
+            let out = if crate::params::is_weight_matrix(&name, view.shape().len()) { weight_dtype } else { DType::F32 };
+            // Bytes already copied out are dropped from this process's memory as reading goes,
+            // so loading peaks at the model's size plus a few MB.
+            let release = |part: &[u8]| {
+                let off = part.as_ptr() as usize - mmap.as_ptr() as usize;
+                // SAFETY: the map is read-only and private to this function; dropped pages
+                // come back from the file if read again.
+                let _ = unsafe { mmap.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, off, part.len()) };
+            };
+            let t = read_tensor(view.data(), dtype, view.shape(), transpose, out, device, &release)?;
             if name == "lm_head.weight" {
                 lm_head = Some(t);
                 continue;
@@ -291,10 +307,61 @@ pub fn load_params(dir: &Path, config: &GPTConfig, format: Format, device: &Devi
     }
     let mut tensors = Vec::with_capacity(specs.len());
     for s in &specs {
-        let t = found.remove(&s.name).expect("checked above");
-        tensors.push((s.name.clone(), conv1d_transpose(&s.name, t, format)?));
+        // Already transposed from Conv1D's [in, out] while reading.
+        tensors.push((s.name.clone(), found.remove(&s.name).expect("checked above")));
     }
-    ParamStore::from_tensors(tensors)
+    ParamStore::from_tensors_keeping_dtype(tensors)
+}
+
+/// A tensor's little-endian f32/f16/bf16 bytes as a variable of dtype `out` (f32 or bf16),
+/// with no intermediate copy; `transpose` swaps the two dimensions of a matrix while
+/// reading (GPT-2's Conv1D [in, out] layout, see [`conv1d_transpose`] for the write side).
+/// `release` is called with each part of `bytes` once it has been read.
+fn read_tensor(bytes: &[u8], dtype: DType, shape: &[usize], transpose: bool, out: DType, device: &Device, release: &dyn Fn(&[u8])) -> Result<Tensor> {
+    let width = match dtype {
+        DType::F32 => 4,
+        DType::F16 | DType::BF16 => 2,
+        _ => return Err(Error::Checkpoint(format!("unsupported dtype {dtype:?}"))),
+    };
+    let value = |i: usize| -> f32 {
+        let b = &bytes[width * i..width * (i + 1)];
+        match dtype {
+            DType::F32 => f32::from_le_bytes([b[0], b[1], b[2], b[3]]),
+            DType::F16 => half::f16::from_le_bytes([b[0], b[1]]).to_f32(),
+            _ => half::bf16::from_le_bytes([b[0], b[1]]).to_f32(),
+        }
+    };
+    let n: usize = shape.iter().product();
+    let mut dims = shape.to_vec();
+    // Element i of the output reads element src(i) of the file.
+    let (r, c) = if transpose { (shape[0], shape[1]) } else { (0, 0) };
+    if transpose {
+        dims.reverse();
+    }
+    let src = |i: usize| if transpose { (i % r) * c + i / r } else { i };
+    // Sequential reads release every 1M elements; a transposed matrix at the end.
+    const CHUNK: usize = 1 << 20;
+    fn fill<T>(n: usize, transpose: bool, width: usize, bytes: &[u8], release: &dyn Fn(&[u8]), f: impl Fn(usize) -> T) -> Vec<T> {
+        let mut v = Vec::with_capacity(n);
+        let mut start = 0;
+        while start < n {
+            let end = (start + CHUNK).min(n);
+            v.extend((start..end).map(&f));
+            if !transpose {
+                release(&bytes[start * width..end * width]);
+            }
+            start = end;
+        }
+        if transpose {
+            release(bytes);
+        }
+        v
+    }
+    let var = match out {
+        DType::BF16 => candle_core::Var::from_vec(fill(n, transpose, width, bytes, release, |i| half::bf16::from_f32(value(src(i)))), dims, device)?,
+        _ => candle_core::Var::from_vec(fill(n, transpose, width, bytes, release, |i| value(src(i))), dims, device)?,
+    };
+    Ok(var.as_tensor().clone())
 }
 
 // ------------------------------------------------------------------------------------

@@ -30,6 +30,9 @@ impl LayerNorm {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         nn::layer_norm(x, &self.w, self.b.as_ref(), self.eps)
     }
+    fn detached(&self) -> Self {
+        LayerNorm { w: self.w.detach(), b: self.b.as_ref().map(Tensor::detach), eps: self.eps }
+    }
 }
 
 struct Linear {
@@ -43,6 +46,9 @@ impl Linear {
     }
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         nn::linear(x, &self.w, self.b.as_ref())
+    }
+    fn detached(&self) -> Self {
+        Linear { w: self.w.detach(), b: self.b.as_ref().map(Tensor::detach) }
     }
 }
 
@@ -159,6 +165,19 @@ struct Block {
 }
 
 impl Block {
+    /// The same block on weights that track no gradients (inference).
+    fn detached(&self) -> Self {
+        Block {
+            ln_1: self.ln_1.detached(),
+            attn: CausalSelfAttention { c_attn: self.attn.c_attn.detached(), c_proj: self.attn.c_proj.detached(), n_head: self.attn.n_head },
+            ln_2: self.ln_2.detached(),
+            mlp: match &self.mlp {
+                Mlp::Dense { c_fc, c_proj, act } => Mlp::Dense { c_fc: c_fc.detached(), c_proj: c_proj.detached(), act: *act },
+                Mlp::Moe(layer) => Mlp::Moe(layer.detached()),
+            },
+        }
+    }
+
     fn forward(&self, x: &Tensor, mask: &Mask, cache: Option<&mut Option<(Tensor, Tensor)>>, ctx: &mut Ctx, moe: &mut MoeTotals) -> Result<Tensor> {
         let x = (x + self.attn.forward(&self.ln_1.forward(x)?, mask, cache, ctx)?)?;
         let h = self.ln_2.forward(&x)?;
@@ -205,13 +224,29 @@ pub struct CausalLMOutput {
     pub moe_stats: Vec<MoeStats>,
 }
 
-pub struct GPT {
-    pub config: GPTConfig,
-    params: ParamStore,
+/// The modules of the network, on one view of the parameters.
+struct Net {
     wte: Tensor,
     wpe: Tensor,
     blocks: Vec<Block>,
     ln_f: LayerNorm,
+}
+
+impl Net {
+    fn detached(&self) -> Net {
+        Net { wte: self.wte.detach(), wpe: self.wpe.detach(), blocks: self.blocks.iter().map(Block::detached).collect(), ln_f: self.ln_f.detached() }
+    }
+}
+
+pub struct GPT {
+    pub config: GPTConfig,
+    params: ParamStore,
+    /// Modules on the parameters themselves: forward passes record the graph for backward.
+    net: Net,
+    /// The same weights (shared storage) without gradient tracking, for decoding: nothing
+    /// of one step is kept alive by the next through the KV cache, and the fused kernels
+    /// that have no backward can run.
+    frozen: Net,
     training: bool,
     routing: Routing,
     rng: Mutex<StdRng>,
@@ -299,11 +334,15 @@ impl GPT {
                 mlp,
             });
         }
-        Ok(GPT {
+        let net = Net {
             wte: params.get("transformer.wte.weight")?,
             wpe: params.get("transformer.wpe.weight")?,
             ln_f: LayerNorm::load(&params, "transformer.ln_f", eps)?,
             blocks,
+        };
+        Ok(GPT {
+            frozen: net.detached(),
+            net,
             params,
             config,
             training: false,
@@ -320,10 +359,11 @@ impl GPT {
         if !matches!(dtype, DType::F32 | DType::BF16) {
             return Err(input_err!("weight dtype must be f32 or bf16, got {dtype:?}"));
         }
-        let pick = |name: &str, t: &Tensor| t.rank() >= 2 && !name.contains(".router.") && !name.ends_with("_bias");
-        let params = self.params.with_dtype(dtype, pick)?;
-        let (config, training, routing) = (self.config.clone(), self.training, self.routing);
-        drop(self);
+        let pick = |name: &str, t: &Tensor| crate::params::is_weight_matrix(name, t.rank());
+        let GPT { config, params, net, frozen, training, routing, .. } = self;
+        // Only the store references the f32 weights now: each is freed once converted.
+        drop((net, frozen));
+        let params = params.into_dtype(dtype, pick)?;
         let mut gpt = Self::from_params(config, params)?;
         gpt.training = training;
         gpt.routing = routing;
@@ -332,7 +372,7 @@ impl GPT {
 
     /// The dtype the weight matrices are stored in (see [`GPT::with_weight_dtype`]).
     pub fn weight_dtype(&self) -> DType {
-        self.wte.dtype()
+        self.net.wte.dtype()
     }
 
     pub fn params(&self) -> &ParamStore {
@@ -340,7 +380,7 @@ impl GPT {
     }
 
     pub fn device(&self) -> &Device {
-        self.wte.device()
+        self.net.wte.device()
     }
 
     /// Training mode: dropout, noisy top-k and train capacity are on.
@@ -394,7 +434,7 @@ impl GPT {
 
     /// Final hidden states [B, T, C] and MoE totals. `pad[b]` left-padding positions of row b
     /// are masked out as keys and do not advance positions.
-    fn hidden(&self, ids: &[Vec<u32>], cache: Option<&mut KvCache>, pad: Option<&[usize]>) -> Result<(Tensor, MoeTotals)> {
+    fn hidden(&self, net: &Net, ids: &[Vec<u32>], cache: Option<&mut KvCache>, pad: Option<&[usize]>) -> Result<(Tensor, MoeTotals)> {
         let b = ids.len();
         let t = ids.first().map(Vec::len).unwrap_or(0);
         if b == 0 || t == 0 {
@@ -440,8 +480,8 @@ impl GPT {
         };
         let flat: Vec<u32> = ids.iter().flatten().copied().collect();
         // Activations are f32 whatever the weights are stored in.
-        let tok = self.wte.index_select(&Tensor::from_vec(flat, b * t, device)?, 0)?.to_dtype(DType::F32)?;
-        let pe = self.wpe.index_select(&Tensor::from_vec(pos, b * t, device)?, 0)?.to_dtype(DType::F32)?;
+        let tok = net.wte.index_select(&Tensor::from_vec(flat, b * t, device)?, 0)?.to_dtype(DType::F32)?;
+        let pe = net.wpe.index_select(&Tensor::from_vec(pos, b * t, device)?, 0)?.to_dtype(DType::F32)?;
         let mut x = (tok + pe)?.reshape((b, t, self.config.n_embd))?;
 
         let mut rng = self.rng.lock().unwrap_or_else(|e| e.into_inner());
@@ -452,22 +492,22 @@ impl GPT {
         let mut moe = MoeTotals::default();
         match cache {
             Some(cache) => {
-                cache.layers.resize(self.blocks.len(), None);
-                for (block, slot) in self.blocks.iter().zip(cache.layers.iter_mut()) {
+                cache.layers.resize(net.blocks.len(), None);
+                for (block, slot) in net.blocks.iter().zip(cache.layers.iter_mut()) {
                     x = block.forward(&x, &mask, Some(slot), &mut ctx, &mut moe)?;
                 }
             }
             None => {
-                for block in &self.blocks {
+                for block in &net.blocks {
                     x = block.forward(&x, &mask, None, &mut ctx, &mut moe)?;
                 }
             }
         }
-        Ok((self.ln_f.forward(&x)?, moe))
+        Ok((net.ln_f.forward(&x)?, moe))
     }
 
-    fn lm_head(&self, h: &Tensor) -> Result<Tensor> {
-        nn::linear(h, &self.wte, None)
+    fn lm_head(net: &Net, h: &Tensor) -> Result<Tensor> {
+        nn::linear(h, &net.wte, None)
     }
 
     /// Adds the weighted MoE losses to the next-token loss.
@@ -499,8 +539,8 @@ impl GPT {
                 return Err(input_err!("labels must have the same shape as input_ids"));
             }
         }
-        let (h, moe) = self.hidden(&ids, None, None)?;
-        let logits = self.lm_head(&h)?;
+        let (h, moe) = self.hidden(&self.net, &ids, None, None)?;
+        let logits = Self::lm_head(&self.net, &h)?;
         let ntp = match &labels {
             Some(l) => {
                 let (b, t, v) = logits.dims3()?;
@@ -528,14 +568,14 @@ impl GPT {
     /// [`GPT::forward_legacy`] plus the routing statistics of each MoE layer.
     pub fn forward_legacy_with_stats(&self, idx: &Tensor, targets: Option<&Tensor>) -> Result<(Tensor, Option<Tensor>, Losses, Vec<MoeStats>)> {
         let ids = ids_from_tensor(idx, self.config.vocab_size)?;
-        let (h, moe) = self.hidden(&ids, None, None)?;
+        let (h, moe) = self.hidden(&self.net, &ids, None, None)?;
         match targets {
             Some(tg) => {
                 let tg = labels_from_tensor(tg, -1, self.config.vocab_size)?;
                 if tg.len() != ids.len() || tg.iter().any(|r| r.len() != ids[0].len()) {
                     return Err(input_err!("targets must have the same shape as idx"));
                 }
-                let logits = self.lm_head(&h)?;
+                let logits = Self::lm_head(&self.net, &h)?;
                 let (b, t, v) = logits.dims3()?;
                 let flat: Vec<Option<u32>> = tg.into_iter().flatten().collect();
                 let ntp = nn::cross_entropy(&logits.reshape((b * t, v))?, &flat)?;
@@ -544,7 +584,7 @@ impl GPT {
             }
             None => {
                 let t = h.dim(1)?;
-                let logits = self.lm_head(&h.narrow(1, t - 1, 1)?)?;
+                let logits = Self::lm_head(&self.net, &h.narrow(1, t - 1, 1)?)?;
                 let (_, losses) = self.total_loss(None, &moe)?;
                 Ok((logits, None, losses, moe.stats))
             }
@@ -552,15 +592,16 @@ impl GPT {
     }
 
     /// One decoding step: runs `ids` (new tokens of every row) through the model, extending
-    /// `cache`, and returns the logits of the last position [B, V].
+    /// `cache`, and returns the logits of the last position [B, V]. Inference only: nothing
+    /// records a graph for backward (use [`GPT::forward`] for gradients).
     pub fn forward_step(&self, ids: &[Vec<u32>], cache: Option<&mut KvCache>, pad: Option<&[usize]>) -> Result<Tensor> {
         for r in ids {
             if let Some(&bad) = r.iter().find(|&&v| v as usize >= self.config.vocab_size) {
                 return Err(input_err!("token id {bad} is out of range for vocab_size {}", self.config.vocab_size));
             }
         }
-        let (h, _) = self.hidden(ids, cache, pad)?;
+        let (h, _) = self.hidden(&self.frozen, ids, cache, pad)?;
         let t = h.dim(1)?;
-        Ok(self.lm_head(&h.narrow(1, t - 1, 1)?)?.squeeze(1)?)
+        Ok(Self::lm_head(&self.frozen, &h.narrow(1, t - 1, 1)?)?.squeeze(1)?)
     }
 }

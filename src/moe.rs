@@ -182,6 +182,24 @@ impl MoeLayer {
         })
     }
 
+    /// The same layer on weights that track no gradients (inference).
+    pub fn detached(&self) -> Self {
+        let d = |t: &Option<Tensor>| t.as_ref().map(Tensor::detach);
+        MoeLayer {
+            layer: self.layer,
+            w_g: self.w_g.detach(),
+            w_noise: d(&self.w_noise),
+            c_fc: self.c_fc.detach(),
+            c_proj: self.c_proj.detach(),
+            fc_bias: d(&self.fc_bias),
+            proj_bias: d(&self.proj_bias),
+            n_exp: self.n_exp,
+            k: self.k,
+            act: self.act,
+            dropout: self.dropout,
+        }
+    }
+
     /// x: [B, T, C] -> y: [B, T, C] plus losses and statistics.
     pub fn forward(&self, x: &Tensor, ctx: &mut MoeCtx) -> Result<MoeOutput> {
         let (b, t, c) = x.dims3()?;

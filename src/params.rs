@@ -96,6 +96,12 @@ pub fn param_specs(c: &GPTConfig) -> Vec<ParamSpec> {
 }
 
 /// Named, trainable parameters (candle `Var`s) in a fixed order.
+/// The tensors inference may store in bf16: matrices (embeddings, attention, MLPs, experts),
+/// not the router (nanoMoE keeps it in f32), biases or norms.
+pub fn is_weight_matrix(name: &str, rank: usize) -> bool {
+    rank >= 2 && !name.contains(".router.") && !name.ends_with("_bias")
+}
+
 #[derive(Clone)]
 pub struct ParamStore {
     vars: BTreeMap<String, Var>,
@@ -135,10 +141,18 @@ impl ParamStore {
 
     /// Takes tensors as they are (any float dtype is converted to f32).
     pub fn from_tensors(tensors: Vec<(String, Tensor)>) -> Result<Self> {
+        let tensors = tensors
+            .into_iter()
+            .map(|(n, t)| Ok((n, if t.dtype() == DType::F32 { t } else { t.to_dtype(DType::F32)? })))
+            .collect::<Result<Vec<_>>>()?;
+        Self::from_tensors_keeping_dtype(tensors)
+    }
+
+    /// Takes tensors as they are, in their dtypes (variables are not copied).
+    pub fn from_tensors_keeping_dtype(tensors: Vec<(String, Tensor)>) -> Result<Self> {
         let mut vars = BTreeMap::new();
         let mut order = Vec::with_capacity(tensors.len());
         for (name, t) in tensors {
-            let t = if t.dtype() == DType::F32 { t } else { t.to_dtype(DType::F32)? };
             order.push(name.clone());
             vars.insert(name, Var::from_tensor(&t)?);
         }
@@ -155,6 +169,16 @@ impl ParamStore {
             vars.insert(name.clone(), v);
         }
         Ok(ParamStore { vars, order: self.order.clone() })
+    }
+
+    /// [`ParamStore::with_dtype`] that frees each converted original as it goes.
+    pub fn into_dtype(self, dtype: DType, pick: impl Fn(&str, &Tensor) -> bool) -> Result<Self> {
+        let mut vars = BTreeMap::new();
+        for (name, v) in self.vars {
+            let v = if pick(&name, v.as_tensor()) && v.dtype() != dtype { Var::from_tensor(&v.as_tensor().to_dtype(dtype)?)? } else { v };
+            vars.insert(name, v);
+        }
+        Ok(ParamStore { vars, order: self.order })
     }
 
     /// Checks that the store holds exactly the specs' tensors with their shapes, and puts

@@ -300,6 +300,14 @@ fn bf16_weights_compute_exactly_with_the_rounded_weights() {
         let rounded_params = bf16.params().with_dtype(DType::F32, |_, _| true).unwrap();
         let rounded = GPT::from_params(cfg.clone(), rounded_params).unwrap();
         assert_eq!(bf16.weight_dtype(), DType::BF16);
+        // Loading straight into bf16 (GPT-2 Conv1D layout for the dense model) gives the same model.
+        let dir = tempfile::tempdir().unwrap();
+        f32_model.save_pretrained(dir.path()).unwrap();
+        let loaded = GPT::from_pretrained_with_weight_dtype(dir.path(), DType::BF16, &Device::Cpu).unwrap();
+        for ((name, a), (_, b)) in loaded.params().iter().zip(bf16.params().iter()) {
+            assert_eq!(a.dtype(), b.dtype(), "{name}");
+            assert_eq!(max_diff(&a.to_dtype(DType::F32).unwrap(), &b.to_dtype(DType::F32).unwrap()), 0.0, "{name}");
+        }
         for (name, v) in bf16.params().iter() {
             let want = if v.rank() >= 2 && !name.contains(".router.") && !name.ends_with("_bias") { DType::BF16 } else { DType::F32 };
             assert_eq!(v.dtype(), want, "{name}");

@@ -34,11 +34,8 @@ static WEIGHT_DTYPE: std::sync::OnceLock<DType> = std::sync::OnceLock::new();
 
 /// A model for inference from a directory, its weights stored as --weight-dtype says.
 pub(crate) fn inference_model(dir: &Path) -> Result<GPT> {
-    let gpt = GPT::from_pretrained(dir)?;
-    match WEIGHT_DTYPE.get() {
-        Some(&d) if d != DType::F32 => Ok(gpt.with_weight_dtype(d)?),
-        _ => Ok(gpt),
-    }
+    let dtype = WEIGHT_DTYPE.get().copied().unwrap_or(DType::F32);
+    Ok(GPT::from_pretrained_with_weight_dtype(dir, dtype, &Device::Cpu)?)
 }
 
 /// A MODEL argument as a directory: itself, or a Hub repo id at --revision.
@@ -253,7 +250,10 @@ pub fn run() -> Result<()> {
     }
     let _ = WEIGHT_DTYPE.set(weight_dtype);
     nanomoe::runtime::set_threads(cli.threads);
-    nanomoe::runtime::keep_freed_memory();
+    if matches!(cli.cmd, Cmd::Train { .. } | Cmd::Bench(bench::Bench::Train { .. }) | Cmd::Bench(bench::Bench::MoeLayer { .. })) {
+        // Training allocates the same activations every step; inference keeps memory low.
+        nanomoe::runtime::keep_freed_memory();
+    }
     match cli.cmd {
         Cmd::New { config, out, seed, dtype, max_shard_size } => cmd_new(config.as_deref(), &out, seed, &dtype, &max_shard_size),
         Cmd::Info { model, json } => cmd_info(&model, json),
