@@ -34,6 +34,17 @@ fn dims(lx: &[usize], lw: &[usize]) -> candle_core::Result<(usize, usize, usize,
     }
 }
 
+/// A buffer every element of which the caller writes before reading (gemm with
+/// `read_dst = false` writes its whole destination): skips zero-filling expert-sized
+/// gradients, which at 64 experts is a pass over all expert weights per product.
+fn output_buffer(len: usize) -> Vec<f32> {
+    let mut v = Vec::with_capacity(len);
+    // SAFETY: f32 has no invalid bit patterns, and every element is written by gemm before
+    // the vector is read or returned.
+    unsafe { v.set_len(len) };
+    v
+}
+
 /// Runs `f(e)` for every expert on rayon's pool.
 fn per_expert(e: usize, f: impl Fn(usize) + Send + Sync) {
     (0..e).into_par_iter().for_each(f);
@@ -47,7 +58,7 @@ impl CustomOp2 for ExpertMatmul {
     fn cpu_fwd(&self, sx: &CpuStorage, lx: &Layout, sw: &CpuStorage, lw: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let (e, m, k, n) = dims(lx.dims(), lw.dims())?;
         let (x, w) = (contiguous_f32(sx, lx, NAME)?, contiguous_f32(sw, lw, NAME)?);
-        let mut y = vec![0f32; e * m * n];
+        let mut y = output_buffer(e * m * n);
         let out = Out(y.as_mut_ptr());
         per_expert(e, |i| unsafe {
             let out = &out;
@@ -61,8 +72,8 @@ impl CustomOp2 for ExpertMatmul {
         let (dx, dw) = with_f32(x, NAME, |xs| {
             with_f32(w, NAME, |ws| {
                 with_f32(dy, NAME, |dys| {
-                    let mut dx = vec![0f32; e * m * k];
-                    let mut dw = vec![0f32; e * k * n];
+                    let mut dx = output_buffer(e * m * k);
+                    let mut dw = output_buffer(e * k * n);
                     let (ox, ow) = (Out(dx.as_mut_ptr()), Out(dw.as_mut_ptr()));
                     per_expert(e, |i| unsafe {
                         let (ox, ow) = (&ox, &ow);

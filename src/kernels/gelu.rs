@@ -1,63 +1,93 @@
 //! GELU (tanh approximation or exact erf) as one element-wise pass, with a one-pass
-//! derivative for the backward instead of candle's graph of composite ops.
+//! backward dx = dy * gelu'(x), instead of candle's graph of composite ops. The loops use
+//! the vectorizable exp/tanh/erf of `math` and are compiled per instruction set.
 
-use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
 use crate::config::Activation;
 use crate::error::Result;
+use crate::kernels::contiguous_f32;
+use crate::kernels::math::{self, multiversion};
 
+const NAME: &str = "fused gelu";
 const SQRT_2_OVER_PI: f32 = 0.797_884_6;
 const INV_SQRT_2: f32 = std::f32::consts::FRAC_1_SQRT_2;
 const INV_SQRT_2PI: f32 = 0.398_942_3;
+/// Elements per parallel task.
+const CHUNK: usize = 8192;
 
-fn gelu(x: f32, act: Activation) -> f32 {
-    match act {
-        Activation::GeluTanh => 0.5 * x * (1.0 + (SQRT_2_OVER_PI * (x + 0.044715 * x * x * x)).tanh()),
-        Activation::GeluErf => 0.5 * x * (1.0 + libm::erff(x * INV_SQRT_2)),
+#[inline(always)]
+fn gelu_tanh(x: f32) -> f32 {
+    0.5 * x * (1.0 + math::tanh(SQRT_2_OVER_PI * (x + 0.044715 * x * x * x)))
+}
+
+#[inline(always)]
+fn gelu_erf(x: f32) -> f32 {
+    0.5 * x * (1.0 + math::erf(x * INV_SQRT_2))
+}
+
+#[inline(always)]
+fn gelu_tanh_grad(x: f32) -> f32 {
+    let t = math::tanh(SQRT_2_OVER_PI * (x + 0.044715 * x * x * x));
+    0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * SQRT_2_OVER_PI * (1.0 + 3.0 * 0.044715 * x * x)
+}
+
+#[inline(always)]
+fn gelu_erf_grad(x: f32) -> f32 {
+    0.5 * (1.0 + math::erf(x * INV_SQRT_2)) + x * math::exp(-0.5 * x * x) * INV_SQRT_2PI
+}
+
+#[inline(always)]
+fn forward_body(x: &[f32], y: &mut [f32], erf: bool) {
+    if erf {
+        y.iter_mut().zip(x).for_each(|(o, &v)| *o = gelu_erf(v));
+    } else {
+        y.iter_mut().zip(x).for_each(|(o, &v)| *o = gelu_tanh(v));
     }
 }
 
-fn gelu_grad(x: f32, act: Activation) -> f32 {
-    match act {
-        Activation::GeluTanh => {
-            let t = (SQRT_2_OVER_PI * (x + 0.044715 * x * x * x)).tanh();
-            0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * SQRT_2_OVER_PI * (1.0 + 3.0 * 0.044715 * x * x)
-        }
-        Activation::GeluErf => 0.5 * (1.0 + libm::erff(x * INV_SQRT_2)) + x * (-0.5 * x * x).exp() * INV_SQRT_2PI,
+#[inline(always)]
+fn backward_body(x: &[f32], dy: &[f32], dx: &mut [f32], erf: bool) {
+    if erf {
+        dx.iter_mut().zip(x.iter().zip(dy)).for_each(|(o, (&v, &g))| *o = g * gelu_erf_grad(v));
+    } else {
+        dx.iter_mut().zip(x.iter().zip(dy)).for_each(|(o, (&v, &g))| *o = g * gelu_tanh_grad(v));
     }
 }
 
-fn map(storage: &CpuStorage, layout: &Layout, f: impl Fn(f32) -> f32 + Sync) -> candle_core::Result<(CpuStorage, Shape)> {
-    let data = crate::kernels::contiguous_f32(storage, layout, "fused gelu")?;
-    let out: Vec<f32> = data.par_iter().with_min_len(4096).map(|&x| f(x)).collect();
-    Ok((CpuStorage::F32(out), layout.shape().clone()))
-}
+multiversion!(fn forward_slice(x: &[f32], y: &mut [f32], erf: bool) => forward_body);
+multiversion!(fn backward_slice(x: &[f32], dy: &[f32], dx: &mut [f32], erf: bool) => backward_body);
 
 struct Gelu(Activation);
-struct GeluGrad(Activation);
-
-impl CustomOp1 for GeluGrad {
-    fn name(&self) -> &'static str {
-        "fused-gelu-grad"
-    }
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let act = self.0;
-        map(s, l, move |x| gelu_grad(x, act))
-    }
-}
+struct GeluBackward(Activation);
 
 impl CustomOp1 for Gelu {
     fn name(&self) -> &'static str {
         "fused-gelu"
     }
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let act = self.0;
-        map(s, l, move |x| gelu(x, act))
+        let x = contiguous_f32(s, l, NAME)?;
+        let erf = self.0 == Activation::GeluErf;
+        let mut y = vec![0f32; x.len()];
+        y.par_chunks_mut(CHUNK).zip(x.par_chunks(CHUNK)).for_each(|(o, i)| forward_slice(i, o, erf));
+        Ok((CpuStorage::F32(y), l.shape().clone()))
     }
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> candle_core::Result<Option<Tensor>> {
-        let d = arg.contiguous()?.apply_op1_no_bwd(&GeluGrad(self.0))?;
-        Ok(Some(grad_res.mul(&d)?))
+        Ok(Some(arg.contiguous()?.apply_op2_no_bwd(&grad_res.contiguous()?, &GeluBackward(self.0))?))
+    }
+}
+
+impl CustomOp2 for GeluBackward {
+    fn name(&self) -> &'static str {
+        "fused-gelu-backward"
+    }
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (x, dy) = (contiguous_f32(s1, l1, NAME)?, contiguous_f32(s2, l2, NAME)?);
+        let erf = self.0 == Activation::GeluErf;
+        let mut dx = vec![0f32; x.len()];
+        dx.par_chunks_mut(CHUNK).zip(x.par_chunks(CHUNK).zip(dy.par_chunks(CHUNK))).for_each(|(o, (i, g))| backward_slice(i, g, o, erf));
+        Ok((CpuStorage::F32(dx), l1.shape().clone()))
     }
 }
 

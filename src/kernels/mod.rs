@@ -8,6 +8,7 @@ pub mod cross_entropy;
 pub mod expert_matmul;
 pub mod gelu;
 pub mod layer_norm;
+pub mod math;
 pub mod matvec;
 
 /// The f32 elements of a contiguous CPU storage, or an error naming the kernel.
