@@ -282,12 +282,12 @@ impl MoeLayer {
         let xe = x_ext.index_select(&disp, 0)?.reshape((self.n_exp, cap, c))?;
         let mut h = nn::expert_matmul(&xe, &self.c_fc)?;
         if let Some(bias) = &self.fc_bias {
-            h = h.broadcast_add(&bias.to_dtype(x.dtype())?)?;
+            h = nn::add_bias(&h, bias)?;
         }
         let h = nn::gelu(&h, self.act)?;
         let mut ye = nn::expert_matmul(&h, &self.c_proj)?;
         if let Some(bias) = &self.proj_bias {
-            ye = ye.broadcast_add(&bias.to_dtype(x.dtype())?)?;
+            ye = nn::add_bias(&ye, bias)?;
         }
         if ctx.training && self.dropout > 0.0 {
             if let Some(rng) = ctx.rng.as_deref_mut() {
@@ -335,12 +335,12 @@ impl MoeLayer {
             let xe = if m == n && n == 1 { x.clone() } else { x.index_select(&toks, 0)? };
             let mut h = nn::matmul_kn(&xe, &self.c_fc.get(e)?)?;
             if let Some(bias) = &self.fc_bias {
-                h = h.broadcast_add(&bias.get(e)?.to_dtype(x.dtype())?)?;
+                h = nn::add_bias(&h, &bias.get(e)?)?;
             }
             let h = nn::gelu(&h, self.act)?;
             let mut ye = nn::matmul_kn(&h, &self.c_proj.get(e)?)?;
             if let Some(bias) = &self.proj_bias {
-                ye = ye.broadcast_add(&bias.get(e)?.to_dtype(x.dtype())?)?;
+                ye = nn::add_bias(&ye, &bias.get(e)?)?;
             }
             let w = probs.index_select(&Tensor::from_vec(pairs, m, device)?, 0)?.to_dtype(x.dtype())?;
             y = y.index_add(&toks, &ye.broadcast_mul(&w.unsqueeze(1)?)?, 0)?;

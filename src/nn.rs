@@ -24,7 +24,7 @@ pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
         x2.matmul(&w.to_dtype(x.dtype())?.t()?)?
     };
     let y = match b {
-        Some(b) => y.broadcast_add(b)?,
+        Some(b) => add_bias(&y, b)?,
         None => y,
     };
     let mut out_dims = dims[..dims.len() - 1].to_vec();
@@ -76,6 +76,15 @@ pub fn matmul_kn(x: &Tensor, w: &Tensor) -> Result<Tensor> {
         return crate::kernels::matvec::matmul_kn(x, w);
     }
     Ok(x.matmul(&w.to_dtype(x.dtype())?)?)
+}
+
+/// x + b where b holds one row of x's last dimension (a linear layer's bias, [N]) or one per
+/// group of leading rows (the experts' biases, [E, 1, N] for x [E, cap, N]).
+pub fn add_bias(x: &Tensor, b: &Tensor) -> Result<Tensor> {
+    if x.dtype() == DType::F32 && b.dtype() == DType::F32 && x.device().is_cpu() {
+        return crate::kernels::bias::add_bias(x, b);
+    }
+    Ok(x.broadcast_add(&b.to_dtype(x.dtype())?)?)
 }
 
 /// The experts' batched product `x [E, cap, K] @ w [E, K, N]`: expert-parallel kernel for
@@ -366,6 +375,25 @@ mod tests {
         let gc = comp.mul(&gy).unwrap().sum_all().unwrap().backward().unwrap();
         for v in [&x, &w] {
             assert!(max(gf.get(v).unwrap(), gc.get(v).unwrap()) < 1e-5);
+        }
+    }
+
+    #[test]
+    fn bias_add_matches_broadcast_add_values_and_gradients() {
+        let x = Var::from_tensor(&t(&(0..60).map(|i| (i as f32 * 0.37).sin()).collect::<Vec<_>>(), &[3, 4, 5])).unwrap();
+        let gy = t(&(0..60).map(|i| (i as f32 * 0.91).cos()).collect::<Vec<_>>(), &[3, 4, 5]);
+        for bshape in [vec![5usize], vec![3, 1, 5]] {
+            let n: usize = bshape.iter().product();
+            let b = Var::from_tensor(&t(&(0..n).map(|i| i as f32 - 4.0).collect::<Vec<_>>(), &bshape)).unwrap();
+            let fused = crate::kernels::bias::add_bias(&x, &b).unwrap();
+            let comp = x.broadcast_add(&b).unwrap();
+            assert_eq!((&fused - &comp).unwrap().abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap(), 0.0);
+            let gf = fused.mul(&gy).unwrap().sum_all().unwrap().backward().unwrap();
+            let gc = comp.mul(&gy).unwrap().sum_all().unwrap().backward().unwrap();
+            for v in [&x, &b] {
+                let d = (gf.get(v).unwrap() - gc.get(v).unwrap()).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+                assert!(d < 1e-5, "{bshape:?}: gradient differs by {d}");
+            }
         }
     }
 

@@ -4,6 +4,7 @@
 use candle_core::{CpuStorage, Layout, Storage, Tensor};
 
 pub mod attention;
+pub mod bias;
 pub mod cross_entropy;
 pub mod expert_matmul;
 pub mod gelu;
