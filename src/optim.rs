@@ -4,7 +4,8 @@
 //! nanoMoE decays, and follows torch.optim.AdamW's update order exactly so that losses match
 //! PyTorch step for step.
 
-use candle_core::{backprop::GradStore, Tensor, Var};
+use candle_core::{backprop::GradStore, CpuStorage, DType, Layout, Tensor, Var};
+use rayon::prelude::*;
 
 use crate::error::Result;
 use crate::params::ParamStore;
@@ -34,8 +35,67 @@ struct Slot {
     name: String,
     var: Var,
     decay: bool,
-    m: Tensor,
-    v: Tensor,
+    /// First and second moments, flat, updated in place with the parameter.
+    m: Vec<f32>,
+    v: Vec<f32>,
+}
+
+/// The scalars of one update.
+#[derive(Clone, Copy)]
+struct Hyper {
+    lr: f32,
+    beta1: f32,
+    beta2: f32,
+    eps: f32,
+    /// 1 - lr * weight_decay for decayed tensors, else 1.
+    decay_factor: f32,
+    bc1: f32,
+    bc2_sqrt: f32,
+    /// Gradient clipping coefficient (1 = none).
+    grad_scale: f32,
+}
+
+/// One fused pass over a parameter, its gradient and its moments, in torch.optim.AdamW's
+/// order: p *= 1 - lr wd; m = lerp(m, g, 1 - b1); v = b2 v + (1 - b2) g^2;
+/// p -= lr / bc1 * m / (sqrt(v) / sqrt(bc2) + eps). The parameter is updated in place.
+struct Update<'a> {
+    m: std::cell::RefCell<&'a mut [f32]>,
+    v: std::cell::RefCell<&'a mut [f32]>,
+    h: Hyper,
+}
+
+impl candle_core::InplaceOp2 for Update<'_> {
+    fn name(&self) -> &'static str {
+        "adamw-update"
+    }
+
+    fn cpu_fwd(&self, s1: &mut CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> candle_core::Result<()> {
+        const CHUNK: usize = 16384;
+        let CpuStorage::F32(p) = s1 else { candle_core::bail!("AdamW updates f32 parameters") };
+        let Some((a, b)) = l1.contiguous_offsets() else { candle_core::bail!("AdamW needs contiguous parameters") };
+        let g = crate::kernels::contiguous_f32(s2, l2, "AdamW")?;
+        let (mut m, mut v) = (self.m.borrow_mut(), self.v.borrow_mut());
+        let h = self.h;
+        if g.len() != b - a || m.len() != g.len() {
+            candle_core::bail!("AdamW: gradient, parameter and moments differ in size");
+        }
+        p[a..b]
+            .par_chunks_mut(CHUNK)
+            .zip(g.par_chunks(CHUNK))
+            .zip(m.par_chunks_mut(CHUNK).zip(v.par_chunks_mut(CHUNK)))
+            .for_each(|((p, g), (m, v))| {
+                for i in 0..p.len() {
+                    let gi = g[i] * h.grad_scale;
+                    let pi = p[i] * h.decay_factor;
+                    let mi = m[i] + (1.0 - h.beta1) * (gi - m[i]);
+                    let vi = v[i] * h.beta2 + (1.0 - h.beta2) * gi * gi;
+                    m[i] = mi;
+                    v[i] = vi;
+                    p[i] = pi - (h.lr / h.bc1) * (mi / (vi.sqrt() / h.bc2_sqrt + h.eps));
+                }
+            });
+        Ok(())
+    }
 }
 
 pub struct AdamW {
@@ -48,12 +108,15 @@ impl AdamW {
     pub fn new(params: &ParamStore, cfg: AdamWConfig) -> Result<Self> {
         let mut slots = Vec::new();
         for (name, var) in params.iter() {
+            if var.dtype() != DType::F32 {
+                return Err(crate::error::Error::Input(format!("AdamW trains f32 parameters; {name} is {:?}", var.dtype())));
+            }
             slots.push(Slot {
                 name: name.to_string(),
                 var: var.clone(),
                 decay: decays(name, var.dims()),
-                m: var.as_tensor().zeros_like()?,
-                v: var.as_tensor().zeros_like()?,
+                m: vec![0.0; var.elem_count()],
+                v: vec![0.0; var.elem_count()],
             });
         }
         Ok(AdamW { cfg, slots, step: 0 })
@@ -82,32 +145,42 @@ impl AdamW {
 
     /// One update from `grads` (variables without a gradient are left alone, as torch does).
     pub fn step(&mut self, grads: &GradStore) -> Result<()> {
+        self.step_scaled(grads, 1.0)
+    }
+
+    /// One update from `grads` times `grad_scale` (the clipping coefficient, applied in the
+    /// same pass instead of rewriting every gradient first).
+    pub fn step_scaled(&mut self, grads: &GradStore, grad_scale: f64) -> Result<()> {
         self.step += 1;
         let c = &self.cfg;
         let t = self.step as i32;
-        let bc1 = 1.0 - c.beta1.powi(t);
-        let bc2 = 1.0 - c.beta2.powi(t);
         for s in &mut self.slots {
             let Some(g) = grads.get(&s.var) else { continue };
-            // Gradients carry candle's op graph; detach so that moments do not keep every
-            // step's graph alive.
-            let g = &g.detach();
-            let mut p = s.var.as_tensor().detach();
-            if s.decay && c.weight_decay != 0.0 {
-                p = (p * (1.0 - c.lr * c.weight_decay))?;
-            }
-            s.m = ((&s.m * c.beta1)? + (g * (1.0 - c.beta1))?)?.detach();
-            s.v = ((&s.v * c.beta2)? + (g.sqr()? * (1.0 - c.beta2))?)?.detach();
-            let denom = ((s.v.sqrt()? / bc2.sqrt())? + c.eps)?;
-            let update = (s.m.div(&denom)? * (c.lr / bc1))?;
-            s.var.set(&(p - update)?.detach())?;
+            let h = Hyper {
+                lr: c.lr as f32,
+                beta1: c.beta1 as f32,
+                beta2: c.beta2 as f32,
+                eps: c.eps as f32,
+                decay_factor: if s.decay { (1.0 - c.lr * c.weight_decay) as f32 } else { 1.0 },
+                bc1: (1.0 - c.beta1.powi(t)) as f32,
+                bc2_sqrt: (1.0 - c.beta2.powi(t)).sqrt() as f32,
+                grad_scale: grad_scale as f32,
+            };
+            let update = Update { m: std::cell::RefCell::new(&mut s.m), v: std::cell::RefCell::new(&mut s.v), h };
+            s.var.as_tensor().inplace_op2(&g.contiguous()?, &update)?;
         }
         Ok(())
     }
 
     /// (name, first moment, second moment) of every parameter, for checkpoints.
     pub fn state(&self) -> Vec<(String, Tensor, Tensor)> {
-        self.slots.iter().map(|s| (s.name.clone(), s.m.clone(), s.v.clone())).collect()
+        self.slots
+            .iter()
+            .map(|s| {
+                let t = |x: &[f32]| Tensor::from_slice(x, s.var.shape(), s.var.device()).expect("moments match their parameter");
+                (s.name.clone(), t(&s.m), t(&s.v))
+            })
+            .collect()
     }
 
     /// Restores moments and step count saved by [`AdamW::state`].
@@ -126,32 +199,48 @@ impl AdamW {
                     s.var.dims()
                 )));
             }
-            s.m = m;
-            s.v = v;
+            s.m = m.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+            s.v = v.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
         }
         self.step = step;
         Ok(())
     }
 }
 
-/// Scales gradients so that their global L2 norm is at most `max_norm` (torch's
-/// clip_grad_norm_). Returns the norm before clipping.
-pub fn clip_grad_norm(params: &ParamStore, grads: &mut GradStore, max_norm: f64) -> Result<f64> {
+/// Global L2 norm of the gradients of `params` (sums of squares in f64, no temporaries).
+pub fn grad_norm(params: &ParamStore, grads: &GradStore) -> Result<f64> {
     let mut total = 0f64;
     for (_, var) in params.iter() {
         if let Some(g) = grads.get(var) {
-            total += g.sqr()?.sum_all()?.to_scalar::<f32>()? as f64;
+            total += crate::kernels::with_f32(&g.to_dtype(DType::F32)?, "gradient norm", |x| {
+                Ok(x.par_chunks(16384).map(|c| c.iter().map(|&v| (v as f64) * (v as f64)).sum::<f64>()).sum::<f64>())
+            })?;
         }
     }
-    let norm = total.sqrt();
+    Ok(total.sqrt())
+}
+
+/// torch's clip_grad_norm_ coefficient: max_norm / (norm + 1e-6) when below 1, else 1
+/// (and 1 when clipping is off, max_norm <= 0).
+pub fn clip_coefficient(norm: f64, max_norm: f64) -> f64 {
     if max_norm > 0.0 {
-        let coef = max_norm / (norm + 1e-6);
-        if coef < 1.0 {
-            for (_, var) in params.iter() {
-                if let Some(g) = grads.get(var) {
-                    let scaled = (g.detach() * coef)?;
-                    grads.insert(var, scaled);
-                }
+        (max_norm / (norm + 1e-6)).min(1.0)
+    } else {
+        1.0
+    }
+}
+
+/// Scales gradients so that their global L2 norm is at most `max_norm` (torch's
+/// clip_grad_norm_). Returns the norm before clipping. (The trainer instead passes the
+/// coefficient to [`AdamW::step_scaled`].)
+pub fn clip_grad_norm(params: &ParamStore, grads: &mut GradStore, max_norm: f64) -> Result<f64> {
+    let norm = grad_norm(params, grads)?;
+    let coef = clip_coefficient(norm, max_norm);
+    if coef < 1.0 {
+        for (_, var) in params.iter() {
+            if let Some(g) = grads.get(var) {
+                let scaled = (g.detach() * coef)?;
+                grads.insert(var, scaled);
             }
         }
     }

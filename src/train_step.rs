@@ -5,7 +5,7 @@ use candle_core::{backprop::GradStore, Tensor};
 
 use crate::error::{Error, Result};
 use crate::gpt::GPT;
-use crate::optim::{clip_grad_norm, AdamW};
+use crate::optim::{clip_coefficient, grad_norm, AdamW};
 use crate::params::ParamStore;
 
 /// What one step measured (losses are means over the micro batches).
@@ -69,8 +69,8 @@ pub fn train_step(model: &GPT, opt: &mut AdamW, micro_batches: &[(Tensor, Tensor
         }
         accumulate(model.params(), &mut grads, g)?;
     }
-    let mut grads = grads.expect("at least one micro batch");
-    stats.grad_norm = clip_grad_norm(model.params(), &mut grads, grad_clip)?;
-    opt.step(&grads)?;
+    let grads = grads.expect("at least one micro batch");
+    stats.grad_norm = grad_norm(model.params(), &grads)?;
+    opt.step_scaled(&grads, clip_coefficient(stats.grad_norm, grad_clip))?;
     Ok(stats)
 }
