@@ -17,6 +17,7 @@ use gemm::Parallelism;
 use rayon::prelude::*;
 
 use crate::error::Result;
+use crate::kernels::math::{self, multiversion};
 use crate::kernels::{contiguous_f32, with_f32};
 
 const NAME: &str = "fused attention";
@@ -91,7 +92,8 @@ unsafe fn mm(m: usize, n: usize, k: usize, dst: *mut f32, dst_rs: usize, accumul
 
 /// Probabilities of the scores in `s` (one [tq, tk] block, in place) for row b. Returns each
 /// row's log-sum-exp, or uses the given one (backward) instead of recomputing it.
-fn softmax_rows(s: &mut [f32], b: usize, d: Dims, mask: &CausalMask, scale: f32, lse: &mut [f32], given: bool) {
+#[inline(always)]
+fn softmax_rows_body(s: &mut [f32], b: usize, d: Dims, mask: &CausalMask, scale: f32, lse: &mut [f32], given: bool) {
     for i in 0..d.tq {
         let row = &mut s[i * d.tk..(i + 1) * d.tk];
         let (lo, hi) = mask.range(b, i, d.tk);
@@ -105,20 +107,47 @@ fn softmax_rows(s: &mut [f32], b: usize, d: Dims, mask: &CausalMask, scale: f32,
         let vis = &mut row[lo..hi];
         if given {
             let l = lse[i];
-            vis.iter_mut().for_each(|v| *v = (*v * scale - l).exp());
+            vis.iter_mut().for_each(|v| *v = math::exp(*v * scale - l));
         } else {
-            let max = vis.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v)) * scale;
-            let mut sum = 0f32;
-            for v in vis.iter_mut() {
-                *v = (*v * scale - max).exp();
-                sum += *v;
-            }
+            let max = math::max(vis) * scale;
+            vis.iter_mut().for_each(|v| *v = math::exp(*v * scale - max));
+            let sum = math::sum(vis);
             let inv = 1.0 / sum;
             vis.iter_mut().for_each(|v| *v *= inv);
             lse[i] = max + sum.ln();
         }
     }
 }
+
+multiversion!(fn softmax_rows(s: &mut [f32], b: usize, d: Dims, mask: &CausalMask, scale: f32, lse: &mut [f32], given: bool) => softmax_rows_body);
+
+/// dS = P * (dP - rowsum(dP * P)) * scale in place of dP, zero outside the visible keys.
+#[inline(always)]
+fn softmax_grad_rows_body(ds: &mut [f32], p: &[f32], b: usize, d: Dims, mask: &CausalMask, scale: f32) {
+    for i in 0..d.tq {
+        let (lo, hi) = mask.range(b, i, d.tk);
+        let prow = &p[i * d.tk..(i + 1) * d.tk];
+        let srow = &mut ds[i * d.tk..(i + 1) * d.tk];
+        if lo >= hi {
+            srow.fill(0.0);
+            continue;
+        }
+        let mut acc = [0f32; 16];
+        let (sv, pv) = (&srow[lo..hi], &prow[lo..hi]);
+        let split = sv.len() / 16 * 16;
+        for (a, c) in sv[..split].chunks_exact(16).zip(pv[..split].chunks_exact(16)) {
+            for j in 0..16 {
+                acc[j] += a[j] * c[j];
+            }
+        }
+        let dot = acc.iter().sum::<f32>() + sv[split..].iter().zip(&pv[split..]).map(|(a, c)| a * c).sum::<f32>();
+        srow[..lo].fill(0.0);
+        srow[hi..].fill(0.0);
+        srow[lo..hi].iter_mut().zip(&prow[lo..hi]).for_each(|(sv, &pv)| *sv = pv * (*sv - dot) * scale);
+    }
+}
+
+multiversion!(fn softmax_grad_rows(ds: &mut [f32], p: &[f32], b: usize, d: Dims, mask: &CausalMask, scale: f32) => softmax_grad_rows_body);
 
 /// y [B, tq, C] (and the [B, H, tq] log-sum-exp) from q, k, v.
 fn forward(qd: &[f32], q: View, kd: &[f32], k: View, vd: &[f32], v: View, d: Dims, mask: &CausalMask, scale: f32) -> (Vec<f32>, Vec<f32>) {
@@ -214,19 +243,7 @@ impl CustomOp1 for CausalAttention {
                         mm(d.tk, d.hd, d.tq, dv, v.rs, false, p.as_ptr(), 1, d.tk, dop, c, 1);
                         // dP = dO V^T
                         mm(d.tq, d.tk, d.hd, ds.as_mut_ptr(), d.tk, false, dop, c, 1, vp, 1, v.rs);
-                        for i in 0..d.tq {
-                            let (lo, hi) = self.mask.range(b, i, d.tk);
-                            let prow = &p[i * d.tk..(i + 1) * d.tk];
-                            let srow = &mut ds[i * d.tk..(i + 1) * d.tk];
-                            if lo >= hi {
-                                srow.fill(0.0);
-                                continue;
-                            }
-                            let dot: f32 = srow[lo..hi].iter().zip(&prow[lo..hi]).map(|(a, b)| a * b).sum();
-                            for j in 0..d.tk {
-                                srow[j] = if j >= lo && j < hi { prow[j] * (srow[j] - dot) * scale } else { 0.0 };
-                            }
-                        }
+                        softmax_grad_rows(&mut ds, &p, b, d, &self.mask, scale);
                         // dQ = dS K, dK = dS^T Q
                         mm(d.tq, d.hd, d.tk, dq, q.rs, false, ds.as_ptr(), d.tk, 1, kp, k.rs, 1);
                         mm(d.tk, d.hd, d.tq, dk, k.rs, false, ds.as_ptr(), 1, d.tk, qp, q.rs, 1);

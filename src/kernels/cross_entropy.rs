@@ -1,13 +1,15 @@
 //! Cross-entropy fused with log-softmax: one pass per row for the forward (max, log-sum-exp,
-//! picked logit) and one for the backward ((softmax - onehot) * grad / count), instead of
-//! the eight full-size tensors the composite version materialises.
+//! picked logit) and one for the backward ((softmax - onehot) * grad / count, from the
+//! log-sum-exp the forward kept), instead of the eight full-size tensors the composite
+//! version materialises. Rows are vectorized (math::exp) per instruction set.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
 use crate::error::{Error, Result};
+use crate::kernels::math::{self, multiversion};
 use crate::kernels::{contiguous_f32, with_f32};
 
 const NAME: &str = "fused cross-entropy";
@@ -19,13 +21,24 @@ struct CrossEntropy {
     targets: Arc<Vec<u32>>,
     count: usize,
     vocab: usize,
+    /// Log-sum-exp of every row, from the forward pass.
+    lse: Mutex<Option<Vec<f32>>>,
 }
 
-fn row_lse(row: &[f32]) -> f32 {
-    let max = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
-    let sum: f32 = row.iter().map(|&v| (v - max).exp()).sum();
-    max + sum.ln()
+#[inline(always)]
+fn row_lse_body(row: &[f32], scratch: &mut [f32]) -> f32 {
+    let max = math::max(row);
+    scratch.iter_mut().zip(row).for_each(|(e, &v)| *e = math::exp(v - max));
+    max + math::sum(scratch).ln()
 }
+
+#[inline(always)]
+fn row_grad_body(row: &[f32], lse: f32, g: f32, out: &mut [f32]) {
+    out.iter_mut().zip(row).for_each(|(o, &x)| *o = math::exp(x - lse) * g);
+}
+
+multiversion!(fn row_lse(row: &[f32], scratch: &mut [f32]) -> f32 => row_lse_body);
+multiversion!(fn row_grad(row: &[f32], lse: f32, g: f32, out: &mut [f32]) => row_grad_body);
 
 impl CustomOp1 for CrossEntropy {
     fn name(&self) -> &'static str {
@@ -35,28 +48,37 @@ impl CustomOp1 for CrossEntropy {
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let x = contiguous_f32(storage, layout, NAME)?;
         let v = self.vocab;
-        let total: f64 = x
+        let lse: Vec<f32> = x
             .par_chunks(v)
             .zip(self.targets.par_iter())
+            .map_init(|| vec![0f32; v], |scratch, (row, &t)| if t == IGNORE { 0.0 } else { row_lse(row, scratch) })
+            .collect();
+        let total: f64 = lse
+            .iter()
+            .zip(x.chunks(v))
+            .zip(self.targets.iter())
             .filter(|(_, &t)| t != IGNORE)
-            .map(|(row, &t)| (row_lse(row) - row[t as usize]) as f64)
+            .map(|((&l, row), &t)| (l - row[t as usize]) as f64)
             .sum();
+        *self.lse.lock().unwrap_or_else(|e| e.into_inner()) = Some(lse);
         Ok((CpuStorage::F32(vec![(total / self.count as f64) as f32]), Shape::from(())))
     }
 
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> candle_core::Result<Option<Tensor>> {
         let g = grad_res.to_dtype(candle_core::DType::F32)?.to_scalar::<f32>()? / self.count as f32;
         let v = self.vocab;
+        let saved = self.lse.lock().unwrap_or_else(|e| e.into_inner()).clone();
         let grad = with_f32(arg, NAME, |x| {
+            let lse = match saved {
+                Some(l) => l,
+                None => x.par_chunks(v).map_init(|| vec![0f32; v], |s, row| row_lse(row, s)).collect(),
+            };
             let mut grad = vec![0f32; x.len()];
-            grad.par_chunks_mut(v).zip(x.par_chunks(v)).zip(self.targets.par_iter()).for_each(|((out, row), &t)| {
+            grad.par_chunks_mut(v).zip(x.par_chunks(v)).zip(self.targets.par_iter().zip(lse.par_iter())).for_each(|((out, row), (&t, &l))| {
                 if t == IGNORE {
                     return;
                 }
-                let lse = row_lse(row);
-                for (o, &xi) in out.iter_mut().zip(row) {
-                    *o = (xi - lse).exp() * g;
-                }
+                row_grad(row, l, g, out);
                 out[t as usize] -= g;
             });
             Ok(grad)
@@ -77,6 +99,6 @@ pub fn cross_entropy(logits: &Tensor, targets: &[Option<u32>]) -> Result<Option<
     if count == 0 {
         return Ok(None);
     }
-    let op = CrossEntropy { targets: Arc::new(t), count, vocab: v };
+    let op = CrossEntropy { targets: Arc::new(t), count, vocab: v, lse: Mutex::new(None) };
     Ok(Some(logits.contiguous()?.apply_op1(op)?))
 }
