@@ -97,3 +97,19 @@ fn moe_training_with_aux_and_z_loss_matches_pytorch() {
     let cfg = GPTConfig { n_exp: 4, moe_top_k: 2, stride: 1, use_aux_loss: true, use_router_z_loss: true, bias: false, ..base() };
     check("moe", cfg, 2);
 }
+
+#[test]
+fn moe_training_with_biases_and_exact_gelu_matches_pytorch() {
+    // Expert biases (the bias kernel's grouped gradient), exact-erf GELU, top-1 routing.
+    let cfg = GPTConfig {
+        n_exp: 4,
+        moe_top_k: 1,
+        stride: 2,
+        use_aux_loss: true,
+        bias: true,
+        activation_function: "gelu".into(),
+        train_capacity: 2.0,
+        ..base()
+    };
+    check("moe-bias-erf", cfg, 1);
+}

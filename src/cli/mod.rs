@@ -107,7 +107,7 @@ enum Cmd {
         dropless: bool,
     },
     /// Train a model, nanoGPT style: `nanomoe train [CONFIG.toml] [--key=value ...]`.
-    /// With no arguments: a small MoE on the built-in arithmetic corpus.
+    /// With no arguments: a small MoE on the built-in grammar corpus.
     #[command(disable_help_flag = false)]
     Train {
         /// A TOML config file, then --key=value overrides (e.g. --batch_size=16).
