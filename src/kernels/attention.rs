@@ -150,6 +150,7 @@ fn softmax_grad_rows_body(ds: &mut [f32], p: &[f32], b: usize, d: Dims, mask: &C
 multiversion!(fn softmax_grad_rows(ds: &mut [f32], p: &[f32], b: usize, d: Dims, mask: &CausalMask, scale: f32) => softmax_grad_rows_body);
 
 /// y [B, tq, C] (and the [B, H, tq] log-sum-exp) from q, k, v.
+#[allow(clippy::too_many_arguments)]
 fn forward(qd: &[f32], q: View, kd: &[f32], k: View, vd: &[f32], v: View, d: Dims, mask: &CausalMask, scale: f32) -> (Vec<f32>, Vec<f32>) {
     let c = d.h * d.hd;
     let mut y = vec![0f32; d.b * d.tq * c];
@@ -164,7 +165,7 @@ fn forward(qd: &[f32], q: View, kd: &[f32], k: View, vd: &[f32], v: View, d: Dim
             let vp = vd.as_ptr().add(v.off + b * v.bs + h * d.hd);
             mm(d.tq, d.tk, d.hd, s.as_mut_ptr(), d.tk, false, qp, q.rs, 1, kp, 1, k.rs);
             softmax_rows(&mut s, b, d, mask, scale, lse, false);
-            let yp = yp;
+            let yp = &yp;
             mm(d.tq, d.hd, d.tk, yp.0.add(b * d.tq * c + h * d.hd), c, false, s.as_ptr(), d.tk, 1, vp, v.rs, 1);
         }
     });

@@ -17,7 +17,7 @@ struct AddBias;
 fn groups(x: &[usize], b: usize) -> candle_core::Result<(usize, usize, usize)> {
     let n = *x.last().unwrap_or(&1);
     let total: usize = x.iter().product();
-    if n == 0 || b % n != 0 || total % b != 0 {
+    if n == 0 || !b.is_multiple_of(n) || !total.is_multiple_of(b) {
         candle_core::bail!("{NAME}: a bias of {b} elements does not fit x {x:?}");
     }
     let g = b / n;

@@ -34,15 +34,17 @@ fn dims(lx: &[usize], lw: &[usize]) -> candle_core::Result<(usize, usize, usize,
     }
 }
 
-/// A buffer every element of which the caller writes before reading (gemm with
+/// A vector whose every element `fill` writes through the pointer it gets (gemm with
 /// `read_dst = false` writes its whole destination): skips zero-filling expert-sized
 /// gradients, which at 64 experts is a pass over all expert weights per product.
-fn output_buffer(len: usize) -> Vec<f32> {
-    let mut v = Vec::with_capacity(len);
-    // SAFETY: f32 has no invalid bit patterns, and every element is written by gemm before
-    // the vector is read or returned.
+fn written_by(len: usize, fill: impl FnOnce(*mut f32)) -> Vec<f32> {
+    let mut v: Vec<std::mem::MaybeUninit<f32>> = Vec::with_capacity(len);
+    // SAFETY: MaybeUninit elements may be uninitialised.
     unsafe { v.set_len(len) };
-    v
+    fill(v.as_mut_ptr().cast());
+    let mut v = std::mem::ManuallyDrop::new(v);
+    // SAFETY: `fill` initialised all `len` elements; same allocation, layout and capacity.
+    unsafe { Vec::from_raw_parts(v.as_mut_ptr().cast(), len, v.capacity()) }
 }
 
 /// Runs `f(e)` for every expert on rayon's pool.
@@ -58,11 +60,12 @@ impl CustomOp2 for ExpertMatmul {
     fn cpu_fwd(&self, sx: &CpuStorage, lx: &Layout, sw: &CpuStorage, lw: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let (e, m, k, n) = dims(lx.dims(), lw.dims())?;
         let (x, w) = (contiguous_f32(sx, lx, NAME)?, contiguous_f32(sw, lw, NAME)?);
-        let mut y = output_buffer(e * m * n);
-        let out = Out(y.as_mut_ptr());
-        per_expert(e, |i| unsafe {
-            let out = &out;
-            mm(m, n, k, out.0.add(i * m * n), n, x.as_ptr().add(i * m * k), k, 1, w.as_ptr().add(i * k * n), n, 1);
+        let y = written_by(e * m * n, |yp| {
+            let out = Out(yp);
+            per_expert(e, |i| unsafe {
+                let out = &out;
+                mm(m, n, k, out.0.add(i * m * n), n, x.as_ptr().add(i * m * k), k, 1, w.as_ptr().add(i * k * n), n, 1);
+            });
         });
         Ok((CpuStorage::F32(y), Shape::from((e, m, n))))
     }
@@ -72,16 +75,19 @@ impl CustomOp2 for ExpertMatmul {
         let (dx, dw) = with_f32(x, NAME, |xs| {
             with_f32(w, NAME, |ws| {
                 with_f32(dy, NAME, |dys| {
-                    let mut dx = output_buffer(e * m * k);
-                    let mut dw = output_buffer(e * k * n);
-                    let (ox, ow) = (Out(dx.as_mut_ptr()), Out(dw.as_mut_ptr()));
-                    per_expert(e, |i| unsafe {
-                        let (ox, ow) = (&ox, &ow);
-                        let (xp, wp, dyp) = (xs.as_ptr().add(i * m * k), ws.as_ptr().add(i * k * n), dys.as_ptr().add(i * m * n));
-                        // dx = dy w^T: [m x n] [n x k]
-                        mm(m, k, n, ox.0.add(i * m * k), k, dyp, n, 1, wp, 1, n);
-                        // dw = x^T dy: [k x m] [m x n]
-                        mm(k, n, m, ow.0.add(i * k * n), n, xp, 1, k, dyp, n, 1);
+                    let mut dx = Vec::new();
+                    let dw = written_by(e * k * n, |dwp| {
+                        dx = written_by(e * m * k, |dxp| {
+                            let (ox, ow) = (Out(dxp), Out(dwp));
+                            per_expert(e, |i| unsafe {
+                                let (ox, ow) = (&ox, &ow);
+                                let (xp, wp, dyp) = (xs.as_ptr().add(i * m * k), ws.as_ptr().add(i * k * n), dys.as_ptr().add(i * m * n));
+                                // dx = dy w^T: [m x n] [n x k]
+                                mm(m, k, n, ox.0.add(i * m * k), k, dyp, n, 1, wp, 1, n);
+                                // dw = x^T dy: [k x m] [m x n]
+                                mm(k, n, m, ow.0.add(i * k * n), n, xp, 1, k, dyp, n, 1);
+                            });
+                        });
                     });
                     Ok((dx, dw))
                 })
