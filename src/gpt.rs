@@ -591,6 +591,24 @@ impl GPT {
         }
     }
 
+    /// The loss of nanoGPT-style `targets` (already shifted, -1 ignored) without the logits:
+    /// the output layer and the cross-entropy run as one fused op, so no [B, T, V] tensor or
+    /// gradient of it is kept (what the trainer and `nanomoe eval` use). Returns the total
+    /// loss (None when every target is ignored), the loss terms and the routing statistics.
+    pub fn forward_loss(&self, idx: &Tensor, targets: &Tensor) -> Result<(Option<Tensor>, Losses, Vec<MoeStats>)> {
+        let ids = ids_from_tensor(idx, self.config.vocab_size)?;
+        let tg = labels_from_tensor(targets, -1, self.config.vocab_size)?;
+        if tg.len() != ids.len() || tg.iter().any(|r| r.len() != ids[0].len()) {
+            return Err(input_err!("targets must have the same shape as idx"));
+        }
+        let (h, moe) = self.hidden(&self.net, &ids, None, None)?;
+        let (b, t, c) = h.dims3()?;
+        let flat: Vec<Option<u32>> = tg.into_iter().flatten().collect();
+        let ntp = nn::linear_cross_entropy(&h.reshape((b * t, c))?, &self.net.wte, &flat)?;
+        let (loss, losses) = self.total_loss(ntp, &moe)?;
+        Ok((loss, losses, moe.stats))
+    }
+
     /// One decoding step: runs `ids` (new tokens of every row) through the model, extending
     /// `cache`, and returns the logits of the last position [B, V]. Inference only: nothing
     /// records a graph for backward (use [`GPT::forward`] for gradients).

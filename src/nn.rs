@@ -151,6 +151,16 @@ pub fn cross_entropy(logits: &Tensor, targets: &[Option<u32>]) -> Result<Option<
     cross_entropy_composite(logits, targets)
 }
 
+/// Mean cross-entropy of the logits `h [N, C] @ w^T` (w [V, C]: the tied output embedding)
+/// without materialising them for the caller: the fused kernel for f32 CPU tensors,
+/// [`linear`] + [`cross_entropy`] otherwise.
+pub fn linear_cross_entropy(h: &Tensor, w: &Tensor, targets: &[Option<u32>]) -> Result<Option<Tensor>> {
+    if h.dtype() == DType::F32 && w.dtype() == DType::F32 && h.device().is_cpu() {
+        return crate::kernels::linear_cross_entropy::linear_cross_entropy(h, w, targets);
+    }
+    cross_entropy(&linear(h, w, None)?, targets)
+}
+
 /// Cross-entropy from composite candle ops (any dtype or device; the reference of the
 /// fused kernel's tests).
 pub fn cross_entropy_composite(logits: &Tensor, targets: &[Option<u32>]) -> Result<Option<Tensor>> {
@@ -394,6 +404,27 @@ mod tests {
                 let d = (gf.get(v).unwrap() - gc.get(v).unwrap()).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
                 assert!(d < 1e-5, "{bshape:?}: gradient differs by {d}");
             }
+        }
+    }
+
+    #[test]
+    fn fused_linear_cross_entropy_matches_composite_values_and_gradients() {
+        use rand::{rngs::StdRng, Rng, SeedableRng};
+        let mut rng = StdRng::seed_from_u64(6);
+        let (n, c, v) = (19, 24, 301);
+        let mut r = |len: usize, s: f32| -> Vec<f32> { (0..len).map(|_| rng.random_range(-s..s)).collect() };
+        let h = Var::from_tensor(&t(&r(n * c, 1.0), &[n, c])).unwrap();
+        let w = Var::from_tensor(&t(&r(v * c, 0.5), &[v, c])).unwrap();
+        let targets: Vec<Option<u32>> = (0..n).map(|i| if i % 6 == 2 { None } else { Some((i * 37 % v) as u32) }).collect();
+        let fused = crate::kernels::linear_cross_entropy::linear_cross_entropy(&h, &w, &targets).unwrap().unwrap();
+        let comp = cross_entropy_composite(&h.matmul(&w.t().unwrap()).unwrap(), &targets).unwrap().unwrap();
+        let (a, b) = (fused.to_scalar::<f32>().unwrap(), comp.to_scalar::<f32>().unwrap());
+        assert!((a - b).abs() < 1e-5, "{a} vs {b}");
+        let gf = (fused * 2.5).unwrap().backward().unwrap();
+        let gc = (comp * 2.5).unwrap().backward().unwrap();
+        for (name, var) in [("h", &h), ("w", &w)] {
+            let d = (gf.get(var).unwrap() - gc.get(var).unwrap()).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+            assert!(d < 1e-5, "d{name} differs by {d}");
         }
     }
 

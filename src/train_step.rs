@@ -55,7 +55,7 @@ pub fn train_step(model: &GPT, opt: &mut AdamW, micro_batches: &[(Tensor, Tensor
     let mut grads = None;
     let mut stats = StepStats::default();
     for (x, y) in micro_batches {
-        let (_, loss, losses) = model.forward_legacy(x, Some(y))?;
+        let (loss, losses, _) = model.forward_loss(x, y)?;
         let loss = loss.ok_or_else(|| Error::Input("every target of a micro batch is ignored".into()))?;
         stats.loss += loss.to_scalar::<f32>()? / n as f32;
         stats.ntp_loss += scalar(&losses.ntp_loss)? / n as f32;

@@ -9,6 +9,7 @@ pub mod cross_entropy;
 pub mod expert_matmul;
 pub mod gelu;
 pub mod layer_norm;
+pub mod linear_cross_entropy;
 pub mod math;
 pub mod matvec;
 

@@ -94,7 +94,7 @@ pub fn evaluate(model: &mut GPT, split: &Split, batch_size: usize, iters: u64, s
     for k in 0..iters {
         let mut rng = StdRng::seed_from_u64(mix(&[seed, k]));
         let (x, y) = get_batch(split, batch_size, block, vocab, &mut rng, model.device())?;
-        let (_, _, losses, s) = model.forward_legacy_with_stats(&x, Some(&y))?;
+        let (_, losses, s) = model.forward_loss(&x, &y)?;
         total += losses.ntp_loss.map(|l| l.to_scalar::<f32>()).transpose()?.unwrap_or(0.0) as f64;
         stats.push(s);
     }
