@@ -1,4 +1,6 @@
-//! Building blocks composed only of candle ops that have a backward pass.
+//! Building blocks with a backward pass: each dispatches f32 CPU tensors to a fused kernel
+//! of `kernels` (which has its own backward) and keeps a composite version from candle
+//! ops (the reference of the kernel's parity test, and the path for other dtypes).
 //!
 //! candle-nn's fused `LayerNorm`, `ops::softmax_last_dim`, `ops::layer_norm` and `sdpa`
 //! have no backward and silently drop gradients, so they are never used here.

@@ -1,5 +1,14 @@
-//! Fused CPU kernels as candle custom ops, each with a backward pass and a gradient parity
-//! test against the composite candle version.
+//! Fused CPU kernels as candle custom ops, each with a backward pass and a parity test of
+//! values and gradients against the composite candle version (in `nn`); the training
+//! parity tests against PyTorch run through all of them.
+//!
+//! - `attention`: causal self-attention per (batch row, head), backward from the saved LSE.
+//! - `layer_norm`, `gelu`, `bias`: element-wise / per-row ops with one-pass backwards.
+//! - `cross_entropy`, `linear_cross_entropy`: log-softmax + NLL, optionally fused with the
+//!   output layer so that no logits tensor is kept.
+//! - `expert_matmul`: the experts' batched product, one thread per expert.
+//! - `matvec`: weight-streaming products for decoding, f32 or bf16 weights.
+//! - `math`: vectorizable exp/tanh/erf and the per-instruction-set `multiversion!`.
 
 use candle_core::{CpuStorage, Layout, Storage, Tensor};
 
