@@ -3,6 +3,7 @@ and inputs. Prints medians, min-max, the ratio (ours / reference throughput) and
 peak resident memory; --json for machines.
 
 usage: python bench/bench.py [--quick] [--json] [--only train,decode,prefill,moe]
+(bench/shakespeare_ref.py is the PyTorch side of the tiny-shakespeare benchmark of the README.)
 Needs a release build (cargo build --release) and the test venv (torch, transformers).
 """
 import argparse
