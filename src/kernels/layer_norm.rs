@@ -6,6 +6,7 @@ use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
 use crate::error::Result;
+use crate::kernels::math::{self, multiversion};
 use crate::kernels::{contiguous_f32, with_f32};
 
 const NAME: &str = "fused layer norm";
@@ -15,12 +16,63 @@ struct LayerNormOp {
 }
 
 /// (mean, 1 / sqrt(var + eps)) of a row.
+#[inline(always)]
 fn stats(row: &[f32], eps: f32) -> (f32, f32) {
     let n = row.len() as f32;
-    let mean = row.iter().sum::<f32>() / n;
-    let var = row.iter().map(|&v| (v - mean) * (v - mean)).sum::<f32>() / n;
+    let mean = math::sum(row) / n;
+    let mut acc = [0f32; 16];
+    let split = row.len() / 16 * 16;
+    for c in row[..split].chunks_exact(16) {
+        for i in 0..16 {
+            acc[i] += (c[i] - mean) * (c[i] - mean);
+        }
+    }
+    let var = (acc.iter().sum::<f32>() + row[split..].iter().map(|&v| (v - mean) * (v - mean)).sum::<f32>()) / n;
     (mean, 1.0 / (var + eps).sqrt())
 }
+
+#[inline(always)]
+fn forward_row_body(row: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
+    let (mean, rstd) = stats(row, eps);
+    for ((o, &v), &g) in out.iter_mut().zip(row).zip(w) {
+        *o = (v - mean) * rstd * g;
+    }
+}
+
+/// dx of one row, and dw accumulated into `acc`.
+#[inline(always)]
+fn backward_row_body(row: &[f32], drow: &[f32], w: &[f32], eps: f32, out: &mut [f32], acc: &mut [f32]) {
+    let c = w.len();
+    let (mean, rstd) = stats(row, eps);
+    let (mut m1, mut m2) = ([0f32; 16], [0f32; 16]);
+    let split = c / 16 * 16;
+    for j0 in (0..split).step_by(16) {
+        for l in 0..16 {
+            let j = j0 + l;
+            let xhat = (row[j] - mean) * rstd;
+            let dxhat = drow[j] * w[j];
+            m1[l] += dxhat;
+            m2[l] += dxhat * xhat;
+            acc[j] += drow[j] * xhat;
+        }
+    }
+    let (mut s1, mut s2) = (m1.iter().sum::<f32>(), m2.iter().sum::<f32>());
+    for j in split..c {
+        let xhat = (row[j] - mean) * rstd;
+        let dxhat = drow[j] * w[j];
+        s1 += dxhat;
+        s2 += dxhat * xhat;
+        acc[j] += drow[j] * xhat;
+    }
+    let (m1, m2) = (s1 / c as f32, s2 / c as f32);
+    for j in 0..c {
+        let xhat = (row[j] - mean) * rstd;
+        out[j] = rstd * (drow[j] * w[j] - m1 - xhat * m2);
+    }
+}
+
+multiversion!(fn forward_row(row: &[f32], w: &[f32], eps: f32, out: &mut [f32]) => forward_row_body);
+multiversion!(fn backward_row(row: &[f32], drow: &[f32], w: &[f32], eps: f32, out: &mut [f32], acc: &mut [f32]) => backward_row_body);
 
 impl CustomOp2 for LayerNormOp {
     fn name(&self) -> &'static str {
@@ -31,12 +83,7 @@ impl CustomOp2 for LayerNormOp {
         let (x, w) = (contiguous_f32(s1, l1, NAME)?, contiguous_f32(s2, l2, NAME)?);
         let c = w.len();
         let mut y = vec![0f32; x.len()];
-        y.par_chunks_mut(c).zip(x.par_chunks(c)).for_each(|(out, row)| {
-            let (mean, rstd) = stats(row, self.eps);
-            for ((o, &v), &g) in out.iter_mut().zip(row).zip(w) {
-                *o = (v - mean) * rstd * g;
-            }
-        });
+        y.par_chunks_mut(c).zip(x.par_chunks(c)).for_each(|(out, row)| forward_row(row, w, self.eps, out));
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
 
@@ -54,20 +101,7 @@ impl CustomOp2 for LayerNormOp {
                         .fold(
                             || vec![0f32; c],
                             |mut acc, ((out, row), drow)| {
-                                let (mean, rstd) = stats(row, eps);
-                                let (mut m1, mut m2) = (0f32, 0f32);
-                                for j in 0..c {
-                                    let xhat = (row[j] - mean) * rstd;
-                                    let dxhat = drow[j] * ws[j];
-                                    m1 += dxhat;
-                                    m2 += dxhat * xhat;
-                                    acc[j] += drow[j] * xhat;
-                                }
-                                let (m1, m2) = (m1 / c as f32, m2 / c as f32);
-                                for j in 0..c {
-                                    let xhat = (row[j] - mean) * rstd;
-                                    out[j] = rstd * (drow[j] * ws[j] - m1 - xhat * m2);
-                                }
+                                backward_row(row, drow, ws, eps, out, &mut acc);
                                 acc
                             },
                         )
