@@ -13,12 +13,11 @@
 use std::sync::Mutex;
 
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
-use gemm::Parallelism;
 use rayon::prelude::*;
 
 use crate::error::Result;
 use crate::kernels::math::{self, multiversion};
-use crate::kernels::{contiguous_f32, with_f32};
+use crate::kernels::{contiguous_f32, mm, with_f32};
 
 const NAME: &str = "fused attention";
 
@@ -64,31 +63,6 @@ struct Out(*mut f32);
 unsafe impl Send for Out {}
 unsafe impl Sync for Out {}
 
-/// dst[m x n] (+)= lhs[m x k] * rhs[k x n]; strides in elements (row, column).
-#[allow(clippy::too_many_arguments)]
-unsafe fn mm(m: usize, n: usize, k: usize, dst: *mut f32, dst_rs: usize, accumulate: bool, lhs: *const f32, lhs_rs: usize, lhs_cs: usize, rhs: *const f32, rhs_rs: usize, rhs_cs: usize) {
-    gemm::gemm(
-        m,
-        n,
-        k,
-        dst,
-        1,
-        dst_rs as isize,
-        accumulate,
-        lhs,
-        lhs_cs as isize,
-        lhs_rs as isize,
-        rhs,
-        rhs_cs as isize,
-        rhs_rs as isize,
-        1.0,
-        1.0,
-        false,
-        false,
-        false,
-        Parallelism::None,
-    )
-}
 
 /// Probabilities of the scores in `s` (one [tq, tk] block, in place) for row b. Returns each
 /// row's log-sum-exp, or uses the given one (backward) instead of recomputing it.
@@ -163,10 +137,10 @@ fn forward(qd: &[f32], q: View, kd: &[f32], k: View, vd: &[f32], v: View, d: Dim
             let qp = qd.as_ptr().add(q.off + b * q.bs + h * d.hd);
             let kp = kd.as_ptr().add(k.off + b * k.bs + h * d.hd);
             let vp = vd.as_ptr().add(v.off + b * v.bs + h * d.hd);
-            mm(d.tq, d.tk, d.hd, s.as_mut_ptr(), d.tk, false, qp, q.rs, 1, kp, 1, k.rs);
+            mm(d.tq, d.tk, d.hd, s.as_mut_ptr(), d.tk, qp, q.rs, 1, kp, 1, k.rs, 1.0, 1);
             softmax_rows(&mut s, b, d, mask, scale, lse, false);
             let yp = &yp;
-            mm(d.tq, d.hd, d.tk, yp.0.add(b * d.tq * c + h * d.hd), c, false, s.as_ptr(), d.tk, 1, vp, v.rs, 1);
+            mm(d.tq, d.hd, d.tk, yp.0.add(b * d.tq * c + h * d.hd), c, s.as_ptr(), d.tk, 1, vp, v.rs, 1, 1.0, 1);
         }
     });
     (y, lse)
@@ -238,16 +212,16 @@ impl CustomOp1 for CausalAttention {
                         let dop = dy.as_ptr().add(b * d.tq * c + h * d.hd);
                         let out = dp_out;
                         let (dq, dk, dv) = (out.0.add(head(q)), out.0.add(head(k)), out.0.add(head(v)));
-                        mm(d.tq, d.tk, d.hd, p.as_mut_ptr(), d.tk, false, qp, q.rs, 1, kp, 1, k.rs);
+                        mm(d.tq, d.tk, d.hd, p.as_mut_ptr(), d.tk, qp, q.rs, 1, kp, 1, k.rs, 1.0, 1);
                         softmax_rows(&mut p, b, d, &self.mask, scale, &mut lse_row, true);
                         // dV = P^T dO
-                        mm(d.tk, d.hd, d.tq, dv, v.rs, false, p.as_ptr(), 1, d.tk, dop, c, 1);
+                        mm(d.tk, d.hd, d.tq, dv, v.rs, p.as_ptr(), 1, d.tk, dop, c, 1, 1.0, 1);
                         // dP = dO V^T
-                        mm(d.tq, d.tk, d.hd, ds.as_mut_ptr(), d.tk, false, dop, c, 1, vp, 1, v.rs);
+                        mm(d.tq, d.tk, d.hd, ds.as_mut_ptr(), d.tk, dop, c, 1, vp, 1, v.rs, 1.0, 1);
                         softmax_grad_rows(&mut ds, &p, b, d, &self.mask, scale);
                         // dQ = dS K, dK = dS^T Q
-                        mm(d.tq, d.hd, d.tk, dq, q.rs, false, ds.as_ptr(), d.tk, 1, kp, k.rs, 1);
-                        mm(d.tk, d.hd, d.tq, dk, k.rs, false, ds.as_ptr(), 1, d.tk, qp, q.rs, 1);
+                        mm(d.tq, d.hd, d.tk, dq, q.rs, ds.as_ptr(), d.tk, 1, kp, k.rs, 1, 1.0, 1);
+                        mm(d.tk, d.hd, d.tq, dk, k.rs, ds.as_ptr(), 1, d.tk, qp, q.rs, 1, 1.0, 1);
                     }
                 });
                 Ok(dx)

@@ -15,7 +15,14 @@ use crate::kernels::{contiguous_f32, with_f32};
 const NAME: &str = "fused cross-entropy";
 
 /// Target id meaning "ignore this row".
-const IGNORE: u32 = u32::MAX;
+pub(crate) const IGNORE: u32 = u32::MAX;
+
+/// Targets as ids (ignored rows as [`IGNORE`]) and the number of rows that count.
+pub(crate) fn encode_targets(targets: &[Option<u32>]) -> (Vec<u32>, usize) {
+    let t: Vec<u32> = targets.iter().map(|t| t.unwrap_or(IGNORE)).collect();
+    let count = t.iter().filter(|&&x| x != IGNORE).count();
+    (t, count)
+}
 
 struct CrossEntropy {
     targets: Arc<Vec<u32>>,
@@ -94,8 +101,7 @@ pub fn cross_entropy(logits: &Tensor, targets: &[Option<u32>]) -> Result<Option<
     if n != targets.len() {
         return Err(Error::Input(format!("{} targets for {n} rows of logits", targets.len())));
     }
-    let t: Vec<u32> = targets.iter().map(|t| t.unwrap_or(IGNORE)).collect();
-    let count = t.iter().filter(|&&x| x != IGNORE).count();
+    let (t, count) = encode_targets(targets);
     if count == 0 {
         return Ok(None);
     }

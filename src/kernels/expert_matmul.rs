@@ -6,11 +6,10 @@
 //! products) instead of materialising transposed copies of the expert weights.
 
 use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor};
-use gemm::Parallelism;
 use rayon::prelude::*;
 
 use crate::error::Result;
-use crate::kernels::{contiguous_f32, with_f32};
+use crate::kernels::{contiguous_f32, mm, with_f32};
 
 const NAME: &str = "expert matmul";
 
@@ -19,11 +18,6 @@ struct Out(*mut f32);
 unsafe impl Send for Out {}
 unsafe impl Sync for Out {}
 
-/// dst[m x n] = lhs[m x k] * rhs[k x n]; strides in elements (row, column).
-#[allow(clippy::too_many_arguments)]
-unsafe fn mm(m: usize, n: usize, k: usize, dst: *mut f32, dst_rs: usize, lhs: *const f32, lhs_rs: usize, lhs_cs: usize, rhs: *const f32, rhs_rs: usize, rhs_cs: usize) {
-    gemm::gemm(m, n, k, dst, 1, dst_rs as isize, false, lhs, lhs_cs as isize, lhs_rs as isize, rhs, rhs_cs as isize, rhs_rs as isize, 1.0, 1.0, false, false, false, Parallelism::None)
-}
 
 struct ExpertMatmul;
 
@@ -64,7 +58,7 @@ impl CustomOp2 for ExpertMatmul {
             let out = Out(yp);
             per_expert(e, |i| unsafe {
                 let out = &out;
-                mm(m, n, k, out.0.add(i * m * n), n, x.as_ptr().add(i * m * k), k, 1, w.as_ptr().add(i * k * n), n, 1);
+                mm(m, n, k, out.0.add(i * m * n), n, x.as_ptr().add(i * m * k), k, 1, w.as_ptr().add(i * k * n), n, 1, 1.0, 1);
             });
         });
         Ok((CpuStorage::F32(y), Shape::from((e, m, n))))
@@ -83,9 +77,9 @@ impl CustomOp2 for ExpertMatmul {
                                 let (ox, ow) = (&ox, &ow);
                                 let (xp, wp, dyp) = (xs.as_ptr().add(i * m * k), ws.as_ptr().add(i * k * n), dys.as_ptr().add(i * m * n));
                                 // dx = dy w^T: [m x n] [n x k]
-                                mm(m, k, n, ox.0.add(i * m * k), k, dyp, n, 1, wp, 1, n);
+                                mm(m, k, n, ox.0.add(i * m * k), k, dyp, n, 1, wp, 1, n, 1.0, 1);
                                 // dw = x^T dy: [k x m] [m x n]
-                                mm(k, n, m, ow.0.add(i * k * n), n, xp, 1, k, dyp, n, 1);
+                                mm(k, n, m, ow.0.add(i * k * n), n, xp, 1, k, dyp, n, 1, 1.0, 1);
                             });
                         });
                     });

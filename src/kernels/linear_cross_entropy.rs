@@ -9,15 +9,14 @@
 use std::sync::{Arc, Mutex};
 
 use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor};
-use gemm::Parallelism;
 use rayon::prelude::*;
 
 use crate::error::{Error, Result};
+use crate::kernels::cross_entropy::{encode_targets, IGNORE};
 use crate::kernels::math::{self, multiversion};
-use crate::kernels::{contiguous_f32, with_f32};
+use crate::kernels::{contiguous_f32, mm, with_f32};
 
 const NAME: &str = "fused linear cross-entropy";
-const IGNORE: u32 = u32::MAX;
 
 struct LinearCrossEntropy {
     targets: Arc<Vec<u32>>,
@@ -41,12 +40,6 @@ fn row_body(row: &mut [f32], target: usize, inv_count: f32) -> f32 {
 
 multiversion!(fn row_loss(row: &mut [f32], target: usize, inv_count: f32) -> f32 => row_body);
 
-/// dst[m x n] = alpha * lhs[m x k] rhs[k x n] on all threads; strides (row, column).
-#[allow(clippy::too_many_arguments)]
-unsafe fn mm(m: usize, n: usize, k: usize, dst: *mut f32, dst_rs: usize, lhs: *const f32, lhs_rs: usize, lhs_cs: usize, rhs: *const f32, rhs_rs: usize, rhs_cs: usize, alpha: f32) {
-    let threads = rayon::current_num_threads();
-    gemm::gemm(m, n, k, dst, 1, dst_rs as isize, false, lhs, lhs_cs as isize, lhs_rs as isize, rhs, rhs_cs as isize, rhs_rs as isize, 0.0, alpha, false, false, false, Parallelism::Rayon(threads))
-}
 
 impl CustomOp2 for LinearCrossEntropy {
     fn name(&self) -> &'static str {
@@ -62,7 +55,7 @@ impl CustomOp2 for LinearCrossEntropy {
         }
         let mut logits = vec![0f32; n * v];
         // logits = h w^T
-        unsafe { mm(n, v, c, logits.as_mut_ptr(), v, h.as_ptr(), c, 1, w.as_ptr(), 1, c, 1.0) };
+        unsafe { mm(n, v, c, logits.as_mut_ptr(), v, h.as_ptr(), c, 1, w.as_ptr(), 1, c, 1.0, rayon::current_num_threads()) };
         let inv = 1.0 / self.count as f32;
         let total: f64 = logits
             .par_chunks_mut(v)
@@ -92,9 +85,9 @@ impl CustomOp2 for LinearCrossEntropy {
                 let mut dw = vec![0f32; v * c];
                 unsafe {
                     // dh = g D w: [n x v] [v x c]
-                    mm(n, c, v, dh.as_mut_ptr(), c, d.as_ptr(), v, 1, ws.as_ptr(), c, 1, g);
+                    mm(n, c, v, dh.as_mut_ptr(), c, d.as_ptr(), v, 1, ws.as_ptr(), c, 1, g, rayon::current_num_threads());
                     // dw = g D^T h: [v x n] [n x c]
-                    mm(v, c, n, dw.as_mut_ptr(), c, d.as_ptr(), 1, v, hs.as_ptr(), c, 1, g);
+                    mm(v, c, n, dw.as_mut_ptr(), c, d.as_ptr(), 1, v, hs.as_ptr(), c, 1, g, rayon::current_num_threads());
                 }
                 Ok((dh, dw))
             })
@@ -110,8 +103,7 @@ pub fn linear_cross_entropy(h: &Tensor, w: &Tensor, targets: &[Option<u32>]) -> 
     if n != targets.len() {
         return Err(Error::Input(format!("{} targets for {n} rows", targets.len())));
     }
-    let t: Vec<u32> = targets.iter().map(|t| t.unwrap_or(IGNORE)).collect();
-    let count = t.iter().filter(|&&x| x != IGNORE).count();
+    let (t, count) = encode_targets(targets);
     if count == 0 {
         return Ok(None);
     }

@@ -22,6 +22,20 @@ pub mod linear_cross_entropy;
 pub mod math;
 pub mod matvec;
 
+/// dst[m x n] = alpha * lhs[m x k] rhs[k x n] through the gemm crate (the one candle uses),
+/// reading the operands in place: strides are in elements, (row, column); dst is row-major
+/// with row stride `dst_rs`. `threads` 1 runs on the calling thread (kernels that already
+/// run one task per thread), more splits the product over rayon's pool.
+///
+/// # Safety
+/// The pointers must cover every element the sizes and strides address, dst must not
+/// overlap the operands, and no other thread may write what this one reads or writes.
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn mm(m: usize, n: usize, k: usize, dst: *mut f32, dst_rs: usize, lhs: *const f32, lhs_rs: usize, lhs_cs: usize, rhs: *const f32, rhs_rs: usize, rhs_cs: usize, alpha: f32, threads: usize) {
+    let par = if threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
+    gemm::gemm(m, n, k, dst, 1, dst_rs as isize, false, lhs, lhs_cs as isize, lhs_rs as isize, rhs, rhs_cs as isize, rhs_rs as isize, 0.0, alpha, false, false, false, par)
+}
+
 /// The f32 elements of a contiguous CPU storage, or an error naming the kernel.
 pub(crate) fn contiguous_f32<'a>(storage: &'a CpuStorage, layout: &Layout, kernel: &str) -> candle_core::Result<&'a [f32]> {
     let data = match storage {
