@@ -57,9 +57,10 @@ fn dot<W: Weight>(a: &[f32], b: &[W]) -> f32 {
     s
 }
 
-/// y[:, n0..n0+len] for w [N, K]: one dot product per (row, output).
+/// y[:, n0..n0+len] for w [N, K]: one dot product per (row, output). (`_n` keeps the
+/// signature equal to `block_kn`'s.)
 #[inline(always)]
-fn block_nk<W: Weight>(x: &[f32], m: usize, k: usize, w: &[W], n: usize, n0: usize, out: &mut [f32]) {
+fn block_nk<W: Weight>(x: &[f32], m: usize, k: usize, w: &[W], _n: usize, n0: usize, out: &mut [f32]) {
     let len = out.len() / m;
     for j in 0..len {
         let wr = &w[(n0 + j) * k..(n0 + j + 1) * k];
@@ -67,7 +68,6 @@ fn block_nk<W: Weight>(x: &[f32], m: usize, k: usize, w: &[W], n: usize, n0: usi
             out[r * len + j] = dot(&x[r * k..(r + 1) * k], wr);
         }
     }
-    let _ = n;
 }
 
 /// y[:, n0..n0+len] for w [K, N]: rows of w scaled and added.
@@ -88,7 +88,9 @@ fn block_kn<W: Weight>(x: &[f32], m: usize, k: usize, w: &[W], n: usize, n0: usi
 
 type BlockFn<W> = fn(&[f32], usize, usize, &[W], usize, usize, &mut [f32]);
 
-macro_rules! multiversion {
+/// Like `math::multiversion!`, for the generic block kernels: returns the best variant as a
+/// function pointer, picked once per product.
+macro_rules! pick_variant {
     ($name:ident, $body:ident) => {
         fn $name<W: Weight>() -> BlockFn<W> {
             #[cfg(target_arch = "x86_64")]
@@ -113,8 +115,8 @@ macro_rules! multiversion {
     };
 }
 
-multiversion!(pick_nk, block_nk);
-multiversion!(pick_kn, block_kn);
+pick_variant!(pick_nk, block_nk);
+pick_variant!(pick_kn, block_kn);
 
 /// y [m, n] = x [m, k] times w ([n, k] when `w_nk`, else [k, n]), in parallel over blocks
 /// of outputs.
