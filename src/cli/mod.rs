@@ -252,7 +252,7 @@ pub fn run() -> Result<()> {
     nanomoe::runtime::set_threads(cli.threads);
     if matches!(cli.cmd, Cmd::Train { .. } | Cmd::Bench(bench::Bench::Train { .. }) | Cmd::Bench(bench::Bench::MoeLayer { .. })) {
         // Training allocates the same activations every step; inference keeps memory low.
-        nanomoe::runtime::keep_freed_memory();
+        let _ = nanomoe::runtime::keep_freed_memory();
     }
     match cli.cmd {
         Cmd::New { config, out, seed, dtype, max_shard_size } => cmd_new(config.as_deref(), &out, seed, &dtype, &max_shard_size),
