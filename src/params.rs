@@ -162,13 +162,8 @@ impl ParamStore {
     /// A copy with the tensors `pick` selects stored in `dtype` (bf16 inference weights);
     /// the others are shared.
     pub fn with_dtype(&self, dtype: DType, pick: impl Fn(&str, &Tensor) -> bool) -> Result<Self> {
-        let mut vars = BTreeMap::new();
-        for (name, v) in &self.vars {
-            let t = v.as_tensor();
-            let v = if pick(name, t) && t.dtype() != dtype { Var::from_tensor(&t.to_dtype(dtype)?)? } else { v.clone() };
-            vars.insert(name.clone(), v);
-        }
-        Ok(ParamStore { vars, order: self.order.clone() })
+        // Cloning shares the storage of every variable; only converted ones are copied.
+        self.clone().into_dtype(dtype, pick)
     }
 
     /// [`ParamStore::with_dtype`] that frees each converted original as it goes.
