@@ -213,7 +213,9 @@ pub fn grad_norm(params: &ParamStore, grads: &GradStore) -> Result<f64> {
     for (_, var) in params.iter() {
         if let Some(g) = grads.get(var) {
             total += crate::kernels::with_f32(&g.to_dtype(DType::F32)?, "gradient norm", |x| {
-                Ok(x.par_chunks(16384).map(|c| c.iter().map(|&v| (v as f64) * (v as f64)).sum::<f64>()).sum::<f64>())
+                // Partial sums over fixed chunks, added in order: deterministic.
+                let parts: Vec<f64> = x.par_chunks(16384).map(|c| c.iter().map(|&v| (v as f64) * (v as f64)).sum::<f64>()).collect();
+                Ok(parts.iter().sum::<f64>())
             })?;
         }
     }

@@ -94,21 +94,25 @@ impl CustomOp2 for LayerNormOp {
                 with_f32(dy, NAME, |dys| {
                     let c = ws.len();
                     let mut dx = vec![0f32; xs.len()];
-                    let dw = dx
-                        .par_chunks_mut(c)
-                        .zip(xs.par_chunks(c))
-                        .zip(dys.par_chunks(c))
-                        .fold(
-                            || vec![0f32; c],
-                            |mut acc, ((out, row), drow)| {
-                                backward_row(row, drow, ws, eps, out, &mut acc);
-                                acc
-                            },
-                        )
-                        .reduce(|| vec![0f32; c], |mut a, b| {
-                            a.iter_mut().zip(b).for_each(|(x, y)| *x += y);
-                            a
-                        });
+                    // dw is summed over fixed blocks of rows, then over the blocks in order:
+                    // the same bits whatever the thread count or scheduling (exact resume).
+                    const ROWS: usize = 64;
+                    let partial: Vec<Vec<f32>> = dx
+                        .par_chunks_mut(c * ROWS)
+                        .zip(xs.par_chunks(c * ROWS))
+                        .zip(dys.par_chunks(c * ROWS))
+                        .map(|((out, rows), drows)| {
+                            let mut acc = vec![0f32; c];
+                            for ((o, row), drow) in out.chunks_mut(c).zip(rows.chunks(c)).zip(drows.chunks(c)) {
+                                backward_row(row, drow, ws, eps, o, &mut acc);
+                            }
+                            acc
+                        })
+                        .collect();
+                    let mut dw = vec![0f32; c];
+                    for p in &partial {
+                        dw.iter_mut().zip(p).for_each(|(a, b)| *a += b);
+                    }
                     Ok((dx, dw))
                 })
             })

@@ -57,7 +57,7 @@ impl CustomOp2 for LinearCrossEntropy {
         // logits = h w^T
         unsafe { mm(n, v, c, logits.as_mut_ptr(), v, h.as_ptr(), c, 1, w.as_ptr(), 1, c, 1.0, rayon::current_num_threads()) };
         let inv = 1.0 / self.count as f32;
-        let total: f64 = logits
+        let losses: Vec<f64> = logits
             .par_chunks_mut(v)
             .zip(self.targets.par_iter())
             .map(|(row, &t)| {
@@ -68,7 +68,9 @@ impl CustomOp2 for LinearCrossEntropy {
                     row_loss(row, t as usize, inv) as f64
                 }
             })
-            .sum();
+            .collect();
+        // Summed in row order: the same bits whatever the scheduling.
+        let total: f64 = losses.iter().sum();
         *self.grad_logits.lock().unwrap_or_else(|e| e.into_inner()) = Some(logits);
         Ok((CpuStorage::F32(vec![(total / self.count as f64) as f32]), Shape::from(())))
     }
