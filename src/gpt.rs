@@ -13,6 +13,7 @@ use rand::{rngs::StdRng, SeedableRng};
 use crate::config::{Activation, GPTConfig};
 use crate::error::{input_err, Result};
 use crate::kernels::attention::{self, CausalMask};
+use crate::grad_sink::GradSink;
 use crate::moe::{MoeCtx, MoeLayer, MoeStats, Routing};
 use crate::nn;
 use crate::params::{param_specs, ParamStore};
@@ -84,6 +85,7 @@ struct Ctx<'a> {
     training: bool,
     routing: Routing,
     rng: &'a mut StdRng,
+    sink: Option<&'a GradSink>,
 }
 
 struct CausalSelfAttention {
@@ -191,7 +193,7 @@ impl Block {
                 }
             }
             Mlp::Moe(layer) => {
-                let mut mctx = MoeCtx { cfg: ctx.cfg, training: ctx.training, routing: ctx.routing, rng: Some(&mut *ctx.rng) };
+                let mut mctx = MoeCtx { cfg: ctx.cfg, training: ctx.training, routing: ctx.routing, rng: Some(&mut *ctx.rng), sink: ctx.sink };
                 let out = layer.forward(&h, &mut mctx)?;
                 add(&mut moe.aux, out.aux_loss)?;
                 add(&mut moe.z, out.z_loss)?;
@@ -434,7 +436,7 @@ impl GPT {
 
     /// Final hidden states [B, T, C] and MoE totals. `pad[b]` left-padding positions of row b
     /// are masked out as keys and do not advance positions.
-    fn hidden(&self, net: &Net, ids: &[Vec<u32>], cache: Option<&mut KvCache>, pad: Option<&[usize]>) -> Result<(Tensor, MoeTotals)> {
+    fn hidden(&self, net: &Net, ids: &[Vec<u32>], cache: Option<&mut KvCache>, pad: Option<&[usize]>, sink: Option<&GradSink>) -> Result<(Tensor, MoeTotals)> {
         let b = ids.len();
         let t = ids.first().map(Vec::len).unwrap_or(0);
         if b == 0 || t == 0 {
@@ -485,7 +487,7 @@ impl GPT {
         let mut x = (tok + pe)?.reshape((b, t, self.config.n_embd))?;
 
         let mut rng = self.rng.lock().unwrap_or_else(|e| e.into_inner());
-        let mut ctx = Ctx { cfg: &self.config, training: self.training, routing: self.routing, rng: &mut rng };
+        let mut ctx = Ctx { cfg: &self.config, training: self.training, routing: self.routing, rng: &mut rng, sink };
         if ctx.training && self.config.dropout > 0.0 {
             x = nn::dropout(&x, self.config.dropout, ctx.rng)?;
         }
@@ -539,7 +541,7 @@ impl GPT {
                 return Err(input_err!("labels must have the same shape as input_ids"));
             }
         }
-        let (h, moe) = self.hidden(&self.net, &ids, None, None)?;
+        let (h, moe) = self.hidden(&self.net, &ids, None, None, None)?;
         let logits = Self::lm_head(&self.net, &h)?;
         let ntp = match &labels {
             Some(l) => {
@@ -568,7 +570,7 @@ impl GPT {
     /// [`GPT::forward_legacy`] plus the routing statistics of each MoE layer.
     pub fn forward_legacy_with_stats(&self, idx: &Tensor, targets: Option<&Tensor>) -> Result<(Tensor, Option<Tensor>, Losses, Vec<MoeStats>)> {
         let ids = ids_from_tensor(idx, self.config.vocab_size)?;
-        let (h, moe) = self.hidden(&self.net, &ids, None, None)?;
+        let (h, moe) = self.hidden(&self.net, &ids, None, None, None)?;
         match targets {
             Some(tg) => {
                 let tg = labels_from_tensor(tg, -1, self.config.vocab_size)?;
@@ -596,12 +598,23 @@ impl GPT {
     /// gradient of it is kept (what the trainer and `nanomoe eval` use). Returns the total
     /// loss (None when every target is ignored), the loss terms and the routing statistics.
     pub fn forward_loss(&self, idx: &Tensor, targets: &Tensor) -> Result<(Option<Tensor>, Losses, Vec<MoeStats>)> {
+        self.forward_loss_impl(idx, targets, None)
+    }
+
+    /// [`GPT::forward_loss`] for training: the experts' weight gradients go to `sink`
+    /// instead of through candle's accumulation, so take the gradients with
+    /// [`GradSink::backward`] (a plain `loss.backward()` leaves the expert weights without).
+    pub fn forward_loss_with_sink(&self, idx: &Tensor, targets: &Tensor, sink: &GradSink) -> Result<(Option<Tensor>, Losses, Vec<MoeStats>)> {
+        self.forward_loss_impl(idx, targets, Some(sink))
+    }
+
+    fn forward_loss_impl(&self, idx: &Tensor, targets: &Tensor, sink: Option<&GradSink>) -> Result<(Option<Tensor>, Losses, Vec<MoeStats>)> {
         let ids = ids_from_tensor(idx, self.config.vocab_size)?;
         let tg = labels_from_tensor(targets, -1, self.config.vocab_size)?;
         if tg.len() != ids.len() || tg.iter().any(|r| r.len() != ids[0].len()) {
             return Err(input_err!("targets must have the same shape as idx"));
         }
-        let (h, moe) = self.hidden(&self.net, &ids, None, None)?;
+        let (h, moe) = self.hidden(&self.net, &ids, None, None, sink)?;
         let (b, t, c) = h.dims3()?;
         let flat: Vec<Option<u32>> = tg.into_iter().flatten().collect();
         let ntp = nn::linear_cross_entropy(&h.reshape((b * t, c))?, &self.net.wte, &flat)?;
@@ -618,7 +631,7 @@ impl GPT {
                 return Err(input_err!("token id {bad} is out of range for vocab_size {}", self.config.vocab_size));
             }
         }
-        let (h, _) = self.hidden(&self.frozen, ids, cache, pad)?;
+        let (h, _) = self.hidden(&self.frozen, ids, cache, pad, None)?;
         let t = h.dim(1)?;
         Ok(Self::lm_head(&self.frozen, &h.narrow(1, t - 1, 1)?)?.squeeze(1)?)
     }

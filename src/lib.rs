@@ -9,6 +9,7 @@
 //! - [`moe`]: the Mixture-of-Experts layer: router, capacity, dispatch, aux and z losses.
 //! - [`gpt`]: the GPT model, its forward passes and the KV cache.
 //! - [`generate`]: HF-style and nanoGPT-style generation.
+//! - [`grad_sink`]: weight gradients handed over by kernels, bypassing candle's accumulation.
 //! - [`optim`]: AdamW with nanoMoE's decay groups, gradient clipping, the LR schedule.
 //! - [`train_step`]: one optimisation step with gradient accumulation.
 //! - [`checkpoint`]: HF-format directories (GPT-2 and nanomoe_gpt), safetensors I/O.
@@ -29,6 +30,7 @@ pub mod convert;
 pub mod error;
 pub mod generate;
 pub mod gpt;
+pub mod grad_sink;
 pub mod hf_cache;
 pub mod hub;
 pub mod hub_upload;

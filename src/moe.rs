@@ -22,6 +22,7 @@ use rand_distr::{Distribution, StandardNormal};
 
 use crate::config::{Activation, GPTConfig};
 use crate::error::Result;
+use crate::grad_sink::GradSink;
 use crate::nn;
 use crate::params::ParamStore;
 
@@ -160,6 +161,8 @@ pub struct MoeCtx<'a> {
     pub training: bool,
     pub routing: Routing,
     pub rng: Option<&'a mut StdRng>,
+    /// Where the experts' weight gradients go (see [`GradSink`]); None: candle's store.
+    pub sink: Option<&'a GradSink>,
 }
 
 impl MoeLayer {
@@ -280,12 +283,12 @@ impl MoeLayer {
         let x_ext = Tensor::cat(&[x_flat, &Tensor::zeros((1, c), x.dtype(), device)?], 0)?;
         let disp = Tensor::from_vec(disp, self.n_exp * cap, device)?;
         let xe = x_ext.index_select(&disp, 0)?.reshape((self.n_exp, cap, c))?;
-        let mut h = nn::expert_matmul(&xe, &self.c_fc)?;
+        let mut h = nn::expert_matmul(&xe, &self.c_fc, ctx.sink)?;
         if let Some(bias) = &self.fc_bias {
             h = nn::add_bias(&h, bias)?;
         }
         let h = nn::gelu(&h, self.act)?;
-        let mut ye = nn::expert_matmul(&h, &self.c_proj)?;
+        let mut ye = nn::expert_matmul(&h, &self.c_proj, ctx.sink)?;
         if let Some(bias) = &self.proj_bias {
             ye = nn::add_bias(&ye, bias)?;
         }

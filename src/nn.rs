@@ -90,10 +90,10 @@ pub fn add_bias(x: &Tensor, b: &Tensor) -> Result<Tensor> {
 }
 
 /// The experts' batched product `x [E, cap, K] @ w [E, K, N]`: expert-parallel kernel for
-/// f32 CPU tensors, candle's batched matmul otherwise.
-pub fn expert_matmul(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+/// f32 CPU tensors (w's gradient into `sink` when given), candle's batched matmul otherwise.
+pub fn expert_matmul(x: &Tensor, w: &Tensor, sink: Option<&crate::grad_sink::GradSink>) -> Result<Tensor> {
     if x.dtype() == DType::F32 && w.dtype() == DType::F32 && x.device().is_cpu() {
-        return crate::kernels::expert_matmul::expert_matmul(x, w);
+        return crate::kernels::expert_matmul::expert_matmul(x, w, sink);
     }
     Ok(x.matmul(&w.to_dtype(x.dtype())?)?)
 }
@@ -379,7 +379,7 @@ mod tests {
         let x = Var::from_tensor(&t(&r(e * m * k), &[e, m, k])).unwrap();
         let w = Var::from_tensor(&t(&r(e * k * n), &[e, k, n])).unwrap();
         let gy = t(&r(e * m * n), &[e, m, n]);
-        let fused = crate::kernels::expert_matmul::expert_matmul(&x, &w).unwrap();
+        let fused = crate::kernels::expert_matmul::expert_matmul(&x, &w, None).unwrap();
         let comp = x.matmul(&w).unwrap();
         let max = |a: &Tensor, b: &Tensor| (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
         assert!(max(&fused, &comp) < 1e-5);
@@ -387,6 +387,13 @@ mod tests {
         let gc = comp.mul(&gy).unwrap().sum_all().unwrap().backward().unwrap();
         for v in [&x, &w] {
             assert!(max(gf.get(v).unwrap(), gc.get(v).unwrap()) < 1e-5);
+        }
+        // Through a sink: the same gradients, w's deposited and added back by its backward.
+        let sink = crate::grad_sink::GradSink::new();
+        let sunk = crate::kernels::expert_matmul::expert_matmul(&x, &w, Some(&sink)).unwrap();
+        let gs = sink.backward(&sunk.mul(&gy).unwrap().sum_all().unwrap()).unwrap();
+        for v in [&x, &w] {
+            assert_eq!(max(gf.get(v).unwrap(), gs.get(v).unwrap()), 0.0);
         }
     }
 

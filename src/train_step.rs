@@ -5,6 +5,7 @@ use candle_core::{backprop::GradStore, Tensor};
 
 use crate::error::{Error, Result};
 use crate::gpt::GPT;
+use crate::grad_sink::GradSink;
 use crate::optim::{clip_coefficient, grad_norm, AdamW};
 use crate::params::ParamStore;
 
@@ -55,13 +56,14 @@ pub fn train_step(model: &GPT, opt: &mut AdamW, micro_batches: &[(Tensor, Tensor
     let mut grads = None;
     let mut stats = StepStats::default();
     for (x, y) in micro_batches {
-        let (loss, losses, _) = model.forward_loss(x, y)?;
+        let sink = GradSink::new();
+        let (loss, losses, _) = model.forward_loss_with_sink(x, y, &sink)?;
         let loss = loss.ok_or_else(|| Error::Input("every target of a micro batch is ignored".into()))?;
         stats.loss += loss.to_scalar::<f32>()? / n as f32;
         stats.ntp_loss += scalar(&losses.ntp_loss)? / n as f32;
         stats.aux_loss += scalar(&losses.aux_loss)? / n as f32;
         stats.router_z_loss += scalar(&losses.router_z_loss)? / n as f32;
-        let mut g = (loss / n)?.backward()?;
+        let mut g = sink.backward(&(loss / n)?)?;
         for (_, var) in model.params().iter() {
             if let Some(t) = g.remove(var) {
                 g.insert(var, t.detach());

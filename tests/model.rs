@@ -352,3 +352,36 @@ fn every_parameter_gets_a_gradient_in_eval_mode_too() {
         }
     }
 }
+
+#[test]
+fn grad_sink_gives_the_same_gradients_as_candles_backward() {
+    // The training path hands the experts' weight gradients over through a GradSink; every
+    // parameter's gradient must equal the one candle's own backward computes, bit for bit.
+    for cfg in [moe_cfg(), GPTConfig { bias: false, moe_top_k: 1, stride: 1, ..moe_cfg() }] {
+        let mut m = GPT::new_seeded(&cfg, 5, &Device::Cpu).unwrap();
+        m.train();
+        let x = ids(&[&(0..24).collect::<Vec<u32>>(), &(24..48).collect::<Vec<u32>>()]);
+        let y = ids(&[&(1..25).collect::<Vec<u32>>(), &(25..49).collect::<Vec<u32>>()]);
+        m.set_seed(9);
+        let (loss, _, _) = m.forward_loss(&x, &y).unwrap();
+        let plain = loss.unwrap().backward().unwrap();
+        m.set_seed(9);
+        let sink = nanomoe::grad_sink::GradSink::new();
+        let (loss, _, _) = m.forward_loss_with_sink(&x, &y, &sink).unwrap();
+        let sunk = sink.backward(&loss.unwrap()).unwrap();
+        let mut experts = 0;
+        for (name, var) in m.params().iter() {
+            let a = plain.get(var).unwrap_or_else(|| panic!("{name}: no gradient"));
+            let b = sunk.get(var).unwrap_or_else(|| panic!("{name}: no gradient through the sink"));
+            assert_eq!(a.flatten_all().unwrap().to_vec1::<f32>().unwrap(), b.flatten_all().unwrap().to_vec1::<f32>().unwrap(), "{name}");
+            experts += usize::from(name.contains(".experts.c_"));
+        }
+        assert!(experts >= 2, "no expert weights in {cfg:?}");
+        // The contract: a plain backward of a sink graph leaves the expert weights out.
+        let (loss, _, _) = m.forward_loss_with_sink(&x, &y, &sink).unwrap();
+        let bare = loss.unwrap().backward().unwrap();
+        for (name, var) in m.params().iter() {
+            assert_eq!(bare.get(var).is_none(), name.contains(".experts.c_"), "{name}");
+        }
+    }
+}

@@ -8,6 +8,7 @@
 //!   output layer so that no logits tensor is kept.
 //! - `expert_matmul`: the experts' batched product, one thread per expert.
 //! - `matvec`: weight-streaming products for decoding, f32 or bf16 weights.
+//! - `transpose`: 8 x 8 block transposes for the experts' backward.
 //! - `math`: vectorizable exp/tanh/erf and the per-instruction-set `multiversion!`.
 
 use candle_core::{CpuStorage, Layout, Storage, Tensor};
@@ -21,6 +22,7 @@ pub mod layer_norm;
 pub mod linear_cross_entropy;
 pub mod math;
 pub mod matvec;
+pub mod transpose;
 
 /// dst[m x n] = alpha * lhs[m x k] rhs[k x n] through the gemm crate (the one candle uses),
 /// reading the operands in place: strides are in elements, (row, column); dst is row-major
