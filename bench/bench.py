@@ -85,16 +85,22 @@ def main():
                 rows.append(("prefill gpt2-124m 1x512", ours, ref))
         if "moe" in only:
             for e in (8, 16, 32, 64):
-                args = ["--experts", str(e), "--tokens", "2048", "--n-embd", "256", "--repeats", str(reps + 2)]
-                ours = timed([BIN, "bench", "moe-layer", *args])
-                ref = timed(REF + ["moe-layer", *args])
+                args = ["--experts", str(e), "--tokens", "2048", "--n-embd", "256"]
+                # ~0.07 s per run: 21 runs keep the median out of this shared machine's noise.
+                ours = timed([BIN, "bench", "moe-layer", *args, "--repeats", "21"])
+                ref = timed(REF + ["moe-layer", *args, "--repeats", str(reps + 2)])
                 rows.append(("moe layer fwd+bwd, %d experts top-2, 2048 tokens x 256" % e, ours, ref))
     out = []
     for name, (o, orss), (r, rrss) in rows:
         out.append({"case": name, "ours": o, "reference": r, "ratio": o["tokens_per_sec"] / r["tokens_per_sec"],
                     "ours_peak_rss_mib": orss, "reference_peak_rss_mib": rrss})
+    layer = {r["case"].split(",")[1].split()[0]: r for r in out if r["case"].startswith("moe layer")}
+    growth = None
+    if "8" in layer and "64" in layer:
+        growth = {side: layer["64"][side]["median_s"] / layer["8"][side]["median_s"] for side in ("ours", "reference")}
     if a.json:
-        print(json.dumps({"machine": {"cpus": os.cpu_count(), "torch": torch.__version__}, "results": out}, indent=1))
+        print(json.dumps({"machine": {"cpus": os.cpu_count(), "torch": torch.__version__}, "results": out,
+                          "moe_layer_time_growth_8_to_64": growth}, indent=1))
         return
     print("| case | nanomoe tok/s (median, min-max s) | reference tok/s | ratio | peak RSS MiB (ours / ref) |")
     print("|---|---|---|---|---|")
@@ -104,6 +110,8 @@ def main():
             r["case"], o["tokens_per_sec"], o["median_s"], o["min_s"], o["max_s"],
             ref["tokens_per_sec"], ref["median_s"], ref["min_s"], ref["max_s"], r["ratio"],
             r["ours_peak_rss_mib"], r["reference_peak_rss_mib"]))
+    if growth:
+        print("\nMoE layer time, 8 -> 64 experts (median): nanomoe %.2fx, reference %.2fx" % (growth["ours"], growth["reference"]))
 
 
 if __name__ == "__main__":
