@@ -24,13 +24,24 @@ pub fn set_threads(n: usize) -> usize {
 /// (glibc refuses an mmap threshold above 32 MB, so raising the threshold is not enough.)
 /// Measured: 4x256 training step ~0.53 -> ~0.45 s (before the fused kernels); the MoE layer
 /// with 64 experts, whose 134 MB gradients were mapped fresh every step, lost its page-fault
-/// time (14 % of samples). Returns whether glibc took both settings; a no-op elsewhere.
+/// time (14 % of samples). One arena for all threads: the other arenas live in mapped
+/// 64 MB heaps that glibc shrinks as blocks are freed, so work run on a pool thread (see
+/// [`on_compute_pool`]) page-faulted again (7x the page faults, 64-expert layer 0.08 ->
+/// 0.11 s). Returns whether glibc took the settings; a no-op elsewhere.
 pub fn keep_freed_memory() -> bool {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     unsafe {
-        // M_TRIM_THRESHOLD = -1, M_MMAP_MAX = -4 (malloc.h)
-        libc::mallopt(-1, i32::MAX) == 1 && libc::mallopt(-4, 0) == 1
+        // M_TRIM_THRESHOLD = -1, M_MMAP_MAX = -4, M_ARENA_MAX = -8 (malloc.h)
+        libc::mallopt(-1, i32::MAX) == 1 && libc::mallopt(-4, 0) == 1 && libc::mallopt(-8, 1) == 1
     }
     #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
     false
+}
+
+/// Runs `f` on a worker thread of rayon's global pool and waits for it. Each parallel op
+/// started from outside the pool hands its work to the pool and sleeps until the pool hands
+/// it back - two thread wake-ups per op, ~50 ops per decoded token. Started from a worker,
+/// the op runs on that thread at once and only the idle workers join in.
+pub fn on_compute_pool<T: Send>(f: impl FnOnce() -> T + Send) -> T {
+    rayon::scope(|_| f())
 }

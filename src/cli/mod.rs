@@ -249,11 +249,16 @@ pub fn run() -> Result<()> {
         bail!("--weight-dtype bf16 is for inference commands; training keeps f32 weights");
     }
     let _ = WEIGHT_DTYPE.set(weight_dtype);
-    nanomoe::runtime::set_threads(cli.threads);
     if matches!(cli.cmd, Cmd::Train { .. } | Cmd::Bench(bench::Bench::Train { .. }) | Cmd::Bench(bench::Bench::MoeLayer { .. })) {
         // Training allocates the same activations every step; inference keeps memory low.
+        // (Before the pool's threads exist: each takes its malloc arena when it starts.)
         let _ = nanomoe::runtime::keep_freed_memory();
     }
+    nanomoe::runtime::set_threads(cli.threads);
+    nanomoe::runtime::on_compute_pool(move || execute(cli))
+}
+
+fn execute(cli: Cli) -> Result<()> {
     match cli.cmd {
         Cmd::New { config, out, seed, dtype, max_shard_size } => cmd_new(config.as_deref(), &out, seed, &dtype, &max_shard_size),
         Cmd::Info { model, json } => cmd_info(&model, json),
