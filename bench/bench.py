@@ -79,6 +79,12 @@ def main():
                 rows.append(("decode nano-moe 6x384 f32 (batch 1, 128 tokens)", ours, ref))
                 ours = timed([BIN, "bench", "decode", nano, "--new-tokens", "128", "--repeats", str(reps), "--weight-dtype", "bf16"])
                 rows.append(("decode nano-moe 6x384, ours bf16 weights vs HF f32", ours, ref))
+                # nanoGPT's shakespeare-char size (65 tokens): no large output layer.
+                char = new_model(tmp, "nano-moe-char", {"n_layer": 6, "n_head": 6, "n_embd": 384, "vocab_size": 65, "block_size": 256,
+                                                       "n_exp": 8, "moe_top_k": 2, "stride": 2, "bias": False})
+                ours = timed([BIN, "bench", "decode", char, "--new-tokens", "128", "--repeats", str(reps)])
+                ref = timed(REF + ["decode", "--model", char, "--new-tokens", "128", "--repeats", str(reps)])
+                rows.append(("decode nano-moe 6x384 char vocab f32 (batch 1, 128 tokens)", ours, ref))
             if "prefill" in only:
                 ours = timed([BIN, "bench", "prefill", gpt2, "--tokens", "512", "--repeats", str(reps)])
                 ref = timed(REF + ["prefill", "--model", gpt2, "--tokens", "512", "--repeats", str(reps)])

@@ -172,11 +172,13 @@ impl GPT {
     /// new tokens (stopping after `eos_token_id` when set).
     pub fn generate(&self, input_ids: &Tensor, cfg: &GenerationConfig) -> Result<Vec<Vec<u32>>> {
         let prompts = ids_from_tensor(input_ids, self.config.vocab_size)?;
-        self.generate_with(&prompts, cfg, |_, _| {})
+        crate::runtime::on_compute_pool(|| self.generate_with(&prompts, cfg, |_, _| {}))
     }
 
     /// [`GPT::generate`] for prompts of any lengths, calling `on_token(row, id)` for each new
-    /// token as it is produced (streaming).
+    /// token as it is produced (streaming). Runs on the calling thread: from outside rayon's
+    /// pool, wrap it in [`crate::runtime::on_compute_pool`] when `on_token` is `Send`
+    /// (the command line runs everything there).
     pub fn generate_with(
         &self,
         prompts: &[Vec<u32>],
@@ -262,7 +264,7 @@ impl GPT {
         let prompts = ids_from_tensor(idx, self.config.vocab_size)?;
         let seed = self.next_seed();
         let cfg = GenerationConfig { max_new_tokens, temperature, top_k, seed: Some(seed), ..Default::default() };
-        let out = self.generate_with(&prompts, &cfg, |_, _| {})?;
+        let out = crate::runtime::on_compute_pool(|| self.generate_with(&prompts, &cfg, |_, _| {}))?;
         let (b, t) = (out.len(), out[0].len());
         let flat: Vec<u32> = out.into_iter().flatten().collect();
         Ok(Tensor::from_vec(flat, (b, t), idx.device())?.to_dtype(idx.dtype())?)

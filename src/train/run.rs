@@ -195,8 +195,12 @@ impl Log {
 
 /// Trains as the settings say; returns what happened.
 pub fn train(resolved: &Resolved) -> Result<Outcome> {
+    crate::runtime::set_threads(resolved.train.threads);
+    crate::runtime::on_compute_pool(|| train_on_pool(resolved))
+}
+
+fn train_on_pool(resolved: &Resolved) -> Result<Outcome> {
     let s = &resolved.train;
-    crate::runtime::set_threads(s.threads);
     let device = Device::Cpu;
     let out_dir = PathBuf::from(&s.out_dir);
     let resuming = s.init_from == "resume";
