@@ -38,21 +38,36 @@ fn gelu_erf_grad(x: f32) -> f32 {
     0.5 * (1.0 + math::erf(x * INV_SQRT_2)) + x * math::exp(-0.5 * x * x) * INV_SQRT_2PI
 }
 
+// Plain index loops: with iterator adapters (a zip of zips) LLVM kept the adapter's `fold`
+// out of line - compiled without the caller's AVX-512 - and the exact GELU's backward ran
+// scalar (7 % of a training step).
 #[inline(always)]
 fn forward_body(x: &[f32], y: &mut [f32], erf: bool) {
+    let n = y.len().min(x.len());
+    let (x, y) = (&x[..n], &mut y[..n]);
     if erf {
-        y.iter_mut().zip(x).for_each(|(o, &v)| *o = gelu_erf(v));
+        for i in 0..n {
+            y[i] = gelu_erf(x[i]);
+        }
     } else {
-        y.iter_mut().zip(x).for_each(|(o, &v)| *o = gelu_tanh(v));
+        for i in 0..n {
+            y[i] = gelu_tanh(x[i]);
+        }
     }
 }
 
 #[inline(always)]
 fn backward_body(x: &[f32], dy: &[f32], dx: &mut [f32], erf: bool) {
+    let n = dx.len().min(x.len()).min(dy.len());
+    let (x, dy, dx) = (&x[..n], &dy[..n], &mut dx[..n]);
     if erf {
-        dx.iter_mut().zip(x.iter().zip(dy)).for_each(|(o, (&v, &g))| *o = g * gelu_erf_grad(v));
+        for i in 0..n {
+            dx[i] = dy[i] * gelu_erf_grad(x[i]);
+        }
     } else {
-        dx.iter_mut().zip(x.iter().zip(dy)).for_each(|(o, (&v, &g))| *o = g * gelu_tanh_grad(v));
+        for i in 0..n {
+            dx[i] = dy[i] * gelu_tanh_grad(x[i]);
+        }
     }
 }
 
