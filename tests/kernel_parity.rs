@@ -1,0 +1,168 @@
+//! Kernel parity with PyTorch: every fused CPU kernel's output and input gradients against
+//! the torch ops it replaces (tests/python/kernel_ref.py, computed in float64), on random
+//! inputs whose sizes leave remainders after the kernels' vector widths, chunks and blocks.
+//! (The composite-candle parity tests live next to each kernel in `nn.rs`; the training
+//! parity tests run all of them together.) Needs the Python environment of `./scripts/test`.
+
+mod common;
+use common::python;
+
+use std::collections::HashMap;
+use std::process::Command;
+
+use candle_core::{DType, Device, Tensor, Var};
+use nanomoe::config::Activation;
+use nanomoe::kernels::attention::{causal_attention, CausalMask};
+use nanomoe::kernels::{bias, cross_entropy, expert_matmul, gelu, layer_norm, linear_cross_entropy, matvec};
+use rand::{rngs::StdRng, Rng, SeedableRng};
+use serde_json::json;
+
+struct Case {
+    spec: serde_json::Value,
+    /// Float inputs (gradients compared) and integer ones (targets).
+    vars: Vec<(&'static str, Var)>,
+    ints: Vec<(&'static str, Tensor)>,
+    y: Tensor,
+}
+
+fn rand_var(rng: &mut StdRng, dims: &[usize], scale: f32) -> Var {
+    let n: usize = dims.iter().product();
+    let v: Vec<f32> = (0..n).map(|_| rng.random_range(-scale..scale)).collect();
+    Var::from_tensor(&Tensor::from_vec(v, dims, &Device::Cpu).unwrap()).unwrap()
+}
+
+fn targets(rng: &mut StdRng, n: usize, vocab: usize) -> (Vec<Option<u32>>, Tensor) {
+    let t: Vec<Option<u32>> = (0..n).map(|i| if i % 5 == 3 { None } else { Some(rng.random_range(0..vocab as u32)) }).collect();
+    let as_i64: Vec<i64> = t.iter().map(|v| v.map(i64::from).unwrap_or(-1)).collect();
+    (t, Tensor::from_vec(as_i64, n, &Device::Cpu).unwrap())
+}
+
+fn cases() -> Vec<Case> {
+    let mut rng = StdRng::seed_from_u64(11);
+    let mut out = Vec::new();
+    let case = |name: &str, kind: &str, extra: serde_json::Value, vars: Vec<(&'static str, Var)>, ints: Vec<(&'static str, Tensor)>, y: Tensor| {
+        let mut spec = json!({"name": name, "kind": kind});
+        let inputs: Vec<&str> = vars.iter().map(|(n, _)| *n).chain(ints.iter().map(|(n, _)| *n)).collect();
+        spec["inputs"] = json!(inputs);
+        for (k, v) in extra.as_object().unwrap() {
+            spec[k] = v.clone();
+        }
+        Case { spec, vars, ints, y }
+    };
+
+    // LayerNorm: rows of 37 (remainder after 16 lanes), weight and bias.
+    let (x, w, b) = (rand_var(&mut rng, &[13, 37], 2.0), rand_var(&mut rng, &[37], 1.5), rand_var(&mut rng, &[37], 0.5));
+    let y = layer_norm::fused_layer_norm(&x, &w, Some(&b), 1e-5).unwrap();
+    out.push(case("ln", "layer_norm", json!({"eps": 1e-5}), vec![("x", x), ("w", w), ("b", b)], vec![], y));
+
+    // GELU, both forms, over more than one parallel chunk (8192) with a remainder.
+    for (name, act) in [("gelu_tanh", Activation::GeluTanh), ("gelu_erf", Activation::GeluErf)] {
+        let x = rand_var(&mut rng, &[20011], 5.0);
+        let y = gelu::fused_gelu(&x, act).unwrap();
+        out.push(case(name, name, json!({}), vec![("x", x)], vec![], y));
+    }
+
+    // Causal attention, left padding in the second row, head size 4.
+    let qkv = rand_var(&mut rng, &[2, 9, 36], 1.5);
+    let y = causal_attention(&qkv, 3, CausalMask { past: 0, pad: Some(vec![0, 3]) }).unwrap();
+    out.push(case("attn", "attention", json!({"n_head": 3, "pad": [0, 3]}), vec![("qkv", qkv)], vec![], y));
+
+    // Cross-entropy with ignored targets (every fifth), vocabulary 67.
+    let logits = rand_var(&mut rng, &[23, 67], 4.0);
+    let (t, tt) = targets(&mut rng, 23, 67);
+    let y = cross_entropy::cross_entropy(&logits, &t).unwrap().unwrap();
+    out.push(case("ce", "cross_entropy", json!({}), vec![("logits", logits)], vec![("targets", tt)], y));
+
+    // Output layer fused with the cross-entropy.
+    let (h, w) = (rand_var(&mut rng, &[19, 24], 1.0), rand_var(&mut rng, &[53, 24], 1.0));
+    let (t, tt) = targets(&mut rng, 19, 53);
+    let y = linear_cross_entropy::linear_cross_entropy(&h, &w, &t).unwrap().unwrap();
+    out.push(case("lce", "linear_cross_entropy", json!({}), vec![("h", h), ("w", w)], vec![("targets", tt)], y));
+
+    // Expert biases: one row per expert.
+    let (x, b) = (rand_var(&mut rng, &[3, 7, 10], 1.0), rand_var(&mut rng, &[3, 1, 10], 1.0));
+    let y = bias::add_bias(&x, &b).unwrap();
+    out.push(case("bias", "bias", json!({}), vec![("x", x), ("b", b)], vec![], y));
+
+    // Expert matmul (its backward transposes w in 8 x 8 blocks: 12 x 9 leaves remainders).
+    let (x, w) = (rand_var(&mut rng, &[5, 7, 12], 1.0), rand_var(&mut rng, &[5, 12, 9], 1.0));
+    let y = expert_matmul::expert_matmul(&x, &w, None).unwrap();
+    out.push(case("experts", "expert_matmul", json!({}), vec![("x", x), ("w", w)], vec![], y));
+
+    // Weight streaming for a few rows, both layouts (6 rows: a group of 4 and two single).
+    let (x, w) = (rand_var(&mut rng, &[6, 70], 1.0), rand_var(&mut rng, &[150, 70], 1.0));
+    let y = matvec::linear_nk(&x, &w).unwrap();
+    out.push(case("mv_nk", "linear_nk", json!({}), vec![("x", x), ("w", w)], vec![], y));
+    let (x, w) = (rand_var(&mut rng, &[6, 70], 1.0), rand_var(&mut rng, &[70, 150], 1.0));
+    let y = matvec::matmul_kn(&x, &w).unwrap();
+    out.push(case("mv_kn", "matmul_kn", json!({}), vec![("x", x), ("w", w)], vec![], y));
+    out
+}
+
+#[test]
+fn every_fused_kernel_matches_pytorch_values_and_gradients() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut rng = StdRng::seed_from_u64(12);
+    let cases = cases();
+    let mut tensors: HashMap<String, Tensor> = HashMap::new();
+    let mut ours: HashMap<String, Tensor> = HashMap::new();
+    for c in &cases {
+        let name = c.spec["name"].as_str().unwrap();
+        // Upstream gradient; zero on padded attention rows (their outputs are unspecified).
+        let gy = {
+            let n = c.y.elem_count();
+            let mut v: Vec<f32> = (0..n).map(|_| rng.random_range(-1.0..1.0)).collect();
+            if name == "attn" {
+                let (t, ch) = (9, 12);
+                v[t * ch..(t + 3) * ch].fill(0.0); // row 1, positions 0..3
+            }
+            Tensor::from_vec(v, c.y.shape(), &Device::Cpu).unwrap()
+        };
+        let grads = c.y.mul(&gy).unwrap().sum_all().unwrap().backward().unwrap();
+        ours.insert(format!("{name}.y"), c.y.clone());
+        for (inp, var) in &c.vars {
+            tensors.insert(format!("{name}.{inp}"), var.as_tensor().clone());
+            let g = grads.get(var).unwrap_or_else(|| panic!("{name}: no gradient for {inp}"));
+            ours.insert(format!("{name}.d{inp}"), g.clone());
+        }
+        for (inp, t) in &c.ints {
+            tensors.insert(format!("{name}.{inp}"), t.clone());
+        }
+        tensors.insert(format!("{name}.gy"), gy);
+    }
+    let specs: Vec<_> = cases.iter().map(|c| c.spec.clone()).collect();
+    let (spec_path, in_path, out_path) = (tmp.path().join("cases.json"), tmp.path().join("in.safetensors"), tmp.path().join("ref.safetensors"));
+    std::fs::write(&spec_path, serde_json::to_string(&specs).unwrap()).unwrap();
+    candle_core::safetensors::save(&tensors, &in_path).unwrap();
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/python/kernel_ref.py");
+    let st = Command::new(python()).arg(&script).arg(&spec_path).arg(&in_path).arg(&out_path).status().unwrap();
+    assert!(st.success(), "kernel_ref.py failed");
+    let reference = candle_core::safetensors::load(&out_path, &Device::Cpu).unwrap();
+    assert_eq!(reference.len(), ours.len(), "reference tensors: {:?}", reference.keys().collect::<Vec<_>>());
+    let mut names: Vec<_> = ours.keys().cloned().collect();
+    names.sort();
+    for key in names {
+        let a = ours[&key].to_dtype(DType::F32).unwrap();
+        let mut b = reference[&key].clone();
+        if key == "attn.y" {
+            // Compare real tokens only: zero both sides' padded query rows.
+            let mut keep = vec![1f32; 2 * 9 * 12];
+            keep[9 * 12..12 * 12].fill(0.0);
+            let keep = Tensor::from_vec(keep, (2, 9, 12), &Device::Cpu).unwrap();
+            b = b.mul(&keep).unwrap();
+            let a2 = a.mul(&keep).unwrap();
+            check(&key, &a2, &b);
+            continue;
+        }
+        check(&key, &a, &b);
+    }
+}
+
+fn check(key: &str, ours: &Tensor, reference: &Tensor) {
+    assert_eq!(ours.dims(), reference.dims(), "{key}: shape");
+    let a = ours.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let b = reference.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let scale = b.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let worst = a.iter().zip(&b).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+    assert!(worst <= 2e-5 + 2e-5 * scale, "{key}: max difference {worst} (reference max |v| {scale})");
+}

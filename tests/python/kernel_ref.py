@@ -1,0 +1,77 @@
+"""PyTorch references for nanomoe's fused CPU kernels (driven by tests/kernel_parity.rs).
+
+usage: kernel_ref.py CASES_JSON INPUTS_SAFETENSORS OUT_SAFETENSORS
+CASES_JSON: [{"name": .., "kind": .., "inputs": [input names], ...kind's parameters}, ...]
+Inputs are "<name>.<input>" tensors plus "<name>.gy", the gradient flowing into the output.
+Writes "<name>.y" (the output) and "<name>.d<input>" (each input's gradient) in float32.
+"""
+import json
+import math
+import sys
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+
+def attention(qkv, n_head, pad):
+    b, t, c3 = qkv.shape
+    c = c3 // 3
+    q, k, v = (z.reshape(b, t, n_head, c // n_head).transpose(1, 2) for z in qkv.split(c, dim=2))
+    scores = q @ k.transpose(-1, -2) / math.sqrt(c // n_head)
+    i = torch.arange(t).view(t, 1)
+    j = torch.arange(t).view(1, t)
+    allowed = torch.stack([(j <= i) & (j >= p) for p in pad]).unsqueeze(1)  # [B, 1, T, T]
+    # Rows of padding see nothing; a finite fill keeps them finite (their gradient is zero).
+    att = torch.softmax(scores.masked_fill(~allowed, -1e30), dim=-1)
+    return (att @ v).transpose(1, 2).reshape(b, t, c)
+
+
+def run(case, t):
+    kind = case["kind"]
+    if kind == "layer_norm":
+        return F.layer_norm(t["x"], t["x"].shape[-1:], t["w"], t["b"], case["eps"])
+    if kind == "gelu_tanh":
+        return F.gelu(t["x"], approximate="tanh")
+    if kind == "gelu_erf":
+        return F.gelu(t["x"])
+    if kind == "attention":
+        return attention(t["qkv"], case["n_head"], case["pad"])
+    if kind == "cross_entropy":
+        return F.cross_entropy(t["logits"], t["targets"], ignore_index=-1)
+    if kind == "linear_cross_entropy":
+        return F.cross_entropy(t["h"] @ t["w"].T, t["targets"], ignore_index=-1)
+    if kind == "bias":
+        return t["x"] + t["b"]
+    if kind == "expert_matmul":
+        return torch.bmm(t["x"], t["w"])
+    if kind == "linear_nk":
+        return t["x"] @ t["w"].T
+    if kind == "matmul_kn":
+        return t["x"] @ t["w"]
+    raise SystemExit("unknown kernel kind %r" % kind)
+
+
+def main(cases_json, inputs_path, out_path):
+    cases = json.loads(open(cases_json).read())
+    data = load_file(inputs_path)
+    out = {}
+    for case in cases:
+        name = case["name"]
+        t = {}
+        for inp in case["inputs"]:
+            v = data["%s.%s" % (name, inp)]
+            if v.is_floating_point():
+                v = v.double().requires_grad_(True)  # float64 reference
+            t[inp] = v
+        y = run(case, t)
+        (y * data[name + ".gy"].double()).sum().backward()
+        out[name + ".y"] = y.detach().float().contiguous()
+        for inp, v in t.items():
+            if v.is_floating_point():
+                out["%s.d%s" % (name, inp)] = v.grad.float().contiguous()
+    save_file(out, out_path)
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])
