@@ -67,24 +67,20 @@ def main():
         if "decode" in only or "prefill" in only:
             gpt2 = new_model(tmp, "gpt2-124m", {"n_layer": 12, "n_head": 12, "n_embd": 768, "vocab_size": 50257, "block_size": 1024})
             if "decode" in only:
-                ours = timed([BIN, "bench", "decode", gpt2, "--new-tokens", "128", "--repeats", str(reps)])
-                ref = timed(REF + ["decode", "--model", gpt2, "--new-tokens", "128", "--repeats", str(reps)])
-                rows.append(("decode gpt2-124m f32 (batch 1, 128 tokens)", ours, ref))
-                ours = timed([BIN, "bench", "decode", gpt2, "--new-tokens", "128", "--repeats", str(reps), "--weight-dtype", "bf16"])
-                rows.append(("decode gpt2-124m, ours bf16 weights vs HF f32", ours, ref))
-                nano = new_model(tmp, "nano-moe", {"n_layer": 6, "n_head": 6, "n_embd": 384, "vocab_size": 50304, "block_size": 1024,
-                                                  "n_exp": 8, "moe_top_k": 2, "stride": 2, "bias": False})
-                ours = timed([BIN, "bench", "decode", nano, "--new-tokens", "128", "--repeats", str(reps)])
-                ref = timed(REF + ["decode", "--model", nano, "--new-tokens", "128", "--repeats", str(reps)])
-                rows.append(("decode nano-moe 6x384 f32 (batch 1, 128 tokens)", ours, ref))
-                ours = timed([BIN, "bench", "decode", nano, "--new-tokens", "128", "--repeats", str(reps), "--weight-dtype", "bf16"])
-                rows.append(("decode nano-moe 6x384, ours bf16 weights vs HF f32", ours, ref))
+                def decode(label, model, bf16):
+                    """Rows for one model: ours f32 vs HF f32, and (bf16) ours bf16 vs the same HF run."""
+                    args = ["--new-tokens", "128", "--repeats", str(reps)]
+                    ref = timed(REF + ["decode", "--model", model, *args])
+                    rows.append(("decode %s f32 (batch 1, 128 tokens)" % label, timed([BIN, "bench", "decode", model, *args]), ref))
+                    if bf16:
+                        ours = timed([BIN, "bench", "decode", model, *args, "--weight-dtype", "bf16"])
+                        rows.append(("decode %s, ours bf16 weights vs HF f32" % label, ours, ref))
+
+                moe = {"n_layer": 6, "n_head": 6, "n_embd": 384, "n_exp": 8, "moe_top_k": 2, "stride": 2, "bias": False}
+                decode("gpt2-124m", gpt2, True)
+                decode("nano-moe 6x384", new_model(tmp, "nano-moe", dict(moe, vocab_size=50304, block_size=1024)), True)
                 # nanoGPT's shakespeare-char size (65 tokens): no large output layer.
-                char = new_model(tmp, "nano-moe-char", {"n_layer": 6, "n_head": 6, "n_embd": 384, "vocab_size": 65, "block_size": 256,
-                                                       "n_exp": 8, "moe_top_k": 2, "stride": 2, "bias": False})
-                ours = timed([BIN, "bench", "decode", char, "--new-tokens", "128", "--repeats", str(reps)])
-                ref = timed(REF + ["decode", "--model", char, "--new-tokens", "128", "--repeats", str(reps)])
-                rows.append(("decode nano-moe 6x384 char vocab f32 (batch 1, 128 tokens)", ours, ref))
+                decode("nano-moe 6x384 char vocab", new_model(tmp, "nano-moe-char", dict(moe, vocab_size=65, block_size=256)), False)
             if "prefill" in only:
                 ours = timed([BIN, "bench", "prefill", gpt2, "--tokens", "512", "--repeats", str(reps)])
                 ref = timed(REF + ["prefill", "--model", gpt2, "--tokens", "512", "--repeats", str(reps)])
