@@ -58,9 +58,70 @@ fn opt(p: &ParamStore, name: &str) -> Result<Option<Tensor>> {
 }
 
 /// Keys and values ([B, T, C] each, heads side by side) of every layer for the tokens seen so far.
-#[derive(Default, Clone)]
+#[derive(Default)]
 pub struct KvCache {
-    layers: Vec<Option<(Tensor, Tensor)>>,
+    layers: Vec<Option<LayerKv>>,
+}
+
+/// One layer's keys and values: buffers [B, capacity, C] whose first `len` positions are
+/// filled. New positions are written in place and the buffers double when full, so a decoding
+/// step copies only its own keys and values, not the whole cache as concatenation would (at
+/// 900 cached tokens of GPT-2 that was 33 MB per token, plus fresh pages for it).
+struct LayerKv {
+    k: Tensor,
+    v: Tensor,
+    len: usize,
+}
+
+impl LayerKv {
+    fn filled(&self) -> Result<(Tensor, Tensor)> {
+        Ok((self.k.narrow(1, 0, self.len)?, self.v.narrow(1, 0, self.len)?))
+    }
+
+    /// Appends k, v [B, t, C]. Tensors that record a graph are concatenated instead (writing
+    /// in place would cut their gradients).
+    fn append<'a>(slot: &'a mut Option<LayerKv>, k: &Tensor, v: &Tensor, block_size: usize) -> Result<&'a LayerKv> {
+        let (b, t, c) = k.dims3()?;
+        if k.track_op() || v.track_op() {
+            let (k, v) = match slot.take() {
+                Some(old) => {
+                    let (pk, pv) = old.filled()?;
+                    (Tensor::cat(&[&pk, k], 1)?, Tensor::cat(&[&pv, v], 1)?)
+                }
+                None => (k.contiguous()?, v.contiguous()?),
+            };
+            let len = k.dim(1)?;
+            return Ok(slot.insert(LayerKv { k, v, len }));
+        }
+        let len = slot.as_ref().map_or(0, |l| l.len);
+        if slot.as_ref().is_none_or(|l| l.k.dim(1).is_ok_and(|cap| len + t > cap)) {
+            let cap = (2 * (len + t)).max(16).min(block_size).max(len + t);
+            let (nk, nv) = (Tensor::zeros((b, cap, c), k.dtype(), k.device())?, Tensor::zeros((b, cap, c), v.dtype(), v.device())?);
+            if let Some(old) = slot.as_ref() {
+                let (pk, pv) = old.filled()?;
+                nk.slice_set(&pk.contiguous()?, 1, 0)?;
+                nv.slice_set(&pv.contiguous()?, 1, 0)?;
+            }
+            *slot = Some(LayerKv { k: nk, v: nv, len });
+        }
+        let layer = slot.as_mut().expect("allocated above");
+        layer.k.slice_set(&k.contiguous()?, 1, len)?;
+        layer.v.slice_set(&v.contiguous()?, 1, len)?;
+        layer.len = len + t;
+        Ok(layer)
+    }
+}
+
+/// A copy owns its buffers: the two caches can then grow apart (the buffers are written in
+/// place, so sharing them would not be safe).
+impl Clone for KvCache {
+    fn clone(&self) -> Self {
+        let copy = |l: &LayerKv| -> LayerKv {
+            let deep = |t: &Tensor| t.copy().expect("copying a tensor of the same device");
+            LayerKv { k: deep(&l.k), v: deep(&l.v), len: l.len }
+        };
+        KvCache { layers: self.layers.iter().map(|l| l.as_ref().map(copy)).collect() }
+    }
 }
 
 impl KvCache {
@@ -70,7 +131,7 @@ impl KvCache {
     /// Number of cached positions.
     pub fn seq_len(&self) -> usize {
         match self.layers.first() {
-            Some(Some((k, _))) => k.dims()[1],
+            Some(Some(l)) => l.len,
             _ => 0,
         }
     }
@@ -105,7 +166,7 @@ struct Mask {
 impl CausalSelfAttention {
     /// x: [B, T, C]. The fused kernel runs for f32 CPU tensors unless attention dropout is on
     /// (or gradients are tracked through a KV cache); candle's composite ops otherwise.
-    fn forward(&self, x: &Tensor, mask: &Mask, cache: Option<&mut Option<(Tensor, Tensor)>>, ctx: &mut Ctx) -> Result<Tensor> {
+    fn forward(&self, x: &Tensor, mask: &Mask, cache: Option<&mut Option<LayerKv>>, ctx: &mut Ctx) -> Result<Tensor> {
         let (_, _, c) = x.dims3()?;
         let qkv = self.c_attn.forward(x)?;
         let attn_dropout = ctx.training && ctx.cfg.dropout > 0.0;
@@ -114,19 +175,22 @@ impl CausalSelfAttention {
             None if fused => attention::causal_attention(&qkv, self.n_head, mask.causal.clone())?,
             cache => {
                 let q = qkv.narrow(2, 0, c)?;
-                let (mut k, mut v) = (qkv.narrow(2, c, c)?, qkv.narrow(2, 2 * c, c)?);
-                if let Some(slot) = cache {
-                    (k, v) = match slot.as_ref() {
-                        Some((pk, pv)) => (Tensor::cat(&[pk, &k], 1)?, Tensor::cat(&[pv, &v], 1)?),
-                        None => (k.contiguous()?, v.contiguous()?),
-                    };
-                    *slot = Some((k.clone(), v.clone()));
-                }
-                if fused && !(q.track_op() || k.track_op() || v.track_op()) {
-                    attention::cached_attention(&q, &k, &v, self.n_head, &mask.causal)?
-                } else {
-                    let drop = if attn_dropout { Some((ctx.cfg.dropout, &mut *ctx.rng)) } else { None };
-                    nn::attention_composite(&q, &k, &v, self.n_head, &mask.tensor, drop)?
+                let (k, v) = (qkv.narrow(2, c, c)?, qkv.narrow(2, 2 * c, c)?);
+                let tracked = q.track_op() || k.track_op() || v.track_op();
+                match cache {
+                    // Keys and values read where the cache keeps them.
+                    Some(slot) if fused && !tracked => {
+                        let layer = LayerKv::append(slot, &k, &v, ctx.cfg.block_size)?;
+                        attention::cached_attention(&q, &layer.k, &layer.v, layer.len, self.n_head, &mask.causal)?
+                    }
+                    cache => {
+                        let (k, v) = match cache {
+                            Some(slot) => LayerKv::append(slot, &k, &v, ctx.cfg.block_size)?.filled()?,
+                            None => (k, v),
+                        };
+                        let drop = if attn_dropout { Some((ctx.cfg.dropout, &mut *ctx.rng)) } else { None };
+                        nn::attention_composite(&q, &k, &v, self.n_head, &mask.tensor, drop)?
+                    }
                 }
             }
         };
@@ -180,7 +244,7 @@ impl Block {
         }
     }
 
-    fn forward(&self, x: &Tensor, mask: &Mask, cache: Option<&mut Option<(Tensor, Tensor)>>, ctx: &mut Ctx, moe: &mut MoeTotals) -> Result<Tensor> {
+    fn forward(&self, x: &Tensor, mask: &Mask, cache: Option<&mut Option<LayerKv>>, ctx: &mut Ctx, moe: &mut MoeTotals) -> Result<Tensor> {
         let x = (x + self.attn.forward(&self.ln_1.forward(x)?, mask, cache, ctx)?)?;
         let h = self.ln_2.forward(&x)?;
         let y = match &self.mlp {
@@ -494,7 +558,7 @@ impl GPT {
         let mut moe = MoeTotals::default();
         match cache {
             Some(cache) => {
-                cache.layers.resize(net.blocks.len(), None);
+                cache.layers.resize_with(net.blocks.len(), || None);
                 for (block, slot) in net.blocks.iter().zip(cache.layers.iter_mut()) {
                     x = block.forward(&x, &mask, Some(slot), &mut ctx, &mut moe)?;
                 }

@@ -364,7 +364,11 @@ mod tests {
         let k = t(&r(b * tk * c, &mut rng), &[b, tk, c]);
         let v = t(&r(b * tk * c, &mut rng), &[b, tk, c]);
         let pad = vec![0usize, 3, 9];
-        let fused = cached_attention(&q, &k, &v, h, &CausalMask { past: tk - tq, pad: Some(pad.clone()) }).unwrap();
+        let fused = cached_attention(&q, &k, &v, tk, h, &CausalMask { past: tk - tq, pad: Some(pad.clone()) }).unwrap();
+        // The same keys at the front of larger buffers (a KV cache with spare capacity).
+        let spare = |x: &Tensor| Tensor::cat(&[x, &t(&r(b * 5 * c, &mut StdRng::seed_from_u64(9)), &[b, 5, c])], 1).unwrap();
+        let in_buffers = cached_attention(&q, &spare(&k), &spare(&v), tk, h, &CausalMask { past: tk - tq, pad: Some(pad.clone()) }).unwrap();
+        assert_eq!(max(&fused, &in_buffers), 0.0);
         let comp = attention_composite(&q, &k, &v, h, &mask_tensor(b, tq, tk, &pad), None).unwrap();
         let d = max(&fused, &comp);
         assert!(d < 1e-5, "cached: values differ by {d}");

@@ -385,3 +385,26 @@ fn grad_sink_gives_the_same_gradients_as_candles_backward() {
         }
     }
 }
+
+#[test]
+fn a_cloned_kv_cache_continues_independently() {
+    // The cache writes new positions into its buffers in place; a clone must own its own.
+    for cfg in [dense_cfg(), moe_cfg()] {
+        let mut m = GPT::new_seeded(&cfg, 12, &Device::Cpu).unwrap();
+        m.set_routing(Routing::Dropless);
+        let a: Vec<u32> = vec![3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5, 8, 9, 7, 9, 3, 2, 3, 8, 4];
+        let b: Vec<u32> = [&a[..6], &[10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23][..]].concat();
+        let (full_a, full_b) = (logits(&m, &ids(&[&a])).squeeze(0).unwrap(), logits(&m, &ids(&[&b])).squeeze(0).unwrap());
+        let mut cache_a = KvCache::new();
+        m.forward_step(&[a[..6].to_vec()], Some(&mut cache_a), None).unwrap();
+        let mut cache_b = cache_a.clone();
+        // Interleaved steps past the first buffer size (16): both grow their buffers.
+        for t in 6..a.len() {
+            let sa = m.forward_step(&[vec![a[t]]], Some(&mut cache_a), None).unwrap();
+            let sb = m.forward_step(&[vec![b[t]]], Some(&mut cache_b), None).unwrap();
+            assert!(max_diff(&sa.squeeze(0).unwrap(), &full_a.get(t).unwrap()) < 1e-5, "original, position {t}");
+            assert!(max_diff(&sb.squeeze(0).unwrap(), &full_b.get(t).unwrap()) < 1e-5, "clone, position {t}");
+        }
+        assert_eq!((cache_a.seq_len(), cache_b.seq_len()), (a.len(), b.len()));
+    }
+}

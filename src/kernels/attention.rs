@@ -237,17 +237,21 @@ pub fn causal_attention(qkv: &Tensor, n_head: usize, mask: CausalMask) -> Result
     Ok(qkv.contiguous()?.apply_op1(CausalAttention { n_head, mask, lse: Mutex::new(None) })?)
 }
 
-/// Attention of new queries q [B, tq, C] over cached keys and values k, v [B, tk, C]
-/// (inference: no backward; callers use the composite version when gradients are tracked).
-pub fn cached_attention(q: &Tensor, k: &Tensor, v: &Tensor, n_head: usize, mask: &CausalMask) -> Result<Tensor> {
+/// Attention of new queries q [B, tq, C] over the first `tk` positions of cached keys and
+/// values k, v [B, capacity, C] (a KV cache's buffers, read in place; inference: no
+/// backward, callers use the composite version when gradients are tracked).
+pub fn cached_attention(q: &Tensor, k: &Tensor, v: &Tensor, tk: usize, n_head: usize, mask: &CausalMask) -> Result<Tensor> {
     let (b, tq, c) = q.dims3()?;
-    let tk = k.dim(1)?;
+    let cap = k.dim(1)?;
+    if k.dims() != [b, cap, c] || v.dims() != k.dims() || tk > cap {
+        return Err(crate::error::Error::Input(format!("{NAME}: q {:?}, k {:?}, v {:?} and {tk} cached positions do not fit", q.dims(), k.dims(), v.dims())));
+    }
     let d = Dims { b, tq, tk, h: n_head, hd: c / n_head };
     let y = with_f32(q, NAME, |qd| {
         with_f32(k, NAME, |kd| {
             with_f32(v, NAME, |vd| {
                 let qv = View { off: 0, bs: tq * c, rs: c };
-                let kv = View { off: 0, bs: tk * c, rs: c };
+                let kv = View { off: 0, bs: cap * c, rs: c };
                 Ok(forward(qd, qv, kd, kv, vd, kv, d, mask, 1.0 / (d.hd as f32).sqrt()).0)
             })
         })
