@@ -17,6 +17,21 @@ use crate::error::Result;
 /// be stored in another dtype than `x` (bf16 inference weights), products stay in x's dtype.
 pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
     let dims = x.dims();
+    let many_rows = x.elem_count() / dims[dims.len() - 1].max(1) > crate::kernels::matvec::MAX_ROWS;
+    if many_rows && x.dtype() == DType::F32 && w.dtype() == DType::F32 && x.device().is_cpu() && x.elem_count() > 0 {
+        let y = crate::kernels::linear::linear(x, w)?;
+        return match b {
+            Some(b) => add_bias(&y, b),
+            None => Ok(y),
+        };
+    }
+    linear_composite(x, w, b)
+}
+
+/// [`linear`] from candle ops (and the weight-streaming kernel for a few rows): the
+/// reference of the fused kernel's test and the path for other dtypes.
+pub fn linear_composite(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+    let dims = x.dims();
     let in_dim = dims[dims.len() - 1];
     let lead: usize = dims[..dims.len() - 1].iter().product();
     let x2 = x.reshape((lead, in_dim))?;
@@ -398,6 +413,29 @@ mod tests {
         let gs = sink.backward(&sunk.mul(&gy).unwrap().sum_all().unwrap()).unwrap();
         for v in [&x, &w] {
             assert_eq!(max(gf.get(v).unwrap(), gs.get(v).unwrap()), 0.0);
+        }
+    }
+
+    #[test]
+    fn linear_kernel_matches_candle_matmul_values_and_gradients() {
+        use rand::{rngs::StdRng, Rng, SeedableRng};
+        let mut rng = StdRng::seed_from_u64(6);
+        // Leading dimensions [3, 11] (more rows than the weight-streaming path takes), odd sizes.
+        let (lead, k, n) = ([3usize, 11], 21, 37);
+        let mut r = |len: usize| -> Vec<f32> { (0..len).map(|_| rng.random_range(-1.0..1.0)).collect() };
+        let x = Var::from_tensor(&t(&r(lead[0] * lead[1] * k), &[lead[0], lead[1], k])).unwrap();
+        let w = Var::from_tensor(&t(&r(n * k), &[n, k])).unwrap();
+        let b = Var::from_tensor(&t(&r(n), &[n])).unwrap();
+        let gy = t(&r(lead[0] * lead[1] * n), &[lead[0], lead[1], n]);
+        let fused = linear(&x, &w, Some(&b)).unwrap();
+        let comp = linear_composite(&x, &w, Some(&b)).unwrap();
+        assert_eq!(fused.dims(), &[3, 11, 37]);
+        let max = |a: &Tensor, b: &Tensor| (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+        assert!(max(&fused, &comp) < 1e-5);
+        let gf = fused.mul(&gy).unwrap().sum_all().unwrap().backward().unwrap();
+        let gc = comp.mul(&gy).unwrap().sum_all().unwrap().backward().unwrap();
+        for v in [&x, &w, &b] {
+            assert!(max(gf.get(v).unwrap(), gc.get(v).unwrap()) < 1e-5);
         }
     }
 

@@ -13,7 +13,7 @@ use std::process::Command;
 use candle_core::{DType, Device, Tensor, Var};
 use nanomoe::config::Activation;
 use nanomoe::kernels::attention::{causal_attention, CausalMask};
-use nanomoe::kernels::{bias, cross_entropy, expert_matmul, gelu, layer_norm, linear_cross_entropy, matvec};
+use nanomoe::kernels::{bias, cross_entropy, expert_matmul, gelu, layer_norm, linear, linear_cross_entropy, matvec};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 use serde_json::json;
 
@@ -78,6 +78,11 @@ fn cases() -> Vec<Case> {
     let (t, tt) = targets(&mut rng, 19, 53);
     let y = linear_cross_entropy::linear_cross_entropy(&h, &w, &t).unwrap().unwrap();
     out.push(case("lce", "linear_cross_entropy", json!({}), vec![("h", h), ("w", w)], vec![("targets", tt)], y));
+
+    // nn.Linear product with leading dimensions (more rows than the weight-streaming path).
+    let (x, w) = (rand_var(&mut rng, &[2, 13, 33], 1.0), rand_var(&mut rng, &[41, 33], 1.0));
+    let y = linear::linear(&x, &w).unwrap();
+    out.push(case("linear", "linear", json!({}), vec![("x", x), ("w", w)], vec![], y));
 
     // Expert biases: one row per expert.
     let (x, b) = (rand_var(&mut rng, &[3, 7, 10], 1.0), rand_var(&mut rng, &[3, 1, 10], 1.0));

@@ -14,7 +14,7 @@ use rayon::prelude::*;
 use crate::error::Result;
 use crate::grad_sink::GradSink;
 use crate::kernels::transpose::{padded_stride, transpose};
-use crate::kernels::{contiguous_f32, mm, with_f32};
+use crate::kernels::{contiguous_f32, mm, with_f32, written_by};
 
 const NAME: &str = "expert matmul";
 
@@ -33,19 +33,6 @@ fn dims(lx: &[usize], lw: &[usize]) -> candle_core::Result<(usize, usize, usize,
         (&[e, m, k], &[e2, k2, n]) if e == e2 && k == k2 => Ok((e, m, k, n)),
         _ => candle_core::bail!("{NAME}: x {lx:?} and w {lw:?} are not [E, cap, K] and [E, K, N]"),
     }
-}
-
-/// A vector whose every element `fill` writes through the pointer it gets (gemm with
-/// `read_dst = false` writes its whole destination): skips zero-filling expert-sized
-/// gradients, which at 64 experts is a pass over all expert weights per product.
-fn written_by(len: usize, fill: impl FnOnce(*mut f32)) -> Vec<f32> {
-    let mut v: Vec<std::mem::MaybeUninit<f32>> = Vec::with_capacity(len);
-    // SAFETY: MaybeUninit elements may be uninitialised.
-    unsafe { v.set_len(len) };
-    fill(v.as_mut_ptr().cast());
-    let mut v = std::mem::ManuallyDrop::new(v);
-    // SAFETY: `fill` initialised all `len` elements; same allocation, layout and capacity.
-    unsafe { Vec::from_raw_parts(v.as_mut_ptr().cast(), len, v.capacity()) }
 }
 
 /// Runs `f(e)` for every expert on rayon's pool.

@@ -6,6 +6,8 @@
 //! - `layer_norm`, `gelu`, `bias`: element-wise / per-row ops with one-pass backwards.
 //! - `cross_entropy`, `linear_cross_entropy`: log-softmax + NLL, optionally fused with the
 //!   output layer so that no logits tensor is kept.
+//! - `linear`: x w^T for nn.Linear weights, any leading dimensions, no reshapes or
+//!   transposes in the graph.
 //! - `expert_matmul`: the experts' batched product, one thread per expert.
 //! - `matvec`: weight-streaming products for decoding, f32 or bf16 weights.
 //! - `transpose`: 8 x 8 block transposes for the experts' backward.
@@ -19,6 +21,7 @@ pub mod cross_entropy;
 pub mod expert_matmul;
 pub mod gelu;
 pub mod layer_norm;
+pub mod linear;
 pub mod linear_cross_entropy;
 pub mod math;
 pub mod matvec;
@@ -36,6 +39,20 @@ pub mod transpose;
 pub(crate) unsafe fn mm(m: usize, n: usize, k: usize, dst: *mut f32, dst_rs: usize, lhs: *const f32, lhs_rs: usize, lhs_cs: usize, rhs: *const f32, rhs_rs: usize, rhs_cs: usize, alpha: f32, threads: usize) {
     let par = if threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
     gemm::gemm(m, n, k, dst, 1, dst_rs as isize, false, lhs, lhs_cs as isize, lhs_rs as isize, rhs, rhs_cs as isize, rhs_rs as isize, 0.0, alpha, false, false, false, par)
+}
+
+/// A vector whose every element `fill` writes through the pointer it gets (gemm with
+/// `read_dst = false` writes its whole destination): skips zero-filling outputs and
+/// gradients that a product overwrites anyway (at 64 experts, a pass over all expert
+/// weights per product).
+pub(crate) fn written_by(len: usize, fill: impl FnOnce(*mut f32)) -> Vec<f32> {
+    let mut v: Vec<std::mem::MaybeUninit<f32>> = Vec::with_capacity(len);
+    // SAFETY: MaybeUninit elements may be uninitialised.
+    unsafe { v.set_len(len) };
+    fill(v.as_mut_ptr().cast());
+    let mut v = std::mem::ManuallyDrop::new(v);
+    // SAFETY: `fill` initialised all `len` elements; same allocation, layout and capacity.
+    unsafe { Vec::from_raw_parts(v.as_mut_ptr().cast(), len, v.capacity()) }
 }
 
 /// The f32 elements of a contiguous CPU storage, or an error naming the kernel.
