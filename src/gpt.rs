@@ -94,7 +94,7 @@ impl LayerKv {
             return Ok(slot.insert(LayerKv { k, v, len }));
         }
         let len = slot.as_ref().map_or(0, |l| l.len);
-        if slot.as_ref().is_none_or(|l| l.k.dim(1).is_ok_and(|cap| len + t > cap)) {
+        if slot.as_ref().is_none_or(|l| len + t > l.k.dims()[1]) {
             let cap = (2 * (len + t)).max(16).min(block_size).max(len + t);
             let (nk, nv) = (Tensor::zeros((b, cap, c), k.dtype(), k.device())?, Tensor::zeros((b, cap, c), v.dtype(), v.device())?);
             if let Some(old) = slot.as_ref() {
@@ -177,15 +177,16 @@ impl CausalSelfAttention {
                 let q = qkv.narrow(2, 0, c)?;
                 let (k, v) = (qkv.narrow(2, c, c)?, qkv.narrow(2, 2 * c, c)?);
                 let tracked = q.track_op() || k.track_op() || v.track_op();
-                match cache {
+                let cached = match cache {
+                    Some(slot) => Some(LayerKv::append(slot, &k, &v, ctx.cfg.block_size)?),
+                    None => None,
+                };
+                match cached {
                     // Keys and values read where the cache keeps them.
-                    Some(slot) if fused && !tracked => {
-                        let layer = LayerKv::append(slot, &k, &v, ctx.cfg.block_size)?;
-                        attention::cached_attention(&q, &layer.k, &layer.v, layer.len, self.n_head, &mask.causal)?
-                    }
-                    cache => {
-                        let (k, v) = match cache {
-                            Some(slot) => LayerKv::append(slot, &k, &v, ctx.cfg.block_size)?.filled()?,
+                    Some(layer) if fused && !tracked => attention::cached_attention(&q, &layer.k, &layer.v, layer.len, self.n_head, &mask.causal)?,
+                    cached => {
+                        let (k, v) = match cached {
+                            Some(layer) => layer.filled()?,
                             None => (k, v),
                         };
                         let drop = if attn_dropout { Some((ctx.cfg.dropout, &mut *ctx.rng)) } else { None };
