@@ -10,11 +10,8 @@ use crate::error::{Error, Result};
 use crate::gpt::GPT;
 use crate::hf_cache;
 
-/// model_type of nanomoe's MoE checkpoints (and of nanoMoE's Python HF code).
-pub const NANOMOE_MODEL_TYPE: &str = "nanomoe_gpt";
-
-/// Every `model_type` AutoModelForCausalLM can load.
-pub const SUPPORTED_MODEL_TYPES: &[&str] = &["gpt2", NANOMOE_MODEL_TYPE];
+pub use crate::checkpoint::SUPPORTED_MODEL_TYPES;
+pub use crate::config::NANOMOE_MODEL_TYPE;
 
 /// The four OpenAI GPT-2 checkpoints and their Hub repos.
 pub const GPT2_REPOS: &[(&str, &str)] = &[

@@ -34,6 +34,9 @@ pub const REMOTE_CODE: &[(&str, &str)] = &[
     ("modeling_nanomoe_gpt.py", include_str!("../python/nanomoe_hf/modeling_nanomoe_gpt.py")),
 ];
 
+/// Every `model_type` a model directory may have.
+pub const SUPPORTED_MODEL_TYPES: &[&str] = &["gpt2", crate::config::NANOMOE_MODEL_TYPE];
+
 /// transformers' default `max_shard_size` ("50GB").
 pub const DEFAULT_MAX_SHARD_SIZE: u64 = 50_000_000_000;
 
@@ -44,8 +47,9 @@ pub enum Format {
 }
 
 impl Format {
+    /// GPT-2 for dense models of GPT-2's architecture, nanomoe_gpt for everything else.
     pub fn for_config(c: &GPTConfig) -> Self {
-        if c.is_moe() {
+        if c.is_moe() || !c.is_gpt2_architecture() {
             Format::NanoMoe
         } else {
             Format::Gpt2
@@ -147,18 +151,10 @@ pub fn read_config(dir: &Path) -> Result<(GPTConfig, Format)> {
     let wrap = |e: Error| Error::file(&path, e);
     match model_type {
         "gpt2" => Ok((GPTConfig::from_gpt2_json(&v).map_err(wrap)?, Format::Gpt2)),
-        crate::auto::NANOMOE_MODEL_TYPE => {
-            // Directories written by nanoMoE's own HF code carry no activation_function:
-            // nanoMoE uses torch's exact nn.GELU().
-            let mut v = v.clone();
-            if let Some(o) = v.as_object_mut() {
-                o.entry("activation_function").or_insert(Value::from("gelu"));
-            }
-            Ok((GPTConfig::from_json_value(&v).map_err(wrap)?, Format::NanoMoe))
-        }
+        crate::config::NANOMOE_MODEL_TYPE => Ok((GPTConfig::from_model_json(&v).map_err(wrap)?, Format::NanoMoe)),
         other => Err(Error::UnknownModelType {
             found: other.to_string(),
-            supported: crate::auto::SUPPORTED_MODEL_TYPES.join(", "),
+            supported: SUPPORTED_MODEL_TYPES.join(", "),
         }),
     }
 }
@@ -282,6 +278,15 @@ pub fn load_params_as(dir: &Path, config: &GPTConfig, format: Format, weight_dty
             }
             if found.insert(name.clone(), t).is_some() {
                 return Err(Error::file(&path, format!("tensor {name} appears twice")));
+            }
+        }
+    }
+    // transformers may keep only one of two tied tensors; the seed's checkpoints can hold
+    // lm_head.weight alone.
+    if !found.contains_key("transformer.wte.weight") {
+        if let Some(head) = lm_head.take() {
+            if Some(&head.dims().to_vec()) == expected.get("transformer.wte.weight") {
+                found.insert("transformer.wte.weight".into(), head);
             }
         }
     }
@@ -592,8 +597,15 @@ pub fn parse_size(s: &str) -> Result<u64> {
 
 /// generation_config.json written next to every model.
 pub fn generation_config_json(c: &GPTConfig) -> Value {
-    let eos = c.eos_token_id();
-    json!({"_from_model_config": true, "bos_token_id": eos, "eos_token_id": eos})
+    let mut m = json!({"_from_model_config": true});
+    let o = m.as_object_mut().expect("an object");
+    if let Some(id) = c.bos_token_id {
+        o.insert("bos_token_id".into(), json!(id));
+    }
+    if let Some(id) = c.eos_token_id {
+        o.insert("eos_token_id".into(), json!(id));
+    }
+    m
 }
 
 /// Saves a model directory in the format its config implies.

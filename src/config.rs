@@ -22,25 +22,60 @@ pub struct GPTConfig {
     pub n_head: usize,
     pub n_embd: usize,
     pub dropout: f64,
-    /// Biases in Linears and LayerNorms, like GPT-2. false: a bit better and faster.
+    /// Biases in Linears (and LayerNorms), like GPT-2. false: a bit better and faster.
+    /// RMSNorm has no bias, and SwiGLU experts have none, whatever this says.
     pub bias: bool,
-    /// "gelu_new" (tanh approximation, GPT-2) or "gelu" (exact erf, PyTorch nanoGPT).
-    pub activation_function: String,
+
+    // ---- Architecture: GPT-2's by default, the seed's (askerlee/nanoMoE) when stated ----
+    /// Every block's two norms and the final one: LayerNorm (GPT-2: weight + bias) or
+    /// RMSNorm (the seed: weight only; Zhang & Sennrich 2019).
+    pub norm_type: NormType,
+    /// eps of every norm: 1e-5 for GPT-2's LayerNorm, 1e-6 for the seed's RMSNorm.
     pub layer_norm_epsilon: f64,
+    /// RMS-normalise q and k of every head before attention (no weight; eps = f32 machine
+    /// epsilon, torch's `F.rms_norm` default) as the seed does (QK-norm, Dehghani et al. 2023).
+    pub qk_norm: bool,
+    /// "gelu_new" (tanh GELU, GPT-2), "gelu" (exact erf GELU, PyTorch nanoGPT/nanoMoE) or
+    /// "relu2" (ReLU squared, the seed; So et al. 2021 "Primer").
+    pub activation_function: String,
+    /// The experts of MoE layers: "mlp" (act(x W_fc + b) W_proj + b, as the dense MLP) or
+    /// "swiglu" (silu(x W_gate) * (x W_fc), then W_proj; no biases: the seed's
+    /// `use_qwen3_moe_mlp`; Shazeer 2020).
+    pub expert_mlp: ExpertMlp,
 
     // ---- Mixture of Experts -------------------------------------------------------------
     /// Number of experts; 1 means a dense model.
     pub n_exp: usize,
     /// Experts each token is routed to. (`top_k` in older nanoMoE configs.)
     pub moe_top_k: usize,
-    /// With n_exp > 1, block i has an MoE layer when (i + 1) % stride == 0.
+    /// With n_exp > 1, one block in every `stride` is MoE (where: `moe_placement`).
     pub stride: usize,
+    /// "end": block i is MoE when (i + 1) % stride == 0 (nanomoe, the seed);
+    /// "start": when i % stride == 0 (wolfecameron/nanoMoE's train.py checkpoints).
+    pub moe_placement: MoePlacement,
+    /// Blocks before this index are always dense (the seed's `moe_start_layer`).
+    pub moe_start_layer: usize,
     /// Switch Transformer load-balancing loss (Fedus et al. 2021, eq. 4-6).
     pub use_aux_loss: bool,
     pub aux_loss_weight: f64,
     /// ST-MoE router z-loss (Zoph et al. 2022, eq. 5).
     pub use_router_z_loss: bool,
     pub router_z_loss_weight: f64,
+    /// The seed's router-orthogonality loss (SwiGLU experts only): sum over experts e and
+    /// gate columns j of w(e, j) * <w_g[e], gate_proj[e][:, j]>^2, w = 1 for positive and
+    /// `router_ortho_neg_corr_weight` for negative dot products; gate_proj's gradient scaled by 0.1.
+    pub use_router_ortho_loss: bool,
+    pub router_ortho_loss_weight: f64,
+    pub router_ortho_neg_corr_weight: f64,
+    /// The seed's experts-orthogonality loss (SwiGLU experts only): mean over the n_exp x n_exp
+    /// matrix of the squared upper-triangle cosine similarities of the flattened c_fc
+    /// (arXiv:2601.00457 ablation).
+    pub use_experts_ortho_loss: bool,
+    pub experts_ortho_loss_weight: f64,
+    /// The seed's gate-output loss (SwiGLU experts only): mean of (x W_gate)^2 over features,
+    /// averaged over the non-zero rows of every expert's batch; x's gradient scaled by 0.1.
+    pub use_gate_output_loss: bool,
+    pub gate_output_loss_weight: f64,
     /// Noisy top-k gating (Shazeer et al. 2017, eq. 4), training only.
     pub use_noisy_top_k: bool,
     /// Capacity factor in training (Switch Transformer eq. 3).
@@ -53,6 +88,42 @@ pub struct GPTConfig {
     pub switch_tfm_init_scale: f64,
     /// Keep the router in f32 even when the rest runs in lower precision.
     pub router_use_full_prec: bool,
+
+    // ---- Tokens ---------------------------------------------------------------------------
+    /// Only when the tokenizer defines them (a character vocabulary has no end of text).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bos_token_id: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub eos_token_id: Option<u32>,
+
+    /// Keys of a loaded config.json that do not change the computation (`_name_or_path`,
+    /// `use_cache`, ...): kept so that a load and re-save preserves them.
+    #[serde(skip)]
+    pub extra: Map<String, Value>,
+}
+
+/// The norm of every block and the final one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NormType {
+    LayerNorm,
+    RmsNorm,
+}
+
+/// The shape of an MoE layer's experts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ExpertMlp {
+    Mlp,
+    SwiGlu,
+}
+
+/// Which block of every `stride` carries the MoE layer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MoePlacement {
+    End,
+    Start,
 }
 
 impl Default for GPTConfig {
@@ -65,15 +136,27 @@ impl Default for GPTConfig {
             n_embd: 768,
             dropout: 0.0,
             bias: true,
-            activation_function: "gelu_new".into(),
+            norm_type: NormType::LayerNorm,
             layer_norm_epsilon: 1e-5,
+            qk_norm: false,
+            activation_function: "gelu_new".into(),
+            expert_mlp: ExpertMlp::Mlp,
             n_exp: 1,
             moe_top_k: 2,
             stride: 1,
+            moe_placement: MoePlacement::End,
+            moe_start_layer: 0,
             use_aux_loss: false,
             aux_loss_weight: 0.01,
             use_router_z_loss: false,
             router_z_loss_weight: 0.001,
+            use_router_ortho_loss: false,
+            router_ortho_loss_weight: 0.01,
+            router_ortho_neg_corr_weight: 1.0,
+            use_experts_ortho_loss: false,
+            experts_ortho_loss_weight: 0.01,
+            use_gate_output_loss: false,
+            gate_output_loss_weight: 0.01,
             use_noisy_top_k: false,
             train_capacity: 1.25,
             eval_capacity: 2.0,
@@ -81,6 +164,9 @@ impl Default for GPTConfig {
             use_switch_tfm_init: false,
             switch_tfm_init_scale: 1.0,
             router_use_full_prec: false,
+            bos_token_id: None,
+            eos_token_id: None,
+            extra: Map::new(),
         }
     }
 }
@@ -92,7 +178,30 @@ pub enum Activation {
     GeluTanh,
     /// exact erf GELU (PyTorch `nn.GELU()`).
     GeluErf,
+    /// relu(x)^2 (the seed's MLP and MLP experts; So et al. 2021, "Primer").
+    Relu2,
 }
+
+/// Keys of askerlee/nanoMoE's (the seed's) `GPTConfig` that nanomoe's earlier configs never
+/// had: any of them in a config without nanomoe's architecture keys means the seed's model.
+pub const SEED_KEYS: &[&str] = &[
+    "use_qwen3_moe_mlp",
+    "moe_start_layer",
+    "use_router_ortho_loss",
+    "use_experts_ortho_loss",
+    "use_gate_output_loss",
+    "router_ortho_loss_weight",
+    "router_ortho_neg_corr_weight",
+    "experts_ortho_loss_weight",
+    "gate_output_loss_weight",
+];
+
+/// The architecture keys nanomoe writes into every config.json since it implements the
+/// seed's architecture; a config with some but not all of them is ambiguous.
+pub const ARCH_KEYS: &[&str] = &["norm_type", "layer_norm_epsilon", "qk_norm", "activation_function", "expert_mlp", "moe_placement"];
+
+/// What nanomoe's configs before the seed's architecture carried (GPT-2's names).
+const LEGACY_ARCH_KEYS: &[&str] = &["activation_function", "layer_norm_epsilon"];
 
 impl GPTConfig {
     /// A small config for tests and examples.
@@ -120,13 +229,50 @@ impl GPTConfig {
         }
     }
 
+    /// The seed's architecture (askerlee/nanoMoE `model.py`) on this config's sizes: RMSNorm
+    /// (eps 1e-6, weight only) everywhere, QK-norm, ReLU^2 MLPs, and SwiGLU experts when
+    /// `swiglu_experts` (its `use_qwen3_moe_mlp`).
+    pub fn with_seed_architecture(self, swiglu_experts: bool) -> Self {
+        GPTConfig {
+            norm_type: NormType::RmsNorm,
+            layer_norm_epsilon: 1e-6,
+            qk_norm: true,
+            activation_function: "relu2".into(),
+            expert_mlp: if swiglu_experts { ExpertMlp::SwiGlu } else { ExpertMlp::Mlp },
+            moe_placement: MoePlacement::End,
+            ..self
+        }
+    }
+
     pub fn is_moe(&self) -> bool {
         self.n_exp > 1
     }
 
     /// Whether block `i` carries an MoE layer.
     pub fn is_moe_layer(&self, i: usize) -> bool {
-        self.n_exp > 1 && (i + 1).is_multiple_of(self.stride)
+        let in_stride = match self.moe_placement {
+            MoePlacement::End => (i + 1).is_multiple_of(self.stride),
+            MoePlacement::Start => i.is_multiple_of(self.stride),
+        };
+        self.n_exp > 1 && i >= self.moe_start_layer && in_stride
+    }
+
+    /// Whether this config has the experts' SwiGLU gate (`mlp.experts.gate_proj`).
+    pub fn swiglu_experts(&self) -> bool {
+        self.expert_mlp == ExpertMlp::SwiGlu
+    }
+
+    /// Whether the norms carry a bias tensor.
+    pub fn norm_bias(&self) -> bool {
+        self.bias && self.norm_type == NormType::LayerNorm
+    }
+
+    /// Whether this is GPT-2's architecture (so a dense model is saved as a native `gpt2`
+    /// directory transformers loads without custom code).
+    pub fn is_gpt2_architecture(&self) -> bool {
+        self.norm_type == NormType::LayerNorm
+            && !self.qk_norm
+            && matches!(self.activation().ok(), Some(Activation::GeluTanh | Activation::GeluErf))
     }
 
     pub fn head_dim(&self) -> usize {
@@ -137,19 +283,10 @@ impl GPTConfig {
         match self.activation_function.as_str() {
             "gelu_new" | "gelu_pytorch_tanh" | "gelu_fast" => Ok(Activation::GeluTanh),
             "gelu" => Ok(Activation::GeluErf),
+            "relu2" => Ok(Activation::Relu2),
             other => Err(Error::Config(format!(
-                "activation_function {other:?} is not supported (use \"gelu_new\" or \"gelu\")"
+                "activation_function {other:?} is not supported (use \"gelu_new\", \"gelu\" or \"relu2\")"
             ))),
-        }
-    }
-
-    /// Token id used as bos/eos in written configs: GPT-2's `<|endoftext|>` when it is in
-    /// the vocabulary, else the last id.
-    pub fn eos_token_id(&self) -> u32 {
-        if self.vocab_size > GPT2_EOS as usize {
-            GPT2_EOS
-        } else {
-            (self.vocab_size.max(1) - 1) as u32
         }
     }
 
@@ -191,10 +328,10 @@ impl GPTConfig {
                     self.moe_top_k, self.n_exp
                 ));
             }
-            if self.stride > self.n_layer {
+            if !(0..self.n_layer).any(|i| self.is_moe_layer(i)) {
                 return bad(format!(
-                    "stride ({}) is larger than n_layer ({}): no block would be MoE",
-                    self.stride, self.n_layer
+                    "no block would be MoE: stride {}, moe_start_layer {}, n_layer {}",
+                    self.stride, self.moe_start_layer, self.n_layer
                 ));
             }
             for (name, v) in [("train_capacity", self.train_capacity), ("eval_capacity", self.eval_capacity)] {
@@ -208,6 +345,10 @@ impl GPTConfig {
             for (name, v) in [
                 ("aux_loss_weight", self.aux_loss_weight),
                 ("router_z_loss_weight", self.router_z_loss_weight),
+                ("router_ortho_loss_weight", self.router_ortho_loss_weight),
+                ("router_ortho_neg_corr_weight", self.router_ortho_neg_corr_weight),
+                ("experts_ortho_loss_weight", self.experts_ortho_loss_weight),
+                ("gate_output_loss_weight", self.gate_output_loss_weight),
                 ("switch_tfm_init_scale", self.switch_tfm_init_scale),
             ] {
                 if !(v >= 0.0) || !v.is_finite() {
@@ -215,17 +356,29 @@ impl GPTConfig {
                 }
             }
         }
+        for (name, id) in [("bos_token_id", self.bos_token_id), ("eos_token_id", self.eos_token_id)] {
+            if let Some(id) = id {
+                if id as usize >= self.vocab_size {
+                    return bad(format!("{name} {id} is out of range for vocab_size {}", self.vocab_size));
+                }
+            }
+        }
         Ok(())
     }
 
-    /// Parses a nanomoe config object (config.json of a `nanomoe_gpt` model, or a user's
-    /// config). Accepts the legacy key `top_k` for `moe_top_k`; both present and different is
-    /// an error. Unknown keys (HF bookkeeping such as `architectures`) are ignored.
+    /// Parses a config object written by a user or by nanomoe's settings (every field has
+    /// GPT-2's default). Accepts the legacy key `top_k` for `moe_top_k`; both present and
+    /// different is an error. HF bookkeeping keys are kept in `extra`; any other unknown key
+    /// is an error naming it.
     pub fn from_json_value(v: &Value) -> Result<Self> {
-        let mut obj = match v {
+        let obj = match v {
             Value::Object(m) => m.clone(),
             _ => return Err(Error::Config("config must be a JSON object".into())),
         };
+        Self::from_fields(obj)
+    }
+
+    fn from_fields(mut obj: Map<String, Value>) -> Result<Self> {
         if let Some(legacy) = obj.remove("top_k") {
             match obj.get("moe_top_k") {
                 Some(cur) if cur != &legacy => {
@@ -238,12 +391,52 @@ impl GPTConfig {
                 }
             }
         }
-        let known: Map<String, Value> = obj
-            .into_iter()
-            .filter(|(k, _)| KNOWN_FIELDS.contains(&k.as_str()))
-            .collect();
-        let cfg: GPTConfig = serde_json::from_value(Value::Object(known))
-            .map_err(|e| Error::Config(e.to_string()))?;
+        // The seed's name for SwiGLU experts; nanomoe writes it too, for the seed's model.py.
+        if let Some(q) = obj.remove("use_qwen3_moe_mlp") {
+            let q = q.as_bool().ok_or_else(|| Error::Config(format!("use_qwen3_moe_mlp must be true or false, got {q}")))?;
+            let implied = if q { "swiglu" } else { "mlp" };
+            match obj.get("expert_mlp") {
+                Some(cur) if cur.as_str() != Some(implied) => {
+                    return Err(Error::Config(format!("use_qwen3_moe_mlp ({q}) contradicts expert_mlp ({cur})")))
+                }
+                _ => {
+                    obj.insert("expert_mlp".into(), Value::from(implied));
+                }
+            }
+        }
+        let mut known = Map::new();
+        let mut extra = Map::new();
+        for (k, v) in obj {
+            if KNOWN_FIELDS.contains(&k.as_str()) {
+                known.insert(k, v);
+            } else if HF_GENERATION_KEYS.contains(&k.as_str()) || REWRITTEN_KEYS.contains(&k.as_str()) {
+                // Never carried over: nanomoe writes its own (and no generation parameters).
+            } else if HF_BOOKKEEPING_KEYS.contains(&k.as_str()) {
+                extra.insert(k, v);
+            } else {
+                return Err(Error::Config(format!(
+                    "unknown config key {k:?}: nanomoe does not implement it and it may change the model's computation"
+                )));
+            }
+        }
+        for key in ["bos_token_id", "eos_token_id"] {
+            // HF writes null or a list for "none" / several ids; keep the first id.
+            match known.get(key) {
+                Some(Value::Null) => {
+                    known.remove(key);
+                }
+                Some(Value::Array(a)) => {
+                    let first = a.first().cloned();
+                    match first {
+                        Some(f) => known.insert(key.into(), f),
+                        None => known.remove(key),
+                    };
+                }
+                _ => {}
+            }
+        }
+        let mut cfg: GPTConfig = serde_json::from_value(Value::Object(known)).map_err(|e| Error::Config(e.to_string()))?;
+        cfg.extra = extra;
         cfg.validate()?;
         Ok(cfg)
     }
@@ -251,6 +444,73 @@ impl GPTConfig {
     pub fn from_json_str(s: &str) -> Result<Self> {
         let v: Value = serde_json::from_str(s).map_err(|e| Error::Config(format!("not valid JSON: {e}")))?;
         Self::from_json_value(&v)
+    }
+
+    /// Reads the `config.json` of a `nanomoe_gpt` directory (or the `model_args` of a
+    /// `ckpt.pt`), deciding which architecture it describes:
+    /// - every one of [`ARCH_KEYS`]: as stated (what nanomoe writes now);
+    /// - some of them but not all: an error naming the missing ones;
+    /// - nanomoe's earlier keys (`activation_function`, `layer_norm_epsilon`) and none of the
+    ///   seed's: GPT-2's architecture, as nanomoe wrote it before;
+    /// - the seed's keys ([`SEED_KEYS`]) and none of ours: the seed's architecture, with the
+    ///   seed's defaults for its keys that are absent;
+    /// - both, or neither: an error saying what is missing.
+    pub fn from_model_json(v: &Value) -> Result<Self> {
+        let Value::Object(obj) = v else {
+            return Err(Error::Config("config must be a JSON object".into()));
+        };
+        let has = |k: &&str| obj.contains_key(*k);
+        let arch: Vec<&str> = ARCH_KEYS.iter().copied().filter(has).collect();
+        let new_arch: Vec<&str> = arch.iter().copied().filter(|k| !LEGACY_ARCH_KEYS.contains(k)).collect();
+        let seed: Vec<&str> = SEED_KEYS.iter().copied().filter(has).collect();
+        if arch.len() == ARCH_KEYS.len() {
+            return Self::from_fields(obj.clone());
+        }
+        if !new_arch.is_empty() {
+            let missing: Vec<&str> = ARCH_KEYS.iter().copied().filter(|k| !has(k)).collect();
+            return Err(Error::Config(format!(
+                "ambiguous architecture: config.json sets {} but not {}; state all of {}",
+                arch.join(", "),
+                missing.join(", "),
+                ARCH_KEYS.join(", ")
+            )));
+        }
+        match (arch.is_empty(), seed.is_empty()) {
+            (false, true) => {
+                // nanomoe before the seed's architecture: GPT-2's blocks.
+                let mut o = obj.clone();
+                o.entry("activation_function").or_insert(Value::from("gelu"));
+                Self::from_fields(o)
+            }
+            (true, false) => {
+                let mut o = obj.clone();
+                let swiglu = match o.get("use_qwen3_moe_mlp") {
+                    None => false,
+                    Some(v) => v.as_bool().ok_or_else(|| Error::Config(format!("use_qwen3_moe_mlp must be true or false, got {v}")))?,
+                };
+                // The seed's defaults for its own keys.
+                o.entry("use_experts_ortho_loss").or_insert(Value::Bool(true));
+                o.entry("use_gate_output_loss").or_insert(Value::Bool(true));
+                let seed_arch = GPTConfig::default().with_seed_architecture(swiglu);
+                o.insert("norm_type".into(), serde_json::to_value(seed_arch.norm_type).expect("serializes"));
+                o.insert("layer_norm_epsilon".into(), Value::from(seed_arch.layer_norm_epsilon));
+                o.insert("qk_norm".into(), Value::Bool(true));
+                o.insert("activation_function".into(), Value::from("relu2"));
+                o.insert("moe_placement".into(), Value::from("end"));
+                Self::from_fields(o)
+            }
+            (false, false) => Err(Error::Config(format!(
+                "ambiguous architecture: config.json has nanomoe's {} and askerlee/nanoMoE's {}; state all of {}",
+                arch.join(", "),
+                seed.join(", "),
+                ARCH_KEYS.join(", ")
+            ))),
+            (true, true) => Err(Error::Config(format!(
+                "config.json does not say which architecture it is: it has none of nanomoe's {} and none of askerlee/nanoMoE's {}",
+                ARCH_KEYS.join(", "),
+                SEED_KEYS.join(", ")
+            ))),
+        }
     }
 
     /// Reads a GPT-2 `config.json` (model_type "gpt2").
@@ -267,32 +527,70 @@ impl GPTConfig {
                 return Err(Error::Config(format!("n_inner {inner} is not supported (must be 4 * n_embd)")));
             }
         }
+        // GPT-2 options that change the computation and that nanomoe does not implement.
+        for (key, fine) in [("scale_attn_weights", true), ("scale_attn_by_inverse_layer_idx", false), ("add_cross_attention", false)] {
+            if let Some(x) = v.get(key) {
+                if x.as_bool() != Some(fine) {
+                    return Err(Error::Config(format!("{key} = {x} is not supported (nanomoe implements {key} = {fine})")));
+                }
+            }
+        }
+        let string = |k: &str, default: &str| -> Result<String> {
+            match v.get(k) {
+                None | Some(Value::Null) => Ok(default.to_string()),
+                Some(Value::String(s)) => Ok(s.clone()),
+                Some(x) => Err(Error::Config(format!("{k} must be a string, got {x}"))),
+            }
+        };
+        let float = |k: &str, default: f64| -> Result<f64> {
+            match v.get(k) {
+                None | Some(Value::Null) => Ok(default),
+                Some(x) => x.as_f64().ok_or_else(|| Error::Config(format!("{k} must be a number, got {x}"))),
+            }
+        };
+        // transformers' GPT2Config writes 50256 as bos/eos whatever the vocabulary: an id
+        // outside it can never be generated, so it is no end of text for this model.
+        let vocab = get("vocab_size")?;
+        let id = |k: &str| -> Option<u32> {
+            let id = match v.get(k) {
+                Some(Value::Array(a)) => a.first().and_then(Value::as_u64),
+                Some(x) => x.as_u64(),
+                None => None,
+            };
+            id.filter(|&i| (i as usize) < vocab).map(|i| i as u32)
+        };
         let d = GPTConfig::default();
         let cfg = GPTConfig {
             block_size: get("n_positions")?,
-            vocab_size: get("vocab_size")?,
+            vocab_size: vocab,
             n_layer: get("n_layer")?,
             n_head: get("n_head")?,
             n_embd: get("n_embd")?,
-            dropout: v.get("resid_pdrop").and_then(Value::as_f64).unwrap_or(0.0),
-            bias: v.get("bias").and_then(Value::as_bool).unwrap_or(true),
-            activation_function: v
-                .get("activation_function")
-                .and_then(Value::as_str)
-                .unwrap_or("gelu_new")
-                .to_string(),
-            layer_norm_epsilon: v.get("layer_norm_epsilon").and_then(Value::as_f64).unwrap_or(1e-5),
+            dropout: float("resid_pdrop", 0.0)?,
+            bias: match v.get("bias") {
+                None => true,
+                Some(b) => b.as_bool().ok_or_else(|| Error::Config(format!("bias must be true or false, got {b}")))?,
+            },
+            activation_function: string("activation_function", "gelu_new")?,
+            layer_norm_epsilon: float("layer_norm_epsilon", 1e-5)?,
             n_exp: 1,
+            bos_token_id: id("bos_token_id"),
+            eos_token_id: id("eos_token_id"),
             ..d
         };
+        if !cfg.is_gpt2_architecture() {
+            return Err(Error::Config(format!(
+                "activation_function {:?} is not one GPT-2 models use (\"gelu_new\" or \"gelu\")",
+                cfg.activation_function
+            )));
+        }
         cfg.validate()?;
         Ok(cfg)
     }
 
     /// `config.json` of a dense model saved as a native HF GPT-2 directory.
     pub fn to_gpt2_json(&self, dtype: &str) -> Value {
-        let eos = self.eos_token_id();
-        json!({
+        let mut m = json!({
             "architectures": ["GPT2LMHeadModel"],
             "model_type": "gpt2",
             "vocab_size": self.vocab_size,
@@ -313,19 +611,27 @@ impl GPTConfig {
             "reorder_and_upcast_attn": false,
             "use_cache": true,
             "tie_word_embeddings": true,
-            "bos_token_id": eos,
-            "eos_token_id": eos,
             "dtype": dtype,
             // nanomoe's own key: with bias=false the written biases are zeros.
             "bias": self.bias,
-        })
+        });
+        let o = m.as_object_mut().expect("an object");
+        if let Some(id) = self.bos_token_id {
+            o.insert("bos_token_id".into(), json!(id));
+        }
+        if let Some(id) = self.eos_token_id {
+            o.insert("eos_token_id".into(), json!(id));
+        }
+        m
     }
 
-    /// `config.json` of an MoE model (`model_type` "nanomoe_gpt").
+    /// `config.json` of a `nanomoe_gpt` model: every field, the architecture stated
+    /// explicitly, the seed's `use_qwen3_moe_mlp` (so its model.py reads SwiGLU experts
+    /// right), HF's auto_map for the remote code, and the kept bookkeeping keys.
     pub fn to_nanomoe_json(&self, dtype: &str) -> Value {
         let mut m = Map::new();
         m.insert("architectures".into(), json!(["GPT"]));
-        m.insert("model_type".into(), json!(crate::auto::NANOMOE_MODEL_TYPE));
+        m.insert("model_type".into(), json!(NANOMOE_MODEL_TYPE));
         m.insert(
             "auto_map".into(),
             json!({
@@ -333,17 +639,21 @@ impl GPTConfig {
                 "AutoModelForCausalLM": "modeling_nanomoe_gpt.GPT",
             }),
         );
+        for (k, v) in &self.extra {
+            m.insert(k.clone(), v.clone());
+        }
         if let Value::Object(fields) = serde_json::to_value(self).expect("config serializes") {
             m.extend(fields);
         }
-        let eos = self.eos_token_id();
-        m.insert("bos_token_id".into(), json!(eos));
-        m.insert("eos_token_id".into(), json!(eos));
+        m.insert("use_qwen3_moe_mlp".into(), json!(self.swiglu_experts()));
         m.insert("tie_word_embeddings".into(), json!(true));
         m.insert("dtype".into(), json!(dtype));
         Value::Object(m)
     }
 }
+
+/// model_type of nanomoe's `nanomoe_gpt` checkpoints (and of the seed's Python HF code).
+pub const NANOMOE_MODEL_TYPE: &str = "nanomoe_gpt";
 
 const KNOWN_FIELDS: &[&str] = &[
     "block_size",
@@ -353,15 +663,27 @@ const KNOWN_FIELDS: &[&str] = &[
     "n_embd",
     "dropout",
     "bias",
-    "activation_function",
+    "norm_type",
     "layer_norm_epsilon",
+    "qk_norm",
+    "activation_function",
+    "expert_mlp",
     "n_exp",
     "moe_top_k",
     "stride",
+    "moe_placement",
+    "moe_start_layer",
     "use_aux_loss",
     "aux_loss_weight",
     "use_router_z_loss",
     "router_z_loss_weight",
+    "use_router_ortho_loss",
+    "router_ortho_loss_weight",
+    "router_ortho_neg_corr_weight",
+    "use_experts_ortho_loss",
+    "experts_ortho_loss_weight",
+    "use_gate_output_loss",
+    "gate_output_loss_weight",
     "use_noisy_top_k",
     "train_capacity",
     "eval_capacity",
@@ -369,6 +691,74 @@ const KNOWN_FIELDS: &[&str] = &[
     "use_switch_tfm_init",
     "switch_tfm_init_scale",
     "router_use_full_prec",
+    "bos_token_id",
+    "eos_token_id",
+];
+
+/// Keys nanomoe writes itself (from the model it saves), so a loaded value is not kept.
+const REWRITTEN_KEYS: &[&str] = &["architectures", "model_type", "auto_map", "dtype", "torch_dtype", "transformers_version", "tie_word_embeddings", "_commit_hash"];
+
+/// transformers' PretrainedConfig attributes that do not change a causal LM's computation:
+/// kept through a load and re-save.
+const HF_BOOKKEEPING_KEYS: &[&str] = &[
+    "_name_or_path",
+    "_attn_implementation_autoset",
+    "_from_model_config",
+    "pad_token_id",
+    "sep_token_id",
+    "decoder_start_token_id",
+    "use_cache",
+    "return_dict",
+    "output_hidden_states",
+    "output_attentions",
+    "torchscript",
+    "use_bfloat16",
+    "pruned_heads",
+    "chunk_size_feed_forward",
+    "is_encoder_decoder",
+    "is_decoder",
+    "add_cross_attention",
+    "tie_encoder_decoder",
+    "cross_attention_hidden_size",
+    "finetuning_task",
+    "id2label",
+    "label2id",
+    "num_labels",
+    "problem_type",
+    "tokenizer_class",
+    "prefix",
+    "task_specific_params",
+    "initializer_range",
+    "tf_legacy_loss",
+];
+
+/// Generation parameters older transformers kept in config.json: never written back (a
+/// `top_k` there is the legacy name of `moe_top_k` and handled before this list).
+const HF_GENERATION_KEYS: &[&str] = &[
+    "max_length",
+    "min_length",
+    "do_sample",
+    "early_stopping",
+    "num_beams",
+    "num_beam_groups",
+    "diversity_penalty",
+    "temperature",
+    "top_p",
+    "typical_p",
+    "repetition_penalty",
+    "length_penalty",
+    "no_repeat_ngram_size",
+    "encoder_no_repeat_ngram_size",
+    "bad_words_ids",
+    "num_return_sequences",
+    "output_scores",
+    "return_dict_in_generate",
+    "forced_bos_token_id",
+    "forced_eos_token_id",
+    "remove_invalid_values",
+    "exponential_decay_length_penalty",
+    "suppress_tokens",
+    "begin_suppress_tokens",
 ];
 
 #[cfg(test)]
@@ -408,7 +798,7 @@ mod tests {
             (r#"{"dropout": 1.5}"#, "invalid config: dropout must be in [0, 1), got 1.5"),
             (
                 r#"{"activation_function": "relu"}"#,
-                "invalid config: activation_function \"relu\" is not supported (use \"gelu_new\" or \"gelu\")",
+                "invalid config: activation_function \"relu\" is not supported (use \"gelu_new\", \"gelu\" or \"relu2\")",
             ),
             (r#"{"n_layer": "two"}"#, "invalid config: invalid type: string \"two\", expected usize"),
             ("[1]", "invalid config: config must be a JSON object"),

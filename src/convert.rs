@@ -109,15 +109,13 @@ pub fn load_ckpt(path: &Path) -> Result<GPT> {
             cfg.insert(k.clone(), v);
         }
     }
-    // nanoGPT and nanoMoE use torch's exact nn.GELU().
-    cfg.entry("activation_function").or_insert(Value::from("gelu"));
-    let config = GPTConfig::from_json_value(&Value::Object(cfg)).map_err(|e| Error::file(path, e))?;
     if get("model").is_none() {
         return Err(Error::file(path, "not a nanoGPT checkpoint: no model state_dict"));
     }
     let pth = PthTensors::new(path, Some("model")).map_err(|e| Error::file(path, format!("cannot read the model tensors: {e}")))?;
     let mut names: Vec<String> = pth.tensor_infos().keys().cloned().collect();
     names.sort();
+    let config = ckpt_config(cfg, &names).map_err(|e| Error::file(path, e))?;
     let mut tensors = Vec::new();
     let mut lm_head = None;
     for n in names {
@@ -143,6 +141,41 @@ pub fn load_ckpt(path: &Path) -> Result<GPT> {
     }
     let params = ParamStore::from_tensors(tensors)?;
     GPT::from_params(config, params).map_err(|e| Error::file(path, e))
+}
+
+/// The config of a ckpt.pt from its `model_args` and tensor names. The seed's train.py
+/// (askerlee/nanoMoE) writes its own keys: the seed's architecture. nanoGPT's and
+/// wolfecameron/nanoMoE's write none of them: LayerNorm and exact GELU, with the MoE blocks
+/// where the tensors have them - wolfecameron's train.py places them at i % stride == 0,
+/// nanomoe and the seed at (i + 1) % stride == 0.
+fn ckpt_config(mut args: Map<String, Value>, tensor_names: &[String]) -> Result<GPTConfig> {
+    let seed = crate::config::SEED_KEYS.iter().any(|k| args.contains_key(*k));
+    if seed {
+        return GPTConfig::from_model_json(&Value::Object(args));
+    }
+    args.entry("activation_function").or_insert(Value::from("gelu"));
+    args.entry("layer_norm_epsilon").or_insert(Value::from(1e-5));
+    args.insert("norm_type".into(), Value::from("layernorm"));
+    args.insert("qk_norm".into(), Value::Bool(false));
+    args.insert("expert_mlp".into(), Value::from("mlp"));
+    let routed: Vec<usize> = tensor_names
+        .iter()
+        .filter_map(|n| n.strip_prefix("_orig_mod.").unwrap_or(n).strip_prefix("transformer.h.")?.strip_suffix(".mlp.router.w_g.weight")?.parse().ok())
+        .collect();
+    let mut last_err = None;
+    for placement in ["end", "start"] {
+        args.insert("moe_placement".into(), Value::from(placement));
+        let cfg = GPTConfig::from_model_json(&Value::Object(args.clone()))?;
+        let mut expected: Vec<usize> = (0..cfg.n_layer).filter(|&i| cfg.is_moe_layer(i)).collect();
+        let mut found = routed.clone();
+        expected.sort_unstable();
+        found.sort_unstable();
+        if expected == found {
+            return Ok(cfg);
+        }
+        last_err = Some(format!("the checkpoint has MoE layers at blocks {found:?}; its config (n_exp {}, stride {}) places them at {expected:?} or at the other stride convention", cfg.n_exp, cfg.stride));
+    }
+    Err(Error::Checkpoint(last_err.unwrap_or_default()))
 }
 
 /// Tokenizer-related files copied along when converting a model directory.

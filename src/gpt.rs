@@ -10,7 +10,7 @@ use std::sync::Mutex;
 use candle_core::{DType, Device, Tensor};
 use rand::{rngs::StdRng, SeedableRng};
 
-use crate::config::{Activation, GPTConfig};
+use crate::config::{Activation, GPTConfig, NormType};
 use crate::error::{input_err, Result};
 use crate::kernels::attention::{self, CausalMask};
 use crate::grad_sink::GradSink;
@@ -18,21 +18,26 @@ use crate::moe::{MoeCtx, MoeLayer, MoeStats, Routing};
 use crate::nn;
 use crate::params::{param_specs, ParamStore};
 
-struct LayerNorm {
+/// LayerNorm (weight, optional bias) or RMSNorm (weight only), per the config.
+struct Norm {
     w: Tensor,
     b: Option<Tensor>,
     eps: f64,
+    kind: NormType,
 }
 
-impl LayerNorm {
-    fn load(p: &ParamStore, prefix: &str, eps: f64) -> Result<Self> {
-        Ok(LayerNorm { w: p.get(&format!("{prefix}.weight"))?, b: opt(p, &format!("{prefix}.bias"))?, eps })
+impl Norm {
+    fn load(p: &ParamStore, prefix: &str, cfg: &GPTConfig) -> Result<Self> {
+        Ok(Norm { w: p.get(&format!("{prefix}.weight"))?, b: opt(p, &format!("{prefix}.bias"))?, eps: cfg.layer_norm_epsilon, kind: cfg.norm_type })
     }
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        nn::layer_norm(x, &self.w, self.b.as_ref(), self.eps)
+        match self.kind {
+            NormType::LayerNorm => nn::layer_norm(x, &self.w, self.b.as_ref(), self.eps),
+            NormType::RmsNorm => nn::rms_norm(x, Some(&self.w), self.eps),
+        }
     }
     fn detached(&self) -> Self {
-        LayerNorm { w: self.w.detach(), b: self.b.as_ref().map(Tensor::detach), eps: self.eps }
+        Norm { w: self.w.detach(), b: self.b.as_ref().map(Tensor::detach), eps: self.eps, kind: self.kind }
     }
 }
 
@@ -153,6 +158,8 @@ struct CausalSelfAttention {
     c_attn: Linear,
     c_proj: Linear,
     n_head: usize,
+    /// RMS-normalise every head's q and k (the seed).
+    qk_norm: bool,
 }
 
 /// The attention mask of one forward pass: as a tensor for the composite path, and as
@@ -168,7 +175,10 @@ impl CausalSelfAttention {
     /// (or gradients are tracked through a KV cache); candle's composite ops otherwise.
     fn forward(&self, x: &Tensor, mask: &Mask, cache: Option<&mut Option<LayerKv>>, ctx: &mut Ctx) -> Result<Tensor> {
         let (_, _, c) = x.dims3()?;
-        let qkv = self.c_attn.forward(x)?;
+        let mut qkv = self.c_attn.forward(x)?;
+        if self.qk_norm {
+            qkv = nn::qk_norm(&qkv, self.n_head)?;
+        }
         let attn_dropout = ctx.training && ctx.cfg.dropout > 0.0;
         let fused = qkv.dtype() == DType::F32 && qkv.device().is_cpu() && !attn_dropout;
         let y = match cache {
@@ -213,6 +223,9 @@ enum Mlp {
 struct MoeTotals {
     aux: Option<Tensor>,
     z: Option<Tensor>,
+    router_ortho: Option<Tensor>,
+    experts_ortho: Option<Tensor>,
+    gate_output: Option<Tensor>,
     stats: Vec<MoeStats>,
 }
 
@@ -225,9 +238,9 @@ fn add(acc: &mut Option<Tensor>, x: Tensor) -> Result<()> {
 }
 
 struct Block {
-    ln_1: LayerNorm,
+    ln_1: Norm,
     attn: CausalSelfAttention,
-    ln_2: LayerNorm,
+    ln_2: Norm,
     mlp: Mlp,
 }
 
@@ -236,7 +249,7 @@ impl Block {
     fn detached(&self) -> Self {
         Block {
             ln_1: self.ln_1.detached(),
-            attn: CausalSelfAttention { c_attn: self.attn.c_attn.detached(), c_proj: self.attn.c_proj.detached(), n_head: self.attn.n_head },
+            attn: CausalSelfAttention { c_attn: self.attn.c_attn.detached(), c_proj: self.attn.c_proj.detached(), n_head: self.attn.n_head, qk_norm: self.attn.qk_norm },
             ln_2: self.ln_2.detached(),
             mlp: match &self.mlp {
                 Mlp::Dense { c_fc, c_proj, act } => Mlp::Dense { c_fc: c_fc.detached(), c_proj: c_proj.detached(), act: *act },
@@ -262,6 +275,11 @@ impl Block {
                 let out = layer.forward(&h, &mut mctx)?;
                 add(&mut moe.aux, out.aux_loss)?;
                 add(&mut moe.z, out.z_loss)?;
+                for (acc, l) in [(&mut moe.router_ortho, out.router_ortho_loss), (&mut moe.experts_ortho, out.experts_ortho_loss), (&mut moe.gate_output, out.gate_output_loss)] {
+                    if let Some(l) = l {
+                        add(acc, l)?;
+                    }
+                }
                 moe.stats.push(out.stats);
                 out.y
             }
@@ -270,13 +288,18 @@ impl Block {
     }
 }
 
-/// Loss terms of one forward pass. `aux_loss` and `router_z_loss` are the unweighted sums
-/// over MoE layers; the total loss adds them times their weights when switched on.
+/// Loss terms of one forward pass. Each MoE term is the unweighted sum over MoE layers; the
+/// total loss adds them times their weights when switched on. The seed's three terms
+/// (router-orthogonality, experts-orthogonality, gate-output) exist only for SwiGLU experts,
+/// in training, when switched on - as the seed computes them.
 #[derive(Debug, Clone, Default)]
 pub struct Losses {
     pub ntp_loss: Option<Tensor>,
     pub aux_loss: Option<Tensor>,
     pub router_z_loss: Option<Tensor>,
+    pub router_ortho_loss: Option<Tensor>,
+    pub experts_ortho_loss: Option<Tensor>,
+    pub gate_output_loss: Option<Tensor>,
 }
 
 /// HF-style output of [`GPT::forward`].
@@ -296,7 +319,7 @@ struct Net {
     wte: Tensor,
     wpe: Tensor,
     blocks: Vec<Block>,
-    ln_f: LayerNorm,
+    ln_f: Norm,
 }
 
 impl Net {
@@ -380,7 +403,6 @@ impl GPT {
     pub fn from_params(config: GPTConfig, mut params: ParamStore) -> Result<Self> {
         config.validate()?;
         params.check_against(&param_specs(&config))?;
-        let eps = config.layer_norm_epsilon;
         let act = config.activation()?;
         let mut blocks = Vec::with_capacity(config.n_layer);
         for i in 0..config.n_layer {
@@ -391,20 +413,21 @@ impl GPT {
                 Mlp::Dense { c_fc: Linear::load(&params, &format!("{p}.mlp.c_fc"))?, c_proj: Linear::load(&params, &format!("{p}.mlp.c_proj"))?, act }
             };
             blocks.push(Block {
-                ln_1: LayerNorm::load(&params, &format!("{p}.ln_1"), eps)?,
+                ln_1: Norm::load(&params, &format!("{p}.ln_1"), &config)?,
                 attn: CausalSelfAttention {
                     c_attn: Linear::load(&params, &format!("{p}.attn.c_attn"))?,
                     c_proj: Linear::load(&params, &format!("{p}.attn.c_proj"))?,
                     n_head: config.n_head,
+                    qk_norm: config.qk_norm,
                 },
-                ln_2: LayerNorm::load(&params, &format!("{p}.ln_2"), eps)?,
+                ln_2: Norm::load(&params, &format!("{p}.ln_2"), &config)?,
                 mlp,
             });
         }
         let net = Net {
             wte: params.get("transformer.wte.weight")?,
             wpe: params.get("transformer.wpe.weight")?,
-            ln_f: LayerNorm::load(&params, "transformer.ln_f", eps)?,
+            ln_f: Norm::load(&params, "transformer.ln_f", &config)?,
             blocks,
         };
         Ok(GPT {
@@ -592,8 +615,28 @@ impl GPT {
                     *l = (&*l + (z * c.router_z_loss_weight)?)?;
                 }
             }
+            // The seed's terms, in its order (only present when switched on).
+            for (term, w) in [
+                (&moe.router_ortho, c.router_ortho_loss_weight),
+                (&moe.experts_ortho, c.experts_ortho_loss_weight),
+                (&moe.gate_output, c.gate_output_loss_weight),
+            ] {
+                if let Some(t) = term {
+                    *l = (&*l + (t * w)?)?;
+                }
+            }
         }
-        Ok((loss, Losses { ntp_loss: ntp, aux_loss: moe.aux.clone(), router_z_loss: moe.z.clone() }))
+        Ok((
+            loss,
+            Losses {
+                ntp_loss: ntp,
+                aux_loss: moe.aux.clone(),
+                router_z_loss: moe.z.clone(),
+                router_ortho_loss: moe.router_ortho.clone(),
+                experts_ortho_loss: moe.experts_ortho.clone(),
+                gate_output_loss: moe.gate_output.clone(),
+            },
+        ))
     }
 
     /// HF-style forward. `labels` ([B, T], same shape as `input_ids`) follow HF semantics:

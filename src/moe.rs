@@ -138,6 +138,10 @@ pub struct MoeOutput {
     pub y: Tensor,
     pub aux_loss: Tensor,
     pub z_loss: Tensor,
+    /// The seed's losses: training with SwiGLU experts, each when switched on.
+    pub router_ortho_loss: Option<Tensor>,
+    pub experts_ortho_loss: Option<Tensor>,
+    pub gate_output_loss: Option<Tensor>,
     pub stats: MoeStats,
 }
 
@@ -146,6 +150,8 @@ pub struct MoeLayer {
     layer: usize,
     w_g: Tensor,
     w_noise: Option<Tensor>,
+    /// SwiGLU experts' gate [E, C, 4C] (then c_fc is the "up" projection).
+    gate_proj: Option<Tensor>,
     c_fc: Tensor,
     c_proj: Tensor,
     fc_bias: Option<Tensor>,
@@ -174,6 +180,7 @@ impl MoeLayer {
             layer,
             w_g: p.get(&format!("{prefix}.router.w_g.weight"))?,
             w_noise: opt("router.w_noise.weight")?,
+            gate_proj: opt("experts.gate_proj")?,
             c_fc: p.get(&format!("{prefix}.experts.c_fc"))?,
             c_proj: p.get(&format!("{prefix}.experts.c_proj"))?,
             fc_bias: opt("experts.fc_bias")?,
@@ -192,6 +199,7 @@ impl MoeLayer {
             layer: self.layer,
             w_g: self.w_g.detach(),
             w_noise: d(&self.w_noise),
+            gate_proj: d(&self.gate_proj),
             c_fc: self.c_fc.detach(),
             c_proj: self.c_proj.detach(),
             fc_bias: d(&self.fc_bias),
@@ -244,11 +252,15 @@ impl MoeLayer {
         let fw = Tensor::from_vec(fw, (n, self.k), device)?;
         let aux_loss = ((probs.mul(&fw)?.sum_all()? * (self.n_exp as f64 / n as f64))?).to_dtype(DType::F32)?;
 
+        let mut gate_output_loss = None;
         let y = if ctx.training {
-            self.experts_batched(&x_flat, &plan, &probs, ctx)?
+            self.experts_batched(&x_flat, &plan, &probs, ctx, &mut gate_output_loss)?
         } else {
             self.experts_grouped(&x_flat, &plan, &probs)?
         };
+        let seed_loss = |on: bool| ctx.training && on && self.gate_proj.is_some();
+        let router_ortho_loss = if seed_loss(ctx.cfg.use_router_ortho_loss) { Some(self.router_ortho_loss(ctx.cfg.router_ortho_neg_corr_weight)?) } else { None };
+        let experts_ortho_loss = if seed_loss(ctx.cfg.use_experts_ortho_loss) { Some(self.experts_ortho_loss()?) } else { None };
 
         let stats = MoeStats {
             layer: self.layer,
@@ -257,11 +269,39 @@ impl MoeLayer {
             assignments: plan.experts.len(),
             router_entropy: mean_entropy(&logits_host),
         };
-        Ok(MoeOutput { y: y.reshape((b, t, c))?, aux_loss, z_loss, stats })
+        Ok(MoeOutput { y: y.reshape((b, t, c))?, aux_loss, z_loss, router_ortho_loss, experts_ortho_loss, gate_output_loss, stats })
+    }
+
+    /// The seed's router-orthogonality loss: sum over experts e and gate columns j of
+    /// w * <w_g[e], gate_proj[e][:, j]>^2 (w = 1, or `neg_weight` where the dot product is
+    /// negative); gate_proj's gradient scaled by 0.1.
+    fn router_ortho_loss(&self, neg_weight: f64) -> Result<Tensor> {
+        let gate = self.gate_proj.as_ref().expect("SwiGLU experts");
+        let gate = nn::scale_grad(&gate.to_dtype(DType::F32)?, 0.1)?; // [E, C, I]
+        let w_g = self.w_g.to_dtype(DType::F32)?.unsqueeze(2)?; // [E, C, 1]
+        let dots = w_g.broadcast_mul(&gate)?.sum(1)?; // [E, I]
+        let host: Vec<f32> = dots.flatten_all()?.to_vec1()?;
+        let weights: Vec<f32> = host.iter().map(|&d| if d < 0.0 { neg_weight as f32 } else { 1.0 }).collect();
+        let weights = Tensor::from_vec(weights, dots.shape(), dots.device())?;
+        Ok(dots.sqr()?.mul(&weights)?.sum_all()?)
+    }
+
+    /// The seed's experts-orthogonality loss: the flattened c_fc of every expert normalised
+    /// (norm + 1e-12), mean over the E x E matrix of the squared strict upper triangle of
+    /// their Gram matrix.
+    fn experts_ortho_loss(&self) -> Result<Tensor> {
+        let e = self.n_exp;
+        let w = self.c_fc.to_dtype(DType::F32)?.reshape((e, ()))?;
+        let norm = (w.sqr()?.sum_keepdim(1)?.sqrt()? + 1e-12)?;
+        let x = w.broadcast_div(&norm)?;
+        let gram = x.matmul(&x.t()?)?;
+        let upper: Vec<f32> = (0..e * e).map(|i| if i % e > i / e { 1.0 } else { 0.0 }).collect();
+        let upper = Tensor::from_vec(upper, (e, e), gram.device())?;
+        Ok((gram.sqr()?.mul(&upper)?.sum_all()? / (e * e) as f64)?)
     }
     /// Training path: every expert runs on an [E, capacity, C] batch gathered by index
     /// (empty slots read a zero row), outputs are scattered back with `index_add`.
-    fn experts_batched(&self, x: &Tensor, plan: &RoutingPlan, probs: &Tensor, ctx: &mut MoeCtx) -> Result<Tensor> {
+    fn experts_batched(&self, x: &Tensor, plan: &RoutingPlan, probs: &Tensor, ctx: &mut MoeCtx, gate_output_loss: &mut Option<Tensor>) -> Result<Tensor> {
         let (n, c) = x.dims2()?;
         let device = x.device();
         let x_flat = x;
@@ -283,11 +323,22 @@ impl MoeLayer {
         let x_ext = Tensor::cat(&[x_flat, &Tensor::zeros((1, c), x.dtype(), device)?], 0)?;
         let disp = Tensor::from_vec(disp, self.n_exp * cap, device)?;
         let xe = x_ext.index_select(&disp, 0)?.reshape((self.n_exp, cap, c))?;
-        let mut h = nn::expert_matmul(&xe, &self.c_fc, ctx.sink)?;
-        if let Some(bias) = &self.fc_bias {
-            h = nn::add_bias(&h, bias)?;
-        }
-        let h = nn::gelu(&h, self.act)?;
+        let h = match &self.gate_proj {
+            Some(gate_proj) => {
+                if ctx.cfg.use_gate_output_loss {
+                    *gate_output_loss = Some(gate_output_loss_of(&xe, gate_proj, ctx.sink)?);
+                }
+                let g = nn::expert_matmul(&xe, gate_proj, ctx.sink)?;
+                nn::swiglu(&g, &nn::expert_matmul(&xe, &self.c_fc, ctx.sink)?)?
+            }
+            None => {
+                let mut h = nn::expert_matmul(&xe, &self.c_fc, ctx.sink)?;
+                if let Some(bias) = &self.fc_bias {
+                    h = nn::add_bias(&h, bias)?;
+                }
+                nn::gelu(&h, self.act)?
+            }
+        };
         let mut ye = nn::expert_matmul(&h, &self.c_proj, ctx.sink)?;
         if let Some(bias) = &self.proj_bias {
             ye = nn::add_bias(&ye, bias)?;
@@ -336,11 +387,16 @@ impl MoeLayer {
             let m = toks.len();
             let toks = Tensor::from_vec(toks, m, device)?;
             let xe = if m == n && n == 1 { x.clone() } else { x.index_select(&toks, 0)? };
-            let mut h = nn::matmul_kn(&xe, &self.c_fc.get(e)?)?;
-            if let Some(bias) = &self.fc_bias {
-                h = nn::add_bias(&h, &bias.get(e)?)?;
-            }
-            let h = nn::gelu(&h, self.act)?;
+            let h = match &self.gate_proj {
+                Some(gate_proj) => nn::swiglu(&nn::matmul_kn(&xe, &gate_proj.get(e)?)?, &nn::matmul_kn(&xe, &self.c_fc.get(e)?)?)?,
+                None => {
+                    let mut h = nn::matmul_kn(&xe, &self.c_fc.get(e)?)?;
+                    if let Some(bias) = &self.fc_bias {
+                        h = nn::add_bias(&h, &bias.get(e)?)?;
+                    }
+                    nn::gelu(&h, self.act)?
+                }
+            };
             let mut ye = nn::matmul_kn(&h, &self.c_proj.get(e)?)?;
             if let Some(bias) = &self.proj_bias {
                 ye = nn::add_bias(&ye, &bias.get(e)?)?;
@@ -350,6 +406,22 @@ impl MoeLayer {
         }
         Ok(y)
     }
+}
+
+/// The seed's gate-output loss of one layer: (scale_grad(x, 0.1) gate_proj)^2 averaged over
+/// features, then over the rows of the [E, cap] batch whose value is not zero (padding
+/// slots are zero rows).
+fn gate_output_loss_of(xe: &Tensor, gate_proj: &Tensor, sink: Option<&GradSink>) -> Result<Tensor> {
+    let g = nn::expert_matmul(&nn::scale_grad(xe, 0.1)?, gate_proj, sink)?;
+    let rows = g.sqr()?.mean_keepdim(2)?; // [E, cap, 1]
+    let host: Vec<f32> = rows.flatten_all()?.to_vec1()?;
+    let kept = host.iter().filter(|&&v| v > 0.0).count();
+    if kept == 0 {
+        return Ok(Tensor::zeros((), DType::F32, xe.device())?);
+    }
+    let mask: Vec<f32> = host.iter().map(|&v| if v > 0.0 { 1.0 } else { 0.0 }).collect();
+    let mask = Tensor::from_vec(mask, rows.shape(), xe.device())?;
+    Ok((rows.mul(&mask)?.sum_all()? / kept as f64)?)
 }
 
 fn mean_entropy(logits: &[Vec<f32>]) -> f32 {

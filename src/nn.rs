@@ -77,12 +77,100 @@ pub fn gelu(x: &Tensor, act: Activation) -> Result<Tensor> {
     gelu_composite(x, act)
 }
 
-/// GELU from candle's own ops (the reference of the fused kernel's tests).
+/// The activation from candle's own ops (the reference of the fused kernel's tests).
 pub fn gelu_composite(x: &Tensor, act: Activation) -> Result<Tensor> {
     Ok(match act {
         Activation::GeluTanh => x.gelu()?,
         Activation::GeluErf => x.gelu_erf()?,
+        Activation::Relu2 => x.relu()?.sqr()?,
     })
+}
+
+/// RMSNorm over the last dimension: x / sqrt(mean(x^2) + eps) (* w when given), as torch's
+/// `nn.RMSNorm` / `F.rms_norm`. f32 CPU tensors use the fused kernel.
+pub fn rms_norm(x: &Tensor, w: Option<&Tensor>, eps: f64) -> Result<Tensor> {
+    if x.dtype() == DType::F32 && w.is_none_or(|w| w.dtype() == DType::F32) && x.device().is_cpu() {
+        return crate::kernels::rms_norm::fused_rms_norm(x, w, eps);
+    }
+    rms_norm_composite(x, w, eps)
+}
+
+/// RMSNorm from composite candle ops (the reference of the fused kernel's tests).
+pub fn rms_norm_composite(x: &Tensor, w: Option<&Tensor>, eps: f64) -> Result<Tensor> {
+    let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
+    let y = x.broadcast_div(&(ms + eps)?.sqrt()?)?;
+    Ok(match w {
+        Some(w) => y.broadcast_mul(&w.to_dtype(y.dtype())?)?,
+        None => y,
+    })
+}
+
+/// torch's default eps of `F.rms_norm` for f32 (the seed's QK-norm passes none).
+pub const QK_NORM_EPS: f64 = f32::EPSILON as f64;
+
+/// QK-norm on a fused qkv projection [.., 3C]: each head's q and k RMS-normalised without
+/// a weight (eps [`QK_NORM_EPS`]), v unchanged.
+pub fn qk_norm(qkv: &Tensor, n_head: usize) -> Result<Tensor> {
+    let dims = qkv.dims().to_vec();
+    let c = dims[dims.len() - 1] / 3;
+    let hd = c / n_head;
+    if qkv.dtype() == DType::F32 && qkv.device().is_cpu() {
+        return crate::kernels::rms_norm::fused_qk_norm(qkv, hd, QK_NORM_EPS);
+    }
+    qk_norm_composite(qkv, n_head)
+}
+
+/// [`qk_norm`] from candle ops (the reference of the fused kernel's tests).
+pub fn qk_norm_composite(qkv: &Tensor, n_head: usize) -> Result<Tensor> {
+    let dims = qkv.dims().to_vec();
+    let last = dims.len() - 1;
+    let c = dims[last] / 3;
+    let mut head_dims = dims[..last].to_vec();
+    head_dims.extend([n_head, c / n_head]);
+    let norm = |t: Tensor| -> Result<Tensor> {
+        let mut back = dims[..last].to_vec();
+        back.push(c);
+        rms_norm_composite(&t.reshape(head_dims.as_slice())?, None, QK_NORM_EPS)?.reshape(back).map_err(Into::into)
+    };
+    let q = norm(qkv.narrow(last, 0, c)?)?;
+    let k = norm(qkv.narrow(last, c, c)?)?;
+    Ok(Tensor::cat(&[&q, &k, &qkv.narrow(last, 2 * c, c)?], last)?)
+}
+
+/// Identity forward, gradient times `alpha` backward (the seed's `GradientScaler`).
+pub fn scale_grad(x: &Tensor, alpha: f64) -> Result<Tensor> {
+    struct ScaleGrad(f64);
+    impl candle_core::CustomOp1 for ScaleGrad {
+        fn name(&self) -> &'static str {
+            "scale-grad"
+        }
+        fn cpu_fwd(&self, s: &candle_core::CpuStorage, l: &candle_core::Layout) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+            let x = crate::kernels::contiguous_f32(s, l, "scale-grad")?;
+            Ok((candle_core::CpuStorage::F32(x.to_vec()), l.shape().clone()))
+        }
+        fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+            Ok(Some((grad * self.0)?))
+        }
+    }
+    if x.dtype() == DType::F32 && x.device().is_cpu() {
+        return Ok(x.contiguous()?.apply_op1(ScaleGrad(alpha))?);
+    }
+    // Other dtypes: x * a + stop_gradient(x * (1 - a)).
+    Ok(((x * alpha)? + (x * (1.0 - alpha))?.detach())?)
+}
+
+/// SwiGLU's gating: silu(gate) * up (Shazeer 2020), element-wise. f32 CPU tensors use the
+/// fused kernel (one pass forward, one pass backward for both inputs).
+pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    if gate.dtype() == DType::F32 && up.dtype() == DType::F32 && gate.device().is_cpu() {
+        return crate::kernels::swiglu::fused_swiglu(gate, up);
+    }
+    swiglu_composite(gate, up)
+}
+
+/// [`swiglu`] from candle ops (the reference of the fused kernel's tests).
+pub fn swiglu_composite(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    Ok((gate.silu()? * up)?)
 }
 
 /// `x [M, K] @ w` for w [K, N] (an expert's matrix), with the same choice of kernel as

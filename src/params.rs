@@ -50,9 +50,10 @@ pub fn param_specs(c: &GPTConfig) -> Vec<ParamSpec> {
     // wte doubles as lm_head (a Linear), which nanoMoE initialises last.
     push("transformer.wte.weight".into(), vec![c.vocab_size, d], linear(d));
     push("transformer.wpe.weight".into(), vec![c.block_size, d], Init::Normal(0.02));
+    // LayerNorm: weight (+ bias); RMSNorm: weight only.
     let ln = |push: &mut dyn FnMut(String, Vec<usize>, Init), p: String| {
         push(format!("{p}.weight"), vec![d], Init::Ones);
-        if c.bias {
+        if c.norm_bias() {
             push(format!("{p}.bias"), vec![d], Init::Zeros);
         }
     };
@@ -74,9 +75,13 @@ pub fn param_specs(c: &GPTConfig) -> Vec<ParamSpec> {
             if c.use_noisy_top_k {
                 push(format!("{p}.mlp.router.w_noise.weight"), vec![e, d], linear(d));
             }
+            if c.swiglu_experts() {
+                // SwiGLU's gate, initialised as c_fc (the seed's Qwen3MLPExperts).
+                push(format!("{p}.mlp.experts.gate_proj"), vec![e, d, 4 * d], linear(d));
+            }
             push(format!("{p}.mlp.experts.c_fc"), vec![e, d, 4 * d], linear(d));
             push(format!("{p}.mlp.experts.c_proj"), vec![e, 4 * d, d], resid(4 * d));
-            if c.bias {
+            if c.bias && !c.swiglu_experts() {
                 push(format!("{p}.mlp.experts.fc_bias"), vec![e, 1, 4 * d], Init::Zeros);
                 push(format!("{p}.mlp.experts.proj_bias"), vec![e, 1, d], Init::Zeros);
             }

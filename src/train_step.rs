@@ -16,6 +16,10 @@ pub struct StepStats {
     pub ntp_loss: f32,
     pub aux_loss: f32,
     pub router_z_loss: f32,
+    /// The seed's terms (zero unless its SwiGLU experts have them switched on).
+    pub router_ortho_loss: f32,
+    pub experts_ortho_loss: f32,
+    pub gate_output_loss: f32,
     /// Global gradient norm before clipping.
     pub grad_norm: f64,
 }
@@ -63,6 +67,9 @@ pub fn train_step(model: &GPT, opt: &mut AdamW, micro_batches: &[(Tensor, Tensor
         stats.ntp_loss += scalar(&losses.ntp_loss)? / n as f32;
         stats.aux_loss += scalar(&losses.aux_loss)? / n as f32;
         stats.router_z_loss += scalar(&losses.router_z_loss)? / n as f32;
+        stats.router_ortho_loss += scalar(&losses.router_ortho_loss)? / n as f32;
+        stats.experts_ortho_loss += scalar(&losses.experts_ortho_loss)? / n as f32;
+        stats.gate_output_loss += scalar(&losses.gate_output_loss)? / n as f32;
         let mut g = sink.backward(&(loss / n)?)?;
         for (_, var) in model.params().iter() {
             if let Some(t) = g.remove(var) {

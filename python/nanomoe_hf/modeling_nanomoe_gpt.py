@@ -1,7 +1,9 @@
 """nanomoe / nanoMoE GPT for transformers (remote code, model_type "nanomoe_gpt").
 
 GPT-2's architecture with a Mixture-of-Experts layer in place of the MLP in every
-`stride`-th block. Routing follows nanoMoE (and nanomoe's Rust model) exactly:
+`stride`-th block - or the seed's (askerlee/nanoMoE): RMSNorm, QK-norm, ReLU^2 MLPs and
+SwiGLU experts, as config.json states (norm_type, qk_norm, activation_function, expert_mlp,
+moe_placement, moe_start_layer). Routing follows nanoMoE (and nanomoe's Rust model) exactly:
 top-k over router logits, softmax over the k chosen logits (Shazeer et al. 2017, eq. 3-5),
 expert capacity floor(k * factor * tokens / n_exp) rounded up to even and at least
 min_capacity (Switch Transformer eq. 3), all first choices placed before second choices and
@@ -10,6 +12,7 @@ Transformer eq. 4-6; router z-loss: ST-MoE eq. 5.
 
 Weights use nn.Linear layouts ([out, in]) and nanoMoE's tensor names.
 """
+import importlib
 import math
 
 import torch
@@ -20,26 +23,52 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 try:
     from .configuration_nanomoe_gpt import GPTConfig
-except ImportError:  # loaded as a plain module
-    from configuration_nanomoe_gpt import GPTConfig
+except ImportError:  # loaded as a plain module (no import statement here: transformers
+    # 4.46-4.50 scan remote code for imports, this fallback included, and would require it)
+    GPTConfig = importlib.import_module("configuration_nanomoe_gpt").GPTConfig
 
 # transformers 5.x names the cache field "cache"; earlier versions "past_key_values".
 _CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
 
 
 def _gelu(x, name):
+    if name == "relu2":  # the seed's ReLU^2 (So et al. 2021, "Primer")
+        r = F.relu(x)
+        return r * r
     return F.gelu(x, approximate="tanh") if name in ("gelu_new", "gelu_pytorch_tanh", "gelu_fast") else F.gelu(x)
 
 
+class _ScaleGrad(torch.autograd.Function):
+    """Identity forward, gradient times alpha backward (the seed's GradientScaler)."""
+
+    @staticmethod
+    def forward(ctx, x, alpha):
+        ctx.alpha = alpha
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g * ctx.alpha, None
+
+
 class LayerNorm(nn.Module):
-    def __init__(self, ndim, bias, eps):
+    """LayerNorm (GPT-2: weight, optional bias) or RMSNorm (the seed: weight only)."""
+
+    def __init__(self, ndim, bias, eps, rms=False):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(ndim))
-        self.bias = nn.Parameter(torch.zeros(ndim)) if bias else None
+        self.bias = nn.Parameter(torch.zeros(ndim)) if bias and not rms else None
         self.eps = eps
+        self.rms = rms
 
     def forward(self, x):
+        if self.rms:
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         return F.layer_norm(x, self.weight.shape, self.weight, self.bias, self.eps)
+
+
+def _norm(config):
+    return LayerNorm(config.n_embd, config.bias, config.layer_norm_epsilon, rms=config.norm_type == "rmsnorm")
 
 
 class CausalSelfAttention(nn.Module):
@@ -53,6 +82,7 @@ class CausalSelfAttention(nn.Module):
         self.n_head = config.n_head
         self.n_embd = config.n_embd
         self.layer_idx = layer_idx
+        self.qk_norm = config.qk_norm
 
     def forward(self, x, mask, cache=None):
         B, T, C = x.size()
@@ -61,6 +91,8 @@ class CausalSelfAttention(nn.Module):
         q = q.view(B, T, self.n_head, hd).transpose(1, 2)
         k = k.view(B, T, self.n_head, hd).transpose(1, 2)
         v = v.view(B, T, self.n_head, hd).transpose(1, 2)
+        if self.qk_norm:  # no weight, torch's default eps (as the seed)
+            q, k = F.rms_norm(q, (hd,)), F.rms_norm(k, (hd,))
         if cache is not None:
             k, v = cache.update(k, v, self.layer_idx)
         att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(hd))
@@ -95,14 +127,25 @@ class MLPExperts(nn.Module):
     def __init__(self, config):
         super().__init__()
         e, d = config.n_exp, config.n_embd
+        swiglu = config.expert_mlp == "swiglu"
+        # SwiGLU (the seed's Qwen3 experts): silu(x gate_proj) * (x c_fc), then c_proj; no biases.
+        self.gate_proj = nn.Parameter(torch.empty(e, d, 4 * d)) if swiglu else None
         self.c_fc = nn.Parameter(torch.empty(e, d, 4 * d))
         self.c_proj = nn.Parameter(torch.empty(e, 4 * d, d))
-        self.fc_bias = nn.Parameter(torch.zeros(e, 1, 4 * d)) if config.bias else None
-        self.proj_bias = nn.Parameter(torch.zeros(e, 1, d)) if config.bias else None
+        self.fc_bias = nn.Parameter(torch.zeros(e, 1, 4 * d)) if config.bias and not swiglu else None
+        self.proj_bias = nn.Parameter(torch.zeros(e, 1, d)) if config.bias and not swiglu else None
         self.dropout = nn.Dropout(config.dropout)
         self.act = config.activation_function
 
+    def gate_output(self, e, x):
+        """The seed's gate-output loss terms of these rows: mean of (x gate_proj)^2 per row, with
+        x's gradient scaled by 0.1."""
+        g = _ScaleGrad.apply(x, 0.1) @ self.gate_proj[e]
+        return (g * g).mean(-1)
+
     def expert(self, e, x):
+        if self.gate_proj is not None:
+            return self.dropout((F.silu(x @ self.gate_proj[e]) * (x @ self.c_fc[e])) @ self.c_proj[e])
         h = x @ self.c_fc[e]
         if self.fc_bias is not None:
             h = h + self.fc_bias[e]
@@ -152,32 +195,51 @@ class MOELayer(nn.Module):
         kept = rank < self.capacity(N)
 
         y = torch.zeros_like(xf)
+        seed = self.training and self.experts.gate_proj is not None  # the seed's extra losses
+        gate_rows = []
         for e in range(E):
             tok, choice = ((top_idx == e) & kept).nonzero(as_tuple=True)
             if tok.numel() == 0:
                 continue
             out = self.experts.expert(e, xf[tok])
             y = y.index_add(0, tok, out * probs[tok, choice].unsqueeze(-1).to(out.dtype))
+            if seed and c.use_gate_output_loss:
+                gate_rows.append(self.experts.gate_output(e, xf[tok]))
+        extra = {}
+        if seed and c.use_gate_output_loss:
+            rows = torch.cat(gate_rows) if gate_rows else xf.new_zeros(0)
+            rows = rows[rows > 0]  # the seed averages over the non-zero rows of its padded batch
+            extra["gate_output_loss"] = rows.mean() if rows.numel() else xf.new_zeros(())
+        if seed and c.use_router_ortho_loss:
+            # sum_e,j w * <w_g[e], gate_proj[e][:, j]>^2, gate_proj's gradient scaled by 0.1
+            dots = (self.router.w_g.weight.unsqueeze(-1) * _ScaleGrad.apply(self.experts.gate_proj, 0.1)).sum(1)
+            w = torch.where(dots < 0, torch.full_like(dots, c.router_ortho_neg_corr_weight), torch.ones_like(dots))
+            extra["router_ortho_loss"] = (dots * dots * w).sum()
+        if seed and c.use_experts_ortho_loss:
+            W = self.experts.c_fc.reshape(E, -1).float()
+            X = W / (W.norm(dim=1, keepdim=True) + 1e-12)
+            extra["experts_ortho_loss"] = (torch.triu(X @ X.t(), diagonal=1) ** 2).mean()
         stats = {"tokens_per_expert": (onehot * kept.unsqueeze(-1)).sum((0, 1)), "dropped": (~kept).sum()}
-        return y.reshape(B, T, C), aux_loss, z_loss, stats
+        return y.reshape(B, T, C), aux_loss, z_loss, extra, stats
 
 
 class Block(nn.Module):
     def __init__(self, config, layer_idx):
         super().__init__()
-        eps = config.layer_norm_epsilon
-        self.ln_1 = LayerNorm(config.n_embd, config.bias, eps)
+        self.ln_1 = _norm(config)
         self.attn = CausalSelfAttention(config, layer_idx)
-        self.ln_2 = LayerNorm(config.n_embd, config.bias, eps)
-        self.use_moe = config.n_exp > 1 and (layer_idx + 1) % config.stride == 0
+        self.ln_2 = _norm(config)
+        i, s = layer_idx, config.stride
+        in_stride = (i % s == 0) if config.moe_placement == "start" else ((i + 1) % s == 0)
+        self.use_moe = config.n_exp > 1 and i >= config.moe_start_layer and in_stride
         self.mlp = MOELayer(config) if self.use_moe else MLP(config)
 
     def forward(self, x, mask, cache=None):
         x = x + self.attn(self.ln_1(x), mask, cache)
         if self.use_moe:
-            y, aux, z, stats = self.mlp(self.ln_2(x))
-            return x + y, aux, z
-        return x + self.mlp(self.ln_2(x)), None, None
+            y, aux, z, extra, stats = self.mlp(self.ln_2(x))
+            return x + y, aux, z, extra
+        return x + self.mlp(self.ln_2(x)), None, None, {}
 
 
 class GPTPreTrainedModel(PreTrainedModel):
@@ -204,6 +266,8 @@ class GPTPreTrainedModel(PreTrainedModel):
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
         elif isinstance(module, MLPExperts):
+            if module.gate_proj is not None:
+                normal(module.gate_proj, module.gate_proj.shape[-2])
             normal(module.c_fc, module.c_fc.shape[-2])
             normal(module.c_proj, module.c_proj.shape[-2], resid=True)
             if module.fc_bias is not None:
@@ -225,7 +289,7 @@ class GPT(GPTPreTrainedModel, GenerationMixin):
             wpe=nn.Embedding(config.block_size, config.n_embd),
             drop=nn.Dropout(config.dropout),
             h=nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
-            ln_f=LayerNorm(config.n_embd, config.bias, config.layer_norm_epsilon),
+            ln_f=_norm(config),
         ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.post_init()
@@ -264,12 +328,14 @@ class GPT(GPTPreTrainedModel, GenerationMixin):
         if attention_mask is not None:
             mask = mask & attention_mask[:, -total:].bool().view(B, 1, 1, total)
         x = self.transformer.drop(self.transformer.wte(input_ids) + self.transformer.wpe(position_ids))
-        aux_total, z_total = None, None
+        aux_total, z_total, extra_total = None, None, {}
         for block in self.transformer.h:
-            x, aux, z = block(x, mask, cache)
+            x, aux, z, extra = block(x, mask, cache)
             if aux is not None:
                 aux_total = aux if aux_total is None else aux_total + aux
                 z_total = z if z_total is None else z_total + z
+            for k, v in extra.items():
+                extra_total[k] = v if k not in extra_total else extra_total[k] + v
         x = self.transformer.ln_f(x)
 
         if legacy:  # nanoGPT / nanoMoE call: targets pre-shifted, -1 ignored
@@ -277,23 +343,28 @@ class GPT(GPTPreTrainedModel, GenerationMixin):
                 return self.lm_head(x[:, [-1], :]), None, {}
             logits = self.lm_head(x)
             ntp = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-1)
-            loss = self._add_moe_losses(ntp, aux_total, z_total)
-            return logits, loss, {"ntp_loss": ntp, "aux_loss": aux_total, "router_z_loss": z_total}
+            loss = self._add_moe_losses(ntp, aux_total, z_total, extra_total)
+            return logits, loss, {"ntp_loss": ntp, "aux_loss": aux_total, "router_z_loss": z_total, **extra_total}
 
         logits = self.lm_head(x)
         loss = None
         if labels is not None:
             shift_logits = logits[:, :-1, :].reshape(-1, logits.size(-1)).float()
             shift_labels = labels[:, 1:].reshape(-1).to(dev)
-            loss = self._add_moe_losses(F.cross_entropy(shift_logits, shift_labels, ignore_index=-100), aux_total, z_total)
+            loss = self._add_moe_losses(F.cross_entropy(shift_logits, shift_labels, ignore_index=-100), aux_total, z_total,
+                                        extra_total)
         if return_dict is False:
             return tuple(v for v in (loss, logits, cache) if v is not None)
         return CausalLMOutputWithPast(loss=loss, logits=logits, **{_CACHE_FIELD: cache})
 
-    def _add_moe_losses(self, loss, aux, z):
+    def _add_moe_losses(self, loss, aux, z, extra):
         c = self.config
         if c.n_exp > 1 and c.use_aux_loss and aux is not None:
             loss = loss + c.aux_loss_weight * aux
         if c.n_exp > 1 and c.use_router_z_loss and z is not None:
             loss = loss + c.router_z_loss_weight * z
+        # The seed's terms (SwiGLU experts, training, each when switched on), in its order.
+        for k in ("router_ortho_loss", "experts_ortho_loss", "gate_output_loss"):
+            if k in extra:
+                loss = loss + getattr(c, k + "_weight") * extra[k]
         return loss

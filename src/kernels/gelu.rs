@@ -1,6 +1,7 @@
-//! GELU (tanh approximation or exact erf) as one element-wise pass, with a one-pass
-//! backward dx = dy * gelu'(x), instead of candle's graph of composite ops. The loops use
-//! the vectorizable exp/tanh/erf of `math` and are compiled per instruction set.
+//! The MLP activations - GELU (tanh approximation or exact erf) and ReLU^2 (the seed's) -
+//! as one element-wise pass, with a one-pass backward dx = dy * act'(x), instead of
+//! candle's graph of composite ops. The loops use the vectorizable exp/tanh/erf of `math`
+//! and are compiled per instruction set.
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor};
 use rayon::prelude::*;
@@ -42,10 +43,15 @@ fn gelu_erf_grad(x: f32) -> f32 {
 // out of line - compiled without the caller's AVX-512 - and the exact GELU's backward ran
 // scalar (7 % of a training step).
 #[inline(always)]
-fn forward_body(x: &[f32], y: &mut [f32], erf: bool) {
+fn forward_body(x: &[f32], y: &mut [f32], mode: u8) {
     let n = y.len().min(x.len());
     let (x, y) = (&x[..n], &mut y[..n]);
-    if erf {
+    if mode == RELU2 {
+        for i in 0..n {
+            let r = x[i].max(0.0);
+            y[i] = r * r;
+        }
+    } else if mode == ERF {
         for i in 0..n {
             y[i] = gelu_erf(x[i]);
         }
@@ -57,10 +63,14 @@ fn forward_body(x: &[f32], y: &mut [f32], erf: bool) {
 }
 
 #[inline(always)]
-fn backward_body(x: &[f32], dy: &[f32], dx: &mut [f32], erf: bool) {
+fn backward_body(x: &[f32], dy: &[f32], dx: &mut [f32], mode: u8) {
     let n = dx.len().min(x.len()).min(dy.len());
     let (x, dy, dx) = (&x[..n], &dy[..n], &mut dx[..n]);
-    if erf {
+    if mode == RELU2 {
+        for i in 0..n {
+            dx[i] = dy[i] * 2.0 * x[i].max(0.0);
+        }
+    } else if mode == ERF {
         for i in 0..n {
             dx[i] = dy[i] * gelu_erf_grad(x[i]);
         }
@@ -71,8 +81,20 @@ fn backward_body(x: &[f32], dy: &[f32], dx: &mut [f32], erf: bool) {
     }
 }
 
-multiversion!(fn forward_slice(x: &[f32], y: &mut [f32], erf: bool) => forward_body);
-multiversion!(fn backward_slice(x: &[f32], dy: &[f32], dx: &mut [f32], erf: bool) => backward_body);
+multiversion!(fn forward_slice(x: &[f32], y: &mut [f32], mode: u8) => forward_body);
+multiversion!(fn backward_slice(x: &[f32], dy: &[f32], dx: &mut [f32], mode: u8) => backward_body);
+
+const TANH: u8 = 0;
+const ERF: u8 = 1;
+const RELU2: u8 = 2;
+
+fn mode(act: Activation) -> u8 {
+    match act {
+        Activation::GeluTanh => TANH,
+        Activation::GeluErf => ERF,
+        Activation::Relu2 => RELU2,
+    }
+}
 
 struct Gelu(Activation);
 struct GeluBackward(Activation);
@@ -83,9 +105,9 @@ impl CustomOp1 for Gelu {
     }
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let x = contiguous_f32(s, l, NAME)?;
-        let erf = self.0 == Activation::GeluErf;
+        let m = mode(self.0);
         let mut y = vec![0f32; x.len()];
-        y.par_chunks_mut(CHUNK).zip(x.par_chunks(CHUNK)).for_each(|(o, i)| forward_slice(i, o, erf));
+        y.par_chunks_mut(CHUNK).zip(x.par_chunks(CHUNK)).for_each(|(o, i)| forward_slice(i, o, m));
         Ok((CpuStorage::F32(y), l.shape().clone()))
     }
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> candle_core::Result<Option<Tensor>> {
@@ -99,14 +121,14 @@ impl CustomOp2 for GeluBackward {
     }
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let (x, dy) = (contiguous_f32(s1, l1, NAME)?, contiguous_f32(s2, l2, NAME)?);
-        let erf = self.0 == Activation::GeluErf;
+        let m = mode(self.0);
         let mut dx = vec![0f32; x.len()];
-        dx.par_chunks_mut(CHUNK).zip(x.par_chunks(CHUNK).zip(dy.par_chunks(CHUNK))).for_each(|(o, (i, g))| backward_slice(i, g, o, erf));
+        dx.par_chunks_mut(CHUNK).zip(x.par_chunks(CHUNK).zip(dy.par_chunks(CHUNK))).for_each(|(o, (i, g))| backward_slice(i, g, o, m));
         Ok((CpuStorage::F32(dx), l1.shape().clone()))
     }
 }
 
-/// GELU of an f32 CPU tensor in one pass (backward in one pass too).
+/// GELU or ReLU^2 of an f32 CPU tensor in one pass (backward in one pass too).
 pub fn fused_gelu(x: &Tensor, act: Activation) -> Result<Tensor> {
     Ok(x.contiguous()?.apply_op1(Gelu(act))?)
 }

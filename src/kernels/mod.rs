@@ -3,7 +3,8 @@
 //! parity tests against PyTorch run through all of them.
 //!
 //! - `attention`: causal self-attention per (batch row, head), backward from the saved LSE.
-//! - `layer_norm`, `gelu`, `bias`: element-wise / per-row ops with one-pass backwards.
+//! - `layer_norm`, `rms_norm` (also weightless, for QK-norm), `gelu` (GELU and ReLU^2),
+//!   `swiglu`, `bias`: element-wise / per-row ops with one-pass backwards.
 //! - `cross_entropy`, `linear_cross_entropy`: log-softmax + NLL, optionally fused with the
 //!   output layer so that no logits tensor is kept.
 //! - `linear`: x w^T for nn.Linear weights, any leading dimensions, no reshapes or
@@ -25,6 +26,8 @@ pub mod linear;
 pub mod linear_cross_entropy;
 pub mod math;
 pub mod matvec;
+pub mod rms_norm;
+pub mod swiglu;
 pub mod transpose;
 
 /// dst[m x n] = alpha * lhs[m x k] rhs[k x n] through the gemm crate (the one candle uses),

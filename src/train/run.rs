@@ -230,7 +230,12 @@ fn train_on_pool(resolved: &Resolved) -> Result<Outcome> {
             (model, opt, st.info.iter, st.info.best_val_loss, st.info.tokens_seen)
         }
         "scratch" => {
-            let cfg = resolved.model_config(default_model(), vocab)?;
+            let mut cfg = resolved.model_config(default_model(), vocab)?;
+            // An end-of-text id only when the tokenizer defines one.
+            if cfg.eos_token_id.is_none() {
+                cfg.eos_token_id = tokenizer.as_ref().and_then(|t| t.eos_token_id()).filter(|&id| (id as usize) < cfg.vocab_size);
+                cfg.bos_token_id = cfg.bos_token_id.or(cfg.eos_token_id);
+            }
             let model = GPT::new_seeded(&cfg, s.seed, &device)?;
             let opt = AdamW::new(model.params(), opt_cfg)?;
             (model, opt, 0, None, 0)
@@ -375,7 +380,8 @@ fn train_on_pool(resolved: &Resolved) -> Result<Outcome> {
                 println!("iter {iter}: loss {:.4}, lr {lr:.2e}, {tps:.0} tok/s, mfu {:.1}%", st.loss, 100.0 * mfu);
             }
             log.metric(json!({"iter": iter, "loss": st.loss, "ntp_loss": st.ntp_loss, "aux_loss": st.aux_loss,
-                "router_z_loss": st.router_z_loss, "grad_norm": st.grad_norm, "lr": lr, "tokens_per_sec": tps, "mfu": mfu}))?;
+                "router_z_loss": st.router_z_loss, "router_ortho_loss": st.router_ortho_loss, "experts_ortho_loss": st.experts_ortho_loss,
+                "gate_output_loss": st.gate_output_loss, "grad_norm": st.grad_norm, "lr": lr, "tokens_per_sec": tps, "mfu": mfu}))?;
             window = Instant::now();
             window_tokens = 0;
         }
