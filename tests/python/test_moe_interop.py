@@ -99,21 +99,25 @@ def test_python_trained_moe_loads_in_rust(tmp_path):
     assert (rl - logits).abs().max().item() <= 1e-4
 
 
-def test_directories_in_the_seed_format_load_in_both(tmp_path):
-    """nanoMoE's own HF code writes model_type nanomoe_gpt with the legacy key top_k and no
-    activation_function (it uses exact GELU); both our Python files and Rust read that."""
-    d = tmp_path / "seed"
+def test_directories_nanomoe_wrote_before_the_seed_architecture_load_in_both(tmp_path):
+    """nanomoe's configs before the seed's architecture carried activation_function and
+    layer_norm_epsilon and none of the architecture keys written now (older ones the legacy
+    top_k): they still load as GPT-2 blocks, in Rust and in the remote code."""
+    d = tmp_path / "old"
     conf = {**CONFIGS["stride2-top1-nobias"], "activation_function": "gelu", "moe_top_k": 2}
     run("new", "--config", json.dumps(conf), "--out", d, "--seed", "4")
     before, _ = rust_forward(d, IDS, None, tmp_path)
     cfg = json.loads((d / "config.json").read_text())
     cfg["top_k"] = cfg.pop("moe_top_k")
-    del cfg["activation_function"]
+    for k in ("norm_type", "qk_norm", "expert_mlp", "moe_placement", "moe_start_layer", "use_qwen3_moe_mlp",
+              "use_router_ortho_loss", "router_ortho_loss_weight", "router_ortho_neg_corr_weight",
+              "use_experts_ortho_loss", "experts_ortho_loss_weight", "use_gate_output_loss", "gate_output_loss_weight"):
+        del cfg[k]
     (d / "config.json").write_text(json.dumps(cfg))
     after, _ = rust_forward(d, IDS, None, tmp_path)
     assert (after - before).abs().max().item() == 0.0
     m = load_py(d)
-    assert m.config.moe_top_k == 2 and m.config.activation_function == "gelu"
+    assert m.config.moe_top_k == 2 and m.config.activation_function == "gelu" and m.config.norm_type == "layernorm"
     with torch.no_grad():
         logits = m(torch.tensor(IDS)).logits
     assert (logits - before).abs().max().item() <= 1e-4
