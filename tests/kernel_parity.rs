@@ -13,7 +13,7 @@ use std::process::Command;
 use candle_core::{DType, Device, Tensor, Var};
 use nanomoe::config::Activation;
 use nanomoe::kernels::attention::{causal_attention, CausalMask};
-use nanomoe::kernels::{bias, cross_entropy, expert_matmul, gelu, layer_norm, linear, linear_cross_entropy, matvec};
+use nanomoe::kernels::{bias, cross_entropy, expert_matmul, gelu, layer_norm, linear, linear_cross_entropy, matvec, rms_norm, swiglu};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 use serde_json::json;
 
@@ -61,6 +61,23 @@ fn cases() -> Vec<Case> {
         let y = gelu::fused_gelu(&x, act).unwrap();
         out.push(case(name, name, json!({}), vec![("x", x)], vec![], y));
     }
+
+    // The seed's kernels. RMSNorm with a weight (eps 1e-6), rows of 37.
+    let (x, w) = (rand_var(&mut rng, &[13, 37], 2.0), rand_var(&mut rng, &[37], 1.5));
+    let y = rms_norm::fused_rms_norm(&x, Some(&w), 1e-6).unwrap();
+    out.push(case("rms", "rms_norm", json!({"eps": 1e-6}), vec![("x", x), ("w", w)], vec![], y));
+    // QK-norm on a fused qkv [2, 5, 3 x 3 heads x 6]: torch's F.rms_norm with its default eps on
+    // every head of q and k, v passed through.
+    let qkv = rand_var(&mut rng, &[2, 5, 54], 2.0);
+    let y = rms_norm::fused_qk_norm(&qkv, 6, nanomoe::nn::QK_NORM_EPS).unwrap();
+    out.push(case("qkn", "qk_norm", json!({"n_head": 3}), vec![("qkv", qkv)], vec![], y));
+    // ReLU^2 and SwiGLU over more than one parallel chunk (8192) with a remainder.
+    let x = rand_var(&mut rng, &[20011], 5.0);
+    let y = gelu::fused_gelu(&x, Activation::Relu2).unwrap();
+    out.push(case("relu2", "relu2", json!({}), vec![("x", x)], vec![], y));
+    let (g, u) = (rand_var(&mut rng, &[20011], 8.0), rand_var(&mut rng, &[20011], 2.0));
+    let y = swiglu::fused_swiglu(&g, &u).unwrap();
+    out.push(case("swiglu", "swiglu", json!({}), vec![("g", g), ("u", u)], vec![], y));
 
     // Causal attention, left padding in the second row, head size 4.
     let qkv = rand_var(&mut rng, &[2, 9, 36], 1.5);

@@ -31,6 +31,19 @@ def run(case, t):
     kind = case["kind"]
     if kind == "layer_norm":
         return F.layer_norm(t["x"], t["x"].shape[-1:], t["w"], t["b"], case["eps"])
+    if kind == "rms_norm":
+        return F.rms_norm(t["x"], t["x"].shape[-1:], t["w"], case["eps"])
+    if kind == "qk_norm":  # the seed's QK-norm: no weight, torch's default eps for float32
+        qkv, h = t["qkv"], case["n_head"]
+        c = qkv.shape[-1] // 3
+        q, k, v = qkv.split(c, dim=-1)
+        eps = torch.finfo(torch.float32).eps
+        norm = lambda z: F.rms_norm(z.reshape(*z.shape[:-1], h, c // h), (c // h,), eps=eps).reshape(z.shape)
+        return torch.cat([norm(q), norm(k), v], dim=-1)
+    if kind == "relu2":
+        return F.relu(t["x"]) ** 2
+    if kind == "swiglu":
+        return F.silu(t["g"]) * t["u"]
     if kind == "gelu_tanh":
         return F.gelu(t["x"], approximate="tanh")
     if kind == "gelu_erf":

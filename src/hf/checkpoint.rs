@@ -30,8 +30,8 @@ pub const WEIGHTS_INDEX_FILE: &str = "model.safetensors.index.json";
 /// The remote code written next to every `nanomoe_gpt` model, so that transformers loads
 /// it with `trust_remote_code=True`.
 pub const REMOTE_CODE: &[(&str, &str)] = &[
-    ("configuration_nanomoe_gpt.py", include_str!("../python/nanomoe_hf/configuration_nanomoe_gpt.py")),
-    ("modeling_nanomoe_gpt.py", include_str!("../python/nanomoe_hf/modeling_nanomoe_gpt.py")),
+    ("configuration_nanomoe_gpt.py", include_str!("../../python/nanomoe_hf/configuration_nanomoe_gpt.py")),
+    ("modeling_nanomoe_gpt.py", include_str!("../../python/nanomoe_hf/modeling_nanomoe_gpt.py")),
 ];
 
 /// Every `model_type` a model directory may have.
