@@ -2,7 +2,10 @@
 and inputs. Prints medians, min-max, the ratio (ours / reference throughput) and each side's
 peak resident memory; --json for machines.
 
-usage: python bench/bench.py [--quick] [--json] [--only train,decode,prefill,moe]
+usage: python bench/bench.py [--quick] [--json] [--only train,decode,prefill,moe,seed]
+The seed rows (the seed's architecture: RMSNorm, QK-norm, ReLU^2, SwiGLU experts) take the
+seed's own model.py from ../shared/reference as the reference, run with the transformers it
+needs (NANOMOE_SEED_PYTHONPATH, as ./scripts/test sets it up: .ci/python-overlay.sh 4.57.6).
 (bench/shakespeare_ref.py is the PyTorch side of the tiny-shakespeare benchmark of the README.)
 Needs a release build (cargo build --release) and the test venv (torch, transformers).
 """
@@ -22,9 +25,10 @@ BIN = os.environ.get("NANOMOE_BIN", str(ROOT / "target" / "release" / "nanomoe")
 REF = [sys.executable, str(ROOT / "bench" / "ref.py")]
 
 
-def timed(cmd):
+def timed(cmd, env=None):
     """Runs cmd under /usr/bin/time; returns (json result, peak RSS in MiB)."""
-    p = subprocess.run(["/usr/bin/time", "-f", "MAXRSS %M", *cmd], capture_output=True, text=True)
+    p = subprocess.run(["/usr/bin/time", "-f", "MAXRSS %M", *cmd], capture_output=True, text=True,
+                       env=None if env is None else {**os.environ, **env})
     if p.returncode != 0:
         raise SystemExit("failed: %s\n%s" % (" ".join(cmd), p.stderr[-2000:]))
     rss = [l for l in p.stderr.splitlines() if l.startswith("MAXRSS ")][-1].split()[1]
@@ -44,7 +48,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--quick", action="store_true", help="fewer steps and repeats")
-    ap.add_argument("--only", default="train,decode,prefill,moe")
+    ap.add_argument("--only", default="train,decode,prefill,moe,seed")
     a = ap.parse_args()
     only = set(a.only.split(","))
     steps, reps = (4, 2) if a.quick else (7, 3)
@@ -85,6 +89,34 @@ def main():
                 ours = timed([BIN, "bench", "prefill", gpt2, "--tokens", "512", "--repeats", str(reps)])
                 ref = timed(REF + ["prefill", "--model", gpt2, "--tokens", "512", "--repeats", str(reps)])
                 rows.append(("prefill gpt2-124m 1x512", ours, ref))
+        if "seed" in only:
+            seed_path = os.environ.get("NANOMOE_SEED_PYTHONPATH")
+            if not seed_path or not (ROOT.parent / "shared" / "reference" / "nanomoe-seed-b2142af").is_dir():
+                print("seed rows skipped: needs ../shared/reference and NANOMOE_SEED_PYTHONPATH", file=sys.stderr)
+            else:
+                env = {"PYTHONPATH": seed_path}
+                arch = {"norm_type": "rmsnorm", "layer_norm_epsilon": 1e-6, "qk_norm": True, "activation_function": "relu2",
+                        "moe_placement": "end", "expert_mlp": "swiglu"}
+                base = {"n_layer": 4, "n_head": 4, "n_embd": 256, "block_size": 256, "bias": False, "vocab_size": 65, **arch}
+                moe = {"n_exp": 8, "moe_top_k": 2, "stride": 2, "use_aux_loss": True, "use_router_z_loss": True,
+                       "use_router_ortho_loss": True, "use_experts_ortho_loss": True, "use_gate_output_loss": True}
+                for kind, extra in (("dense", {}), ("moe", moe)):
+                    name = "train-seed-%s-v65" % kind
+                    model = new_model(tmp, name, dict(base, **extra))
+                    g = torch.Generator().manual_seed(0)
+                    data = torch.randint(0, 65, (steps, 8, 257), generator=g)
+                    inputs = str(Path(tmp) / (name + ".safetensors"))
+                    save_file({"x": data[:, :, :-1].contiguous(), "y": data[:, :, 1:].contiguous()}, inputs)
+                    ours = timed([BIN, "bench", "train", model, "--inputs", inputs])
+                    ref = timed(REF + ["train", "--seed-code", "--model", model, "--inputs", inputs], env)
+                    rows.append((name + " vs the seed's model.py (4x256, block 256, batch 8%s)" % (
+                        ", 8 SwiGLU experts top-2, stride 2, every loss" if extra else ""), ours, ref))
+                args = ["--new-tokens", "128", "--repeats", str(reps)]
+                seed_moe = new_model(tmp, "seed-moe-char", dict(arch, n_layer=6, n_head=6, n_embd=384, n_exp=8, moe_top_k=2,
+                                                                 stride=2, bias=False, vocab_size=65, block_size=256))
+                ref = timed(REF + ["decode", "--seed-code", "--model", seed_moe, *args], env)
+                rows.append(("decode seed-arch moe 6x384 char vocab f32 vs the seed's generate (batch 1, 128 tokens)",
+                             timed([BIN, "bench", "decode", seed_moe, *args]), ref))
         if "moe" in only:
             for e in (8, 16, 32, 64):
                 args = ["--experts", str(e), "--tokens", "2048", "--n-embd", "256"]

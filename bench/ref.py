@@ -1,5 +1,7 @@
 """The reference side of bench.py: PyTorch with transformers' GPT2LMHeadModel (dense) or
-nanomoe's own modeling_nanomoe_gpt.py (MoE), on the weights nanomoe wrote. Prints one JSON
+nanomoe's own modeling_nanomoe_gpt.py (MoE), on the weights nanomoe wrote - or, with
+--seed-code, the seed's own model.py (askerlee/nanoMoE, imported unmodified from
+../shared/reference; run it with a transformers 4.51-4.57 on PYTHONPATH). Prints one JSON
 line shaped like `nanomoe bench`'s."""
 import argparse
 import json
@@ -20,7 +22,14 @@ def report(case, times, tokens):
                       "tokens_per_sec": tokens / med}))
 
 
+SEED_CODE = False
+
+
 def load(model):
+    if SEED_CODE:
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "python"))
+        from seed_ref import load as load_reference
+        return load_reference("nanomoe-seed-b2142af").GPT.from_pretrained(model)
     from transformers import AutoModelForCausalLM
     return AutoModelForCausalLM.from_pretrained(model, trust_remote_code=True, dtype=torch.float32)
 
@@ -37,7 +46,10 @@ def main():
     p.add_argument("--experts", type=int, default=8)
     p.add_argument("--top-k", type=int, default=2)
     p.add_argument("--n-embd", type=int, default=256)
+    p.add_argument("--seed-code", action="store_true", help="the seed's own model.py as the reference")
     a = p.parse_args()
+    global SEED_CODE
+    SEED_CODE = a.seed_code
     if a.kind == "train":
         from safetensors.torch import load_file
         m = load(a.model).train()

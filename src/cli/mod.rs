@@ -409,6 +409,10 @@ fn cmd_info(model: &Path, as_json: bool) -> Result<()> {
         "shape:      {} layers, {} heads, {} wide, block {}, vocab {}, bias {}, {}",
         cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.block_size, cfg.vocab_size, cfg.bias, cfg.activation_function
     );
+    println!(
+        "blocks:     {:?} eps {}, qk-norm {}, experts {:?}",
+        cfg.norm_type, cfg.layer_norm_epsilon, cfg.qk_norm, cfg.expert_mlp
+    );
     if cfg.is_moe() {
         println!(
             "moe:        {} experts, top-{}, stride {} (MoE blocks {:?}), capacity train {} / eval {} (min {})",

@@ -70,10 +70,17 @@ fn collect(dir: &Path) -> Result<Vec<LocalFile>> {
 pub fn model_card(dir: &Path, repo: &str) -> Result<String> {
     let (cfg, format) = crate::checkpoint::read_config(dir)?;
     let model = crate::gpt::GPT::from_pretrained(dir)?;
-    let moe = format == crate::checkpoint::Format::NanoMoe;
+    // nanomoe_gpt directories need the remote code; MoE layers are what the name says.
+    let remote = format == crate::checkpoint::Format::NanoMoe;
+    let moe = cfg.is_moe();
     let mut s = String::new();
     s.push_str("---\nlibrary_name: transformers\ntags:\n- nanomoe\n");
-    s.push_str(if moe { "- mixture-of-experts\n" } else { "- gpt2\n" });
+    if moe {
+        s.push_str("- mixture-of-experts\n");
+    }
+    if !remote {
+        s.push_str("- gpt2\n");
+    }
     s.push_str("---\n\n");
     s.push_str(&format!("# {repo}\n\n"));
     s.push_str(&format!(
@@ -82,6 +89,13 @@ pub fn model_card(dir: &Path, repo: &str) -> Result<String> {
     ));
     s.push_str("| | |\n|---|---|\n");
     s.push_str(&format!("| layers / heads / width | {} / {} / {} |\n", cfg.n_layer, cfg.n_head, cfg.n_embd));
+    s.push_str(&format!(
+        "| blocks | {}, {}{}{} |\n",
+        if cfg.norm_type == crate::config::NormType::RmsNorm { "RMSNorm" } else { "LayerNorm" },
+        cfg.activation_function,
+        if cfg.qk_norm { ", QK-norm" } else { "" },
+        if moe && cfg.swiglu_experts() { ", SwiGLU experts" } else { "" }
+    ));
     s.push_str(&format!("| context (block_size) | {} |\n| vocabulary | {} |\n", cfg.block_size, cfg.vocab_size));
     if moe {
         s.push_str(&format!("| experts | {} per MoE layer, top-{}, every {} block(s) |\n", cfg.n_exp, cfg.moe_top_k, cfg.stride));
@@ -102,7 +116,7 @@ pub fn model_card(dir: &Path, repo: &str) -> Result<String> {
         }
     }
     s.push_str("\n## Use in Python\n\n```python\nfrom transformers import AutoModelForCausalLM\n");
-    if moe {
+    if remote {
         s.push_str(&format!("model = AutoModelForCausalLM.from_pretrained(\"{repo}\", trust_remote_code=True)\n"));
     } else {
         s.push_str(&format!("model = AutoModelForCausalLM.from_pretrained(\"{repo}\")\n"));

@@ -830,4 +830,38 @@ mod tests {
         let back = GPTConfig::from_gpt2_json(&c.to_gpt2_json("float32")).unwrap();
         assert_eq!(c, back);
     }
+
+    #[test]
+    fn seed_configs_read_as_the_seed_architecture() {
+        let v: Value = serde_json::from_str(
+            r#"{"model_type": "nanomoe_gpt", "n_layer": 4, "n_exp": 4, "stride": 1, "moe_start_layer": 2,
+                "use_qwen3_moe_mlp": true, "bias": true, "transformers_version": "4.57.6", "dtype": "float32",
+                "_name_or_path": "x"}"#,
+        )
+        .unwrap();
+        let c = GPTConfig::from_model_json(&v).unwrap();
+        assert_eq!((c.norm_type, c.layer_norm_epsilon, c.qk_norm), (NormType::RmsNorm, 1e-6, true));
+        assert_eq!((c.activation().unwrap(), c.expert_mlp, c.moe_placement), (Activation::Relu2, ExpertMlp::SwiGlu, MoePlacement::End));
+        // The seed's defaults for its keys that are absent.
+        assert!(c.use_experts_ortho_loss && c.use_gate_output_loss && !c.use_router_ortho_loss);
+        assert_eq!((0..4).map(|i| c.is_moe_layer(i)).collect::<Vec<_>>(), [false, false, true, true]);
+        assert!(!c.norm_bias() && !c.is_gpt2_architecture());
+        // Written back: every architecture key, the bookkeeping kept, the writer's own keys new.
+        let w = c.to_nanomoe_json("float32");
+        for k in ARCH_KEYS {
+            assert!(w.get(k).is_some(), "{k} missing");
+        }
+        assert_eq!(w["_name_or_path"], "x");
+        assert!(w.get("transformers_version").is_none());
+        assert_eq!(w["use_qwen3_moe_mlp"], true);
+        assert_eq!(GPTConfig::from_model_json(&w).unwrap(), c);
+    }
+
+    #[test]
+    fn wolfecameron_placement_and_start_layer() {
+        let c = GPTConfig { n_layer: 4, n_exp: 4, stride: 2, moe_placement: MoePlacement::Start, ..GPTConfig::tiny() };
+        assert_eq!((0..4).map(|i| c.is_moe_layer(i)).collect::<Vec<_>>(), [true, false, true, false]);
+        let c = GPTConfig { moe_start_layer: 4, n_layer: 4, n_exp: 4, ..GPTConfig::tiny() };
+        assert_eq!(c.validate().unwrap_err().to_string(), "invalid config: no block would be MoE: stride 1, moe_start_layer 4, n_layer 4");
+    }
 }
