@@ -115,7 +115,7 @@ def main():
                 seed_moe = new_model(tmp, "seed-moe-char", dict(arch, n_layer=6, n_head=6, n_embd=384, n_exp=8, moe_top_k=2,
                                                                  stride=2, bias=False, vocab_size=65, block_size=256))
                 ref = timed(REF + ["decode", "--seed-code", "--model", seed_moe, *args], env)
-                rows.append(("decode seed-arch moe 6x384 char vocab f32 vs the seed's generate (batch 1, 128 tokens)",
+                rows.append(("decode seed-arch moe 6x384 char vocab f32 vs the seed's generate_legacy (batch 1, 128 tokens)",
                              timed([BIN, "bench", "decode", seed_moe, *args]), ref))
         if "moe" in only:
             for e in (8, 16, 32, 64):

@@ -78,13 +78,18 @@ def main():
     elif a.kind == "decode":
         m = load(a.model).eval()
         ids = torch.zeros((1, 1), dtype=torch.long)
-        kw = dict(do_sample=False, max_new_tokens=a.new_tokens, min_new_tokens=a.new_tokens)
+        if SEED_CODE:
+            # The seed's HF generate raises on transformers 4.57 (its config has no
+            # num_hidden_layers); its sample.py decodes with generate_legacy (no KV cache).
+            gen = lambda n: m.generate_legacy(ids, n, temperature=1.0, top_k=1)
+        else:
+            gen = lambda n: m.generate(ids, do_sample=False, max_new_tokens=n, min_new_tokens=n)
         with torch.no_grad():
-            m.generate(ids, do_sample=False, max_new_tokens=4)
+            gen(4)
             times = []
             for _ in range(a.repeats):
                 t0 = time.perf_counter()
-                m.generate(ids, **kw)
+                gen(a.new_tokens)
                 times.append(time.perf_counter() - t0)
         report("decode", times, a.new_tokens)
     elif a.kind == "prefill":
