@@ -95,42 +95,32 @@ fn config_and_directory_errors() {
     assert_eq!(err(&d), "unknown model_type \"llama\"; supported model types: gpt2, nanomoe_gpt");
     std::fs::write(d.join("config.json"), "{not json").unwrap();
     assert!(err(&d).starts_with(&format!("{}: not valid JSON", d.join("config.json").display())));
-    std::fs::write(d.join("config.json"), r#"{"model_type": "nanomoe_gpt", "activation_function": "gelu", "n_exp": 4, "moe_top_k": 9}"#).unwrap();
-    assert_eq!(err(&d), format!("{}: invalid config: moe_top_k (9) must be between 1 and n_exp (4)", d.join("config.json").display()));
-    // Which architecture a nanomoe_gpt config describes is never guessed.
-    std::fs::write(d.join("config.json"), r#"{"model_type": "nanomoe_gpt", "n_exp": 4}"#).unwrap();
-    assert_eq!(
-        err(&d),
-        format!(
-            "{}: invalid config: config.json does not say which architecture it is: it has none of nanomoe's norm_type, layer_norm_epsilon, qk_norm, activation_function, expert_mlp, moe_placement and none of askerlee/nanoMoE's use_qwen3_moe_mlp, moe_start_layer, use_router_ortho_loss, use_experts_ortho_loss, use_gate_output_loss, router_ortho_loss_weight, router_ortho_neg_corr_weight, experts_ortho_loss_weight, gate_output_loss_weight",
-            d.join("config.json").display()
-        )
-    );
-    std::fs::write(d.join("config.json"), r#"{"model_type": "nanomoe_gpt", "n_exp": 4, "norm_type": "rmsnorm"}"#).unwrap();
-    assert_eq!(
-        err(&d),
-        format!(
-            "{}: invalid config: ambiguous architecture: config.json sets norm_type but not layer_norm_epsilon, qk_norm, activation_function, expert_mlp, moe_placement; state all of norm_type, layer_norm_epsilon, qk_norm, activation_function, expert_mlp, moe_placement",
-            d.join("config.json").display()
-        )
-    );
-    std::fs::write(d.join("config.json"), r#"{"model_type": "nanomoe_gpt", "n_exp": 4, "activation_function": "gelu", "use_qwen3_moe_mlp": true}"#).unwrap();
-    assert_eq!(
-        err(&d),
-        format!(
-            "{}: invalid config: ambiguous architecture: config.json has nanomoe's activation_function and askerlee/nanoMoE's use_qwen3_moe_mlp; state all of norm_type, layer_norm_epsilon, qk_norm, activation_function, expert_mlp, moe_placement",
-            d.join("config.json").display()
-        )
-    );
-    // A key that may change the computation and that nanomoe does not implement.
-    std::fs::write(d.join("config.json"), r#"{"model_type": "nanomoe_gpt", "n_exp": 4, "moe_start_layer": 0, "rope_theta": 10000.0}"#).unwrap();
-    assert_eq!(
-        err(&d),
-        format!(
-            "{}: invalid config: unknown config key \"rope_theta\": nanomoe does not implement it and it may change the model's computation",
-            d.join("config.json").display()
-        )
-    );
+    let arch = "norm_type, layer_norm_epsilon, qk_norm, activation_function, expert_mlp, moe_placement";
+    let cases = [
+        (r#"{"model_type": "nanomoe_gpt", "activation_function": "gelu", "n_exp": 4, "moe_top_k": 9}"#, "moe_top_k (9) must be between 1 and n_exp (4)".to_string()),
+        // Which architecture a nanomoe_gpt config describes is never guessed.
+        (
+            r#"{"model_type": "nanomoe_gpt", "n_exp": 4}"#,
+            format!("config.json does not say which architecture it is: it has none of nanomoe's {arch} and none of askerlee/nanoMoE's use_qwen3_moe_mlp, moe_start_layer, use_router_ortho_loss, use_experts_ortho_loss, use_gate_output_loss, router_ortho_loss_weight, router_ortho_neg_corr_weight, experts_ortho_loss_weight, gate_output_loss_weight"),
+        ),
+        (
+            r#"{"model_type": "nanomoe_gpt", "n_exp": 4, "norm_type": "rmsnorm"}"#,
+            format!("ambiguous architecture: config.json sets norm_type but not layer_norm_epsilon, qk_norm, activation_function, expert_mlp, moe_placement; state all of {arch}"),
+        ),
+        (
+            r#"{"model_type": "nanomoe_gpt", "n_exp": 4, "activation_function": "gelu", "use_qwen3_moe_mlp": true}"#,
+            format!("ambiguous architecture: config.json has nanomoe's activation_function and askerlee/nanoMoE's use_qwen3_moe_mlp; state all of {arch}"),
+        ),
+        // A key that may change the computation and that nanomoe does not implement.
+        (
+            r#"{"model_type": "nanomoe_gpt", "n_exp": 4, "moe_start_layer": 0, "rope_theta": 10000.0}"#,
+            "unknown config key \"rope_theta\": nanomoe does not implement it and it may change the model's computation".to_string(),
+        ),
+    ];
+    for (json, msg) in cases {
+        std::fs::write(d.join("config.json"), json).unwrap();
+        assert_eq!(err(&d), format!("{}: invalid config: {msg}", d.join("config.json").display()), "{json}");
+    }
     std::fs::remove_file(d.join("config.json")).unwrap();
     assert_eq!(err(&d), format!("{}: no config.json: not a model directory", d.join("config.json").display()));
     let missing = tmp.path().join("nope/deeper");

@@ -484,20 +484,14 @@ impl GPTConfig {
             }
             (true, false) => {
                 let mut o = obj.clone();
-                let swiglu = match o.get("use_qwen3_moe_mlp") {
-                    None => false,
-                    Some(v) => v.as_bool().ok_or_else(|| Error::Config(format!("use_qwen3_moe_mlp must be true or false, got {v}")))?,
-                };
                 // The seed's defaults for its own keys.
                 o.entry("use_experts_ortho_loss").or_insert(Value::Bool(true));
                 o.entry("use_gate_output_loss").or_insert(Value::Bool(true));
-                let seed_arch = GPTConfig::default().with_seed_architecture(swiglu);
-                o.insert("norm_type".into(), serde_json::to_value(seed_arch.norm_type).expect("serializes"));
-                o.insert("layer_norm_epsilon".into(), Value::from(seed_arch.layer_norm_epsilon));
-                o.insert("qk_norm".into(), Value::Bool(true));
-                o.insert("activation_function".into(), Value::from("relu2"));
-                o.insert("moe_placement".into(), Value::from("end"));
-                Self::from_fields(o)
+                let cfg = Self::from_fields(o)?; // use_qwen3_moe_mlp -> expert_mlp
+                let swiglu = cfg.swiglu_experts();
+                let cfg = cfg.with_seed_architecture(swiglu);
+                cfg.validate()?;
+                Ok(cfg)
             }
             (false, false) => Err(Error::Config(format!(
                 "ambiguous architecture: config.json has nanomoe's {} and askerlee/nanoMoE's {}; state all of {}",

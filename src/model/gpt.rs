@@ -1,6 +1,6 @@
-//! The GPT model: GPT-2's architecture, with an MoE layer in place of the MLP in every
-//! `stride`-th block (nanoMoE). Read top to bottom: layer norm, attention, MLP, block,
-//! model, forward passes.
+//! The GPT model: GPT-2's architecture or the seed's (RMSNorm, QK-norm, ReLU^2, SwiGLU
+//! experts), with an MoE layer in place of the MLP in every `stride`-th block (nanoMoE).
+//! Read top to bottom: norm, attention, MLP, block, model, forward passes.
 //!
 //! Weights are stored as torch's nn.Linear does ([out, in]) under the HF tensor names of a
 //! `nanomoe_gpt` checkpoint; GPT-2's Conv1D layout is handled only in `checkpoint.rs`.
@@ -221,11 +221,8 @@ enum Mlp {
 /// Losses and routing statistics collected from the MoE layers of one forward pass.
 #[derive(Default)]
 struct MoeTotals {
-    aux: Option<Tensor>,
-    z: Option<Tensor>,
-    router_ortho: Option<Tensor>,
-    experts_ortho: Option<Tensor>,
-    gate_output: Option<Tensor>,
+    /// Each term summed over the MoE layers (`ntp_loss` stays empty).
+    losses: Losses,
     stats: Vec<MoeStats>,
 }
 
@@ -263,7 +260,7 @@ impl Block {
         let h = self.ln_2.forward(&x)?;
         let y = match &self.mlp {
             Mlp::Dense { c_fc, c_proj, act } => {
-                let y = c_proj.forward(&nn::gelu(&c_fc.forward(&h)?, *act)?)?;
+                let y = c_proj.forward(&nn::activation(&c_fc.forward(&h)?, *act)?)?;
                 if ctx.training && ctx.cfg.dropout > 0.0 {
                     nn::dropout(&y, ctx.cfg.dropout, ctx.rng)?
                 } else {
@@ -273,11 +270,16 @@ impl Block {
             Mlp::Moe(layer) => {
                 let mut mctx = MoeCtx { cfg: ctx.cfg, training: ctx.training, routing: ctx.routing, rng: Some(&mut *ctx.rng), sink: ctx.sink };
                 let out = layer.forward(&h, &mut mctx)?;
-                add(&mut moe.aux, out.aux_loss)?;
-                add(&mut moe.z, out.z_loss)?;
-                for (acc, l) in [(&mut moe.router_ortho, out.router_ortho_loss), (&mut moe.experts_ortho, out.experts_ortho_loss), (&mut moe.gate_output, out.gate_output_loss)] {
-                    if let Some(l) = l {
-                        add(acc, l)?;
+                let l = &mut moe.losses;
+                for (acc, term) in [
+                    (&mut l.aux_loss, Some(out.aux_loss)),
+                    (&mut l.router_z_loss, Some(out.z_loss)),
+                    (&mut l.router_ortho_loss, out.router_ortho_loss),
+                    (&mut l.experts_ortho_loss, out.experts_ortho_loss),
+                    (&mut l.gate_output_loss, out.gate_output_loss),
+                ] {
+                    if let Some(term) = term {
+                        add(acc, term)?;
                     }
                 }
                 moe.stats.push(out.stats);
@@ -600,43 +602,26 @@ impl GPT {
         nn::linear(h, &net.wte, None)
     }
 
-    /// Adds the weighted MoE losses to the next-token loss.
+    /// Adds the weighted MoE losses to the next-token loss, in the seed's order.
     fn total_loss(&self, ntp: Option<Tensor>, moe: &MoeTotals) -> Result<(Option<Tensor>, Losses)> {
         let c = &self.config;
-        let mut loss = ntp.clone();
-        if let Some(l) = loss.as_mut() {
-            if c.is_moe() && c.use_aux_loss {
-                if let Some(a) = &moe.aux {
-                    *l = (&*l + (a * c.aux_loss_weight)?)?;
-                }
-            }
-            if c.is_moe() && c.use_router_z_loss {
-                if let Some(z) = &moe.z {
-                    *l = (&*l + (z * c.router_z_loss_weight)?)?;
-                }
-            }
-            // The seed's terms, in its order (only present when switched on).
-            for (term, w) in [
-                (&moe.router_ortho, c.router_ortho_loss_weight),
-                (&moe.experts_ortho, c.experts_ortho_loss_weight),
-                (&moe.gate_output, c.gate_output_loss_weight),
+        let losses = Losses { ntp_loss: ntp.clone(), ..moe.losses.clone() };
+        let mut loss = ntp;
+        if let (Some(l), true) = (loss.as_mut(), c.is_moe()) {
+            // The seed's three terms are only present when switched on.
+            for (term, on, w) in [
+                (&losses.aux_loss, c.use_aux_loss, c.aux_loss_weight),
+                (&losses.router_z_loss, c.use_router_z_loss, c.router_z_loss_weight),
+                (&losses.router_ortho_loss, true, c.router_ortho_loss_weight),
+                (&losses.experts_ortho_loss, true, c.experts_ortho_loss_weight),
+                (&losses.gate_output_loss, true, c.gate_output_loss_weight),
             ] {
-                if let Some(t) = term {
+                if let (Some(t), true) = (term, on) {
                     *l = (&*l + (t * w)?)?;
                 }
             }
         }
-        Ok((
-            loss,
-            Losses {
-                ntp_loss: ntp,
-                aux_loss: moe.aux.clone(),
-                router_z_loss: moe.z.clone(),
-                router_ortho_loss: moe.router_ortho.clone(),
-                experts_ortho_loss: moe.experts_ortho.clone(),
-                gate_output_loss: moe.gate_output.clone(),
-            },
-        ))
+        Ok((loss, losses))
     }
 
     /// HF-style forward. `labels` ([B, T], same shape as `input_ids`) follow HF semantics:

@@ -336,7 +336,7 @@ impl MoeLayer {
                 if let Some(bias) = &self.fc_bias {
                     h = nn::add_bias(&h, bias)?;
                 }
-                nn::gelu(&h, self.act)?
+                nn::activation(&h, self.act)?
             }
         };
         let mut ye = nn::expert_matmul(&h, &self.c_proj, ctx.sink)?;
@@ -394,7 +394,7 @@ impl MoeLayer {
                     if let Some(bias) = &self.fc_bias {
                         h = nn::add_bias(&h, &bias.get(e)?)?;
                     }
-                    nn::gelu(&h, self.act)?
+                    nn::activation(&h, self.act)?
                 }
             };
             let mut ye = nn::matmul_kn(&h, &self.c_proj.get(e)?)?;

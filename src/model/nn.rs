@@ -70,15 +70,16 @@ pub fn layer_norm_composite(x: &Tensor, w: &Tensor, b: Option<&Tensor>, eps: f64
     })
 }
 
-pub fn gelu(x: &Tensor, act: Activation) -> Result<Tensor> {
+/// The MLP activation (GELU, either form, or ReLU^2). f32 CPU tensors use the fused kernel.
+pub fn activation(x: &Tensor, act: Activation) -> Result<Tensor> {
     if x.dtype() == DType::F32 && x.device().is_cpu() {
         return crate::kernels::gelu::fused_gelu(x, act);
     }
-    gelu_composite(x, act)
+    activation_composite(x, act)
 }
 
 /// The activation from candle's own ops (the reference of the fused kernel's tests).
-pub fn gelu_composite(x: &Tensor, act: Activation) -> Result<Tensor> {
+pub fn activation_composite(x: &Tensor, act: Activation) -> Result<Tensor> {
     Ok(match act {
         Activation::GeluTanh => x.gelu()?,
         Activation::GeluErf => x.gelu_erf()?,
@@ -406,7 +407,7 @@ mod tests {
         for act in [Activation::GeluTanh, Activation::GeluErf] {
             let x = Var::from_tensor(&t(&data, &[4001])).unwrap();
             let a = crate::kernels::gelu::fused_gelu(&x, act).unwrap();
-            let b = gelu_composite(&x, act).unwrap();
+            let b = activation_composite(&x, act).unwrap();
             let d = (&a - &b).unwrap().abs().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
             assert!(d < 2e-6, "{act:?} values differ by {d}");
             let w = t(&data.iter().map(|v| v.sin()).collect::<Vec<_>>(), &[4001]);
