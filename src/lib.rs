@@ -27,7 +27,7 @@ pub mod runtime;
 pub mod train;
 pub mod train_step;
 
-pub use hf::{auto, checkpoint, convert, hf_cache, hub, hub_upload, tokenizer};
+pub use hf::{auto, checkpoint, convert, hf_cache, hub, hub_upload, pickle, tokenizer};
 pub use model::{config, generate, gpt, moe, nn, params};
 
 pub use auto::AutoModelForCausalLM;

@@ -4,8 +4,16 @@
 /// multiplications (which read `RAYON_NUM_THREADS`), and shortens the spinning of candle's
 /// element-wise pool (unless `CANDLE_BARRIER_POOL_SPIN_LIMIT` is set). Call before any tensor work; 0 keeps
 /// the default (`RAYON_NUM_THREADS` when set, else one thread per core). Returns the count
-/// in effect.
-pub fn set_threads(n: usize) -> usize {
+/// in effect; more than [`max_threads`] is an error (each thread spins between ops: thousands
+/// on a few cores starve each other).
+pub fn set_threads(n: usize) -> crate::Result<usize> {
+    if n > max_threads() {
+        return Err(crate::Error::Config(format!(
+            "--threads {n} is more than 4 per core (this machine has {} cores; at most {})",
+            max_threads() / 4,
+            max_threads()
+        )));
+    }
     if n > 0 {
         std::env::set_var("RAYON_NUM_THREADS", n.to_string());
         // Fails only when the pool already exists (a second call); the count then stays.
@@ -22,7 +30,12 @@ pub fn set_threads(n: usize) -> usize {
         // threads doing the work (char-vocab step 0.18 -> 0.15 s with a short spin).
         std::env::set_var("CANDLE_BARRIER_POOL_SPIN_LIMIT", "1000");
     }
-    rayon::current_num_threads()
+    Ok(rayon::current_num_threads())
+}
+
+/// The most compute threads [`set_threads`] accepts: 4 per core.
+pub fn max_threads() -> usize {
+    4 * std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
 }
 
 /// Keeps freed memory in the process for reuse instead of returning every large block to
@@ -52,4 +65,56 @@ pub fn keep_freed_memory() -> bool {
 /// the op runs on that thread at once and only the idle workers join in.
 pub fn on_compute_pool<T: Send>(f: impl FnOnce() -> T + Send) -> T {
     rayon::scope(|_| f())
+}
+
+/// Memory this process may still use, in bytes: the smaller of the kernel's estimate of
+/// available memory (`MemAvailable`) and the room left under this cgroup's limit; `None`
+/// where neither can be read (then nothing is refused for lack of memory).
+pub fn available_memory() -> Option<u64> {
+    let read = |p: &str| std::fs::read_to_string(p).ok();
+    let meminfo = read("/proc/meminfo").and_then(|m| {
+        let line = m.lines().find(|l| l.starts_with("MemAvailable:"))?;
+        let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+        kb.checked_mul(1024)
+    });
+    let cgroup = (|| {
+        let max: u64 = read("/sys/fs/cgroup/memory.max")?.trim().parse().ok()?;
+        let used: u64 = read("/sys/fs/cgroup/memory.current")?.trim().parse().ok()?;
+        Some(max.saturating_sub(used))
+    })();
+    match (meminfo, cgroup) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
+
+/// Refuses work that needs more memory than the machine has, before anything is allocated:
+/// `bytes` is a lower bound of what `what` needs (so an absurd size is caught, never a
+/// legitimate one). The error names the need and what is available.
+pub fn check_memory(what: impl FnOnce() -> String, bytes: u128) -> crate::Result<()> {
+    let available = available_memory().map(u128::from).unwrap_or(u128::MAX);
+    if bytes > available || bytes > u64::MAX as u128 {
+        return Err(crate::Error::Config(format!(
+            "{} needs at least {} of memory but this machine has {} available",
+            what(),
+            fmt_bytes(bytes),
+            available_memory().map(|b| fmt_bytes(b as u128)).unwrap_or_else(|| "an unknown amount".into())
+        )));
+    }
+    Ok(())
+}
+
+/// Bytes in decimal units: "512 B", "1.5 GB", "3.2 TB"; "2^70 B" beyond exabytes.
+pub fn fmt_bytes(b: u128) -> String {
+    const UNITS: [&str; 7] = ["B", "kB", "MB", "GB", "TB", "PB", "EB"];
+    let mut v = b as f64;
+    let mut u = 0;
+    while v >= 1000.0 && u + 1 < UNITS.len() {
+        v /= 1000.0;
+        u += 1;
+    }
+    if v >= 1000.0 {
+        return format!("2^{} B", 127 - b.leading_zeros());
+    }
+    if u == 0 { format!("{b} B") } else { format!("{v:.1} {}", UNITS[u]) }
 }

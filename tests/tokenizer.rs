@@ -5,16 +5,13 @@ use std::path::PathBuf;
 
 use nanomoe::tokenizer::Tokenizer;
 
-fn shakespeare() -> String {
-    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/data/tinyshakespeare.txt");
-    std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
-}
+mod common;
 
 const TRICKY: &str = "Hello,  world!\n\n\tTabs\tand   runs of spaces   \r\nünïcödé — 日本語 🙂 <|endoftext|> 's 're  123 4567\n";
 
 #[test]
 fn gpt2_ids_equal_tiktoken_on_tiny_shakespeare() {
-    let text = shakespeare();
+    let (text, _) = common::sample_text();
     let ours = Tokenizer::gpt2().unwrap();
     let reference = tiktoken_rs::r50k_base().unwrap();
     let a = ours.encode(&text).unwrap();

@@ -8,6 +8,7 @@ use nanomoe::train::data::Dataset;
 use nanomoe::train::prepare::{list_inputs, prepare, PrepareOptions};
 use nanomoe::train::{train, Resolved};
 use nanomoe::GPT;
+mod common;
 
 fn bin() -> &'static str {
     env!("CARGO_BIN_EXE_nanomoe")
@@ -248,17 +249,16 @@ fn fine_tuning_checks_block_size_and_tokenizer() {
     assert!(e.starts_with("invalid config: the data's tokenizer (28 tokens) disagrees with the model's in"), "{e}");
 }
 
-fn shakespeare() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/data/tinyshakespeare.txt")
-}
 
 #[test]
 fn prepare_writes_nanogpt_format() {
     let tmp = tempfile::tempdir().unwrap();
-    let text = std::fs::read_to_string(shakespeare()).unwrap();
+    let (text, is_shakespeare) = common::sample_text();
+    let input = tmp.path().join("input.txt");
+    write(&input, text.as_bytes());
     for tk in ["char", "gpt2"] {
         let d = tmp.path().join(tk);
-        let meta = prepare(&PrepareOptions { inputs: vec![shakespeare()], tokenizer: tk.into(), val_fraction: 0.1, out: d.clone(), progress: false, text_column: "text".into() }).unwrap();
+        let meta = prepare(&PrepareOptions { inputs: vec![input.clone()], tokenizer: tk.into(), val_fraction: 0.1, out: d.clone(), progress: false, text_column: "text".into() }).unwrap();
         assert_eq!(meta.dtype, "uint16");
         let ds = Dataset::open(&d).unwrap();
         let tok = nanomoe::tokenizer::Tokenizer::from_dir(&d).unwrap();
@@ -268,7 +268,13 @@ fn prepare_writes_nanogpt_format() {
         let share = ds.val.len() as f64 / (ds.train.len() + ds.val.len()) as f64;
         assert!((share - 0.1).abs() < 0.01, "{tk}: {share}");
         if tk == "char" {
-            assert_eq!(meta.vocab_size, 66); // 65 characters + <unk>
+            let mut chars: Vec<char> = text.chars().collect();
+            chars.sort_unstable();
+            chars.dedup();
+            assert_eq!(meta.vocab_size as usize, chars.len() + 1); // the characters + <unk>
+            if is_shakespeare {
+                assert_eq!(meta.vocab_size, 66);
+            }
             assert_eq!(ds.train.len() + ds.val.len(), text.chars().count());
         } else {
             assert_eq!(ds.train.len() + ds.val.len(), tiktoken_rs::r50k_base().unwrap().encode_ordinary(&text).len());

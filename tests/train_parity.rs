@@ -1,6 +1,6 @@
 //! Training parity with PyTorch: 10 AdamW steps from identical weights and batches, Rust vs
 //! torch.optim.AdamW with the same decay groups, through nanomoe's remote code. Needs the
-//! Python environment of `./scripts/test` (NANOMOE_PYTHON, or ~/.cache/nanomoe/venv-v1).
+//! Python environment of `./scripts/test` (NANOMOE_PYTHON, or ~/.cache/nanomoe/venv-v2).
 
 mod common;
 use common::python;

@@ -254,7 +254,7 @@ pub fn run() -> Result<()> {
         // (Before the pool's threads exist: each takes its malloc arena when it starts.)
         let _ = nanomoe::runtime::keep_freed_memory();
     }
-    nanomoe::runtime::set_threads(cli.threads);
+    nanomoe::runtime::set_threads(cli.threads)?;
     nanomoe::runtime::on_compute_pool(move || execute(cli))
 }
 
@@ -576,7 +576,9 @@ fn cmd_prepare(input: Option<PathBuf>, dataset: Option<String>, tokenizer: Strin
 fn cmd_eval(model: &Path, data: &Path, split: &str, iters: u64, batch_size: usize, seed: u64, as_json: bool) -> Result<()> {
     let dir = model_dir(model)?;
     let mut gpt = inference_model(&dir)?;
-    let ds = nanomoe::train::data::Dataset::open(data)?;
+    // A built-in corpus is regenerated with training's default seed: the text `train` used.
+    let corpus_seed = nanomoe::train::TrainSettings::default().seed;
+    let (ds, _) = nanomoe::train::run::open_data(&data.to_string_lossy(), corpus_seed)?;
     if ds.meta.vocab_size > gpt.config.vocab_size {
         bail!("the data's vocabulary ({} tokens) is larger than the model's vocab_size {}", ds.meta.vocab_size, gpt.config.vocab_size);
     }

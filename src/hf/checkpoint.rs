@@ -216,6 +216,24 @@ pub fn load_params(dir: &Path, config: &GPTConfig, format: Format, device: &Devi
 /// [`load_params`] with the weight matrices ([`crate::params::is_weight_matrix`]) stored in
 /// `weight_dtype` (f32 or bf16), everything else in f32.
 pub fn load_params_as(dir: &Path, config: &GPTConfig, format: Format, weight_dtype: DType, device: &Device) -> Result<ParamStore> {
+    // The config's sizes are only claims: the files must hold at least 2 bytes (f16/bf16) per
+    // parameter before the parameter list is built or anything is allocated.
+    let files = weight_files(dir)?;
+    let mut held: u128 = 0;
+    for path in &files {
+        held += std::fs::metadata(path).map_err(|e| Error::file(path, e))?.len() as u128;
+    }
+    let size = config.size().ok_or_else(|| Error::Config("the model's size overflows".into()))?;
+    if size.parameters.saturating_mul(2) > held {
+        return Err(Error::file(
+            dir,
+            format!(
+                "config.json describes {} parameters (at least {} bytes in 16-bit) but the weight files hold {held} bytes",
+                size.parameters,
+                size.parameters.saturating_mul(2)
+            ),
+        ));
+    }
     let specs = param_specs(config);
     // Shapes as stored in the file.
     let mut expected: BTreeMap<String, Vec<usize>> = specs
@@ -240,7 +258,7 @@ pub fn load_params_as(dir: &Path, config: &GPTConfig, format: Format, weight_dty
 
     let mut found: BTreeMap<String, Tensor> = BTreeMap::new();
     let mut lm_head: Option<Tensor> = None;
-    for path in weight_files(dir)? {
+    for path in files {
         let file = File::open(&path).map_err(|e| Error::file(&path, e))?;
         // SAFETY: the map is read-only and dropped before this function returns; a file
         // changed underneath us can give wrong values but not unsafety in safe code here.

@@ -1,17 +1,15 @@
 //! `nanomoe convert`: nanoGPT / nanoMoE training checkpoints (`ckpt.pt`) and HF model
 //! directories into HF directories nanomoe and transformers load.
 //!
-//! A `ckpt.pt` is a zip holding a pickle. Pickles can name any Python callable; this reader
-//! never executes anything (candle's pickle reader only builds a tree of values), and it
-//! refuses, before reading any tensor, a file whose pickle names anything other than the
-//! tensor-rebuilding functions, storage types and containers that `torch.save` of tensors and
-//! plain values produces.
+//! A `ckpt.pt` is a zip holding a pickle. Pickles can name any Python callable; the reader
+//! ([`crate::pickle`]) never executes anything, and refuses a file whose pickle names anything
+//! other than the tensor-rebuilding functions, storage types and containers that `torch.save`
+//! of tensors and plain values produces.
 
-use std::io::Read;
+use std::collections::BTreeMap;
 use std::path::Path;
 
-use candle_core::pickle::{Object, PthTensors, Stack};
-use candle_core::DType;
+use candle_core::Device;
 use serde_json::{Map, Value};
 
 use crate::checkpoint::SaveOptions;
@@ -19,124 +17,73 @@ use crate::config::GPTConfig;
 use crate::error::{Error, Result};
 use crate::gpt::GPT;
 use crate::params::ParamStore;
+use crate::pickle::{Pickled, TensorRef, TorchZip};
 
-/// Classes a tensors-and-plain-values pickle may name.
-fn allowed(module: &str, name: &str) -> bool {
-    match module {
-        "torch._utils" => matches!(name, "_rebuild_tensor_v2" | "_rebuild_parameter" | "_rebuild_tensor"),
-        "torch" => name.ends_with("Storage"),
-        "torch.storage" => name == "UntypedStorage",
-        "collections" => name == "OrderedDict",
-        _ => false,
-    }
-}
-
-fn check(obj: &Object) -> std::result::Result<(), String> {
-    match obj {
-        Object::Class { module_name, class_name } => {
-            if allowed(module_name, class_name) {
-                Ok(())
-            } else {
-                Err(format!("{module_name}.{class_name}"))
-            }
-        }
-        Object::Reduce { callable, args } | Object::Build { callable, args } => {
-            check(callable)?;
-            check(args)
-        }
-        Object::PersistentLoad(o) => check(o),
-        Object::Tuple(v) | Object::List(v) => v.iter().try_for_each(check),
-        Object::Dict(kv) => kv.iter().try_for_each(|(k, v)| {
-            check(k)?;
-            check(v)
-        }),
-        Object::Int(_) | Object::Long(_) | Object::Float(_) | Object::Unicode(_) | Object::Bool(_) | Object::None | Object::Mark => Ok(()),
-    }
-}
-
-fn plain(obj: &Object) -> Option<Value> {
-    Some(match obj {
-        Object::Int(i) => Value::from(*i),
-        Object::Long(i) => Value::from(*i),
-        Object::Float(f) => Value::from(*f),
-        Object::Bool(b) => Value::Bool(*b),
-        Object::Unicode(s) => Value::String(s.clone()),
-        Object::None => Value::Null,
-        _ => return None,
-    })
-}
-
-/// Reads and vets the pickle of a torch.save zip; returns its top-level dict.
-fn read_pickle(path: &Path) -> Result<Vec<(Object, Object)>> {
-    let file = std::fs::File::open(path).map_err(|e| Error::file(path, e))?;
-    let mut zip = zip::ZipArchive::new(std::io::BufReader::new(file))
-        .map_err(|e| Error::file(path, format!("not a PyTorch checkpoint (torch.save zip): {e}")))?;
-    let name = zip
-        .file_names()
-        .filter_map(|n| n.ok().map(|n| n.into_owned()))
-        .find(|n| n.ends_with("data.pkl"))
-        .ok_or_else(|| Error::file(path, "not a PyTorch checkpoint: no data.pkl inside"))?;
-    let mut bytes = Vec::new();
-    zip.by_name(&name)
-        .map_err(|e| Error::file(path, e))?
-        .read_to_end(&mut bytes)
-        .map_err(|e| Error::file(path, e))?;
-    let mut stack = Stack::empty();
-    stack
-        .read_loop(&mut std::io::BufReader::new(bytes.as_slice()))
-        .map_err(|e| Error::file(path, format!("unreadable pickle: {e}")))?;
-    let obj = stack.finalize().map_err(|e| Error::file(path, format!("unreadable pickle: {e}")))?;
-    check(&obj).map_err(|what| {
-        Error::file(path, format!("refusing to load: the pickle references {what}, which is neither a tensor nor a plain value"))
-    })?;
-    match obj {
-        Object::Dict(kv) => Ok(kv),
-        _ => Err(Error::file(path, "not a nanoGPT checkpoint: the pickle is not a dict")),
-    }
-}
-
-/// Loads a nanoGPT / nanoMoE `ckpt.pt` (keys `model` and `model_args`).
+/// Loads a nanoGPT / nanoMoE `ckpt.pt` (keys `model` and `model_args`). Every tensor's shape
+/// is checked against the config before its data is read, and the config's size against the
+/// file's.
 pub fn load_ckpt(path: &Path) -> Result<GPT> {
-    let top = read_pickle(path)?;
-    let get = |key: &str| top.iter().find(|(k, _)| *k == Object::Unicode(key.into())).map(|(_, v)| v);
-    let args = match get("model_args") {
-        Some(Object::Dict(kv)) => kv,
-        _ => return Err(Error::file(path, "not a nanoGPT checkpoint: no model_args dict")),
+    let (mut zip, top) = TorchZip::open(path)?;
+    if !matches!(top, Pickled::Dict(_)) {
+        return Err(Error::file(path, "not a nanoGPT checkpoint: the pickle is not a dict"));
+    }
+    let Some(Pickled::Dict(args)) = top.get("model_args") else {
+        return Err(Error::file(path, "not a nanoGPT checkpoint: no model_args dict"));
     };
     let mut cfg = Map::new();
     for (k, v) in args {
-        if let (Object::Unicode(k), Some(v)) = (k, plain(v)) {
+        if let (Pickled::Str(k), Some(v)) = (k, v.to_json()) {
             cfg.insert(k.clone(), v);
         }
     }
-    if get("model").is_none() {
+    let Some(Pickled::Dict(state)) = top.get("model") else {
         return Err(Error::file(path, "not a nanoGPT checkpoint: no model state_dict"));
-    }
-    let pth = PthTensors::new(path, Some("model")).map_err(|e| Error::file(path, format!("cannot read the model tensors: {e}")))?;
-    let mut names: Vec<String> = pth.tensor_infos().keys().cloned().collect();
-    names.sort();
-    let config = ckpt_config(cfg, &names).map_err(|e| Error::file(path, e))?;
-    let mut tensors = Vec::new();
-    let mut lm_head = None;
-    for n in names {
-        let t = pth
-            .get(&n)
-            .map_err(|e| Error::file(path, format!("tensor {n}: {e}")))?
-            .ok_or_else(|| Error::file(path, format!("tensor {n} is missing")))?
-            .to_dtype(DType::F32)?;
-        let name = n.strip_prefix("_orig_mod.").unwrap_or(&n).to_string();
+    };
+    let mut refs: BTreeMap<String, TensorRef> = BTreeMap::new();
+    for (k, v) in state {
+        let (Pickled::Str(k), Some(r)) = (k, TensorRef::from_pickled(v)) else { continue };
+        let r = r.map_err(|e| Error::file(path, format!("tensor {k}: {e}")))?;
+        let name = k.strip_prefix("_orig_mod.").unwrap_or(k).to_string();
         if name.ends_with(".attn.bias") || name.ends_with(".attn.masked_bias") {
             continue; // the causal-mask buffer of nanoGPT without flash attention
         }
+        if refs.insert(name.clone(), r).is_some() {
+            return Err(Error::file(path, format!("tensor {name} appears twice")));
+        }
+    }
+    let names: Vec<String> = refs.keys().cloned().collect();
+    let config = ckpt_config(cfg, &names).map_err(|e| Error::file(path, e))?;
+    let size = config.size().ok_or_else(|| Error::file(path, "the model's size overflows"))?;
+    if size.parameters.saturating_mul(2) > zip.file_len() as u128 {
+        return Err(Error::file(
+            path,
+            format!("model_args describe {} parameters but the file holds {} bytes", size.parameters, zip.file_len()),
+        ));
+    }
+    crate::runtime::check_memory(|| format!("converting a model of {} parameters", size.parameters), size.parameters * 8)?;
+    let expected: BTreeMap<String, Vec<usize>> = crate::params::param_specs(&config).into_iter().map(|s| (s.name, s.shape)).collect();
+    let mut tensors = Vec::new();
+    let mut lm_head = None;
+    for (name, r) in &refs {
+        let want = if name == "lm_head.weight" { expected.get("transformer.wte.weight") } else { expected.get(name) };
+        let Some(want) = want else {
+            return Err(Error::file(path, format!("unexpected tensor {name} (shape {:?}) not used by this config", r.shape)));
+        };
+        if &r.shape != want {
+            return Err(Error::file(path, format!("tensor {name} has shape {:?}, expected {want:?}", r.shape)));
+        }
+        let t = zip.read_tensor(name, r, &Device::Cpu)?;
         if name == "lm_head.weight" {
             lm_head = Some(t);
-            continue;
+        } else {
+            tensors.push((name.clone(), t));
         }
-        tensors.push((name, t));
     }
-    if let (Some(head), Some((_, wte))) = (lm_head, tensors.iter().find(|(n, _)| n == "transformer.wte.weight")) {
-        if head.dims() != wte.dims() || (&head - wte)?.abs()?.max_all()?.to_scalar::<f32>()? != 0.0 {
-            return Err(Error::file(path, "lm_head.weight differs from transformer.wte.weight; untied output embeddings are not supported"));
+    if let Some(head) = lm_head {
+        match tensors.iter().find(|(n, _)| n == "transformer.wte.weight") {
+            Some((_, wte)) if (&head - wte)?.abs()?.max_all()?.to_scalar::<f32>()? == 0.0 => {}
+            Some(_) => return Err(Error::file(path, "lm_head.weight differs from transformer.wte.weight; untied output embeddings are not supported")),
+            None => tensors.push(("transformer.wte.weight".into(), head)),
         }
     }
     let params = ParamStore::from_tensors(tensors)?;

@@ -7,6 +7,7 @@
 //! - [`hf_cache`]: the local HuggingFace cache shared with Python.
 //! - [`hub`]: loading by repo id from the Hub into that cache.
 //! - [`hub_upload`]: `push_to_hub`: create, preupload, LFS upload, NDJSON commit.
+//! - [`pickle`]: a bounded, non-executing reader of `torch.save` zips.
 //! - [`tokenizer`]: character-level and GPT-2 tokenizers, saved as tokenizer.json.
 
 pub mod auto;
@@ -15,4 +16,5 @@ pub mod convert;
 pub mod hf_cache;
 pub mod hub;
 pub mod hub_upload;
+pub mod pickle;
 pub mod tokenizer;

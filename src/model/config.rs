@@ -248,6 +248,59 @@ impl GPTConfig {
         self.n_exp > 1
     }
 
+    /// How many blocks carry an MoE layer (counted without visiting every block).
+    pub fn num_moe_layers(&self) -> usize {
+        if self.n_exp <= 1 || self.stride == 0 || self.moe_start_layer >= self.n_layer {
+            return 0;
+        }
+        // Multiples of `stride` in [lo, hi).
+        let multiples = |lo: usize, hi: usize| hi.div_ceil(self.stride) - lo.div_ceil(self.stride);
+        match self.moe_placement {
+            MoePlacement::End => multiples(self.moe_start_layer + 1, self.n_layer + 1),
+            MoePlacement::Start => multiples(self.moe_start_layer, self.n_layer),
+        }
+    }
+
+    /// The number of tensors and of parameters this config describes, computed without
+    /// allocating (a hostile config.json can claim any sizes); `None` if a count overflows.
+    pub fn size(&self) -> Option<ModelSize> {
+        let (d, e) = (self.n_embd as u128, self.n_exp as u128);
+        let (layers, moe) = (self.n_layer as u128, self.num_moe_layers() as u128);
+        let dense = layers - moe;
+        let (b, nb) = (self.bias as u128, self.norm_bias() as u128);
+        let norm = (1 + nb, d.checked_mul(1 + nb)?);
+        let attn = (2 + 2 * b, d.checked_mul(d)?.checked_mul(4)?.checked_add(b * 4 * d)?);
+        let mlp = (2 + 2 * b, d.checked_mul(d)?.checked_mul(8)?.checked_add(b * 5 * d)?);
+        let noisy = self.use_noisy_top_k as u128;
+        let swiglu = self.swiglu_experts() as u128;
+        let expert_bias = b * (1 - swiglu);
+        let experts = (2 + swiglu) * 4;
+        let moe_layer = (
+            1 + noisy + 2 + swiglu + 2 * expert_bias,
+            e.checked_mul(d)?.checked_mul(1 + noisy)?
+                .checked_add(e.checked_mul(d)?.checked_mul(d)?.checked_mul(experts)?)?
+                .checked_add(expert_bias * e.checked_mul(5 * d)?)?,
+        );
+        let per_layer = |mlp: (u128, u128)| Some((2 * norm.0 + attn.0 + mlp.0, (2 * norm.1).checked_add(attn.1)?.checked_add(mlp.1)?));
+        let (dl, ml) = (per_layer(mlp)?, per_layer(moe_layer)?);
+        let embeddings = (self.vocab_size as u128).checked_add(self.block_size as u128)?.checked_mul(d)?;
+        Some(ModelSize {
+            tensors: 2 + norm.0 + dense.checked_mul(dl.0)? + moe.checked_mul(ml.0)?,
+            parameters: embeddings
+                .checked_add(norm.1)?
+                .checked_add(dense.checked_mul(dl.1)?)?
+                .checked_add(moe.checked_mul(ml.1)?)?,
+        })
+    }
+
+    /// A lower bound of the memory one token of a batch takes in a forward pass (`training`:
+    /// the activations kept for the backward pass, ~16 floats per layer and channel), with
+    /// its vocab_size logits: to refuse absurd batch sizes before anything is allocated.
+    pub fn activation_bytes_per_token(&self, training: bool) -> u128 {
+        let per_layer = if training { 16 } else { 4 };
+        4 * (self.n_layer as u128 * per_layer * self.n_embd as u128 + self.vocab_size as u128)
+    }
+
     /// Whether block `i` carries an MoE layer.
     pub fn is_moe_layer(&self, i: usize) -> bool {
         let in_stride = match self.moe_placement {
@@ -328,7 +381,7 @@ impl GPTConfig {
                     self.moe_top_k, self.n_exp
                 ));
             }
-            if !(0..self.n_layer).any(|i| self.is_moe_layer(i)) {
+            if self.num_moe_layers() == 0 {
                 return bad(format!(
                     "no block would be MoE: stride {}, moe_start_layer {}, n_layer {}",
                     self.stride, self.moe_start_layer, self.n_layer
@@ -354,6 +407,21 @@ impl GPTConfig {
                 if !(v >= 0.0) || !v.is_finite() {
                     return bad(format!("{name} must be >= 0, got {v}"));
                 }
+            }
+        }
+        match self.size() {
+            Some(s) if s.parameters <= MAX_PARAMETERS && s.tensors <= MAX_TENSORS => {}
+            s => {
+                let what = match s {
+                    Some(s) if s.parameters > MAX_PARAMETERS => format!("{} parameters", s.parameters),
+                    Some(s) => format!("{} tensors", s.tensors),
+                    None => "more parameters than a 128-bit count holds".into(),
+                };
+                return bad(format!(
+                    "n_layer {}, n_embd {}, n_exp {}, vocab_size {}, block_size {} describe a model of {what}; \
+                     nanomoe supports up to {MAX_PARAMETERS} parameters in {MAX_TENSORS} tensors",
+                    self.n_layer, self.n_embd, self.n_exp, self.vocab_size, self.block_size
+                ));
             }
         }
         for (name, id) in [("bos_token_id", self.bos_token_id), ("eos_token_id", self.eos_token_id)] {
@@ -646,6 +714,19 @@ impl GPTConfig {
     }
 }
 
+/// The largest model a config may describe: 2^40 parameters (4 TiB in f32) in at most 2^20
+/// tensors. Checked before anything is allocated, so a few bytes of config.json cannot ask for
+/// terabytes; the weight files must then hold them too (checked when loading).
+pub const MAX_PARAMETERS: u128 = 1 << 40;
+pub const MAX_TENSORS: u128 = 1 << 20;
+
+/// What a config describes: see [`GPTConfig::size`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ModelSize {
+    pub tensors: u128,
+    pub parameters: u128,
+}
+
 /// model_type of nanomoe's `nanomoe_gpt` checkpoints (and of the seed's Python HF code).
 pub const NANOMOE_MODEL_TYPE: &str = "nanomoe_gpt";
 
@@ -796,9 +877,47 @@ mod tests {
             ),
             (r#"{"n_layer": "two"}"#, "invalid config: invalid type: string \"two\", expected usize"),
             ("[1]", "invalid config: config must be a JSON object"),
+            (
+                r#"{"n_layer": 1000000000}"#,
+                "invalid config: n_layer 1000000000, n_embd 768, n_exp 1, vocab_size 50304, block_size 1024 describe a model of \
+                 7087872039421440 parameters; nanomoe supports up to 1099511627776 parameters in 1048576 tensors",
+            ),
+            (
+                r#"{"n_layer": 18446744073709551615, "n_embd": 4611686018427387904, "n_head": 1}"#,
+                "invalid config: n_layer 18446744073709551615, n_embd 4611686018427387904, n_exp 1, vocab_size 50304, \
+                 block_size 1024 describe a model of more parameters than a 128-bit count holds; nanomoe supports up to \
+                 1099511627776 parameters in 1048576 tensors",
+            ),
+            (
+                r#"{"n_layer": 1000000, "n_embd": 1, "n_head": 1}"#,
+                "invalid config: n_layer 1000000, n_embd 1, n_exp 1, vocab_size 50304, block_size 1024 describe a model of \
+                 12000004 tensors; nanomoe supports up to 1099511627776 parameters in 1048576 tensors",
+            ),
         ];
         for (json, msg) in cases {
             assert_eq!(GPTConfig::from_json_str(json).unwrap_err().to_string(), msg, "{json}");
+        }
+    }
+
+    #[test]
+    fn size_counts_what_param_specs_builds() {
+        let base = GPTConfig { n_layer: 5, n_embd: 16, n_head: 2, vocab_size: 37, block_size: 9, ..GPTConfig::default() };
+        let mut cases = vec![base.clone(), GPTConfig { bias: false, ..base.clone() }];
+        for bias in [false, true] {
+            for placement in [MoePlacement::End, MoePlacement::Start] {
+                for (stride, start, noisy) in [(1, 0, false), (2, 0, true), (2, 3, false), (3, 1, true)] {
+                    let moe = GPTConfig { n_exp: 4, moe_top_k: 2, stride, moe_start_layer: start, use_noisy_top_k: noisy, moe_placement: placement, bias, ..base.clone() };
+                    cases.push(moe.clone().with_seed_architecture(true));
+                    cases.push(GPTConfig { moe_placement: placement, ..moe.clone().with_seed_architecture(false) });
+                    cases.push(moe);
+                }
+            }
+        }
+        for c in cases {
+            let specs = crate::model::params::param_specs(&c);
+            let n: usize = specs.iter().map(|s| s.shape.iter().product::<usize>()).sum();
+            assert_eq!(c.num_moe_layers(), (0..c.n_layer).filter(|&i| c.is_moe_layer(i)).count(), "{c:?}");
+            assert_eq!(c.size(), Some(ModelSize { tensors: specs.len() as u128, parameters: n as u128 }), "{c:?}");
         }
     }
 

@@ -91,6 +91,11 @@ pub fn evaluate(model: &mut GPT, split: &Split, batch_size: usize, iters: u64, s
     let mut stats = Vec::new();
     let block = model.config.block_size;
     let vocab = model.config.vocab_size;
+    let tokens = batch_size as u128 * block as u128;
+    crate::runtime::check_memory(
+        || format!("evaluating batches of {batch_size} x block_size {block}"),
+        tokens.saturating_mul(model.config.activation_bytes_per_token(false) + 8),
+    )?;
     for k in 0..iters {
         let mut rng = StdRng::seed_from_u64(mix(&[seed, k]));
         let (x, y) = get_batch(split, batch_size, block, vocab, &mut rng, model.device())?;
@@ -111,10 +116,12 @@ pub fn flops_per_token(model: &GPT) -> f64 {
     6.0 * n + 12.0 * (c.n_layer * c.n_embd * c.block_size) as f64
 }
 
-fn data_and_tokenizer(s: &TrainSettings) -> Result<(Dataset, Option<Tokenizer>)> {
-    let builtin = match s.data_dir.as_str() {
-        BUILTIN_ARITHMETIC => Some((arithmetic::tokenizer()?, arithmetic::corpus(60_000, s.seed))),
-        BUILTIN_GRAMMAR => Some((grammar::tokenizer()?, grammar::corpus(30_000, s.seed))),
+/// A prepared data directory, or a built-in corpus (`builtin:grammar`, `builtin:arithmetic`,
+/// generated from `seed` as training does), with its tokenizer when it has one.
+pub fn open_data(data_dir: &str, seed: u64) -> Result<(Dataset, Option<Tokenizer>)> {
+    let builtin = match data_dir {
+        BUILTIN_ARITHMETIC => Some((arithmetic::tokenizer()?, arithmetic::corpus(60_000, seed))),
+        BUILTIN_GRAMMAR => Some((grammar::tokenizer()?, grammar::corpus(30_000, seed))),
         _ => None,
     };
     if let Some((tok, (train, val))) = builtin {
@@ -129,8 +136,8 @@ fn data_and_tokenizer(s: &TrainSettings) -> Result<(Dataset, Option<Tokenizer>)>
         };
         return Ok((Dataset { train: Split::from_vec("train", train), val: Split::from_vec("val", val), meta, dir: None }, Some(tok)));
     }
-    let ds = Dataset::open(Path::new(&s.data_dir))?;
-    let tok_path = Path::new(&s.data_dir).join(crate::tokenizer::TOKENIZER_FILE);
+    let ds = Dataset::open(Path::new(data_dir))?;
+    let tok_path = Path::new(data_dir).join(crate::tokenizer::TOKENIZER_FILE);
     let tok = if tok_path.is_file() { Some(Tokenizer::from_file(&tok_path)?) } else { None };
     Ok((ds, tok))
 }
@@ -193,9 +200,27 @@ impl Log {
     }
 }
 
+/// Refuses batch sizes and models this machine cannot hold, before allocating them: weights
+/// (unless `weights_loaded`), gradients and AdamW's two moments (4 x 4 bytes per parameter),
+/// the activations of one micro-batch and the token ids of every micro-batch of a step.
+fn check_training_memory(cfg: &GPTConfig, s: &TrainSettings, weights_loaded: bool) -> Result<()> {
+    let parameters = cfg.size().map(|z| z.parameters).unwrap_or(u128::MAX);
+    let tokens = s.batch_size as u128 * cfg.block_size as u128;
+    let need = parameters.saturating_mul(if weights_loaded { 12 } else { 16 })
+        .saturating_add(tokens.saturating_mul(cfg.activation_bytes_per_token(true)))
+        .saturating_add(tokens.saturating_mul(s.gradient_accumulation_steps as u128).saturating_mul(8));
+    crate::runtime::check_memory(
+        || format!(
+            "training {parameters} parameters with batch_size {} x block_size {} x gradient_accumulation_steps {}",
+            s.batch_size, cfg.block_size, s.gradient_accumulation_steps
+        ),
+        need,
+    )
+}
+
 /// Trains as the settings say; returns what happened.
 pub fn train(resolved: &Resolved) -> Result<Outcome> {
-    crate::runtime::set_threads(resolved.train.threads);
+    crate::runtime::set_threads(resolved.train.threads)?;
     crate::runtime::on_compute_pool(|| train_on_pool(resolved))
 }
 
@@ -216,7 +241,7 @@ fn train_on_pool(resolved: &Resolved) -> Result<Outcome> {
         }
         let _ = std::fs::remove_file(out_dir.join("metrics.jsonl"));
     }
-    let (data, tokenizer) = data_and_tokenizer(s)?;
+    let (data, tokenizer) = open_data(&s.data_dir, s.seed)?;
     let vocab = data.meta.vocab_size;
 
     // ---- model ----
@@ -236,6 +261,7 @@ fn train_on_pool(resolved: &Resolved) -> Result<Outcome> {
                 cfg.eos_token_id = tokenizer.as_ref().and_then(|t| t.eos_token_id()).filter(|&id| (id as usize) < cfg.vocab_size);
                 cfg.bos_token_id = cfg.bos_token_id.or(cfg.eos_token_id);
             }
+            check_training_memory(&cfg, s, false)?;
             let model = GPT::new_seeded(&cfg, s.seed, &device)?;
             let opt = AdamW::new(model.params(), opt_cfg)?;
             (model, opt, 0, None, 0)
@@ -258,6 +284,9 @@ fn train_on_pool(resolved: &Resolved) -> Result<Outcome> {
             (model, opt, 0, None, 0)
         }
     };
+    if s.init_from != "scratch" {
+        check_training_memory(&model.config, s, true)?;
+    }
     if vocab > model.config.vocab_size {
         return Err(Error::Config(format!(
             "the data's vocabulary ({vocab} tokens) is larger than the model's vocab_size {}",
