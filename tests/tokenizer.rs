@@ -1,7 +1,6 @@
 //! Tokenizers: GPT-2 BPE ids equal tiktoken's on all of tiny-shakespeare; char-level
 //! round trips; files round trip.
 
-use std::path::PathBuf;
 
 use nanomoe::tokenizer::Tokenizer;
 
@@ -61,4 +60,50 @@ fn tokenizer_files_round_trip() {
     std::fs::write(&bad, "{\"model\": 3}").unwrap();
     let e = Tokenizer::from_file(&bad).err().unwrap().to_string();
     assert!(e.starts_with(&format!("{}: not a valid tokenizer.json", bad.display())), "{e}");
+}
+
+#[test]
+fn malformed_tokenizer_files_are_errors_not_panics() {
+    let tmp = tempfile::tempdir().unwrap();
+    let base: serde_json::Value = serde_json::from_str(&Tokenizer::char_level("abc").unwrap().to_json().unwrap()).unwrap();
+    let cases: Vec<(&str, serde_json::Value)> = vec![
+        ("/decoder", serde_json::json!(5)),
+        ("/decoder", serde_json::json!({"type": 5})),
+        ("/decoder", serde_json::json!({"type": "Sequence", "decoders": 5})),
+        ("/decoder", serde_json::json!({"type": "Replace", "pattern": {"Regex": "("}, "content": ""})),
+        ("/normalizer", serde_json::json!({"type": "Precompiled", "precompiled_charsmap": 5})),
+        ("/normalizer", serde_json::json!({"type": "Lowercase", "x": [1, 2]})),
+        ("/pre_tokenizer", serde_json::json!({"type": "Split", "pattern": {"Regex": "(("}, "behavior": "Isolated", "invert": false})),
+        ("/model/vocab/a", serde_json::json!(1_000_000_000u64)),
+        ("/model/vocab/a", serde_json::json!(-1)),
+        ("/model", serde_json::json!(null)),
+    ];
+    for (pointer, value) in cases {
+        let mut v = base.clone();
+        *v.pointer_mut(pointer).unwrap_or_else(|| panic!("{pointer}")) = value.clone();
+        let p = tmp.path().join("tokenizer.json");
+        std::fs::write(&p, serde_json::to_string(&v).unwrap()).unwrap();
+        // Reading, encoding, decoding and saving never panic; what fails names the file.
+        match Tokenizer::from_file(&p) {
+            Err(e) => assert!(e.to_string().starts_with(&format!("{}: not a valid tokenizer.json: ", p.display())), "{pointer}={value}: {e}"),
+            Ok(t) => {
+                let _ = t.encode("abc");
+                let _ = t.decode(&[0, 1, 2, 3]);
+                let _ = t.to_json();
+            }
+        }
+    }
+    // The tokenizers library panics on this one (an `expect` in its Precompiled normalizer).
+    let mut v = base.clone();
+    *v.pointer_mut("/normalizer").unwrap() = serde_json::json!({"type": "Precompiled", "precompiled_charsmap": 5});
+    std::fs::write(tmp.path().join("tokenizer.json"), serde_json::to_string(&v).unwrap()).unwrap();
+    let e = Tokenizer::from_file(&tmp.path().join("tokenizer.json")).err().unwrap().to_string();
+    assert!(e.contains("not a valid tokenizer.json: the tokenizers library failed on it (Precompiled: "), "{e}");
+    let mut v = base.clone();
+    *v.pointer_mut("/model/vocab/a").unwrap() = serde_json::json!(1_000_000_000u64);
+    std::fs::write(tmp.path().join("tokenizer.json"), serde_json::to_string(&v).unwrap()).unwrap();
+    assert_eq!(
+        Tokenizer::from_file(&tmp.path().join("tokenizer.json")).err().unwrap().to_string(),
+        format!("{}: not a valid tokenizer.json: token id 1000000000 is out of range (ids must be integers below 16777216)", tmp.path().join("tokenizer.json").display())
+    );
 }

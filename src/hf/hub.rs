@@ -9,7 +9,11 @@
 //!   token is sent only to the endpoint, never to the file store the Hub redirects to, and
 //!   never appears in an error message.
 //! - Downloads resume from `blobs/<etag>.incomplete`; LFS files are checked against the
-//!   sha256 the Hub names as their etag; nothing incomplete ever lands in a snapshot.
+//!   sha256 the Hub names as their etag, other files against their git blob id (the etag the
+//!   Hub sends for them); nothing incomplete ever lands in a snapshot.
+//! - A server that stops answering is given up on after `HF_HUB_DOWNLOAD_TIMEOUT` seconds
+//!   without a byte (default 10, as huggingface_hub), however long the whole download takes;
+//!   connecting has `HF_HUB_ETAG_TIMEOUT` seconds (default 10).
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Write};
@@ -59,6 +63,27 @@ pub struct HubClient {
     agent: ureq::Agent,
 }
 
+/// Seconds from an environment variable (a positive number), else `default`.
+fn env_seconds(name: &str, default: f64) -> Duration {
+    let v = std::env::var(name).ok().and_then(|v| v.trim().parse::<f64>().ok()).filter(|v| *v > 0.0 && v.is_finite());
+    Duration::from_secs_f64(v.unwrap_or(default).min(86_400.0))
+}
+
+/// An HTTP agent with the Hub's timeouts: connecting within HF_HUB_ETAG_TIMEOUT, and no
+/// read (headers or body) waiting longer than HF_HUB_DOWNLOAD_TIMEOUT for a byte - an idle
+/// timeout, so a large download is never cut off while data flows. No total limit.
+pub(crate) fn agent(max_redirects: u32) -> ureq::Agent {
+    ureq::Agent::config_builder()
+        .max_redirects(max_redirects)
+        .http_status_as_error(false)
+        .timeout_connect(Some(env_seconds("HF_HUB_ETAG_TIMEOUT", 10.0)))
+        .timeout_per_read(Some(env_seconds("HF_HUB_DOWNLOAD_TIMEOUT", 10.0)))
+        .timeout_per_write(Some(env_seconds("HF_HUB_DOWNLOAD_TIMEOUT", 10.0).max(Duration::from_secs(60))))
+        .user_agent(concat!("nanomoe/", env!("CARGO_PKG_VERSION")))
+        .build()
+        .into()
+}
+
 fn env_flag(name: &str) -> bool {
     std::env::var(name).map(|v| matches!(v.to_ascii_lowercase().as_str(), "1" | "true" | "yes" | "on")).unwrap_or(false)
 }
@@ -77,14 +102,7 @@ impl HubClient {
     }
 
     pub fn new(endpoint: String, token: Option<String>, offline: bool, cache: PathBuf) -> Self {
-        let agent: ureq::Agent = ureq::Agent::config_builder()
-            .max_redirects(0)
-            .http_status_as_error(false)
-            .timeout_connect(Some(Duration::from_secs(20)))
-            .timeout_recv_body(Some(Duration::from_secs(300)))
-            .user_agent(concat!("nanomoe/", env!("CARGO_PKG_VERSION")))
-            .build()
-            .into();
+        let agent = agent(0);
         HubClient { endpoint, token, offline, cache, agent }
     }
 
@@ -112,7 +130,10 @@ impl HubClient {
             req = req.header("Range", format!("bytes={from}-"));
         }
         let req = req.body(()).map_err(|e| hub_err(format!("invalid request URL {url}: {e}")))?;
-        self.agent.run(req).map_err(|e| hub_err(format!("network unreachable: cannot reach {} ({e})", self.endpoint)))
+        self.agent.run(req).map_err(|e| match e {
+            ureq::Error::Timeout(_) => hub_err(format!("{} did not answer within {} s (HF_HUB_DOWNLOAD_TIMEOUT)", host_of(url), env_seconds("HF_HUB_DOWNLOAD_TIMEOUT", 10.0).as_secs_f64())),
+            e => hub_err(format!("network unreachable: cannot reach {} ({e})", host_of(url))),
+        })
     }
 
     /// Error for a non-success Hub response.
@@ -251,11 +272,19 @@ impl HubClient {
         if !blob.is_file() {
             let partial = blobs.join(format!("{etag}.incomplete"));
             self.fetch(&url, &partial, size, file)?;
-            if etag.len() == 64 && etag.chars().all(|c| c.is_ascii_hexdigit()) {
-                let got = sha256_file(&partial)?;
+            // LFS files are named by their sha256, others by their git blob id (sha1 of
+            // "blob <len>\0" + content): either way a truncated or altered file is caught,
+            // with or without a Content-Length.
+            let hex = etag.chars().all(|c| c.is_ascii_hexdigit());
+            let check = match etag.len() {
+                64 if hex => Some(("sha256", sha256_file(&partial)?)),
+                40 if hex => Some(("git blob id", git_blob_id(&partial)?)),
+                _ => None,
+            };
+            if let Some((kind, got)) = check {
                 if got != etag.to_ascii_lowercase() {
                     let _ = fs::remove_file(&partial);
-                    return Err(hub_err(format!("sha256 of {file} is {got}, but the Hub says {etag}: download corrupted, removed")));
+                    return Err(hub_err(format!("{kind} of {file} is {got}, but the Hub says {etag}: download corrupted or truncated, removed")));
                 }
             }
             fs::rename(&partial, &blob).map_err(|e| Error::file(&blob, e))?;
@@ -285,7 +314,7 @@ impl HubClient {
             let r = self.request("GET", &url, (have > 0).then_some(have))?;
             if r.status().is_redirection() {
                 let loc = r.headers().get("location").and_then(|v| v.to_str().ok()).ok_or_else(|| hub_err(format!("redirect without location for {file}")))?;
-                url = if loc.starts_with("http://") || loc.starts_with("https://") { loc.to_string() } else { format!("{}{}", origin(&url), loc) };
+                url = resolve_location(&url, loc);
                 continue;
             }
             resp = Some(r);
@@ -308,6 +337,12 @@ impl HubClient {
             let n = match reader.read(&mut buf) {
                 Ok(0) => break,
                 Ok(n) => n,
+                Err(e) if e.to_string().contains("timeout") || e.kind() == std::io::ErrorKind::TimedOut => {
+                    return Err(hub_err(format!(
+                        "download of {file} is truncated: no data for {} s (HF_HUB_DOWNLOAD_TIMEOUT); run again to resume",
+                        env_seconds("HF_HUB_DOWNLOAD_TIMEOUT", 10.0).as_secs_f64()
+                    )))
+                }
                 Err(e) => return Err(hub_err(format!("download of {file} is truncated: the connection broke off ({e}); run again to resume"))),
             };
             out.write_all(&buf[..n]).map_err(|e| Error::file(partial, e))?;
@@ -325,11 +360,7 @@ impl HubClient {
 
 /// Downloads `url` (following redirects) into `dest` through a temporary file.
 pub fn download_url(url: &str, dest: &Path) -> Result<()> {
-    let agent: ureq::Agent = ureq::Agent::config_builder()
-        .timeout_connect(Some(Duration::from_secs(20)))
-        .http_status_as_error(false)
-        .build()
-        .into();
+    let agent = agent(8);
     let mut resp = agent.get(url).call().map_err(|e| hub_err(format!("network unreachable: cannot reach {} ({e})", origin(url))))?;
     if !resp.status().is_success() {
         return Err(hub_err(format!("downloading {url} failed: HTTP {}", resp.status().as_u16())));
@@ -347,6 +378,24 @@ pub(crate) fn host_of(url: &str) -> String {
     origin(url)
 }
 
+/// The URL a redirect's Location names, resolved against `base`: absolute, protocol-relative
+/// (`//host/path`), absolute-path (`/path`) or relative (`path`).
+fn resolve_location(base: &str, loc: &str) -> String {
+    if loc.starts_with("http://") || loc.starts_with("https://") {
+        return loc.to_string();
+    }
+    if let Some(rest) = loc.strip_prefix("//") {
+        let scheme = base.split("://").next().unwrap_or("https");
+        return format!("{scheme}://{rest}");
+    }
+    if loc.starts_with('/') {
+        return format!("{}{loc}", origin(base));
+    }
+    let path_end = base.find(['?', '#']).unwrap_or(base.len());
+    let dir_end = base[..path_end].rfind('/').map(|i| i + 1).unwrap_or(path_end);
+    format!("{}{loc}", &base[..dir_end.max(origin(base).len())])
+}
+
 fn origin(url: &str) -> String {
     let scheme_end = url.find("://").map(|i| i + 3).unwrap_or(0);
     match url[scheme_end..].find('/') {
@@ -362,6 +411,24 @@ pub(crate) fn urlencode(s: &str) -> String {
             _ => format!("%{b:02X}"),
         })
         .collect()
+}
+
+/// git's blob id of a file: sha1 of "blob <length>\0" followed by the content.
+fn git_blob_id(path: &Path) -> Result<String> {
+    use sha1::Sha1;
+    let len = fs::metadata(path).map_err(|e| Error::file(path, e))?.len();
+    let mut f = File::open(path).map_err(|e| Error::file(path, e))?;
+    let mut h = Sha1::new();
+    h.update(format!("blob {len}\0").as_bytes());
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf).map_err(|e| Error::file(path, e))?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
 }
 
 fn sha256_file(path: &Path) -> Result<String> {
@@ -391,5 +458,11 @@ mod tests {
         assert!(safe_relative("sub/dir/file.json"));
         assert_eq!(origin("http://127.0.0.1:8080/a/b?c"), "http://127.0.0.1:8080");
         assert_eq!(urlencode("refs/pr/1"), "refs%2Fpr%2F1");
+        let base = "https://hub.example/o/n/resolve/main/a/b.json?x=1";
+        assert_eq!(resolve_location(base, "//cdn.example/f/1"), "https://cdn.example/f/1");
+        assert_eq!(resolve_location("http://127.0.0.1:5/a/b", "//127.0.0.1:6/lfs/x"), "http://127.0.0.1:6/lfs/x");
+        assert_eq!(resolve_location(base, "/api/x"), "https://hub.example/api/x");
+        assert_eq!(resolve_location(base, "c.json"), "https://hub.example/o/n/resolve/main/a/c.json");
+        assert_eq!(resolve_location(base, "http://other/y"), "http://other/y");
     }
 }

@@ -162,7 +162,10 @@ impl Tokenizer {
     /// Reads `tokenizer.json` (and `tokenizer_config.json` next to it when present).
     pub fn from_file(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::file(path, e))?;
-        let inner: tokenizers::Tokenizer = text.parse().map_err(|e| Error::file(path, format!("not a valid tokenizer.json: {e}")))?;
+        check_token_ids(&text).map_err(|e| Error::file(path, format!("not a valid tokenizer.json: {e}")))?;
+        let inner: tokenizers::Tokenizer = crate::runtime::catch_panic(|| text.parse::<tokenizers::Tokenizer>())
+            .map_err(|p| Error::file(path, format!("not a valid tokenizer.json: the tokenizers library failed on it ({p})")))?
+            .map_err(|e| Error::file(path, format!("not a valid tokenizer.json: {e}")))?;
         let mut t = Tokenizer { inner, eos_token: None, bos_token: None, unk_token: None };
         let cfg_path = path.with_file_name(TOKENIZER_CONFIG_FILE);
         if cfg_path.is_file() {
@@ -188,11 +191,12 @@ impl Tokenizer {
     }
 
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
-        Ok(self.inner.encode_fast(text, false).map_err(tk_err)?.get_ids().to_vec())
+        let enc = crate::runtime::catch_panic(|| self.inner.encode_fast(text, false)).map_err(tk_err)?;
+        Ok(enc.map_err(tk_err)?.get_ids().to_vec())
     }
 
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
-        self.inner.decode(ids, false).map_err(tk_err)
+        crate::runtime::catch_panic(|| self.inner.decode(ids, false)).map_err(tk_err)?.map_err(tk_err)
     }
 
     /// Vocabulary size including added tokens.
@@ -210,7 +214,7 @@ impl Tokenizer {
 
     /// tokenizer.json as text.
     pub fn to_json(&self) -> Result<String> {
-        self.inner.to_string(false).map_err(tk_err)
+        crate::runtime::catch_panic(|| self.inner.to_string(false)).map_err(tk_err)?.map_err(tk_err)
     }
 
     pub fn config_json(&self, model_max_length: Option<usize>) -> Value {
@@ -239,6 +243,31 @@ impl Tokenizer {
         write_atomic(&dir.join(TOKENIZER_FILE), self.to_json()?.as_bytes())?;
         write_atomic(&dir.join(TOKENIZER_CONFIG_FILE), cfg.as_bytes())
     }
+}
+
+/// Token ids above this are refused when reading tokenizer.json: the largest vocabularies in
+/// use hold ~256k tokens, and the tokenizers library walks every id up to the largest one when
+/// it saves (an id of 1e9 asked for 4 GiB).
+pub const MAX_TOKEN_ID: u64 = 1 << 24;
+
+/// Checks the ids in tokenizer.json's vocabulary and added tokens before the tokenizers
+/// library reads it.
+fn check_token_ids(text: &str) -> std::result::Result<(), String> {
+    let v: Value = serde_json::from_str(text).map_err(|e| e.to_string())?;
+    let mut ids: Vec<&Value> = Vec::new();
+    if let Some(Value::Object(vocab)) = v.pointer("/model/vocab") {
+        ids.extend(vocab.values());
+    }
+    if let Some(Value::Array(added)) = v.get("added_tokens") {
+        ids.extend(added.iter().filter_map(|t| t.get("id")));
+    }
+    for id in ids {
+        match id.as_u64() {
+            Some(i) if i < MAX_TOKEN_ID => {}
+            _ => return Err(format!("token id {id} is out of range (ids must be integers below {MAX_TOKEN_ID})")),
+        }
+    }
+    Ok(())
 }
 
 /// Writes `bytes` to `path` through a temporary file in the same directory and a rename.

@@ -9,6 +9,7 @@ client (huggingface_hub.snapshot_download), so it cannot drift from the protocol
 import hashlib
 import json
 import threading
+import time
 import urllib.parse
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -24,7 +25,11 @@ class Hub:
         self.repos = {}  # repo -> {"private": bool, "refs": {name: sha}, "commits": {sha: {path: bytes}}}
         self.requests = []  # (server, method, path)
         self.store_auth_seen = []
-        self.faults = {}  # repo -> "truncate" | "badsha" | "traversal"
+        # repo -> "truncate" | "badsha" | "traversal" | "ghostfile" | "unauthorized" | "silent"
+        # (no answer for 30 s) | "stall" (half a file, then 30 s of nothing) | "nolength" (half
+        # a file without Content-Length, then a clean close) | "protorel" (a protocol-relative
+        # redirect to the file store)
+        self.faults = {}
         self.ranges = []  # (file, start) of ranged requests
         self.lock = threading.Lock()
         self.hub = ThreadingHTTPServer(("127.0.0.1", 0), self._handler("hub"))
@@ -68,15 +73,17 @@ class Hub:
             def log_message(self, *a):
                 pass
 
-            def _send(self, status, headers=None, body=b"", head=False, declared=None):
+            def _send(self, status, headers=None, body=b"", head=False, declared=None, stall=0.0):
                 self.send_response(status)
                 for k, v in (headers or {}).items():
                     self.send_header(k, v)
-                self.send_header("Content-Length", str(len(body) if declared is None else declared))
+                if declared != "none":
+                    self.send_header("Content-Length", str(len(body) if declared is None else declared))
                 self.end_headers()
                 if not head:
                     self.wfile.write(body)
                     self.wfile.flush()
+                time.sleep(stall)
                 if declared is not None:
                     self.close_connection = True
 
@@ -234,6 +241,8 @@ class Hub:
                 # /api/models/{owner}/{name}/revision/{rev}
                 if len(parts) >= 7 and parts[1:3] == ["api", "models"] and parts[5] == "revision":
                     repo = parts[3] + "/" + parts[4]
+                    if hub.faults.get(repo) == "silent":
+                        time.sleep(30)
                     r = self._repo(repo, head)
                     if r is None:
                         return
@@ -287,10 +296,16 @@ class Hub:
                         hdr = dict(common, **{"ETag": '"%s"' % linked, "X-Linked-Etag": '"%s"' % linked,
                                               "X-Linked-Size": str(len(data)),
                                               "Location": hub.store_url + "/lfs/" + digest})
+                        if fault == "protorel":
+                            hdr["Location"] = hub.store_url.replace("http:", "") + "/lfs/" + digest
                         return self._send(302, hdr, b"", head)
                     hdr = dict(common, **{"ETag": '"%s"' % git_sha1(data), "Content-Type": "application/octet-stream"})
                     if fault == "truncate" and not head:
                         return self._send(200, hdr, data[: len(data) // 2], head, declared=len(data))
+                    if fault == "stall" and not head:
+                        return self._send(200, hdr, data[: len(data) // 2], head, declared=len(data), stall=30)
+                    if fault == "nolength":
+                        return self._send(200, dict(hdr, Connection="close"), data[: len(data) // 2], head, declared="none")
                     rng = self.headers.get("Range")
                     if rng and rng.startswith("bytes=") and not head:
                         start = int(rng[6:].split("-")[0])

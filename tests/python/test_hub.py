@@ -145,13 +145,19 @@ def test_private_repos_token_and_errors(tmp_path, hub):
     ("truncate", "is truncated"),
     ("badsha", "download corrupted"),
     ("traversal", "would escape the cache"),
+    # A server that never answers, or stops sending, is given up on after
+    # HF_HUB_DOWNLOAD_TIMEOUT seconds without data (it would answer after 30 s).
+    ("silent", "did not answer within 1 s (HF_HUB_DOWNLOAD_TIMEOUT)"),
+    ("stall", "is truncated: no data for 1 s (HF_HUB_DOWNLOAD_TIMEOUT)"),
+    # Without Content-Length a clean close looks complete: the git blob id catches it.
+    ("nolength", "but the Hub says"),
 ])
 def test_hostile_answers_are_refused(tmp_path, hub, fault, message):
     d, files = model_files(tmp_path, MOE, seed=4)
     hub.add("faults/" + fault, files)
     hub.faults["faults/" + fault] = fault
     cache = tmp_path / "cache"
-    code, _, err = nm(env(hub, cache), "info", "faults/" + fault)
+    code, _, err = nm(env(hub, cache, HF_HUB_DOWNLOAD_TIMEOUT="1"), "info", "faults/" + fault)
     assert code != 0 and message in err, err
     assert err.count("\n") == 1
     snaps = cache / ("models--faults--" + fault) / "snapshots"
@@ -161,6 +167,17 @@ def test_hostile_answers_are_refused(tmp_path, hub, fault, message):
             p = Path(root) / n
             assert p.read_bytes() == files[n]
     assert not (tmp_path / "escape.txt").exists()
+
+
+def test_protocol_relative_redirect_goes_to_the_named_host(tmp_path, hub):
+    d, files = model_files(tmp_path, MOE, seed=6)
+    hub.add("owner/protorel", files)
+    hub.faults["owner/protorel"] = "protorel"
+    e = env(hub, tmp_path / "cache")
+    code, _, err = nm(e, "info", "owner/protorel")
+    assert code == 0, err
+    assert hub.count("store") > 0  # the weights came from the file store's host
+    assert (logits(e, "owner/protorel", tmp_path) - logits(e, d, tmp_path)).abs().max().item() == 0.0
 
 
 def test_interrupted_downloads_resume(tmp_path, hub):
