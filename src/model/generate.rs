@@ -56,7 +56,7 @@ impl GenerationConfig {
     }
 
     pub fn validate(&self) -> Result<()> {
-        if self.do_sample && !(self.temperature > 0.0) {
+        if self.do_sample && !(self.temperature > 0.0 && self.temperature.is_finite()) {
             return Err(input_err!("temperature must be > 0 when sampling, got {}", self.temperature));
         }
         if self.top_k == Some(0) {
@@ -80,7 +80,18 @@ impl GenerationConfig {
 }
 
 /// Applies the configured processors to one row of logits in place, then picks a token.
-fn next_token(logits: &mut [f32], context: &[u32], cfg: &GenerationConfig, rng: &mut StdRng) -> u32 {
+/// NaN or +Inf logits are an error (they would otherwise silently pick token 0).
+fn next_token(logits: &mut [f32], context: &[u32], cfg: &GenerationConfig, rng: &mut StdRng) -> Result<u32> {
+    if let Some(i) = logits.iter().position(|l| l.is_nan() || *l == f32::INFINITY) {
+        return Err(crate::error::Error::Msg(format!(
+            "the model's logits are not finite (token {i}: {}): its weights hold NaN or Inf values, or its activations overflowed",
+            logits[i]
+        )));
+    }
+    Ok(pick_token(logits, context, cfg, rng))
+}
+
+fn pick_token(logits: &mut [f32], context: &[u32], cfg: &GenerationConfig, rng: &mut StdRng) -> u32 {
     if cfg.repetition_penalty != 1.0 {
         let p = cfg.repetition_penalty as f32;
         let mut seen = vec![false; logits.len()];
@@ -95,8 +106,11 @@ fn next_token(logits: &mut [f32], context: &[u32], cfg: &GenerationConfig, rng: 
     if !cfg.do_sample {
         return argmax(logits);
     }
+    // (l - max) / T, not l / T: the same distribution, and a tiny T cannot overflow to
+    // Inf - Inf = NaN (it becomes greedy, as the limit says).
     let temp = cfg.temperature as f32;
-    logits.iter_mut().for_each(|l| *l /= temp);
+    let max = logits.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+    logits.iter_mut().for_each(|l| *l = (*l - max) / temp);
     if let Some(k) = cfg.top_k {
         if k < logits.len() {
             let mut sorted: Vec<f32> = logits.to_vec();
@@ -243,7 +257,7 @@ impl GPT {
                 let tok = if done[i] {
                     pad_id
                 } else {
-                    let t = next_token(&mut row_logits, &rows[i][pads[i]..], cfg, &mut rng);
+                    let t = next_token(&mut row_logits, &rows[i][pads[i]..], cfg, &mut rng)?;
                     on_token(i, t);
                     generated[i].push(t);
                     done[i] = Some(t) == cfg.eos_token_id;
@@ -281,19 +295,19 @@ mod tests {
         let cfg = GenerationConfig { top_k: Some(1), ..Default::default() };
         for _ in 0..20 {
             let mut l = vec![0.0, 3.0, 1.0, 2.0];
-            assert_eq!(next_token(&mut l, &[], &cfg, &mut rng), 1);
+            assert_eq!(next_token(&mut l, &[], &cfg, &mut rng).unwrap(), 1);
         }
         // top_p = 0.5 keeps only the dominant token.
         let cfg = GenerationConfig { top_p: Some(0.5), ..Default::default() };
         for _ in 0..20 {
             let mut l = vec![0.0, 5.0, 1.0, 2.0];
-            assert_eq!(next_token(&mut l, &[], &cfg, &mut rng), 1);
+            assert_eq!(next_token(&mut l, &[], &cfg, &mut rng).unwrap(), 1);
         }
         // min_p = 0.5 removes tokens below half the top probability.
         let cfg = GenerationConfig { min_p: Some(0.5), ..Default::default() };
         for _ in 0..20 {
             let mut l = vec![0.0, 5.0, 1.0, 2.0];
-            assert_eq!(next_token(&mut l, &[], &cfg, &mut rng), 1);
+            assert_eq!(next_token(&mut l, &[], &cfg, &mut rng).unwrap(), 1);
         }
     }
 
@@ -303,8 +317,27 @@ mod tests {
         let cfg = GenerationConfig { repetition_penalty: 2.0, do_sample: false, ..Default::default() };
         // token 1 (logit 3, seen) -> 1.5 ; token 2 (logit 2) wins.
         let mut l = vec![0.0, 3.0, 2.0, -1.0];
-        assert_eq!(next_token(&mut l, &[1, 3], &cfg, &mut rng), 2);
+        assert_eq!(next_token(&mut l, &[1, 3], &cfg, &mut rng).unwrap(), 2);
         assert_eq!(l, vec![0.0, 1.5, 2.0, -2.0]);
+    }
+
+    #[test]
+    fn tiny_temperature_is_greedy_and_nan_logits_are_errors() {
+        let mut rng = StdRng::seed_from_u64(0);
+        let cfg = GenerationConfig { temperature: 1e-45, ..Default::default() };
+        for _ in 0..20 {
+            let mut l = vec![0.5, -1.0, 2.25, 2.0];
+            assert_eq!(next_token(&mut l, &[], &cfg, &mut rng).unwrap(), 2);
+        }
+        for bad in [f32::NAN, f32::INFINITY] {
+            for cfg in [GenerationConfig::default(), GenerationConfig::greedy(1)] {
+                let mut l = vec![0.5, bad, 2.25];
+                let e = next_token(&mut l, &[], &cfg, &mut rng).unwrap_err().to_string();
+                assert_eq!(e, format!("the model's logits are not finite (token 1: {bad}): its weights hold NaN or Inf values, or its activations overflowed"));
+            }
+        }
+        let e = GenerationConfig { temperature: f64::INFINITY, ..Default::default() }.validate().unwrap_err();
+        assert_eq!(e.to_string(), "invalid input: temperature must be > 0 when sampling, got inf");
     }
 
     #[test]
