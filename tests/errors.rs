@@ -124,7 +124,7 @@ fn config_and_directory_errors() {
     std::fs::remove_file(d.join("config.json")).unwrap();
     assert_eq!(err(&d), format!("{}: no config.json: not a model directory", d.join("config.json").display()));
     let missing = tmp.path().join("nope/deeper");
-    assert_eq!(err(&missing), format!("{}: no such directory", missing.display()));
+    assert_eq!(err(&missing), format!("{}: no such directory, and not a Hub repo id (owner/name, or gpt2, gpt2-medium, gpt2-large, gpt2-xl)", missing.display()));
 
     saved(&d, &cfg());
     std::fs::remove_file(d.join("model.safetensors")).unwrap();
@@ -179,7 +179,7 @@ fn cli_errors_are_one_line() {
         (vec!["forward", ds, "--ids", "1,2", "--labels", "1"], "error: --labels has shape [1, 1] but --ids has shape [1, 2]".into()),
         (vec!["new", "--config", r#"{"n_embd": 10, "n_head": 3}"#, "--out", ds], "error: invalid config: n_embd (10) must be divisible by n_head (3)".into()),
         (vec!["new", "--config", "/does/not/exist.json", "--out", ds], "error: cannot read config file /does/not/exist.json: No such file or directory (os error 2)".into()),
-        (vec!["info", "/does/not/exist"], "error: /does/not/exist: no such directory".into()),
+        (vec!["info", "/does/not/exist"], "error: /does/not/exist: no such directory, and not a Hub repo id (owner/name, or gpt2, gpt2-medium, gpt2-large, gpt2-xl)".into()),
         (vec!["generate", ds, "--ids", "1", "--top-p", "2"], "error: invalid input: top_p must be in (0, 1], got 2".into()),
         (vec!["generate", ds, "--ids", "1", "--frobnicate"], "error: unexpected argument '--frobnicate' found".into()),
         (vec!["new", "--config", "{}", "--out", ds, "--dtype", "f8"], "error: invalid input: unknown dtype \"f8\" (use f32, f16 or bf16)".into()),
@@ -195,6 +195,49 @@ fn cli_errors_are_one_line() {
     }
     // A failed `new` left the earlier model intact.
     assert!(GPT::from_pretrained(&d).is_ok());
+}
+
+/// Sizes no machine can hold are refused before anything is allocated, naming the need.
+#[test]
+fn cli_absurd_sizes_are_refused_before_allocating() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path().join("m");
+    let ds = d.to_str().unwrap();
+    assert_eq!(cli(&["new", "--config", r#"{"n_layer":1,"n_head":2,"n_embd":8,"vocab_size":64,"block_size":8}"#, "--out", ds]).0, 0);
+    // The built-in corpora evaluate as train makes them.
+    let (code, out, err) = cli(&["eval", ds, "--data", "builtin:grammar", "--iters", "2"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.starts_with("val loss "), "{out}");
+    let cores = std::thread::available_parallelism().unwrap().get();
+    let out_dir = tmp.path().join("t");
+    let o = format!("--out_dir={}", out_dir.display());
+    let cases: Vec<(Vec<&str>, String)> = vec![
+        (vec!["--threads", "100000", "info", ds], format!("error: invalid config: --threads 100000 is more than 4 per core (this machine has {cores} cores; at most {})", 4 * cores)),
+        (vec!["eval", ds, "--data", "builtin:grammar", "--batch-size", "1000000000000"], "error: invalid config: evaluating batches of 1000000000000 x block_size 8 needs at least 3.1 PB of memory but this machine has ".into()),
+        (vec!["train", "--batch_size=1000000000000", "--max_iters=1", &o], "error: invalid config: training 1582720 parameters with batch_size 1000000000000 x block_size 32 x gradient_accumulation_steps 1 needs at least 1.1 EB of memory".into()),
+        (vec!["train", "--gradient_accumulation_steps=4611686018427387904", "--max_iters=1", &o], "error: invalid config: training 1582720 parameters with batch_size 64 x block_size 32 x gradient_accumulation_steps 4611686018427387904 needs at least 2^76 B of memory".into()),
+        (vec!["train", "--n_layer=1000000000", "--max_iters=1", &o], "error: invalid config: n_layer 1000000000, n_embd 128, n_exp 4, vocab_size 28, block_size 32 describe a model of 393728000007808 parameters".into()),
+        (vec!["new", "--config", r#"{"n_embd": 4611686018427387904, "n_head": 1}"#, "--out", ds], "error: invalid config: n_layer 12, n_embd 4611686018427387904, n_exp 1, vocab_size 50304, block_size 1024 describe a model of more parameters than a 128-bit count holds".into()),
+        (vec!["tokenize"], "error: nothing to do: give --text TEXT, --decode IDS or --save DIR (see nanomoe tokenize --help)".into()),
+    ];
+    for (args, msg) in cases {
+        let (code, _, err) = cli(&args);
+        assert_ne!(code, 0, "{args:?}");
+        assert!(err.starts_with(&msg), "{args:?}: {err}");
+        assert_eq!(err.trim_end().lines().count(), 1, "{args:?}");
+    }
+    assert!(!out_dir.join("model").exists());
+    // A config.json that claims more parameters than its weight files hold.
+    let cfg = d.join("config.json");
+    let mut v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&cfg).unwrap()).unwrap();
+    v["n_layer"] = 10000.into();
+    std::fs::write(&cfg, v.to_string()).unwrap();
+    let (_, _, err) = cli(&["info", ds]);
+    assert_eq!(err.trim_end(), format!("error: {ds}: config.json describes 8720592 parameters (at least 17441184 bytes in 16-bit) but the weight files hold 7288 bytes"));
+    v["n_layer"] = 100000.into();
+    std::fs::write(&cfg, v.to_string()).unwrap();
+    let (_, _, err) = cli(&["generate", ds, "--ids", "1"]);
+    assert!(err.starts_with(&format!("error: {}: invalid config: n_layer 100000, n_embd 8, n_exp 1, vocab_size 64, block_size 8 describe a model of 1200004 tensors", cfg.display())), "{err}");
 }
 
 #[test]
@@ -236,4 +279,70 @@ fn cli_forward_and_generate_outputs() {
     assert_eq!(v["model_type"], "nanomoe_gpt");
     assert_eq!(v["parameters"].as_u64().unwrap() as usize, m.num_params());
     assert_eq!(v["active_parameters"].as_u64().unwrap() as usize, m.num_active_params());
+}
+
+/// A torch.save zip holding `pickle` as its data.pkl (and `extra` entries).
+fn torch_zip(path: &std::path::Path, pickle: &[u8], extra: &[(&str, &[u8])]) {
+    use std::io::Write;
+    let mut z = zip::ZipWriter::new(std::fs::File::create(path).unwrap());
+    let opts = zip::write::SimpleFileOptions::default().compression_method(zip::CompressionMethod::Stored);
+    z.start_file("archive/data.pkl", opts).unwrap();
+    z.write_all(pickle).unwrap();
+    for (name, bytes) in extra {
+        z.start_file(*name, opts).unwrap();
+        z.write_all(bytes).unwrap();
+    }
+    z.finish().unwrap();
+}
+
+/// Hostile ckpt.pt files: each is refused with one line naming the problem, quickly and
+/// without memory growth (billion laughs, deep nesting, lengths beyond the file, short
+/// tensor argument tuples, tensors beyond their storage) and nothing is written.
+#[test]
+fn cli_hostile_pickles_are_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let p = tmp.path().join("ckpt.pt");
+    let out = tmp.path().join("out");
+    let mut laughs = b"\x80\x02]q\x00K\x01a".to_vec();
+    for _ in 0..60 {
+        laughs.extend(b"h\x00h\x00\x86q\x00");
+    }
+    laughs.push(b'.');
+    let mut deep = b"\x80\x02".to_vec();
+    deep.extend(std::iter::repeat_n(b'(', 100_000));
+    deep.push(b'.');
+    let mut nested = b"\x80\x02".to_vec();
+    nested.extend(std::iter::repeat_n(b']', 1_000_000));
+    nested.extend(std::iter::repeat_n(b'a', 999_999));
+    nested.push(b'.');
+    // {'model_args': {...}, 'model': {'transformer.wte.weight': _rebuild_tensor_v2(storage, 0, (20, 8), (8, 1))}}
+    let state = |storage_id: &[u8], size: &[u8]| -> Vec<u8> {
+        let mut v = b"\x80\x02}(X\x0a\x00\x00\x00model_args}(X\x07\x00\x00\x00n_layerK\x01X\x06\x00\x00\x00n_headK\x02X\x06\x00\x00\x00n_embdK\x08X\x0a\x00\x00\x00block_sizeK\x08X\x0a\x00\x00\x00vocab_sizeK\x14uX\x05\x00\x00\x00model}(X\x16\x00\x00\x00transformer.wte.weightctorch._utils\n_rebuild_tensor_v2\n(".to_vec();
+        v.extend(storage_id);
+        v.extend(b"QK\x00");
+        v.extend(size);
+        v.extend(b"K\x08K\x01\x86\x89}tRuu.");
+        v
+    };
+    let storage = b"(X\x07\x00\x00\x00storagectorch\nFloatStorage\nX\x01\x00\x00\x000X\x03\x00\x00\x00cpuK\xa0t";
+    let short_storage = b"(X\x07\x00\x00\x00storagectorch\nFloatStorage\nt";
+    let cases: Vec<(Vec<u8>, Vec<(&str, Vec<u8>)>, &str)> = vec![
+        (laughs, vec![], "unreadable pickle: the pickle ("),
+        (deep, vec![], "unreadable pickle: a MARK where a value was expected at byte 100003"),
+        (nested, vec![], "unreadable pickle: values nest deeper than 64 levels"),
+        (b"\x80\x02X\xff\xff\xff\x7f.".to_vec(), vec![], "unreadable pickle: a length of 2147483647 bytes at byte 7 exceeds the 1 that remain"),
+        (b"\x80\x02cbuiltins\neval\n.".to_vec(), vec![], "refusing to load: the pickle references builtins.eval, which is neither a tensor nor a plain value"),
+        (state(short_storage, b"K\x14K\x08\x86"), vec![], "tensor transformer.wte.weight: the storage id is not ('storage', class, key, location, numel): 2 items"),
+        (state(storage, b"K\x14K\x08\x86"), vec![("archive/data/0", vec![0u8; 16]), ("archive/data/1", vec![0u8; 4096])], "tensor transformer.wte.weight: storage archive/data/0 holds 16 bytes, the tensor needs 640"),
+        (state(storage, b"J\x00\x00\x00\x40J\x00\x00\x00\x40\x86"), vec![("archive/data/1", vec![0u8; 4096])], "tensor transformer.wte.weight has shape [1073741824, 1073741824], expected [20, 8]"),
+    ];
+    for (pickle, extra, msg) in cases {
+        let extra: Vec<(&str, &[u8])> = extra.iter().map(|(n, b)| (*n, b.as_slice())).collect();
+        torch_zip(&p, &pickle, &extra);
+        let (code, _, err) = cli(&["convert", p.to_str().unwrap(), "--out", out.to_str().unwrap()]);
+        assert_ne!(code, 0);
+        assert!(err.starts_with(&format!("error: {}: {msg}", p.display())), "{msg}: {err}");
+        assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+        assert!(!out.exists());
+    }
 }

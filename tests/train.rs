@@ -144,8 +144,10 @@ fn kill_9_during_training_and_checkpoints_then_resume_matches() {
     }
     let mut resume = a.clone();
     resume.push("--init_from=resume".into());
-    let (code, _, err) = cli(&resume);
+    let step: u64 = std::fs::read_to_string(killed.join("state/latest")).unwrap().trim().trim_start_matches("step-").parse().unwrap_or(u64::MAX);
+    let (code, out, err) = cli(&resume);
     assert_eq!(code, 0, "{err}");
+    assert!(out.contains(&format!("resuming {} from step {step} (", killed.display())), "{out}");
     assert_eq!(params(&straight.join("model")), params(&killed.join("model")));
     // Every logged step's loss equals the straight run's.
     let s: std::collections::BTreeMap<u64, f64> = logged_losses(&straight).into_iter().collect();

@@ -16,14 +16,14 @@ mod bench;
 #[command(name = "nanomoe", version, about = "Train, run and share GPT-2-style models with Mixture-of-Experts layers, HuggingFace-native")]
 struct Cli {
     /// Revision (branch, tag or commit) for MODEL arguments that are Hub repo ids.
-    #[arg(long, global = true, default_value = "main")]
+    #[arg(long, global = true, default_value = "main", help_heading = "Global options")]
     revision: String,
     /// Weight storage of inference commands (generate, sample, forward, eval, bench decode
     /// and prefill): f32, or bf16 (half the memory; activations and sums stay f32).
-    #[arg(long, global = true, default_value = "f32")]
+    #[arg(long, global = true, default_value = "f32", help_heading = "Global options")]
     weight_dtype: String,
-    /// Compute threads (0 = RAYON_NUM_THREADS when set, else one per core).
-    #[arg(long, global = true, default_value_t = 0)]
+    /// Compute threads (0 = RAYON_NUM_THREADS when set, else one per core; at most 4 per core).
+    #[arg(long, global = true, default_value_t = 0, help_heading = "Global options")]
     threads: usize,
     #[command(subcommand)]
     cmd: Cmd,
@@ -52,8 +52,10 @@ enum Cmd {
         /// Default: nanoMoE's setup (6 layers, 384 wide, 8 experts, top-2, stride 2).
         #[arg(long)]
         config: Option<String>,
+        /// The directory to write (config.json, model.safetensors, generation_config.json).
         #[arg(long)]
         out: PathBuf,
+        /// Seed of the random initialisation.
         #[arg(long, default_value_t = 0)]
         seed: u64,
         /// Weight dtype on disk: f32, f16 or bf16.
@@ -65,7 +67,10 @@ enum Cmd {
     },
     /// Convert a nanoGPT/nanoMoE ckpt.pt, or an HF model directory, into an HF directory.
     Convert {
+        /// A ckpt.pt (nanoGPT, wolfecameron/nanoMoE or askerlee/nanoMoE train.py), or an HF
+        /// model directory. Pickles are read without running any code.
         input: PathBuf,
+        /// The HF directory to write.
         #[arg(long)]
         out: PathBuf,
         /// Weight dtype on disk: f32, f16 or bf16.
@@ -74,10 +79,14 @@ enum Cmd {
     },
     /// Upload a model directory to the Hub (creates the repo; --revision picks the branch).
     Push {
+        /// The model directory to upload.
         dir: PathBuf,
+        /// The Hub repo, owner/name (HF_TOKEN or $HF_HOME/token authenticates; HF_ENDPOINT).
         repo: String,
+        /// Create the repo as private.
         #[arg(long)]
         private: bool,
+        /// The commit message.
         #[arg(long, default_value = "Upload model with nanomoe")]
         message: String,
     },
@@ -86,12 +95,15 @@ enum Cmd {
     Bench(bench::Bench),
     /// Architecture, parameter counts, dtype and files of a model.
     Info {
+        /// A model directory, a Hub repo id (owner/name), or gpt2 / gpt2-medium / gpt2-large / gpt2-xl.
         model: PathBuf,
+        /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
     },
     /// Run a forward pass; prints {"loss": ..., "losses": {...}} as JSON.
     Forward {
+        /// A model directory, a Hub repo id (owner/name), or gpt2 / gpt2-medium / gpt2-large / gpt2-xl.
         model: PathBuf,
         /// Token ids: rows separated by ';', ids by ','. E.g. 1,2,3;4,5,6
         #[arg(long)]
@@ -125,44 +137,60 @@ enum Cmd {
         /// char, gpt2, or a path to a tokenizer.json.
         #[arg(long, default_value = "char")]
         tokenizer: String,
+        /// Share of the tokens that go to val.bin (taken from the end, as nanoGPT does).
         #[arg(long, default_value_t = 0.1)]
         val_fraction: f64,
         /// Column holding the text in parquet inputs.
         #[arg(long, default_value = "text")]
         text_column: String,
+        /// The data directory to write (train.bin, val.bin, meta.json, tokenizer files).
         #[arg(long)]
         out: PathBuf,
     },
     /// Loss, perplexity and MoE statistics of a model on a prepared dataset.
     Eval {
+        /// A model directory, a Hub repo id (owner/name), or gpt2 / gpt2-medium / gpt2-large / gpt2-xl.
         model: PathBuf,
+        /// A directory made by `prepare`, or builtin:grammar / builtin:arithmetic (the corpora
+        /// `train` generates, with its default seed).
         #[arg(long)]
         data: PathBuf,
+        /// train or val.
         #[arg(long, default_value = "val")]
         split: String,
+        /// Batches to average over.
         #[arg(long, default_value_t = 50)]
         iters: u64,
+        /// Sequences (of block_size tokens) per batch.
         #[arg(long, default_value_t = 8)]
         batch_size: usize,
+        /// Seed of the batches' random offsets.
         #[arg(long, default_value_t = 1337)]
         seed: u64,
+        /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
     },
     /// Sample text from a model (nanoGPT's sample.py), streaming.
     Sample {
+        /// A model directory, a Hub repo id (owner/name), or gpt2 / gpt2-medium / gpt2-large / gpt2-xl.
         model: PathBuf,
         /// Start text; FILE:path reads a file. Default: a newline.
         #[arg(long, default_value = "\n")]
         prompt: String,
+        /// Samples to draw.
         #[arg(long, default_value_t = 1)]
         num_samples: usize,
+        /// Tokens per sample.
         #[arg(long, default_value_t = 200)]
         max_new_tokens: usize,
+        /// Softmax temperature (< 1 sharper, > 1 more random).
         #[arg(long, default_value_t = 0.8)]
         temperature: f64,
+        /// Sample only among the k most likely tokens.
         #[arg(long, default_value_t = 200)]
         top_k: usize,
+        /// Random seed.
         #[arg(long, default_value_t = 1337)]
         seed: u64,
     },
@@ -184,8 +212,10 @@ enum Cmd {
         #[arg(long, conflicts_with = "text")]
         decode: Option<String>,
     },
-    /// Generate token ids from prompt ids.
+    /// Generate from a text prompt (--prompt) or token ids (--ids), HF generate style:
+    /// sampling by default, --greedy for argmax, the KV cache unless --no-cache.
     Generate {
+        /// A model directory, a Hub repo id (owner/name), or gpt2 / gpt2-medium / gpt2-large / gpt2-xl.
         model: PathBuf,
         /// Prompt ids: rows separated by ';', ids by ','.
         #[arg(long, required_unless_present = "prompt", conflicts_with = "prompt")]
@@ -196,21 +226,28 @@ enum Cmd {
         /// Print text as it is generated.
         #[arg(long, requires = "prompt")]
         stream: bool,
+        /// Tokens to generate per prompt (fewer if eos comes first).
         #[arg(long, default_value_t = 32)]
         max_new_tokens: usize,
         /// Greedy decoding (argmax) instead of sampling.
         #[arg(long, conflicts_with_all = ["temperature", "top_k", "top_p", "min_p"])]
         greedy: bool,
+        /// Softmax temperature when sampling [default: 1.0].
         #[arg(long)]
         temperature: Option<f64>,
+        /// Sample only among the k most likely tokens.
         #[arg(long)]
         top_k: Option<usize>,
+        /// Nucleus sampling: the smallest set of tokens holding this much probability.
         #[arg(long)]
         top_p: Option<f64>,
+        /// Drop tokens less likely than min_p times the most likely one.
         #[arg(long)]
         min_p: Option<f64>,
+        /// CTRL's penalty on tokens already in the context (1.0 = none).
         #[arg(long, default_value_t = 1.0)]
         repetition_penalty: f64,
+        /// Random seed (default: a fresh one each run).
         #[arg(long)]
         seed: Option<u64>,
         /// Do not stop at the eos token of generation_config.json.
@@ -648,6 +685,9 @@ fn cmd_tokenize(spec: &str, corpus: Option<&Path>, save: Option<&Path>, text: Op
     };
     if spec == "char" && corpus_text.is_none() {
         bail!("--tokenizer char needs --corpus FILE");
+    }
+    if save.is_none() && text.is_none() && decode.is_none() {
+        bail!("nothing to do: give --text TEXT, --decode IDS or --save DIR (see nanomoe tokenize --help)");
     }
     let tok = nanomoe::tokenizer::Tokenizer::from_spec(spec, corpus_text.as_deref())?;
     if let Some(dir) = save {

@@ -50,7 +50,22 @@ pub fn resolve_model_dir_at(model: &Path, revision: &str) -> Result<PathBuf> {
     if hf_cache::is_repo_id(&s) && s.contains('/') && !model.exists() {
         return crate::hub::HubClient::from_env().download_model(&s, revision);
     }
-    Err(Error::file(model, if model.exists() { "not a directory" } else { "no such directory" }))
+    if let Some((name, repo)) = GPT2_REPOS.iter().find(|(n, _)| *n == s) {
+        if !model.exists() {
+            // OpenAI's GPT-2 by its short name, as transformers takes it; older caches hold
+            // the legacy repo name.
+            let hub = crate::hub::HubClient::from_env();
+            if let Some(snap) = hub.cached_model(name, revision) {
+                return Ok(snap);
+            }
+            return hub.download_model(repo, revision);
+        }
+    }
+    if model.exists() {
+        return Err(Error::file(model, "not a directory"));
+    }
+    let names: Vec<&str> = GPT2_REPOS.iter().map(|(n, _)| *n).collect();
+    Err(Error::file(model, format!("no such directory, and not a Hub repo id (owner/name, or {})", names.join(", "))))
 }
 
 impl GPT {
@@ -89,18 +104,10 @@ impl GPT {
     /// Loads OpenAI's GPT-2 (`gpt2`, `gpt2-medium`, `gpt2-large`, `gpt2-xl`) from a local
     /// directory of that name or from the local HF cache.
     pub fn from_pretrained_gpt2(name: &str) -> Result<Self> {
-        let Some((_, repo)) = GPT2_REPOS.iter().find(|(n, _)| *n == name) else {
+        if !GPT2_REPOS.iter().any(|(n, _)| *n == name) {
             let names: Vec<&str> = GPT2_REPOS.iter().map(|(n, _)| *n).collect();
             return Err(Error::Input(format!("unknown GPT-2 model {name:?}; choose one of {}", names.join(", "))));
-        };
-        if Path::new(name).is_dir() {
-            return Self::from_pretrained(name);
         }
-        // The legacy repo name "gpt2" is what older caches hold.
-        let hub = crate::hub::HubClient::from_env();
-        if let Some(snap) = hub.cached_model(name, "main") {
-            return Self::from_pretrained(snap);
-        }
-        Self::from_pretrained(hub.download_model(repo, "main")?)
+        Self::from_pretrained(resolve_model_dir(Path::new(name))?)
     }
 }

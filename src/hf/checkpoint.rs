@@ -221,7 +221,11 @@ pub fn load_params_as(dir: &Path, config: &GPTConfig, format: Format, weight_dty
     let files = weight_files(dir)?;
     let mut held: u128 = 0;
     for path in &files {
-        held += std::fs::metadata(path).map_err(|e| Error::file(path, e))?.len() as u128;
+        let file = File::open(path).map_err(|e| Error::file(path, e))?;
+        // SAFETY: read-only map, dropped at the end of this iteration.
+        let mmap = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::file(path, e))?;
+        safetensors::SafeTensors::deserialize(&mmap).map_err(|e| Error::file(path, format!("not a valid safetensors file: {e}")))?;
+        held += mmap.len() as u128;
     }
     let size = config.size().ok_or_else(|| Error::Config("the model's size overflows".into()))?;
     if size.parameters.saturating_mul(2) > held {

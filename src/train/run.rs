@@ -332,6 +332,13 @@ fn train_on_pool(resolved: &Resolved) -> Result<Outcome> {
         tokens_per_iter,
         s.max_iters
     ));
+    if resuming {
+        log.line(&format!(
+            "resuming {} from step {iter} ({tokens_seen} tokens seen, best val loss {})",
+            out_dir.display(),
+            best_val.map(|v| format!("{v:.4}")).unwrap_or_else(|| "none yet".into())
+        ));
+    }
 
     let save_models = |model: &GPT, best: bool| -> Result<()> {
         let dirs: &[&str] = if best { &["model", "best"] } else { &["model"] };
