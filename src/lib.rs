@@ -9,15 +9,17 @@
 //! - [`kernels`]: fused CPU kernels (candle custom ops with a backward pass).
 //! - [`hf`]: the HuggingFace side - [`checkpoint`] (directories, safetensors), [`auto`]
 //!   (`AutoModelForCausalLM`), [`convert`] (others' checkpoints), [`hub`] / [`hub_upload`]
-//!   (download, push), [`hf_cache`], [`tokenizer`].
+//!   (download, push), [`hf_cache`], [`tokenizer`], [`pickle`] (torch.save zips, bounded).
 //! - training: [`grad_sink`] (weight gradients that bypass candle's accumulation), [`optim`]
 //!   (AdamW with nanoMoE's decay groups, clipping, the LR schedule), [`train_step`], [`train`]
 //!   (data, settings, the loop, resumable states).
-//! - [`runtime`]: thread count and allocator settings; [`error`]: the error type.
+//! - [`runtime`]: thread count, memory checks, allocator settings; [`error`]: the error type.
+//! - [`fuzz`]: the fuzz harness's targets (every loader of untrusted files) and mutator.
 //!
 //! Each component is also re-exported at the crate root (`nanomoe::config`, `nanomoe::gpt`, ...).
 
 pub mod error;
+pub mod fuzz;
 pub mod grad_sink;
 pub mod hf;
 pub mod kernels;
