@@ -18,7 +18,7 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from transformers import GenerationMixin, PreTrainedModel
+from transformers import DynamicCache, GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 try:
@@ -305,6 +305,23 @@ class GPT(GPTPreTrainedModel, GenerationMixin):
 
     def set_output_embeddings(self, value):
         self.lm_head = value
+
+    def prepare_inputs_for_generation(self, input_ids, attention_mask=None, **kwargs):
+        # Past block_size tokens the context is cropped to its last block_size tokens, as in
+        # nanoGPT's generate and `nanomoe generate` (the position embeddings end there): each
+        # such step re-encodes the window into a fresh cache. Otherwise only the tokens the
+        # cache lacks are fed.
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        block = self.config.block_size
+        past = cache.get_seq_length() if cache is not None else 0
+        if input_ids.shape[1] > block:
+            input_ids = input_ids[:, -block:]
+            if attention_mask is not None:
+                attention_mask = attention_mask[:, -block:]
+            if cache is not None:
+                cache, past = DynamicCache(), 0
+        return {"input_ids": input_ids[:, past:], "attention_mask": attention_mask,
+                "use_cache": kwargs.get("use_cache"), _CACHE_FIELD: cache}
 
     def forward(self, input_ids=None, cache=None, attention_mask=None, position_ids=None, labels=None,
                 use_cache=None, return_dict=None, past_key_values=None, idx=None, targets=None, **kwargs):

@@ -606,7 +606,7 @@ fn cmd_prepare(input: Option<PathBuf>, dataset: Option<String>, tokenizer: Strin
         meta.vocab_size,
         meta.tokenizer
     );
-    println!("next: nanomoe train --data_dir={} --out_dir=out", out.display());
+    println!("next: {} train --data_dir={} --out_dir=out", self_command(), out.display());
     Ok(())
 }
 
@@ -669,13 +669,49 @@ fn cmd_train(args: &[String]) -> Result<()> {
     let out = nanomoe::train::train(&resolved)?;
     let dir = out.out_dir.join("model");
     println!("saved the model to {} (best by val loss: {})", dir.display(), out.out_dir.join("best").display());
+    let me = self_command();
+    let prompt = match resolved.train.data_dir.as_str() {
+        nanomoe::train::settings::BUILTIN_ARITHMETIC => "12+34=",
+        nanomoe::train::settings::BUILTIN_GRAMMAR => "the small",
+        _ => "\\n",
+    };
     println!("next:");
-    println!("  nanomoe sample {} --prompt \"{}\"", dir.display(), match resolved.train.data_dir.as_str() { nanomoe::train::settings::BUILTIN_ARITHMETIC => "12+34=", nanomoe::train::settings::BUILTIN_GRAMMAR => "the small", _ => "\\n" });
-    if !resolved.train.data_dir.starts_with("builtin:") {
-        println!("  nanomoe eval {} --data {}", dir.display(), resolved.train.data_dir);
+    println!("  {me} sample {} --prompt \"{prompt}\"", dir.display());
+    println!("  {me} eval {} --data {}", dir.display(), resolved.train.data_dir);
+    let gen = format!(
+        "from transformers import AutoModelForCausalLM, AutoTokenizer; d = '{}'; t = AutoTokenizer.from_pretrained(d, trust_remote_code=True); \
+         m = AutoModelForCausalLM.from_pretrained(d, trust_remote_code=True); \
+         print(t.decode(m.generate(**t('{prompt}', return_tensors='pt'), max_new_tokens=40, do_sample=False)[0]))",
+        dir.display()
+    );
+    match test_python() {
+        Some(py) => println!("  {py} -c \"{gen}\""),
+        None => println!("  python3 -c \"{gen}\"   (needs torch and transformers: ./scripts/test installs them in ~/.cache/nanomoe/venv-v2)"),
     }
-    println!("  python -c \"from transformers import AutoModelForCausalLM; AutoModelForCausalLM.from_pretrained('{}', trust_remote_code=True)\"", dir.display());
     Ok(())
+}
+
+/// How to run this binary again from the current directory: `nanomoe` when that is what PATH
+/// finds, else its path (./target/release/nanomoe after `cargo run --release`).
+fn self_command() -> String {
+    let Ok(exe) = std::env::current_exe() else { return "nanomoe".into() };
+    let on_path = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).any(|d| d.join("nanomoe").canonicalize().ok().as_ref() == exe.canonicalize().ok().as_ref()))
+        .unwrap_or(false);
+    if on_path {
+        return "nanomoe".into();
+    }
+    match std::env::current_dir().ok().and_then(|cwd| exe.strip_prefix(&cwd).ok().map(|p| p.to_path_buf())) {
+        Some(rel) => format!("./{}", rel.display()),
+        None => exe.display().to_string(),
+    }
+}
+
+/// The Python of ./scripts/test's environment (torch + transformers), if it exists.
+fn test_python() -> Option<String> {
+    let home = std::env::var_os("HOME")?;
+    let p = PathBuf::from(home).join(".cache/nanomoe/venv-v2/bin/python");
+    p.is_file().then(|| p.display().to_string())
 }
 
 fn cmd_tokenize(spec: &str, corpus: Option<&Path>, save: Option<&Path>, text: Option<String>, decode: Option<String>) -> Result<()> {

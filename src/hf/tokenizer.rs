@@ -212,6 +212,14 @@ impl Tokenizer {
         self.eos_token.as_deref().and_then(|t| self.token_to_id(t))
     }
 
+    /// How many ids below the largest have no token (the tokenizers library warns, listing
+    /// each, when it saves such a vocabulary).
+    pub fn id_holes(&self) -> usize {
+        let vocab = self.inner.get_vocab(true);
+        let max = vocab.values().max().map(|&m| m as usize + 1).unwrap_or(0);
+        max.saturating_sub(vocab.len())
+    }
+
     /// tokenizer.json as text.
     pub fn to_json(&self) -> Result<String> {
         crate::runtime::catch_panic(|| self.inner.to_string(false)).map_err(tk_err)?.map_err(tk_err)

@@ -121,3 +121,20 @@ def test_directories_nanomoe_wrote_before_the_seed_architecture_load_in_both(tmp
     with torch.no_grad():
         logits = m(torch.tensor(IDS)).logits
     assert (logits - before).abs().max().item() <= 1e-4
+
+
+def test_generate_past_block_size_crops_like_nanomoe(tmp_path):
+    """Past block_size tokens, transformers' generate crops the context to its last block_size
+    tokens (nanoGPT's rule), with and without the cache, and gives `nanomoe generate`'s tokens."""
+    d = tmp_path / "short"
+    run("new", "--config", json.dumps({**CONFIGS["stride1-top2-bias"], "block_size": 16}), "--out", d, "--seed", "5")
+    m = load_py(d)
+    prompt = IDS[0][:5]
+    with torch.no_grad():
+        cached = m.generate(torch.tensor([prompt]), max_new_tokens=30, do_sample=False,
+                            repetition_penalty=1.5)[0, 5:].tolist()
+        uncached = m.generate(torch.tensor([prompt]), max_new_tokens=30, do_sample=False,
+                              repetition_penalty=1.5, use_cache=False)[0, 5:].tolist()
+    assert len(cached) == 30
+    assert rust_generate(d, prompt, 30) == cached
+    assert rust_generate(d, prompt, 30, "--no-cache") == uncached == cached
