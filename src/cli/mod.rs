@@ -673,16 +673,21 @@ fn cmd_train(args: &[String]) -> Result<()> {
     let prompt = match resolved.train.data_dir.as_str() {
         nanomoe::train::settings::BUILTIN_ARITHMETIC => "12+34=",
         nanomoe::train::settings::BUILTIN_GRAMMAR => "the small",
-        _ => "\\n",
+        _ => "",
     };
     println!("next:");
-    println!("  {me} sample {} --prompt \"{prompt}\"", dir.display());
+    if prompt.is_empty() {
+        println!("  {me} sample {}", dir.display()); // (the default prompt is a newline)
+    } else {
+        println!("  {me} sample {} --prompt \"{prompt}\"", dir.display());
+    }
     println!("  {me} eval {} --data {}", dir.display(), resolved.train.data_dir);
     let gen = format!(
         "from transformers import AutoModelForCausalLM, AutoTokenizer; d = '{}'; t = AutoTokenizer.from_pretrained(d, trust_remote_code=True); \
          m = AutoModelForCausalLM.from_pretrained(d, trust_remote_code=True); \
-         print(t.decode(m.generate(**t('{prompt}', return_tensors='pt'), max_new_tokens=40, do_sample=False)[0]))",
-        dir.display()
+         print(t.decode(m.generate(**t('{}', return_tensors='pt'), max_new_tokens=40, do_sample=False)[0]))",
+        dir.display(),
+        if prompt.is_empty() { "\\n" } else { prompt }
     );
     match test_python() {
         Some(py) => println!("  {py} -c \"{gen}\""),

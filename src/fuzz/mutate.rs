@@ -169,11 +169,26 @@ fn mutate_bytes(bytes: &[u8], rng: &mut StdRng) -> Vec<u8> {
     b
 }
 
+/// A safetensors file (u64 header length, JSON header, data) with its header edited as JSON
+/// and its length field rewritten to match; `None` if `bytes` is not one.
+fn mutate_safetensors(bytes: &[u8], rng: &mut StdRng) -> Option<Vec<u8>> {
+    let n = u64::from_le_bytes(bytes.get(..8)?.try_into().ok()?) as usize;
+    let header = bytes.get(8..8usize.checked_add(n)?)?;
+    if header.first() != Some(&b'{') {
+        return None;
+    }
+    let new = mutate_json(header, rng)?;
+    let mut out = (new.len() as u64).to_le_bytes().to_vec();
+    out.extend(new);
+    out.extend(&bytes[8 + n..]);
+    Some(out)
+}
+
 /// One mutation of a file's bytes.
 pub fn mutate(bytes: &[u8], rng: &mut StdRng) -> Vec<u8> {
     let r = rng.random_range(0..10);
     let out = match r {
-        0..=3 => mutate_json(bytes, rng),
+        0..=3 => mutate_safetensors(bytes, rng).or_else(|| mutate_json(bytes, rng)),
         4..=5 => mutate_number(bytes, rng),
         _ => None,
     };

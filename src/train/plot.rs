@@ -159,7 +159,7 @@ impl Canvas {
         ihdr.extend_from_slice(&(self.h as u32).to_be_bytes());
         ihdr.extend_from_slice(&[8, 2, 0, 0, 0]); // 8-bit RGB
         chunk(&mut out, b"IHDR", &ihdr);
-        chunk(&mut out, b"IDAT", &zlib_stored(&raw));
+        chunk(&mut out, b"IDAT", &miniz_oxide::deflate::compress_to_vec_zlib(&raw, 6));
         chunk(&mut out, b"IEND", &[]);
         out
     }
@@ -183,28 +183,6 @@ fn chunk(out: &mut Vec<u8>, kind: &[u8; 4], data: &[u8]) {
     out.extend_from_slice(data);
     let crc = crc32(&out[start..]);
     out.extend_from_slice(&crc.to_be_bytes());
-}
-
-/// zlib stream of stored (uncompressed) deflate blocks.
-fn zlib_stored(data: &[u8]) -> Vec<u8> {
-    let mut out = vec![0x78, 0x01];
-    let blocks: Vec<&[u8]> = data.chunks(65535).collect();
-    for (i, b) in blocks.iter().enumerate() {
-        out.push(u8::from(i + 1 == blocks.len()));
-        out.extend_from_slice(&(b.len() as u16).to_le_bytes());
-        out.extend_from_slice(&(!(b.len() as u16)).to_le_bytes());
-        out.extend_from_slice(b);
-    }
-    if blocks.is_empty() {
-        out.extend_from_slice(&[1, 0, 0, 0xFF, 0xFF]);
-    }
-    let (mut a, mut b) = (1u32, 0u32);
-    for &x in data {
-        a = (a + x as u32) % 65521;
-        b = (b + a) % 65521;
-    }
-    out.extend_from_slice(&((b << 16) | a).to_be_bytes());
-    out
 }
 
 fn fmt_tick(v: f64) -> String {
@@ -327,8 +305,18 @@ mod tests {
         assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
         assert_eq!(&png[12..16], b"IHDR");
         assert_eq!(crc32(b"IEND"), 0xAE42_6082);
-        // zlib stored block of the raw scanlines: 2 rows x (1 + 9) bytes.
-        let z = zlib_stored(&[0u8; 20]);
-        assert_eq!(&z[..7], &[0x78, 0x01, 1, 20, 0, 235, 255]);
+        // IDAT inflates to the scanlines: 2 rows x (filter byte + 3 RGB pixels).
+        let len = u32::from_be_bytes(png[33..37].try_into().unwrap()) as usize;
+        assert_eq!(&png[37..41], b"IDAT");
+        let raw = miniz_oxide::inflate::decompress_to_vec_zlib(&png[41..41 + len]).unwrap();
+        let mut want = Vec::new();
+        for y in 0..2 {
+            want.push(0);
+            for x in 0..3 {
+                want.extend_from_slice(&cv.px[y * 3 + x]);
+            }
+        }
+        assert_eq!(raw, want);
+        assert_eq!(&raw[14..17], &[1, 2, 3]);
     }
 }
