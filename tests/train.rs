@@ -346,7 +346,8 @@ fn trained_models_generate_text_from_prompts() {
     let (code, sample, _) = cli(&["sample".into(), model.clone(), "--num-samples".into(), "2".into(), "--max-new-tokens".into(), "20".into()]);
     assert_eq!(code, 0);
     assert_eq!(sample.matches("---------------").count(), 2);
-    let (code, ev, e) = cli(&["eval".into(), model, "--data".into(), "builtin:grammar".into()]);
-    assert_ne!(code, 0);
-    assert_eq!(e.trim(), "error: builtin:grammar: no such data directory (prepare one with `nanomoe prepare`)", "{ev}");
+    // The built-in corpus evaluates as training made it.
+    let (code, ev, e) = cli(&["eval".into(), model, "--data".into(), "builtin:grammar".into(), "--iters".into(), "2".into()]);
+    assert_eq!(code, 0, "{e}");
+    assert!(ev.starts_with("val loss "), "{ev}");
 }

@@ -414,6 +414,7 @@ impl AtomicDir {
             return Err(Error::file(target, "exists and is not a directory"));
         }
         let name = target.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_else(|| "model".into());
+        remove_abandoned(&parent, &name);
         let stamp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
         let tmp = parent.join(format!(".{name}.tmp-{}-{stamp}", std::process::id()));
         fs::create_dir(&tmp).map_err(|e| Error::file(&tmp, e))?;
@@ -442,7 +443,9 @@ impl AtomicDir {
             .map_err(|e| Error::file(&self.tmp, e))?
             .filter_map(|e| e.ok().map(|e| e.file_name().to_string_lossy().to_string()))
             .collect();
-        let backup = self.tmp.with_extension("old");
+        // (Unique like tmp: a backup left by a process killed before it removed it must not
+        // block the next commit.)
+        let backup = PathBuf::from(format!("{}.old", self.tmp.display()));
         if self.target.is_dir() {
             for entry in fs::read_dir(&self.target).map_err(|e| Error::file(&self.target, e))? {
                 let entry = entry.map_err(|e| Error::file(&self.target, e))?;
@@ -467,6 +470,24 @@ impl AtomicDir {
             let _ = fs::remove_dir_all(&backup);
         }
         Ok(())
+    }
+}
+
+/// Removes the temporary and backup directories (`.NAME.tmp-PID-...`) that processes which
+/// no longer run left next to `parent/NAME` (killed mid-save). Linux only (reads /proc).
+fn remove_abandoned(parent: &Path, name: &str) {
+    if !Path::new("/proc/self").exists() {
+        return;
+    }
+    let prefix = format!(".{name}.tmp-");
+    let Ok(rd) = fs::read_dir(parent) else { return };
+    for e in rd.flatten() {
+        let file = e.file_name().to_string_lossy().to_string();
+        let Some(rest) = file.strip_prefix(&prefix) else { continue };
+        let Some(pid) = rest.split('-').next().and_then(|p| p.parse::<u32>().ok()) else { continue };
+        if pid != std::process::id() && !Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = fs::remove_dir_all(e.path());
+        }
     }
 }
 
@@ -659,6 +680,30 @@ mod tests {
         assert_eq!(parse_size("2MiB").unwrap(), 2 * 1024 * 1024);
         assert_eq!(parse_size("1000").unwrap(), 1000);
         assert_eq!(parse_size("3XB").unwrap_err().to_string(), "invalid input: invalid size unit in \"3XB\" (use B, KB, MB, GB, KiB, MiB, GiB)");
+    }
+
+    #[test]
+    fn directories_left_by_killed_saves_do_not_block_the_next() {
+        let tmp = tempfile::tempdir().unwrap();
+        let target = tmp.path().join("best");
+        std::fs::create_dir(&target).unwrap();
+        std::fs::write(target.join("config.json"), b"{}").unwrap();
+        // What a process killed mid-commit leaves (pid 4294967295 never runs): a temporary
+        // directory and a non-empty backup; the old naming gave every backup the same name.
+        for leftover in [".best.tmp-4294967295-1", ".best.tmp-4294967295-1.old", ".best.old"] {
+            std::fs::create_dir(tmp.path().join(leftover)).unwrap();
+            std::fs::write(tmp.path().join(leftover).join("x"), b"x").unwrap();
+        }
+        for round in 0..2 {
+            let d = AtomicDir::new(&target).unwrap();
+            d.write_bytes("model.safetensors", format!("{round}").as_bytes()).unwrap();
+            d.commit().unwrap();
+        }
+        assert_eq!(std::fs::read(target.join("model.safetensors")).unwrap(), b"1");
+        assert!(target.join("config.json").is_file());
+        let mut left: Vec<String> = std::fs::read_dir(tmp.path()).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+        left.sort();
+        assert_eq!(left, vec![".best.old".to_string(), "best".to_string()]);
     }
 
     #[test]

@@ -4,6 +4,7 @@ use std::path::PathBuf;
 
 /// The Python of ./scripts/test's environment (torch, transformers): NANOMOE_PYTHON, else
 /// ~/.cache/nanomoe/venv-v2.
+#[allow(dead_code)]
 pub fn python() -> PathBuf {
     if let Some(p) = std::env::var_os("NANOMOE_PYTHON") {
         return PathBuf::from(p);
