@@ -110,6 +110,13 @@ fn cases() -> Vec<Case> {
     let (x, w) = (rand_var(&mut rng, &[5, 7, 12], 1.0), rand_var(&mut rng, &[5, 12, 9], 1.0));
     let y = expert_matmul::expert_matmul(&x, &w, None).unwrap();
     out.push(case("experts", "expert_matmul", json!({}), vec![("x", x), ("w", w)], vec![], y));
+    // The gate-output loss's tap on a product: [bmm(x, w); bmm(scale_grad(x, 0.1), w)] from
+    // one product (x gets 0.1 of the second half's gradient, w all of it).
+    let (x, w) = (rand_var(&mut rng, &[3, 7, 12], 1.0), rand_var(&mut rng, &[3, 12, 9], 1.0));
+    let g = expert_matmul::expert_matmul(&x, &w, None).unwrap();
+    let tap = expert_matmul::gate_loss_tap(&g, &x, &w, 0.1, None).unwrap();
+    let y = Tensor::cat(&[&g, &tap], 0).unwrap();
+    out.push(case("gate_tap", "gate_loss_tap", json!({}), vec![("x", x), ("w", w)], vec![], y));
 
     // Weight streaming for a few rows, both layouts (6 rows: a group of 4 and two single).
     let (x, w) = (rand_var(&mut rng, &[6, 70], 1.0), rand_var(&mut rng, &[150, 70], 1.0));

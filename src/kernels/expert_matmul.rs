@@ -108,3 +108,57 @@ pub fn expert_matmul(x: &Tensor, w: &Tensor, sink: Option<&GradSink>) -> Result<
     let sink = sink.filter(|_| w.is_contiguous()).cloned();
     Ok(x.contiguous()?.apply_op2(&w.contiguous()?, ExpertMatmul { sink })?)
 }
+
+/// The gate-output loss's view of g = x w (the seed's `bmm(GradientScaler(0.1)(x), w)`)
+/// without a second product: forward, g itself; backward, `alpha` of the incoming gradient
+/// goes back through g's own product (so x receives alpha of it, and w alpha) and the
+/// missing (1 - alpha) x^T dy is added to w directly - one product instead of the three
+/// (forward, dx, dw) of a separate scaled product.
+struct GateLossTap {
+    alpha: f32,
+    sink: Option<GradSink>,
+}
+
+impl candle_core::CustomOp3 for GateLossTap {
+    fn name(&self) -> &'static str {
+        "gate-loss-tap"
+    }
+
+    fn cpu_fwd(&self, sg: &CpuStorage, lg: &Layout, _sx: &CpuStorage, _lx: &Layout, _sw: &CpuStorage, _lw: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        Ok((CpuStorage::F32(contiguous_f32(sg, lg, "gate-loss tap")?.to_vec()), lg.shape().clone()))
+    }
+
+    fn bwd(&self, _g: &Tensor, x: &Tensor, w: &Tensor, _res: &Tensor, dy: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (e, m, k, n) = dims(x.dims(), w.dims())?;
+        let beta = 1.0 - self.alpha;
+        let dw = with_f32(x, NAME, |xs| {
+            with_f32(dy, NAME, |dys| {
+                Ok(written_by(e * k * n, |dwp| {
+                    let ow = Out(dwp);
+                    per_expert(e, |i| unsafe {
+                        let ow = &ow;
+                        // dw = beta x^T dy: [k x m] [m x n]
+                        mm(k, n, m, ow.0.add(i * k * n), n, xs.as_ptr().add(i * m * k), 1, k, dys.as_ptr().add(i * m * n), n, 1, beta, 1);
+                    });
+                }))
+            })
+        })?;
+        let dw = Tensor::from_vec(dw, w.shape(), w.device())?;
+        let dw = match &self.sink {
+            Some(sink) => {
+                sink.deposit(w, dw)?;
+                None
+            }
+            None => Some(dw),
+        };
+        Ok((Some((dy * self.alpha as f64)?), None, dw))
+    }
+}
+
+/// `g` (= [`expert_matmul`]`(x, w)`, already computed) for a loss whose gradient should reach
+/// x scaled by `alpha` and w in full, as `expert_matmul(scale_grad(x, alpha), w)` would give,
+/// without recomputing the product (see [`GateLossTap`]).
+pub fn gate_loss_tap(g: &Tensor, x: &Tensor, w: &Tensor, alpha: f32, sink: Option<&GradSink>) -> Result<Tensor> {
+    let sink = sink.filter(|_| w.is_contiguous()).cloned();
+    Ok(g.contiguous()?.apply_op3(&x.contiguous()?, &w.contiguous()?, GateLossTap { alpha, sink })?)
+}

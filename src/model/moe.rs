@@ -325,10 +325,10 @@ impl MoeLayer {
         let xe = x_ext.index_select(&disp, 0)?.reshape((self.n_exp, cap, c))?;
         let h = match &self.gate_proj {
             Some(gate_proj) => {
-                if ctx.cfg.use_gate_output_loss {
-                    *gate_output_loss = Some(gate_output_loss_of(&xe, gate_proj, ctx.sink)?);
-                }
                 let g = nn::expert_matmul(&xe, gate_proj, ctx.sink)?;
+                if ctx.cfg.use_gate_output_loss {
+                    *gate_output_loss = Some(gate_output_loss_of(&g, &xe, gate_proj, ctx.sink)?);
+                }
                 nn::swiglu(&g, &nn::expert_matmul(&xe, &self.c_fc, ctx.sink)?)?
             }
             None => {
@@ -410,9 +410,10 @@ impl MoeLayer {
 
 /// The seed's gate-output loss of one layer: (scale_grad(x, 0.1) gate_proj)^2 averaged over
 /// features, then over the rows of the [E, cap] batch whose value is not zero (padding
-/// slots are zero rows).
-fn gate_output_loss_of(xe: &Tensor, gate_proj: &Tensor, sink: Option<&GradSink>) -> Result<Tensor> {
-    let g = nn::expert_matmul(&nn::scale_grad(xe, 0.1)?, gate_proj, sink)?;
+/// slots are zero rows). `g` is the layer's gate product x gate_proj, reused: the seed
+/// computes it a second time through the gradient scaler.
+fn gate_output_loss_of(g: &Tensor, xe: &Tensor, gate_proj: &Tensor, sink: Option<&GradSink>) -> Result<Tensor> {
+    let g = nn::gate_loss_tap(g, xe, gate_proj, 0.1, sink)?;
     let rows = g.sqr()?.mean_keepdim(2)?; // [E, cap, 1]
     let host: Vec<f32> = rows.flatten_all()?.to_vec1()?;
     let kept = host.iter().filter(|&&v| v > 0.0).count();

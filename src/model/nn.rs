@@ -202,6 +202,16 @@ pub fn expert_matmul(x: &Tensor, w: &Tensor, sink: Option<&crate::grad_sink::Gra
     Ok(x.matmul(&w.to_dtype(x.dtype())?)?)
 }
 
+/// `g = expert_matmul(x, w)` as `expert_matmul(scale_grad(x, alpha), w)` would give it:
+/// the same values, x's gradient from a loss on it scaled by `alpha`, w's in full - without
+/// a second product on f32 CPU tensors.
+pub fn gate_loss_tap(g: &Tensor, x: &Tensor, w: &Tensor, alpha: f32, sink: Option<&crate::grad_sink::GradSink>) -> Result<Tensor> {
+    if g.dtype() == DType::F32 && x.dtype() == DType::F32 && w.dtype() == DType::F32 && x.device().is_cpu() {
+        return crate::kernels::expert_matmul::gate_loss_tap(g, x, w, alpha, sink);
+    }
+    expert_matmul(&scale_grad(x, alpha as f64)?, w, sink)
+}
+
 /// Attention scores of masked positions are replaced by this (not -inf: a fully masked
 /// row, as a left-padding query has, then stays finite).
 const MASKED: f32 = -1e30;

@@ -58,6 +58,10 @@ def run(case, t):
         return t["x"] + t["b"]
     if kind == "expert_matmul":
         return torch.bmm(t["x"], t["w"])
+    if kind == "gate_loss_tap":  # the seed's two products: plain, and through GradientScaler(0.1)
+        x, w = t["x"], t["w"]
+        scaled = x * 0.1 + (x * 0.9).detach()
+        return torch.cat([torch.bmm(x, w), torch.bmm(scaled, w)], dim=0)
     if kind == "linear":
         return t["x"] @ t["w"].T
     if kind == "linear_nk":
