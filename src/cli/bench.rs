@@ -20,39 +20,52 @@ use nanomoe::{GPTConfig, GenerationConfig, GPT};
 pub enum Bench {
     /// Training steps (forward, backward, AdamW) on the batches of an inputs file.
     Train {
+        /// A model directory (its weights are the starting point of every run).
         model: PathBuf,
         /// safetensors with int64 `x` and `y` of shape [steps, batch, block].
         #[arg(long)]
         inputs: PathBuf,
+        /// Untimed steps first.
         #[arg(long, default_value_t = 2)]
         warmup: usize,
     },
     /// Greedy decoding of `new_tokens` tokens from a one-token prompt.
     Decode {
+        /// A model directory or Hub repo id.
         model: PathBuf,
+        /// Tokens to generate per run.
         #[arg(long, default_value_t = 128)]
         new_tokens: usize,
+        /// Timed runs (the median is reported).
         #[arg(long, default_value_t = 3)]
         repeats: usize,
     },
     /// One forward pass over `tokens` tokens (batch 1).
     Prefill {
+        /// A model directory or Hub repo id.
         model: PathBuf,
+        /// Prompt length.
         #[arg(long, default_value_t = 512)]
         tokens: usize,
+        /// Timed runs (the median is reported).
         #[arg(long, default_value_t = 3)]
         repeats: usize,
     },
     /// Forward + backward of one MoE layer (training mode) on `tokens` tokens.
     MoeLayer {
+        /// Experts in the layer.
         #[arg(long)]
         experts: usize,
+        /// Experts each token is routed to.
         #[arg(long, default_value_t = 2)]
         top_k: usize,
+        /// Tokens in the batch.
         #[arg(long, default_value_t = 2048)]
         tokens: usize,
+        /// Model width (the experts' hidden size is 4x).
         #[arg(long, default_value_t = 256)]
         n_embd: usize,
+        /// Timed runs (the median is reported).
         #[arg(long, default_value_t = 5)]
         repeats: usize,
     },
