@@ -1,8 +1,13 @@
 """Benchmarks: nanomoe against PyTorch / transformers in the same run, on the same weights
-and inputs. Prints medians, min-max, the ratio (ours / reference throughput) and each side's
-peak resident memory; --json for machines.
+and inputs. Prints medians, min-max, the ratio (ours / reference throughput), each side's
+peak resident memory and each side's share of the machine's ceilings measured in the same
+run: f32 sgemm GFLOP/s (the gemm crate for nanomoe, PyTorch's BLAS for the reference, both on
+every thread) for training, prefill and MoE-layer rows (model FLOP utilisation: 6 N + 12 L C T
+FLOPs per token for training, a third of it for a forward pass), and streaming read bandwidth
+for decoding (bytes of weights a token reads x tokens/s). Also records the CPU, its flags, the
+threads and the versions. --json for machines.
 
-usage: python bench/bench.py [--quick] [--json] [--only train,decode,prefill,moe,seed]
+usage: python bench/bench.py [--quick] [--json] [--json-out FILE] [--only train,decode,prefill,moe,seed]
 The seed rows (the seed's architecture: RMSNorm, QK-norm, ReLU^2, SwiGLU experts) take the
 seed's own model.py from ../shared/reference as the reference, run with the transformers it
 needs (NANOMOE_SEED_PYTHONPATH, as ./scripts/test sets it up: .ci/python-overlay.sh 4.57.6).
@@ -15,6 +20,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -36,6 +42,63 @@ def timed(cmd, env=None):
     return json.loads(line), int(rss) / 1024
 
 
+def machine_info():
+    """CPU model, the flags that decide the kernels, threads and versions."""
+    cpu, flags = "?", set()
+    for line in open("/proc/cpuinfo"):
+        if line.startswith("model name") and cpu == "?":
+            cpu = line.split(":", 1)[1].strip()
+        if line.startswith("flags") and not flags:
+            flags = set(line.split(":", 1)[1].split())
+    want = ["avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "amx_bf16"]
+    version = subprocess.run([BIN, "--version"], capture_output=True, text=True).stdout.strip()
+    import transformers
+    return {"cpu": cpu, "flags": [f for f in want if f in flags], "threads": torch.get_num_threads(),
+            "cores_seen": os.cpu_count(), "nanomoe": version, "torch": torch.__version__,
+            "transformers": transformers.__version__, "python": sys.version.split()[0]}
+
+
+def torch_sgemm_gflops(n=2048, repeats=7):
+    """PyTorch's f32 matrix product on its default threads: GFLOP/s of each timed run."""
+    import time
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    torch.mm(a, b)
+    out = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        torch.mm(a, b)
+        out.append(2 * n ** 3 / (time.perf_counter() - t) / 1e9)
+    return out
+
+
+def median(v):
+    return sorted(v)[len(v) // 2]
+
+
+def model_info(model):
+    """(config, total parameters, active parameters) of a model directory."""
+    p = subprocess.run([BIN, "info", model, "--json"], capture_output=True, text=True, check=True)
+    v = json.loads(p.stdout)
+    return json.loads((Path(model) / "config.json").read_text()), v["parameters"], v["active_parameters"]
+
+
+def flops_per_token(model, t=None):
+    """Training FLOPs per token, PaLM appendix B as nanoGPT counts them: 6 N (active
+    parameters without the position embeddings) + 12 L C T."""
+    c, _, active = model_info(model)
+    C, L = c["n_embd"], c["n_layer"]
+    T = t or c.get("block_size", c.get("n_positions"))
+    n = active - c.get("block_size", c.get("n_positions")) * C
+    return 6 * n + 12 * L * C * T
+
+
+def weight_bytes_per_token(model, bf16):
+    """Bytes of weights one decoded token reads: the active parameters (experts that are not
+    chosen are not read), 2 bytes each for bf16 matrices, 4 for f32."""
+    _, _, active = model_info(model)
+    return active * (2 if bf16 else 4)
+
+
 def new_model(tmp, name, conf):
     d = Path(tmp) / name
     if not d.exists():
@@ -47,12 +110,17 @@ def new_model(tmp, name, conf):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--json-out", help="also write the JSON to this file")
     ap.add_argument("--quick", action="store_true", help="fewer steps and repeats")
     ap.add_argument("--only", default="train,decode,prefill,moe,seed")
     a = ap.parse_args()
     only = set(a.only.split(","))
     steps, reps = (4, 2) if a.quick else (7, 3)
     rows = []
+    machine = machine_info()
+    ours_ceil, _ = timed([BIN, "bench", "ceilings", "--repeats", str(reps + 4)])
+    ceilings = {"gemm_sgemm_gflops": ours_ceil["sgemm_gflops"], "torch_sgemm_gflops": torch_sgemm_gflops(repeats=reps + 4),
+                "read_gbs": ours_ceil["read_gbs"]}
     with tempfile.TemporaryDirectory() as tmp:
         if "train" in only:
             base = {"n_layer": 4, "n_head": 4, "n_embd": 256, "block_size": 256, "bias": False, "activation_function": "gelu"}
@@ -67,7 +135,7 @@ def main():
                     save_file({"x": data[:, :, :-1].contiguous(), "y": data[:, :, 1:].contiguous()}, inputs)
                     ours = timed([BIN, "bench", "train", model, "--inputs", inputs])
                     ref = timed(REF + ["train", "--model", model, "--inputs", inputs])
-                    rows.append((name + " (4x256, block 256, batch 8)", ours, ref))
+                    rows.append((name + " (4x256, block 256, batch 8)", ours, ref, ("flops", flops_per_token(model))))
         if "decode" in only or "prefill" in only:
             gpt2 = new_model(tmp, "gpt2-124m", {"n_layer": 12, "n_head": 12, "n_embd": 768, "vocab_size": 50257, "block_size": 1024})
             if "decode" in only:
@@ -75,10 +143,13 @@ def main():
                     """Rows for one model: ours f32 vs HF f32, and (bf16) ours bf16 vs the same HF run."""
                     args = ["--new-tokens", "128", "--repeats", str(reps)]
                     ref = timed(REF + ["decode", "--model", model, *args])
-                    rows.append(("decode %s f32 (batch 1, 128 tokens)" % label, timed([BIN, "bench", "decode", model, *args]), ref))
+                    f32 = weight_bytes_per_token(model, False)
+                    rows.append(("decode %s f32 (batch 1, 128 tokens)" % label, timed([BIN, "bench", "decode", model, *args]), ref,
+                                 ("bytes", f32, f32)))
                     if bf16:
                         ours = timed([BIN, "bench", "decode", model, *args, "--weight-dtype", "bf16"])
-                        rows.append(("decode %s, ours bf16 weights vs HF f32" % label, ours, ref))
+                        rows.append(("decode %s, ours bf16 weights vs HF f32" % label, ours, ref,
+                                     ("bytes", weight_bytes_per_token(model, True), f32)))
 
                 moe = {"n_layer": 6, "n_head": 6, "n_embd": 384, "n_exp": 8, "moe_top_k": 2, "stride": 2, "bias": False}
                 decode("gpt2-124m", gpt2, True)
@@ -88,7 +159,7 @@ def main():
             if "prefill" in only:
                 ours = timed([BIN, "bench", "prefill", gpt2, "--tokens", "512", "--repeats", str(reps)])
                 ref = timed(REF + ["prefill", "--model", gpt2, "--tokens", "512", "--repeats", str(reps)])
-                rows.append(("prefill gpt2-124m 1x512", ours, ref))
+                rows.append(("prefill gpt2-124m 1x512", ours, ref, ("flops", flops_per_token(gpt2, 512) / 3)))
         if "seed" in only:
             seed_path = os.environ.get("NANOMOE_SEED_PYTHONPATH")
             if not seed_path or not (ROOT.parent / "shared" / "reference" / "nanomoe-seed-b2142af").is_dir():
@@ -110,39 +181,59 @@ def main():
                     ours = timed([BIN, "bench", "train", model, "--inputs", inputs])
                     ref = timed(REF + ["train", "--seed-code", "--model", model, "--inputs", inputs], env)
                     rows.append((name + " vs the seed's model.py (4x256, block 256, batch 8%s)" % (
-                        ", 8 SwiGLU experts top-2, stride 2, every loss" if extra else ""), ours, ref))
+                        ", 8 SwiGLU experts top-2, stride 2, every loss" if extra else ""), ours, ref,
+                        ("flops", flops_per_token(model))))
                 args = ["--new-tokens", "128", "--repeats", str(reps)]
                 seed_moe = new_model(tmp, "seed-moe-char", dict(arch, n_layer=6, n_head=6, n_embd=384, n_exp=8, moe_top_k=2,
                                                                  stride=2, bias=False, vocab_size=65, block_size=256))
                 ref = timed(REF + ["decode", "--seed-code", "--model", seed_moe, *args], env)
+                b = weight_bytes_per_token(seed_moe, False)
                 rows.append(("decode seed-arch moe 6x384 char vocab f32 vs the seed's generate_legacy (batch 1, 128 tokens)",
-                             timed([BIN, "bench", "decode", seed_moe, *args]), ref))
+                             timed([BIN, "bench", "decode", seed_moe, *args]), ref, ("bytes", b, b)))
         if "moe" in only:
             for e in (8, 16, 32, 64):
                 args = ["--experts", str(e), "--tokens", "2048", "--n-embd", "256"]
                 # ~0.07 s per run: 21 runs keep the median out of this shared machine's noise.
                 ours = timed([BIN, "bench", "moe-layer", *args, "--repeats", "21"])
                 ref = timed(REF + ["moe-layer", *args, "--repeats", str(reps + 2)])
-                rows.append(("moe layer fwd+bwd, %d experts top-2, 2048 tokens x 256" % e, ours, ref))
+                # Forward + backward of the two chosen experts' products: 3 x 2 x 2 x (256 x 1024) x 2.
+                rows.append(("moe layer fwd+bwd, %d experts top-2, 2048 tokens x 256" % e, ours, ref,
+                             ("flops", 6 * 2 * 2 * 256 * 1024)))
     out = []
-    for name, (o, orss), (r, rrss) in rows:
+    gemm, tsgemm, bw = (median(ceilings[k]) for k in ("gemm_sgemm_gflops", "torch_sgemm_gflops", "read_gbs"))
+    for name, (o, orss), (r, rrss), work in rows:
+        if work[0] == "flops":  # model FLOP utilisation against each side's sgemm ceiling
+            share = (work[1] * o["tokens_per_sec"] / 1e9 / gemm, work[1] * r["tokens_per_sec"] / 1e9 / tsgemm)
+        else:  # bytes of weights read per second over the read bandwidth
+            share = (work[1] * o["tokens_per_sec"] / 1e9 / bw, work[2] * r["tokens_per_sec"] / 1e9 / bw)
         out.append({"case": name, "ours": o, "reference": r, "ratio": o["tokens_per_sec"] / r["tokens_per_sec"],
-                    "ours_peak_rss_mib": orss, "reference_peak_rss_mib": rrss})
+                    "ours_peak_rss_mib": orss, "reference_peak_rss_mib": rrss,
+                    "share_of": "sgemm" if work[0] == "flops" else "read bandwidth", "ours_share": share[0], "reference_share": share[1]})
     layer = {r["case"].split(",")[1].split()[0]: r for r in out if r["case"].startswith("moe layer")}
     growth = None
     if "8" in layer and "64" in layer:
         growth = {side: layer["64"][side]["median_s"] / layer["8"][side]["median_s"] for side in ("ours", "reference")}
+    record = {"date": time.strftime("%Y-%m-%d"), "machine": machine, "ceilings": ceilings, "results": out,
+              "moe_layer_time_growth_8_to_64": growth}
+    if a.json_out:
+        Path(a.json_out).write_text(json.dumps(record, indent=1))
     if a.json:
-        print(json.dumps({"machine": {"cpus": os.cpu_count(), "torch": torch.__version__}, "results": out,
-                          "moe_layer_time_growth_8_to_64": growth}, indent=1))
+        print(json.dumps(record, indent=1))
         return
-    print("| case | nanomoe tok/s (median, min-max s) | reference tok/s | ratio | peak RSS MiB (ours / ref) |")
-    print("|---|---|---|---|---|")
+    spread = lambda v: "%.0f (%.0f-%.0f)" % (median(v), min(v), max(v))
+    print("%s; %s; flags %s; %d threads; %s, torch %s, transformers %s" % (
+        time.strftime("%Y-%m-%d"), machine["cpu"], " ".join(machine["flags"]) or "-", machine["threads"], machine["nanomoe"],
+        machine["torch"], machine["transformers"]))
+    print("ceilings: f32 sgemm 2048^3 %s GFLOP/s with gemm (nanomoe), %s with PyTorch; read bandwidth %s GB/s\n" % (
+        spread(ceilings["gemm_sgemm_gflops"]), spread(ceilings["torch_sgemm_gflops"]), spread(ceilings["read_gbs"])))
+    print("| case | nanomoe tok/s (median, min-max s) | reference tok/s | ratio | share of ceiling (ours / ref) | peak RSS MiB (ours / ref) |")
+    print("|---|---|---|---|---|---|")
     for r in out:
         o, ref = r["ours"], r["reference"]
-        print("| %s | %.0f (%.3f, %.3f-%.3f) | %.0f (%.3f, %.3f-%.3f) | %.2fx | %.0f / %.0f |" % (
+        print("| %s | %.0f (%.3f, %.3f-%.3f) | %.0f (%.3f, %.3f-%.3f) | %.2fx | %.0f%% / %.0f%% %s | %.0f / %.0f |" % (
             r["case"], o["tokens_per_sec"], o["median_s"], o["min_s"], o["max_s"],
             ref["tokens_per_sec"], ref["median_s"], ref["min_s"], ref["max_s"], r["ratio"],
+            100 * r["ours_share"], 100 * r["reference_share"], "MFU" if r["share_of"] == "sgemm" else "of bw",
             r["ours_peak_rss_mib"], r["reference_peak_rss_mib"]))
     if growth:
         print("\nMoE layer time, 8 -> 64 experts (median): nanomoe %.2fx, reference %.2fx" % (growth["ours"], growth["reference"]))

@@ -51,6 +51,19 @@ pub enum Bench {
         #[arg(long, default_value_t = 3)]
         repeats: usize,
     },
+    /// The machine's ceilings the benchmarks report shares of: f32 sgemm GFLOP/s with the gemm
+    /// crate on every compute thread, and streaming read bandwidth.
+    Ceilings {
+        /// Size of the square matrices.
+        #[arg(long, default_value_t = 2048)]
+        n: usize,
+        /// Size of the buffer read, MiB (well beyond the caches).
+        #[arg(long, default_value_t = 1024)]
+        mib: usize,
+        /// Timed runs of each.
+        #[arg(long, default_value_t = 7)]
+        repeats: usize,
+    },
     /// Forward + backward of one MoE layer (training mode) on `tokens` tokens.
     MoeLayer {
         /// Experts in the layer.
@@ -147,6 +160,16 @@ pub fn run(b: Bench, model_dir: impl Fn(&Path) -> Result<PathBuf>) -> Result<()>
                 times.push(t.elapsed().as_secs_f64());
             }
             report("prefill", &times, tokens as f64)
+        }
+        Bench::Ceilings { n, mib, repeats } => {
+            if repeats == 0 || n == 0 || mib == 0 {
+                bail!("--n, --mib and --repeats must be at least 1");
+            }
+            nanomoe::runtime::check_memory(|| "the ceilings' buffers".into(), (3 * n * n * 4 + (mib << 20)) as u128)?;
+            let sgemm = nanomoe::kernels::ceiling::sgemm_gflops(n, repeats);
+            let read = nanomoe::kernels::ceiling::read_bandwidth_gbs(mib << 20, repeats);
+            println!("{}", json!({"case": "ceilings", "threads": rayon::current_num_threads(), "sgemm_n": n, "sgemm_gflops": sgemm, "read_mib": mib, "read_gbs": read}));
+            Ok(())
         }
         Bench::MoeLayer { experts, top_k, tokens, n_embd, repeats } => {
             let cfg = GPTConfig { n_layer: 1, n_head: 1, n_embd, vocab_size: 8, block_size: 8, n_exp: experts, moe_top_k: top_k, ..Default::default() };

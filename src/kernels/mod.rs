@@ -9,7 +9,9 @@
 //!   output layer so that no logits tensor is kept.
 //! - `linear`: x w^T for nn.Linear weights, any leading dimensions, no reshapes or
 //!   transposes in the graph.
-//! - `expert_matmul`: the experts' batched product, one thread per expert.
+//! - `expert_matmul`: the experts' batched product, one thread per expert; the gate-output
+//!   loss's tap on it.
+//! - `ceiling`: the machine's sgemm and read-bandwidth ceilings, for the benchmarks.
 //! - `matvec`: weight-streaming products for decoding, f32 or bf16 weights.
 //! - `transpose`: 8 x 8 block transposes for the experts' backward.
 //! - `math`: vectorizable exp/tanh/erf and the per-instruction-set `multiversion!`.
@@ -18,6 +20,7 @@ use candle_core::{CpuStorage, Layout, Storage, Tensor};
 
 pub mod attention;
 pub mod bias;
+pub mod ceiling;
 pub mod cross_entropy;
 pub mod expert_matmul;
 pub mod gelu;

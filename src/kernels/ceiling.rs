@@ -1,0 +1,66 @@
+//! The machine's ceilings that benchmarks report shares of: f32 matrix-product throughput
+//! with the gemm crate (what nanomoe's kernels run) on rayon's pool, and streaming memory
+//! bandwidth (what batch-1 decoding is bound by).
+
+use std::time::Instant;
+
+use rayon::prelude::*;
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+/// f32 C = A B for square n x n matrices on every thread of rayon's pool: GFLOP/s of each
+/// of `repeats` timed runs (after one untimed run).
+pub fn sgemm_gflops(n: usize, repeats: usize) -> Vec<f64> {
+    let a: Vec<f32> = (0..n * n).map(|i| ((i % 97) as f32 - 48.0) / 97.0).collect();
+    let b: Vec<f32> = (0..n * n).map(|i| ((i % 89) as f32 - 44.0) / 89.0).collect();
+    let mut c = vec![0f32; n * n];
+    let threads = rayon::current_num_threads();
+    let mut out = Vec::new();
+    for r in 0..=repeats {
+        let t = Instant::now();
+        // SAFETY: a, b, c are n x n, row-major, and c does not overlap a or b.
+        unsafe { crate::kernels::mm(n, n, n, c.as_mut_ptr(), n, a.as_ptr(), n, 1, b.as_ptr(), n, 1, 1.0, threads) };
+        let s = t.elapsed().as_secs_f64();
+        if r > 0 {
+            out.push(2.0 * (n as f64).powi(3) / s / 1e9);
+        }
+    }
+    std::hint::black_box(&c);
+    out
+}
+
+/// GB/s of reading a `bytes`-sized f32 buffer once (a sum, split over rayon's pool), for each
+/// of `repeats` timed runs: the bound of weight-streaming decoding.
+pub fn read_bandwidth_gbs(bytes: usize, repeats: usize) -> Vec<f64> {
+    let v: Vec<f32> = (0..bytes / 4).map(|i| (i % 7) as f32).collect();
+    let chunk = (v.len() / (4 * rayon::current_num_threads())).max(1 << 16);
+    let mut out = Vec::new();
+    for r in 0..=repeats {
+        let t = Instant::now();
+        let s: f32 = v.par_chunks(chunk).map(|c| {
+            // 32 independent sums (eight 4-lane vectors even without AVX), so the adds'
+            // latency is not the bound.
+            let mut acc = [0f32; 32];
+            for x in c.chunks_exact(32) {
+                for k in 0..32 {
+                    acc[k] += x[k];
+                }
+            }
+            acc.iter().sum::<f32>()
+        }).sum();
+        let secs = t.elapsed().as_secs_f64();
+        std::hint::black_box(s);
+        if r > 0 {
+            out.push(bytes as f64 / secs / 1e9);
+        }
+    }
+    out
+}
+
+/// The median of a set of measurements.
+pub fn median_of(v: &[f64]) -> f64 {
+    median(v.to_vec())
+}
