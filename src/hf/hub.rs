@@ -61,6 +61,7 @@ pub struct HubClient {
     pub offline: bool,
     pub cache: PathBuf,
     agent: ureq::Agent,
+    upload_agent: ureq::Agent,
 }
 
 /// Seconds from an environment variable (a positive number), else `default`.
@@ -73,11 +74,17 @@ fn env_seconds(name: &str, default: f64) -> Duration {
 /// read (headers or body) waiting longer than HF_HUB_DOWNLOAD_TIMEOUT for a byte - an idle
 /// timeout, so a large download is never cut off while data flows. No total limit.
 pub(crate) fn agent(max_redirects: u32) -> ureq::Agent {
+    agent_with_idle(max_redirects, env_seconds("HF_HUB_DOWNLOAD_TIMEOUT", 10.0))
+}
+
+/// [`agent`] with another idle limit: uploads wait up to 5 minutes for the Hub to answer a
+/// request whose body it has just received (an LFS upload or a commit it processes first).
+fn agent_with_idle(max_redirects: u32, idle: Duration) -> ureq::Agent {
     ureq::Agent::config_builder()
         .max_redirects(max_redirects)
         .http_status_as_error(false)
         .timeout_connect(Some(env_seconds("HF_HUB_ETAG_TIMEOUT", 10.0)))
-        .timeout_per_read(Some(env_seconds("HF_HUB_DOWNLOAD_TIMEOUT", 10.0)))
+        .timeout_per_read(Some(idle))
         .timeout_per_write(Some(env_seconds("HF_HUB_DOWNLOAD_TIMEOUT", 10.0).max(Duration::from_secs(60))))
         .user_agent(concat!("nanomoe/", env!("CARGO_PKG_VERSION")))
         .build()
@@ -103,15 +110,17 @@ impl HubClient {
 
     pub fn new(endpoint: String, token: Option<String>, offline: bool, cache: PathBuf) -> Self {
         let agent = agent(0);
-        HubClient { endpoint, token, offline, cache, agent }
+        let upload_agent = agent_with_idle(0, env_seconds("HF_HUB_DOWNLOAD_TIMEOUT", 10.0).max(Duration::from_secs(300)));
+        HubClient { endpoint, token, offline, cache, agent, upload_agent }
     }
 
     pub(crate) fn token(&self) -> Option<&str> {
         self.token.as_deref()
     }
 
-    pub(crate) fn agent(&self) -> &ureq::Agent {
-        &self.agent
+    /// The agent for uploads (see [`agent_with_idle`]).
+    pub(crate) fn upload_agent(&self) -> &ureq::Agent {
+        &self.upload_agent
     }
 
     fn repo_dir(&self, repo: &str) -> PathBuf {

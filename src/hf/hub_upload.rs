@@ -140,7 +140,7 @@ impl HubClient {
             }
         }
         let req = req.body(body).map_err(|e| up_err(format!("invalid request URL {url}: {e}")))?;
-        self.agent().run(req).map_err(|e| up_err(format!("network unreachable: cannot reach {} ({e})", crate::hub::host_of(url))))
+        self.upload_agent().run(req).map_err(|e| up_err(format!("network unreachable: cannot reach {} ({e})", crate::hub::host_of(url))))
     }
 
     fn check(&self, resp: &mut ureq::http::Response<ureq::Body>, what: &str, repo: &str) -> Result<Value> {
