@@ -92,13 +92,13 @@ pub fn available_memory() -> Option<u64> {
 /// `bytes` is a lower bound of what `what` needs (so an absurd size is caught, never a
 /// legitimate one). The error names the need and what is available.
 pub fn check_memory(what: impl FnOnce() -> String, bytes: u128) -> crate::Result<()> {
-    let available = available_memory().map(u128::from).unwrap_or(u128::MAX);
-    if bytes > available || bytes > u64::MAX as u128 {
+    let available = available_memory().map(u128::from);
+    if bytes > available.unwrap_or(u128::MAX) || bytes > u64::MAX as u128 {
         return Err(crate::Error::Config(format!(
             "{} needs at least {} of memory but this machine has {} available",
             what(),
             fmt_bytes(bytes),
-            available_memory().map(|b| fmt_bytes(b as u128)).unwrap_or_else(|| "an unknown amount".into())
+            available.map(fmt_bytes).unwrap_or_else(|| "an unknown amount".into())
         )));
     }
     Ok(())

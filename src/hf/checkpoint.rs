@@ -218,15 +218,21 @@ pub fn load_params(dir: &Path, config: &GPTConfig, format: Format, device: &Devi
 pub fn load_params_as(dir: &Path, config: &GPTConfig, format: Format, weight_dtype: DType, device: &Device) -> Result<ParamStore> {
     // The config's sizes are only claims: the files must hold at least 2 bytes (f16/bf16) per
     // parameter before the parameter list is built or anything is allocated.
-    let files = weight_files(dir)?;
-    let mut held: u128 = 0;
-    for path in &files {
-        let file = File::open(path).map_err(|e| Error::file(path, e))?;
-        // SAFETY: read-only map, dropped at the end of this iteration.
-        let mmap = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::file(path, e))?;
-        safetensors::SafeTensors::deserialize(&mmap).map_err(|e| Error::file(path, format!("not a valid safetensors file: {e}")))?;
-        held += mmap.len() as u128;
+    let mut maps = Vec::new();
+    for path in weight_files(dir)? {
+        let file = File::open(&path).map_err(|e| Error::file(&path, e))?;
+        // SAFETY: the map is read-only and dropped before this function returns; a file
+        // changed underneath us can give wrong values but not unsafety in safe code here.
+        let mmap = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::file(&path, e))?;
+        maps.push((path, mmap));
     }
+    let mut files = Vec::with_capacity(maps.len());
+    for (path, mmap) in &maps {
+        let st = safetensors::SafeTensors::deserialize(mmap)
+            .map_err(|e| Error::file(path, format!("not a valid safetensors file: {e}")))?;
+        files.push((path, mmap, st));
+    }
+    let held: u128 = maps.iter().map(|(_, m)| m.len() as u128).sum();
     let size = config.size().ok_or_else(|| Error::Config("the model's size overflows".into()))?;
     if size.parameters.saturating_mul(2) > held {
         return Err(Error::file(
@@ -262,17 +268,11 @@ pub fn load_params_as(dir: &Path, config: &GPTConfig, format: Format, weight_dty
 
     let mut found: BTreeMap<String, Tensor> = BTreeMap::new();
     let mut lm_head: Option<Tensor> = None;
-    for path in files {
-        let file = File::open(&path).map_err(|e| Error::file(&path, e))?;
-        // SAFETY: the map is read-only and dropped before this function returns; a file
-        // changed underneath us can give wrong values but not unsafety in safe code here.
-        let mmap = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::file(&path, e))?;
-        let st = safetensors::SafeTensors::deserialize(&mmap)
-            .map_err(|e| Error::file(&path, format!("not a valid safetensors file: {e}")))?;
+    for (path, mmap, st) in files {
         for (name, view) in st.tensors() {
             let Some(name) = canonical_name(&name) else { continue };
             let dtype = st_dtype(view.dtype()).ok_or_else(|| {
-                Error::file(&path, format!("tensor {name} has dtype {:?}; supported: F32, F16, BF16", view.dtype()))
+                Error::file(path, format!("tensor {name} has dtype {:?}; supported: F32, F16, BF16", view.dtype()))
             })?;
             let transpose = format == Format::Gpt2 && is_conv1d_weight(&name) && view.shape().len() == 2;
             let out = if crate::params::is_weight_matrix(&name, view.shape().len()) { weight_dtype } else { DType::F32 };
@@ -290,16 +290,16 @@ pub fn load_params_as(dir: &Path, config: &GPTConfig, format: Format, weight_dty
                 continue;
             }
             let Some(shape) = expected.get(&name) else {
-                return Err(Error::file(&path, format!("unexpected tensor {name} (shape {:?}) not used by this config", view.shape())));
+                return Err(Error::file(path, format!("unexpected tensor {name} (shape {:?}) not used by this config", view.shape())));
             };
             if shape.as_slice() != view.shape() {
                 return Err(Error::file(
-                    &path,
+                    path,
                     format!("tensor {name} has shape {:?}, expected {:?}", view.shape(), shape),
                 ));
             }
             if found.insert(name.clone(), t).is_some() {
-                return Err(Error::file(&path, format!("tensor {name} appears twice")));
+                return Err(Error::file(path, format!("tensor {name} appears twice")));
             }
         }
     }

@@ -424,25 +424,19 @@ pub(crate) fn urlencode(s: &str) -> String {
 
 /// git's blob id of a file: sha1 of "blob <length>\0" followed by the content.
 fn git_blob_id(path: &Path) -> Result<String> {
-    use sha1::Sha1;
     let len = fs::metadata(path).map_err(|e| Error::file(path, e))?.len();
-    let mut f = File::open(path).map_err(|e| Error::file(path, e))?;
-    let mut h = Sha1::new();
-    h.update(format!("blob {len}\0").as_bytes());
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = f.read(&mut buf).map_err(|e| Error::file(path, e))?;
-        if n == 0 {
-            break;
-        }
-        h.update(&buf[..n]);
-    }
-    Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
+    hash_file::<sha1::Sha1>(path, format!("blob {len}\0").as_bytes())
 }
 
 fn sha256_file(path: &Path) -> Result<String> {
+    hash_file::<Sha256>(path, b"")
+}
+
+/// The hex digest of `prefix` followed by a file's content, read in 1 MiB pieces.
+fn hash_file<D: Digest>(path: &Path, prefix: &[u8]) -> Result<String> {
     let mut f = File::open(path).map_err(|e| Error::file(path, e))?;
-    let mut h = Sha256::new();
+    let mut h = D::new();
+    h.update(prefix);
     let mut buf = vec![0u8; 1 << 20];
     loop {
         let n = f.read(&mut buf).map_err(|e| Error::file(path, e))?;

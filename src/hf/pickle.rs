@@ -133,14 +133,29 @@ impl<'a> Machine<'a> {
         self.stack.push(Slot::Val(v, 1, 1));
         Ok(())
     }
-    /// Pushes a container of `children`.
-    fn push_of(&mut self, make: impl FnOnce(Vec<Pickled>) -> Pickled, children: Vec<(Pickled, u64, u32)>) -> std::result::Result<(), String> {
-        let size = children.iter().fold(1u64, |a, c| a.saturating_add(c.1));
-        let depth = 1 + children.iter().map(|c| c.2).max().unwrap_or(0);
+    /// Pushes `value`, a node over children of the given (size, depth).
+    fn push_node(&mut self, value: Pickled, children: &[(u64, u32)]) -> std::result::Result<(), String> {
+        let size = children.iter().fold(1u64, |a, c| a.saturating_add(c.0));
+        let depth = 1 + children.iter().map(|c| c.1).max().unwrap_or(0);
         self.check_depth(depth)?;
         self.charge(1)?;
-        self.stack.push(Slot::Val(make(children.into_iter().map(|c| c.0).collect()), size, depth));
+        self.stack.push(Slot::Val(value, size, depth));
         Ok(())
+    }
+    /// Pushes a tuple or list of `items`.
+    fn push_seq(&mut self, make: fn(Vec<Pickled>) -> Pickled, items: Vec<(Pickled, u64, u32)>) -> std::result::Result<(), String> {
+        let meta: Vec<(u64, u32)> = items.iter().map(|c| (c.1, c.2)).collect();
+        self.push_node(make(items.into_iter().map(|c| c.0).collect()), &meta)
+    }
+    /// A length of `width` bytes, then that many bytes (checked against what remains).
+    fn counted(&mut self, width: usize) -> std::result::Result<&'a [u8], String> {
+        let n = match width {
+            1 => self.u8()? as u64,
+            4 => self.u32()? as u64,
+            _ => self.u64()?,
+        };
+        let n = self.len(n)?;
+        self.take(n)
     }
     fn check_depth(&self, depth: u32) -> std::result::Result<(), String> {
         if depth > MAX_DEPTH {
@@ -283,24 +298,13 @@ impl<'a> Machine<'a> {
                 }
                 b'X' | 0x8c | 0x8d => {
                     // BINUNICODE (u32 length), SHORT_BINUNICODE (u8), BINUNICODE8 (u64)
-                    let n = match op {
-                        b'X' => self.u32()? as u64,
-                        0x8c => self.u8()? as u64,
-                        _ => self.u64()?,
-                    };
-                    let n = self.len(n)?;
-                    let s = std::str::from_utf8(self.take(n)?).map_err(|_| format!("a string at byte {at} is not UTF-8"))?.to_string();
+                    let b = self.counted(match op { 0x8c => 1, b'X' => 4, _ => 8 })?;
+                    let s = std::str::from_utf8(b).map_err(|_| format!("a string at byte {at} is not UTF-8"))?.to_string();
                     self.push(Pickled::Str(s))?
                 }
                 b'B' | b'C' | 0x8e => {
                     // BINBYTES (u32), SHORT_BINBYTES (u8), BINBYTES8 (u64)
-                    let n = match op {
-                        b'B' => self.u32()? as u64,
-                        b'C' => self.u8()? as u64,
-                        _ => self.u64()?,
-                    };
-                    let n = self.len(n)?;
-                    let b = self.take(n)?.to_vec();
+                    let b = self.counted(match op { b'C' => 1, b'B' => 4, _ => 8 })?.to_vec();
                     self.push(Pickled::Bytes(b))?
                 }
                 b'(' => self.stack.push(Slot::Mark),
@@ -309,7 +313,7 @@ impl<'a> Machine<'a> {
                 b'}' => self.push(Pickled::Dict(vec![]))?,
                 b't' | b'l' => {
                     let items = self.pop_mark()?;
-                    self.push_of(if op == b't' { Pickled::Tuple } else { Pickled::List }, items)?
+                    self.push_seq(if op == b't' { Pickled::Tuple } else { Pickled::List }, items)?
                 }
                 0x85..=0x87 => {
                     let n = (op - 0x84) as usize;
@@ -318,7 +322,7 @@ impl<'a> Machine<'a> {
                         items.push(self.pop()?);
                     }
                     items.reverse();
-                    self.push_of(Pickled::Tuple, items)?
+                    self.push_seq(Pickled::Tuple, items)?
                 }
                 b'd' => {
                     let items = self.pop_mark()?;
@@ -380,7 +384,7 @@ impl<'a> Machine<'a> {
                 }
                 b'Q' => {
                     let (id, n, d) = self.pop()?;
-                    self.push_of(|mut v| Pickled::PersistentId(Box::new(v.remove(0))), vec![(id, n, d)])?
+                    self.push_node(Pickled::PersistentId(Box::new(id)), &[(n, d)])?
                 }
                 b'R' | 0x81 => {
                     // REDUCE, NEWOBJ: callable(*args), kept as data.
@@ -392,13 +396,8 @@ impl<'a> Machine<'a> {
                             continue;
                         }
                     }
-                    self.push_of(
-                        |mut v| {
-                            let args = v.pop().expect("two");
-                            Pickled::Reduce { callable: Box::new(v.pop().expect("two")), args: Box::new(args) }
-                        },
-                        vec![callable, args],
-                    )?
+                    let meta = [(callable.1, callable.2), (args.1, args.2)];
+                    self.push_node(Pickled::Reduce { callable: Box::new(callable.0), args: Box::new(args.0) }, &meta)?
                 }
                 b'b' => {
                     // BUILD: a dict's state holds attributes (OrderedDict's _metadata), not items.
@@ -408,13 +407,8 @@ impl<'a> Machine<'a> {
                         self.stack.push(Slot::Val(obj.0, obj.1, obj.2));
                         continue;
                     }
-                    self.push_of(
-                        |mut v| {
-                            let state = v.pop().expect("two");
-                            Pickled::Build { obj: Box::new(v.pop().expect("two")), state: Box::new(state) }
-                        },
-                        vec![obj, state],
-                    )?
+                    let meta = [(obj.1, obj.2), (state.1, state.2)];
+                    self.push_node(Pickled::Build { obj: Box::new(obj.0), state: Box::new(state.0) }, &meta)?
                 }
                 other => return Err(format!("unsupported pickle opcode 0x{other:02x} at byte {at}")),
             }

@@ -162,8 +162,10 @@ impl Tokenizer {
     /// Reads `tokenizer.json` (and `tokenizer_config.json` next to it when present).
     pub fn from_file(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::file(path, e))?;
-        check_token_ids(&text).map_err(|e| Error::file(path, format!("not a valid tokenizer.json: {e}")))?;
-        let inner: tokenizers::Tokenizer = crate::runtime::catch_panic(|| text.parse::<tokenizers::Tokenizer>())
+        // Parsed once: checked as JSON, then handed to the tokenizers library.
+        let v: Value = serde_json::from_str(&text).map_err(|e| Error::file(path, format!("not a valid tokenizer.json: {e}")))?;
+        check_token_ids(&v).map_err(|e| Error::file(path, format!("not a valid tokenizer.json: {e}")))?;
+        let inner: tokenizers::Tokenizer = crate::runtime::catch_panic(|| serde_json::from_value::<tokenizers::Tokenizer>(v))
             .map_err(|p| Error::file(path, format!("not a valid tokenizer.json: the tokenizers library failed on it ({p})")))?
             .map_err(|e| Error::file(path, format!("not a valid tokenizer.json: {e}")))?;
         let mut t = Tokenizer { inner, eos_token: None, bos_token: None, unk_token: None };
@@ -260,8 +262,7 @@ pub const MAX_TOKEN_ID: u64 = 1 << 24;
 
 /// Checks the ids in tokenizer.json's vocabulary and added tokens before the tokenizers
 /// library reads it.
-fn check_token_ids(text: &str) -> std::result::Result<(), String> {
-    let v: Value = serde_json::from_str(text).map_err(|e| e.to_string())?;
+fn check_token_ids(v: &Value) -> std::result::Result<(), String> {
     let mut ids: Vec<&Value> = Vec::new();
     if let Some(Value::Object(vocab)) = v.pointer("/model/vocab") {
         ids.extend(vocab.values());

@@ -24,6 +24,19 @@ unsafe impl Send for Out {}
 unsafe impl Sync for Out {}
 
 
+/// w's gradient `dw`: deposited in the sink when there is one (candle then gets none),
+/// else returned for candle's store.
+fn hand_over(sink: Option<&GradSink>, w: &Tensor, dw: Vec<f32>) -> candle_core::Result<Option<Tensor>> {
+    let dw = Tensor::from_vec(dw, w.shape(), w.device())?;
+    match sink {
+        Some(sink) => {
+            sink.deposit(w, dw)?;
+            Ok(None)
+        }
+        None => Ok(Some(dw)),
+    }
+}
+
 struct ExpertMatmul {
     sink: Option<GradSink>,
 }
@@ -89,14 +102,7 @@ impl CustomOp2 for ExpertMatmul {
                 })
             })
         })?;
-        let dw = Tensor::from_vec(dw, w.shape(), w.device())?;
-        let dw = match &self.sink {
-            Some(sink) => {
-                sink.deposit(w, dw)?;
-                None
-            }
-            None => Some(dw),
-        };
+        let dw = hand_over(self.sink.as_ref(), w, dw)?;
         Ok((Some(Tensor::from_vec(dx, x.shape(), x.device())?), dw))
     }
 }
@@ -143,14 +149,7 @@ impl candle_core::CustomOp3 for GateLossTap {
                 }))
             })
         })?;
-        let dw = Tensor::from_vec(dw, w.shape(), w.device())?;
-        let dw = match &self.sink {
-            Some(sink) => {
-                sink.deposit(w, dw)?;
-                None
-            }
-            None => Some(dw),
-        };
+        let dw = hand_over(self.sink.as_ref(), w, dw)?;
         Ok((Some((dy * self.alpha as f64)?), None, dw))
     }
 }
