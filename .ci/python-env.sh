@@ -27,4 +27,6 @@ PY
   "$VENV/bin/python" -c "import torch, transformers; torch.ones(2).sum()" >&2
   touch "$STAMP"
 fi
+# Added later: the serving tests drive the real openai client.
+"$VENV/bin/python" -c "import openai" 2>/dev/null || "$VENV/bin/pip" install -q "openai==3.*" >&2
 echo "$VENV"

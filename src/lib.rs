@@ -26,6 +26,7 @@ pub mod kernels;
 pub mod model;
 pub mod optim;
 pub mod runtime;
+pub mod serve;
 pub mod train;
 pub mod train_step;
 

@@ -212,6 +212,50 @@ enum Cmd {
         #[arg(long, conflicts_with = "text")]
         decode: Option<String>,
     },
+    /// Serve the model over HTTP with OpenAI's API (/v1/completions, /v1/chat/completions,
+    /// /v1/models, /health, /metrics), continuous batching and streaming.
+    ///
+    /// Requests join the running batch as slots free up and leave it at token boundaries;
+    /// prompts are prefilled in chunks between decoding steps; MoE layers route dropless.
+    /// Greedy output (temperature 0) equals `nanomoe generate --greedy --dropless` for the
+    /// same --prefill-chunk, alone or in a full batch. Listens on 127.0.0.1 unless --host
+    /// says otherwise. Example:
+    ///   nanomoe serve out/model --port 8000
+    ///   curl http://127.0.0.1:8000/v1/completions -H 'Content-Type: application/json' \
+    ///        -d '{"prompt": "Once upon a time", "max_tokens": 32, "temperature": 0}'
+    #[command(verbatim_doc_comment)]
+    Serve {
+        /// A model directory, a Hub repo id (owner/name), or gpt2 / gpt2-medium / gpt2-large / gpt2-xl.
+        model: PathBuf,
+        /// The address to listen on (0.0.0.0 for every interface).
+        #[arg(long, default_value = "127.0.0.1")]
+        host: String,
+        /// The port (0: any free port; the address is printed).
+        #[arg(long, default_value_t = 8000)]
+        port: u16,
+        /// The model name clients use (default: MODEL as given).
+        #[arg(long)]
+        served_model_name: Option<String>,
+        /// Most sequences decoded together (each of a request's n choices is one).
+        #[arg(long, default_value_t = 16)]
+        max_batch: usize,
+        /// Most requests waiting for a slot; more get 429 at once.
+        #[arg(long, default_value_t = 64)]
+        max_queue: usize,
+        /// Prompt tokens per prefill pass (between decoding steps of the running batch).
+        #[arg(long, default_value_t = nanomoe::generate::DEFAULT_PREFILL_CHUNK)]
+        prefill_chunk: usize,
+        /// Require `Authorization: Bearer KEY` on every endpoint but /health
+        /// (default: the NANOMOE_API_KEY environment variable, if set).
+        #[arg(long)]
+        api_key: Option<String>,
+        /// Largest request body in bytes.
+        #[arg(long, default_value_t = 1 << 20)]
+        max_body: usize,
+        /// Seconds running requests get to finish after SIGINT/SIGTERM.
+        #[arg(long, default_value_t = 30)]
+        shutdown_grace: u64,
+    },
     /// Generate from a text prompt (--prompt) or token ids (--ids), HF generate style:
     /// sampling by default, --greedy for argmax, the KV cache unless --no-cache.
     Generate {
@@ -259,6 +303,10 @@ enum Cmd {
         /// MoE routing without a capacity limit.
         #[arg(long)]
         dropless: bool,
+        /// Run the prompt through the model at most this many tokens at a time (what
+        /// `nanomoe serve --prefill-chunk` does; equal chunks give equal outputs).
+        #[arg(long, default_value_t = nanomoe::generate::DEFAULT_PREFILL_CHUNK)]
+        prefill_chunk: usize,
         /// Print {"ids": [[...]]} (new tokens only).
         #[arg(long)]
         json: bool,
@@ -292,6 +340,11 @@ pub fn run() -> Result<()> {
         let _ = nanomoe::runtime::keep_freed_memory();
     }
     nanomoe::runtime::set_threads(cli.threads)?;
+    if let Cmd::Serve { .. } = cli.cmd {
+        // The server's engine takes a thread of the compute pool itself; the HTTP side
+        // runs on tokio's threads.
+        return execute(cli);
+    }
     nanomoe::runtime::on_compute_pool(move || execute(cli))
 }
 
@@ -327,6 +380,24 @@ fn execute(cli: Cli) -> Result<()> {
             cmd_sample(&model, &prompt, num_samples, max_new_tokens, temperature, top_k, seed)
         }
         Cmd::Tokenize { tokenizer, corpus, save, text, decode } => cmd_tokenize(&tokenizer, corpus.as_deref(), save.as_deref(), text, decode),
+        Cmd::Serve { model, host, port, served_model_name, max_batch, max_queue, prefill_chunk, api_key, max_body, shutdown_grace } => {
+            let dir = model_dir(&model)?;
+            let gpt = inference_model(&dir)?;
+            let tok = model_tokenizer(&dir).map_err(|e| anyhow!("{e} (nanomoe serve needs the model's tokenizer)"))?;
+            let chat = nanomoe::serve::ChatTemplate::from_dir(&dir)?;
+            let eos = generation_eos(&dir)?;
+            let api_key = api_key.or_else(|| std::env::var("NANOMOE_API_KEY").ok().filter(|k| !k.is_empty()));
+            let opts = nanomoe::serve::ServeOptions {
+                host,
+                port,
+                name: served_model_name.unwrap_or_else(|| model.display().to_string()),
+                api_key,
+                max_body,
+                engine: nanomoe::serve::EngineOptions { max_batch, max_queue, prefill_chunk },
+                shutdown_grace: std::time::Duration::from_secs(shutdown_grace),
+            };
+            Ok(nanomoe::serve::serve(gpt, tok, chat, eos, opts)?)
+        }
         Cmd::Forward { model, ids, labels, out, dropless } => cmd_forward(&model, &ids, labels.as_deref(), out.as_deref(), dropless),
         Cmd::Generate {
             model,
@@ -344,6 +415,7 @@ fn execute(cli: Cli) -> Result<()> {
             ignore_eos,
             no_cache,
             dropless,
+            prefill_chunk,
             json,
         } => {
             let gen = GenerationConfig {
@@ -358,6 +430,7 @@ fn execute(cli: Cli) -> Result<()> {
                 pad_token_id: None,
                 seed,
                 use_cache: !no_cache,
+                prefill_chunk,
             };
             let input = match (ids, prompt) {
                 (Some(ids), _) => PromptArg::Ids(ids),

@@ -30,7 +30,14 @@ pub struct GenerationConfig {
     /// Same seed, same output. None: seeded from the OS.
     pub seed: Option<u64>,
     pub use_cache: bool,
+    /// Prompts are run through the model at most this many tokens at a time (with the KV
+    /// cache): bounds the activations of long prompts, and is what `nanomoe serve` does,
+    /// whose output equals `generate`'s for the same chunk size.
+    pub prefill_chunk: usize,
 }
+
+/// Default of [`GenerationConfig::prefill_chunk`].
+pub const DEFAULT_PREFILL_CHUNK: usize = 512;
 
 impl Default for GenerationConfig {
     fn default() -> Self {
@@ -46,6 +53,7 @@ impl Default for GenerationConfig {
             pad_token_id: None,
             seed: None,
             use_cache: true,
+            prefill_chunk: DEFAULT_PREFILL_CHUNK,
         }
     }
 }
@@ -72,6 +80,9 @@ impl GenerationConfig {
                 return Err(input_err!("min_p must be in [0, 1], got {p}"));
             }
         }
+        if self.prefill_chunk == 0 {
+            return Err(input_err!("prefill_chunk must be at least 1"));
+        }
         if !(self.repetition_penalty > 0.0) {
             return Err(input_err!("repetition_penalty must be > 0, got {}", self.repetition_penalty));
         }
@@ -81,7 +92,7 @@ impl GenerationConfig {
 
 /// Applies the configured processors to one row of logits in place, then picks a token.
 /// NaN or +Inf logits are an error (they would otherwise silently pick token 0).
-fn next_token(logits: &mut [f32], context: &[u32], cfg: &GenerationConfig, rng: &mut StdRng) -> Result<u32> {
+pub(crate) fn next_token(logits: &mut [f32], context: &[u32], cfg: &GenerationConfig, rng: &mut StdRng) -> Result<u32> {
     if let Some(i) = logits.iter().position(|l| l.is_nan() || *l == f32::INFINITY) {
         return Err(crate::error::Error::Msg(format!(
             "the model's logits are not finite (token {i}: {}): its weights hold NaN or Inf values, or its activations overflowed",
@@ -250,7 +261,17 @@ impl GPT {
                 let pad_arg = padded.then_some(pads.as_slice());
                 cache.clear();
                 fed = rows[0].len();
-                self.forward_step(&rows, cfg.use_cache.then_some(&mut cache), pad_arg)?
+                if cfg.use_cache {
+                    let mut logits = None;
+                    for start in (0..fed).step_by(cfg.prefill_chunk) {
+                        let end = (start + cfg.prefill_chunk).min(fed);
+                        let chunk: Vec<Vec<u32>> = rows.iter().map(|r| r[start..end].to_vec()).collect();
+                        logits = Some(self.forward_step(&chunk, Some(&mut cache), pad_arg)?);
+                    }
+                    logits.expect("a non-empty context")
+                } else {
+                    self.forward_step(&rows, None, pad_arg)?
+                }
             };
             let logits: Vec<Vec<f32>> = logits.to_dtype(candle_core::DType::F32)?.to_vec2()?;
             for (i, mut row_logits) in logits.into_iter().enumerate() {

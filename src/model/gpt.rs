@@ -18,6 +18,9 @@ use crate::moe::{MoeCtx, MoeLayer, MoeStats, Routing};
 use crate::nn;
 use crate::params::{param_specs, ParamStore};
 
+mod packed;
+pub use packed::{PackedSeq, MAX_PACKED_TOKENS};
+
 /// LayerNorm (weight, optional bias) or RMSNorm (weight only), per the config.
 struct Norm {
     w: Tensor,
@@ -257,6 +260,11 @@ impl Block {
 
     fn forward(&self, x: &Tensor, mask: &Mask, cache: Option<&mut Option<LayerKv>>, ctx: &mut Ctx, moe: &mut MoeTotals) -> Result<Tensor> {
         let x = (x + self.attn.forward(&self.ln_1.forward(x)?, mask, cache, ctx)?)?;
+        self.mlp_residual(x, ctx, moe)
+    }
+
+    /// x + mlp(ln_2(x)): the second half of a block.
+    fn mlp_residual(&self, x: Tensor, ctx: &mut Ctx, moe: &mut MoeTotals) -> Result<Tensor> {
         let h = self.ln_2.forward(&x)?;
         let y = match &self.mlp {
             Mlp::Dense { c_fc, c_proj, act } => {

@@ -1,0 +1,128 @@
+"""Bounded load test of `nanomoe serve` on loopback: C concurrent clients each stream one
+completion of N tokens (temperature 0, --ignore-eos equivalent: min tokens by max_tokens and
+a model that rarely emits eos) for C in 1, 4, 16, 64. Prints aggregate tokens/s, time to
+first token and inter-token latency (p50 / p99), errors, and the issue's two targets.
+
+usage: python bench/serve_load.py MODEL_DIR [--tokens 128] [--clients 1,4,16,64] [--max-batch 16] [--json]
+(bench/bench.py --only serve runs it on the nano-MoE and GPT-2 124M-shaped models.)"""
+import argparse
+import http.client
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = os.environ.get("NANOMOE_BIN", str(ROOT / "target" / "release" / "nanomoe"))
+
+
+def pct(v, q):
+    v = sorted(v)
+    if not v:
+        return float("nan")
+    return v[min(len(v) - 1, int(round(q * (len(v) - 1))))]
+
+
+def one_client(host, port, tokens, prompt, out):
+    t0 = time.perf_counter()
+    stamps = []
+    try:
+        c = http.client.HTTPConnection(host, port, timeout=600)
+        body = {"prompt": prompt, "max_tokens": tokens, "temperature": 0, "stream": True}
+        c.request("POST", "/v1/completions", body=json.dumps(body), headers={"Content-Type": "application/json"})
+        r = c.getresponse()
+        if r.status != 200:
+            out.append({"error": "HTTP %d" % r.status})
+            return
+        n = 0
+        while True:
+            line = r.readline()
+            if not line:
+                break
+            if not line.startswith(b"data: "):
+                continue
+            data = line[6:].strip()
+            if data == b"[DONE]":
+                break
+            ev = json.loads(data)
+            if "error" in ev:
+                out.append({"error": ev["error"]["message"]})
+                return
+            if ev["choices"] and ev["choices"][0].get("finish_reason") is None:
+                stamps.append(time.perf_counter())
+                n += 1
+        c.close()
+        out.append({"start": t0, "stamps": stamps, "tokens": n})
+    except Exception as e:  # noqa: BLE001 - every failure counts as an error of the run
+        out.append({"error": repr(e)})
+
+
+def load(host, port, clients, tokens):
+    out = []
+    threads = [threading.Thread(target=one_client, args=(host, port, tokens, "Client %d says: once upon a time" % i, out))
+               for i in range(clients)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    ok = [o for o in out if "error" not in o]
+    ttft = [o["stamps"][0] - o["start"] for o in ok if o["stamps"]]
+    itl = [b - a for o in ok for a, b in zip(o["stamps"], o["stamps"][1:])]
+    toks = sum(o["tokens"] for o in ok)
+    return {"clients": clients, "wall_s": wall, "tokens": toks, "tokens_per_s": toks / wall,
+            "ttft_p50": pct(ttft, 0.5), "ttft_p99": pct(ttft, 0.99), "itl_p50": pct(itl, 0.5), "itl_p99": pct(itl, 0.99),
+            "errors": len(out) - len(ok), "error_examples": [o["error"] for o in out if "error" in o][:3]}
+
+
+def run_model(model, tokens, clients, max_batch, threads):
+    p = subprocess.Popen([BIN, "--threads", str(threads), "serve", model, "--port", "0", "--max-batch", str(max_batch),
+                          "--max-queue", "256"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    line = p.stdout.readline()
+    addr = line.split("http://")[1].split("/")[0]
+    host, port = addr.split(":")
+    try:
+        load(host, int(port), 1, 8)  # warm-up
+        return [load(host, int(port), c, tokens) for c in clients]
+    finally:
+        p.terminate()
+        p.wait(timeout=120)
+
+
+def report(label, rows):
+    print("\n%s" % label)
+    print("| clients | tokens/s (aggregate) | x one client | TTFT p50 / p99 ms | inter-token p50 / p99 ms | errors |")
+    print("|---|---|---|---|---|---|")
+    base = rows[0]
+    for r in rows:
+        print("| %d | %.1f | %.2fx | %.0f / %.0f | %.1f / %.1f | %d |" % (
+            r["clients"], r["tokens_per_s"], r["tokens_per_s"] / base["tokens_per_s"], 1e3 * r["ttft_p50"], 1e3 * r["ttft_p99"],
+            1e3 * r["itl_p50"], 1e3 * r["itl_p99"], r["errors"]))
+    r16 = next((r for r in rows if r["clients"] == 16), None)
+    if r16 and base["clients"] == 1:
+        print("targets: 16 clients %.2fx one client's tokens/s (target >= 4x); p99 inter-token at 16 = %.2fx the single-client median (target <= 3x)" % (
+            r16["tokens_per_s"] / base["tokens_per_s"], r16["itl_p99"] / base["itl_p50"]))
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("model")
+    ap.add_argument("--tokens", type=int, default=128)
+    ap.add_argument("--clients", default="1,4,16,64")
+    ap.add_argument("--max-batch", type=int, default=16)
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--json", action="store_true")
+    a = ap.parse_args()
+    rows = run_model(a.model, a.tokens, [int(c) for c in a.clients.split(",")], a.max_batch, a.threads)
+    if a.json:
+        print(json.dumps(rows))
+    else:
+        report("%s, %d tokens per client, --max-batch %d, %d threads" % (a.model, a.tokens, a.max_batch, a.threads), rows)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

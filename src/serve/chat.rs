@@ -1,0 +1,110 @@
+//! Chat prompts: the tokenizer's own chat template (`chat_template` in
+//! tokenizer_config.json, a Jinja template rendered as transformers renders it), or, for
+//! models without one, [`PLAIN_TEMPLATE`].
+
+use std::path::Path;
+
+use minijinja::{Environment, ErrorKind};
+use serde_json::{json, Value};
+
+use crate::error::{input_err, Result};
+
+/// The template of models whose tokenizer has none: each message as "Role: content"
+/// followed by a blank line, then "Assistant:" for the reply.
+pub const PLAIN_TEMPLATE: &str = "{% for m in messages %}{{ m.role | capitalize }}: {{ m.content }}\n\n{% endfor %}{% if add_generation_prompt %}Assistant:{% endif %}";
+
+pub struct ChatTemplate {
+    env: Environment<'static>,
+    pub source: String,
+    /// True when the model has its own template.
+    pub from_tokenizer: bool,
+    bos: String,
+    eos: String,
+}
+
+/// A special token in tokenizer_config.json: a string or {"content": ...}.
+fn special(v: Option<&Value>) -> String {
+    match v {
+        Some(Value::String(s)) => s.clone(),
+        Some(Value::Object(o)) => o.get("content").and_then(Value::as_str).unwrap_or_default().to_string(),
+        _ => String::new(),
+    }
+}
+
+impl ChatTemplate {
+    /// Reads tokenizer_config.json of a model directory, if any.
+    pub fn from_dir(dir: &Path) -> Result<Self> {
+        let path = dir.join("tokenizer_config.json");
+        let cfg: Value = match std::fs::read_to_string(&path) {
+            Ok(s) => serde_json::from_str(&s).map_err(|e| input_err!("{}: not valid JSON: {e}", path.display()))?,
+            Err(_) => Value::Null,
+        };
+        let template = match cfg.get("chat_template") {
+            None | Some(Value::Null) => None,
+            Some(Value::String(s)) => Some(s.clone()),
+            // A list of named templates: the one named "default".
+            Some(Value::Array(list)) => list
+                .iter()
+                .find(|t| t.get("name").and_then(Value::as_str) == Some("default"))
+                .and_then(|t| t.get("template").and_then(Value::as_str))
+                .map(str::to_string)
+                .or_else(|| return None),
+            Some(other) => return Err(input_err!("{}: chat_template must be a string or a list of named templates, got {other}", path.display())),
+        };
+        let chat = Self::new(template.clone().unwrap_or_else(|| PLAIN_TEMPLATE.to_string()), template.is_some(), special(cfg.get("bos_token")), special(cfg.get("eos_token")));
+        // A template that does not even parse is the model's problem: say so at start.
+        chat.env.template_from_str(&chat.source).map_err(|e| input_err!("{}: chat_template does not parse: {e}", path.display()))?;
+        Ok(chat)
+    }
+
+    pub fn new(source: String, from_tokenizer: bool, bos: String, eos: String) -> Self {
+        let mut env = Environment::new();
+        // transformers renders chat templates with these settings and helpers.
+        env.set_trim_blocks(true);
+        env.set_lstrip_blocks(true);
+        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+        env.add_function("raise_exception", |msg: String| -> std::result::Result<String, minijinja::Error> {
+            Err(minijinja::Error::new(ErrorKind::InvalidOperation, msg))
+        });
+        ChatTemplate { env, source, from_tokenizer, bos, eos }
+    }
+
+    /// The prompt of a conversation (messages as {role, content} objects with string
+    /// content), ending where the assistant's reply starts.
+    pub fn render(&self, messages: &[Value]) -> Result<String> {
+        let ctx = json!({
+            "messages": messages,
+            "add_generation_prompt": true,
+            "bos_token": self.bos,
+            "eos_token": self.eos,
+        });
+        self.env.render_str(&self.source, ctx).map_err(|e| {
+            let mut msg = e.to_string();
+            if let Some(detail) = e.detail() {
+                if !msg.contains(detail) {
+                    msg = format!("{msg}: {detail}");
+                }
+            }
+            input_err!("the chat template failed: {msg}")
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plain_template_and_hf_style_templates_render() {
+        let plain = ChatTemplate::new(PLAIN_TEMPLATE.into(), false, String::new(), String::new());
+        let msgs = vec![json!({"role": "system", "content": "Be brief."}), json!({"role": "user", "content": "Hi"})];
+        assert_eq!(plain.render(&msgs).unwrap(), "System: Be brief.\n\nUser: Hi\n\nAssistant:");
+        // ChatML-like template with trim_blocks, python string methods and raise_exception.
+        let src = "{% for message in messages %}\n{% if message['role'] not in ['user', 'system'] %}{{ raise_exception('bad role ' + message['role']) }}{% endif %}\n<|im_start|>{{ message['role'] }}\n{{ message['content'].strip() }}<|im_end|>\n{% endfor %}\n{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}";
+        let t = ChatTemplate::new(src.into(), true, "<s>".into(), "</s>".into());
+        let msgs = vec![json!({"role": "user", "content": "  Hi  "})];
+        assert_eq!(t.render(&msgs).unwrap(), "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n");
+        let e = t.render(&[json!({"role": "tool", "content": "x"})]).unwrap_err().to_string();
+        assert!(e.starts_with("invalid input: the chat template failed: ") && e.contains("bad role tool"), "{e}");
+    }
+}

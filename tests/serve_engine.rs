@@ -1,0 +1,105 @@
+//! The serving engine's model side: packed decoding of many sequences (each with its own KV
+//! cache and position) gives every sequence the same bits as decoding it alone, for dense,
+//! MoE and seed-architecture models, f32 and bf16 weights; chunked prefill in `generate`.
+
+use candle_core::{DType, Device};
+use nanomoe::gpt::{PackedSeq, MAX_PACKED_TOKENS};
+use nanomoe::{GPTConfig, GenerationConfig, KvCache, Routing, GPT};
+use rand::{rngs::StdRng, Rng, SeedableRng};
+
+fn configs() -> Vec<(&'static str, GPTConfig)> {
+    let dense = GPTConfig { block_size: 64, vocab_size: 97, n_layer: 2, n_head: 4, n_embd: 64, ..Default::default() };
+    let moe = GPTConfig { n_layer: 3, n_exp: 4, moe_top_k: 2, stride: 2, ..dense.clone() };
+    let seed = GPTConfig { n_layer: 3, n_exp: 4, moe_top_k: 2, moe_start_layer: 1, ..dense.clone() }.with_seed_architecture(true);
+    vec![("dense", dense), ("moe", moe), ("seed", seed)]
+}
+
+fn bits(v: &[f32]) -> Vec<u32> {
+    v.iter().map(|x| x.to_bits()).collect()
+}
+
+#[test]
+fn packed_decoding_equals_decoding_alone_bit_for_bit() {
+    for (name, cfg) in configs() {
+        for dtype in [DType::F32, DType::BF16] {
+            let mut m = GPT::new_seeded(&cfg, 5, &Device::Cpu).unwrap().with_weight_dtype(dtype).unwrap();
+            m.set_routing(Routing::Dropless);
+            let mut rng = StdRng::seed_from_u64(1);
+            let n_seq = MAX_PACKED_TOKENS;
+            let prompts: Vec<Vec<u32>> = (0..n_seq).map(|_| (0..rng.random_range(1..20)).map(|_| rng.random_range(0..97)).collect()).collect();
+            // Two copies of every cache: one decoded in packed passes, one alone.
+            let mut packed_caches = Vec::new();
+            let mut alone_caches = Vec::new();
+            let mut last = Vec::new();
+            for p in &prompts {
+                let mut c = KvCache::new();
+                let (logits, _, _) = m.prefill(p, &mut c, false).unwrap();
+                let mut alone = KvCache::new();
+                let step = m.forward_step(std::slice::from_ref(p), Some(&mut alone), None).unwrap();
+                assert_eq!(bits(&logits.to_vec1::<f32>().unwrap()), bits(&step.squeeze(0).unwrap().to_vec1::<f32>().unwrap()), "{name} {dtype:?}: prefill");
+                packed_caches.push(c);
+                alone_caches.push(alone);
+                last.push(rng.random_range(0..97u32));
+            }
+            for step in 0..4 {
+                // A different subset each step, as sequences join and leave.
+                let active: Vec<usize> = (0..n_seq).filter(|i| (i + step) % 3 != 0 || step == 0).collect();
+                let toks: Vec<[u32; 1]> = active.iter().map(|&i| [last[i]]).collect();
+                let mut seqs: Vec<PackedSeq> = Vec::new();
+                let mut refs: Vec<Option<&mut KvCache>> = packed_caches.iter_mut().map(Some).collect();
+                for (k, &i) in active.iter().enumerate() {
+                    seqs.push(PackedSeq { ids: &toks[k], cache: refs[i].take().unwrap() });
+                }
+                let (logits, _) = m.forward_packed(&mut seqs).unwrap();
+                let rows: Vec<Vec<f32>> = logits.to_vec2().unwrap();
+                for (k, &i) in active.iter().enumerate() {
+                    let alone = m.forward_step(&[vec![last[i]]], Some(&mut alone_caches[i]), None).unwrap();
+                    let alone: Vec<f32> = alone.squeeze(0).unwrap().to_vec1().unwrap();
+                    assert_eq!(bits(&rows[k]), bits(&alone), "{name} {dtype:?}: sequence {i} at step {step}");
+                    last[i] = (rows[k].iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).unwrap().0) as u32;
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn packed_passes_check_their_input() {
+    let (_, cfg) = configs().remove(0);
+    let m = GPT::new_seeded(&cfg, 5, &Device::Cpu).unwrap();
+    let mut c = KvCache::new();
+    let e = m.forward_packed(&mut [PackedSeq { ids: &[97], cache: &mut c }]).unwrap_err();
+    assert_eq!(e.to_string(), "invalid input: token id 97 is out of range for vocab_size 97");
+    let e = m.forward_packed(&mut []).unwrap_err();
+    assert_eq!(e.to_string(), "invalid input: a packed forward pass needs at least one sequence");
+    let long = vec![1u32; 64];
+    m.prefill(&long, &mut c, false).unwrap();
+    let e = m.forward_packed(&mut [PackedSeq { ids: &[1], cache: &mut c }]).unwrap_err();
+    assert_eq!(e.to_string(), "invalid input: sequence length 65 exceeds block_size 64 of this model");
+}
+
+#[test]
+fn chunked_prefill_matches_whole_prompt_prefill_closely_and_echo_logits_agree() {
+    for (name, cfg) in configs() {
+        let mut m = GPT::new_seeded(&cfg, 9, &Device::Cpu).unwrap();
+        m.set_routing(Routing::Dropless);
+        let prompt: Vec<u32> = (0..40).map(|i| (i * 7 % 97) as u32).collect();
+        let ids = candle_core::Tensor::new(prompt.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+        let whole = m.generate(&ids, &GenerationConfig { prefill_chunk: 512, ..GenerationConfig::greedy(12) }).unwrap();
+        for chunk in [1, 7, 16, 17] {
+            let out = m.generate(&ids, &GenerationConfig { prefill_chunk: chunk, ..GenerationConfig::greedy(12) }).unwrap();
+            assert_eq!(out, whole, "{name}: prefill chunk {chunk}");
+        }
+        // All-position logits of `prefill` are the HF forward's logits.
+        let mut c = KvCache::new();
+        let (last, all, _) = m.prefill(&prompt, &mut c, true).unwrap();
+        let all = all.unwrap();
+        let full = m.forward(&ids, None).unwrap().logits.squeeze(0).unwrap();
+        let diff = (&all - &full).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+        assert!(diff < 1e-4, "{name}: {diff}");
+        let d_last = (&last - &full.get(39).unwrap()).unwrap().abs().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+        assert!(d_last < 1e-4, "{name}: {d_last}");
+        let e = m.generate(&ids, &GenerationConfig { prefill_chunk: 0, ..GenerationConfig::greedy(1) }).unwrap_err();
+        assert_eq!(e.to_string(), "invalid input: prefill_chunk must be at least 1");
+    }
+}
