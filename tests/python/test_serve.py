@@ -6,6 +6,7 @@ import http.client
 import json
 import os
 import signal
+import socket
 import subprocess
 import threading
 import time
@@ -220,8 +221,20 @@ def test_bad_requests_get_openai_errors(server):
     assert status == 400 and json.loads(body)["error"]["message"].startswith("invalid JSON body: EOF while parsing")
     status, body = server.raw("POST", "/v1/completions", {"prompt": "x", "max_tokens": 2, "frobnicate": 1}, auth)
     assert status == 400 and json.loads(body)["error"]["message"].startswith("invalid JSON body: unknown field `frobnicate`")
-    status, body = server.raw("POST", "/v1/completions", b"x" * (2 << 20), auth)
-    assert status == 413 and "exceeds the server's limit of 1048576 bytes" in json.loads(body)["error"]["message"]
+    # Bodies over --max-body (1 MiB): refused from Content-Length before the body is read,
+    # and, when chunked (no length), once the limit is passed.
+    sock = socket.create_connection((server.host, server.port), timeout=30)
+    sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+                 b"Authorization: Bearer " + KEY.encode() + b"\r\nContent-Length: 2097152\r\n\r\n" + b"x" * 1000)
+    head, _, body = sock.recv(65536).decode().partition("\r\n\r\n")
+    sock.close()
+    assert head.startswith("HTTP/1.1 413")
+    assert json.loads(body)["error"]["message"] == "the request body exceeds the server's limit of 1048576 bytes (--max-body)"
+    c = server.conn()
+    c.request("POST", "/v1/completions", body=iter([b"x" * ((1 << 20) + 100)]), headers={**auth, "Content-Type": "application/json"}, encode_chunked=True)
+    r = c.getresponse()
+    assert r.status == 413 and json.loads(r.read())["error"]["code"] == "request_too_large"
+    c.close()
     status, body = server.raw("GET", "/v1/nothing", None, auth)
     assert status == 404 and json.loads(body)["error"]["message"] == "no route for GET /v1/nothing"
 
@@ -290,6 +303,9 @@ def test_full_queue_gets_429_at_once_and_a_disconnect_frees_the_slot(model_dir):
         assert r.usage.completion_tokens == 3
         # The abandoned stream stopped early: far fewer than its 120 tokens were generated.
         assert metric(s, "nanomoe_generation_tokens_total") < 120
+        deadline = time.time() + 10  # the gauge is set after each engine step
+        while metric(s, "nanomoe_running_sequences") != 0 and time.time() < deadline:
+            time.sleep(0.02)
         assert metric(s, "nanomoe_running_sequences") == 0
     finally:
         assert s.stop() == 0
