@@ -39,33 +39,71 @@ impl Weight for bf16 {
     }
 }
 
+/// Lanes of a dot product's accumulator: each (row, output) sum is kept in LANES partial
+/// sums over k, reduced by a fixed pairwise tree, then the tail of k added in order. Every
+/// row's result is computed this same way however many rows share the pass, so a row's
+/// product does not depend on the others (batch-invariant decoding, `GPT::forward_packed`).
+const LANES: usize = 16;
+
+/// Sum of a lane accumulator: pairwise, 16 -> 8 -> 4 -> 2 -> 1.
 #[inline(always)]
-fn dot<W: Weight>(a: &[f32], b: &[W]) -> f32 {
-    // 64 lanes: four independent 16-wide accumulators, so the adds do not wait on each other.
-    const L: usize = 64;
-    let mut acc = [0f32; L];
-    let split = a.len() / L * L;
-    for (ca, cb) in a[..split].chunks_exact(L).zip(b[..split].chunks_exact(L)) {
-        for i in 0..L {
-            acc[i] += ca[i] * cb[i].f();
+fn reduce(acc: &[f32; LANES]) -> f32 {
+    let mut v = *acc;
+    let mut w = LANES / 2;
+    while w > 0 {
+        for i in 0..w {
+            v[i] += v[i + w];
         }
+        w /= 2;
     }
-    let mut s: f32 = acc.iter().sum();
-    for (x, w) in a[split..].iter().zip(&b[split..]) {
-        s += x * w.f();
-    }
-    s
+    v[0]
 }
 
-/// y[:, n0..n0+len] for w [N, K]: one dot product per (row, output). (`_n` keeps the
-/// signature equal to `block_kn`'s.)
+/// Dot products of R activation rows (row stride k) with one weight row.
+#[inline(always)]
+fn dots<W: Weight, const R: usize>(x: &[f32], k: usize, wr: &[W], out: &mut [f32; R]) {
+    let mut acc = [[0f32; LANES]; R];
+    let split = k / LANES * LANES;
+    for c in (0..split).step_by(LANES) {
+        let wc: &[W; LANES] = wr[c..c + LANES].try_into().expect("a full chunk");
+        let wv: [f32; LANES] = std::array::from_fn(|i| wc[i].f());
+        for (r, acc) in acc.iter_mut().enumerate() {
+            let xv: &[f32; LANES] = x[r * k + c..r * k + c + LANES].try_into().expect("a full chunk");
+            for i in 0..LANES {
+                acc[i] += xv[i] * wv[i];
+            }
+        }
+    }
+    for (r, acc) in acc.iter().enumerate() {
+        let mut s = reduce(acc);
+        for c in split..k {
+            s += x[r * k + c] * wr[c].f();
+        }
+        out[r] = s;
+    }
+}
+
+/// y[:, n0..n0+len] for w [N, K]: each weight row read once for 4 activation rows at a
+/// time. (`_n` keeps the signature equal to `block_kn`'s.)
 #[inline(always)]
 fn block_nk<W: Weight>(x: &[f32], m: usize, k: usize, w: &[W], _n: usize, n0: usize, out: &mut [f32]) {
     let len = out.len() / m;
     for j in 0..len {
         let wr = &w[(n0 + j) * k..(n0 + j + 1) * k];
-        for r in 0..m {
-            out[r * len + j] = dot(&x[r * k..(r + 1) * k], wr);
+        let mut r = 0;
+        while r + 4 <= m {
+            let mut o = [0f32; 4];
+            dots::<W, 4>(&x[r * k..], k, wr, &mut o);
+            for (i, v) in o.into_iter().enumerate() {
+                out[(r + i) * len + j] = v;
+            }
+            r += 4;
+        }
+        while r < m {
+            let mut o = [0f32; 1];
+            dots::<W, 1>(&x[r * k..], k, wr, &mut o);
+            out[r * len + j] = o[0];
+            r += 1;
         }
     }
 }
