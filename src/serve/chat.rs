@@ -47,8 +47,7 @@ impl ChatTemplate {
                 .iter()
                 .find(|t| t.get("name").and_then(Value::as_str) == Some("default"))
                 .and_then(|t| t.get("template").and_then(Value::as_str))
-                .map(str::to_string)
-                .or_else(|| return None),
+                .map(str::to_string),
             Some(other) => return Err(input_err!("{}: chat_template must be a string or a list of named templates, got {other}", path.display())),
         };
         let chat = Self::new(template.clone().unwrap_or_else(|| PLAIN_TEMPLATE.to_string()), template.is_some(), special(cfg.get("bos_token")), special(cfg.get("eos_token")));

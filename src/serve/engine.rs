@@ -104,7 +104,7 @@ pub enum Refused {
 impl EngineHandle {
     /// Queues the jobs of one request, all or none.
     pub fn submit(&self, jobs: Vec<Job>) -> Result<(), Refused> {
-        if self.draining.load(Ordering::SeqCst) {
+        if self.is_draining() {
             return Err(Refused::ShuttingDown);
         }
         let n = jobs.len();
@@ -123,6 +123,10 @@ impl EngineHandle {
     /// Stops taking requests: waiting ones are refused, running ones finish.
     pub fn drain(&self) {
         self.draining.store(true, Ordering::SeqCst);
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::SeqCst)
     }
 }
 
@@ -230,7 +234,7 @@ impl Engine {
                     let _ = s.events.send(Event::Error { message: message.clone() });
                 }
             }
-            self.metrics.occupancy(self.queue.len(), self.running.len() + self.prefills.iter().map(|p| p.job.n).sum::<usize>());
+            self.metrics.occupancy(self.queue.len(), self.used_slots());
         }
     }
 

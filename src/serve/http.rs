@@ -5,7 +5,7 @@
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use axum::body::{Body, Bytes};
 use axum::extract::State;
@@ -19,7 +19,7 @@ use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
 use super::chat::ChatTemplate;
 use super::engine::{EngineHandle, Event, Finish, Job, Refused, TokenLogprob};
 use super::metrics::Metrics;
-use super::openai::{messages_of, BadRequest, CompletionRequest, Params, Prompt};
+use super::openai::{bad, messages_of, BadRequest, CompletionRequest, Params, Prompt};
 use super::text::TextStream;
 use crate::tokenizer::Tokenizer;
 
@@ -37,7 +37,6 @@ pub struct App {
     pub metrics: Arc<Metrics>,
     pub max_body: usize,
     pub created: u64,
-    pub draining: AtomicBool,
 }
 
 pub fn router(app: Arc<App>) -> Router {
@@ -64,6 +63,14 @@ fn error(status: StatusCode, message: &str, kind: &str, param: Option<&str>, cod
     json_response(status, &json!({"error": {"message": message, "type": kind, "param": param, "code": code}}))
 }
 
+/// An error's message without the "invalid input: " prefix of `Error::Input`.
+fn message(e: &crate::Error) -> String {
+    match e {
+        crate::Error::Input(m) => m.clone(),
+        e => e.to_string(),
+    }
+}
+
 fn bad_request(e: BadRequest) -> Response {
     error(StatusCode::BAD_REQUEST, &e.message, "invalid_request_error", e.param, None)
 }
@@ -79,7 +86,7 @@ fn authorize(app: &App, headers: &HeaderMap) -> Result<(), Response> {
 }
 
 async fn health(State(app): State<Arc<App>>) -> Response {
-    if app.draining.load(Ordering::SeqCst) {
+    if app.engine.is_draining() {
         return json_response(StatusCode::SERVICE_UNAVAILABLE, &json!({"status": "shutting down"}));
     }
     json_response(StatusCode::OK, &json!({"status": "ok"}))
@@ -138,8 +145,8 @@ fn read_request(app: &App, body: &[u8], chat: bool) -> Result<Request, Response>
     }
     let params = req.params(chat, app.engine.options.max_batch).map_err(bad_request)?;
     let texts = if chat {
-        let messages = messages_of(req.messages.as_deref().ok_or_else(|| bad_request(super::openai::bad("messages", "messages is required")))?).map_err(bad_request)?;
-        vec![Prompt::Text(app.chat.render(&messages).map_err(|e| bad_request(super::openai::bad("messages", e.to_string().trim_start_matches("invalid input: "))))?)]
+        let messages = messages_of(req.messages.as_deref().ok_or_else(|| bad_request(bad("messages", "messages is required")))?).map_err(bad_request)?;
+        vec![Prompt::Text(app.chat.render(&messages).map_err(|e| bad_request(bad("messages", message(&e))))?)]
     } else {
         params.prompts.clone()
     };
@@ -148,19 +155,19 @@ fn read_request(app: &App, body: &[u8], chat: bool) -> Result<Request, Response>
     for p in texts {
         let (ids, text) = match p {
             Prompt::Text(t) => {
-                let ids = app.tok.encode(&t).map_err(|e| bad_request(super::openai::bad(param, format!("the prompt cannot be tokenized: {}", e.to_string().trim_start_matches("invalid input: ")))))?;
+                let ids = app.tok.encode(&t).map_err(|e| bad_request(bad(param, format!("the prompt cannot be tokenized: {}", message(&e)))))?;
                 (ids, t)
             }
             Prompt::Ids(ids) => {
-                if let Some(&bad) = ids.iter().find(|&&t| t as usize >= app.vocab_size) {
-                    return Err(bad_request(super::openai::bad(param, format!("token id {bad} is out of range for vocab_size {}", app.vocab_size))));
+                if let Some(&id) = ids.iter().find(|&&t| t as usize >= app.vocab_size) {
+                    return Err(bad_request(bad(param, format!("token id {id} is out of range for vocab_size {}", app.vocab_size))));
                 }
                 let text = app.tok.decode(&ids).unwrap_or_default();
                 (ids, text)
             }
         };
         if ids.is_empty() {
-            return Err(bad_request(super::openai::bad(param, "the prompt encodes to no tokens")));
+            return Err(bad_request(bad(param, "the prompt encodes to no tokens")));
         }
         let len = ids.len();
         let max = params.max_tokens.unwrap_or(app.block_size.saturating_sub(len));
@@ -550,6 +557,3 @@ pub async fn shutdown_signal() {
         let _ = ctrl_c.await;
     }
 }
-
-/// How long in-flight requests may take to finish after a shutdown signal.
-pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(30);

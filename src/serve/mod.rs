@@ -13,7 +13,6 @@ pub mod text;
 
 use std::io::Write;
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -74,7 +73,6 @@ pub fn serve(mut model: GPT, tok: Tokenizer, chat: ChatTemplate, eos: Option<u32
             metrics,
             max_body: opts.max_body,
             created: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
-            draining: AtomicBool::new(false),
         });
         println!(
             "nanomoe serve: model '{}' on http://{addr}/v1 (max batch {}, max queue {}, prefill chunk {}); Ctrl-C stops",
@@ -87,7 +85,6 @@ pub fn serve(mut model: GPT, tok: Tokenizer, chat: ChatTemplate, eos: Option<u32
         let shutdown = async move {
             http::shutdown_signal().await;
             eprintln!("nanomoe serve: shutting down - new requests are refused, running ones get up to {} s to finish", grace.as_secs());
-            app2.draining.store(true, Ordering::SeqCst);
             app2.engine.drain();
             on_signal.notify_one();
         };
