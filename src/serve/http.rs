@@ -79,7 +79,7 @@ fn authorize(app: &App, headers: &HeaderMap) -> Result<(), Response> {
     let Some(key) = &app.api_key else { return Ok(()) };
     let given = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
     match given {
-        Some(g) if g.as_bytes().len() == key.len() && g.bytes().zip(key.bytes()).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0 => Ok(()),
+        Some(g) if g.len() == key.len() && g.bytes().zip(key.bytes()).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0 => Ok(()),
         Some(_) => Err(error(StatusCode::UNAUTHORIZED, "incorrect API key", "invalid_request_error", None, Some("invalid_api_key"))),
         None => Err(error(StatusCode::UNAUTHORIZED, "this server needs an API key: send the header Authorization: Bearer <key>", "invalid_request_error", None, Some("invalid_api_key"))),
     }
