@@ -20,18 +20,20 @@
 
 pub mod error;
 pub mod fuzz;
+pub mod gguf;
 pub mod grad_sink;
 pub mod hf;
 pub mod kernels;
 pub mod model;
 pub mod optim;
+pub mod quant;
 pub mod runtime;
 pub mod serve;
 pub mod train;
 pub mod train_step;
 
 pub use hf::{auto, checkpoint, convert, hf_cache, hub, hub_upload, pickle, tokenizer};
-pub use model::{config, generate, gpt, moe, nn, params};
+pub use model::{config, generate, gpt, moe, nn, params, weight};
 
 pub use auto::AutoModelForCausalLM;
 pub use checkpoint::{SaveDType, SaveOptions};
@@ -40,3 +42,4 @@ pub use error::{Error, Result};
 pub use generate::GenerationConfig;
 pub use gpt::{CausalLMOutput, KvCache, Losses, GPT};
 pub use moe::{MoeStats, Routing};
+pub use weight::WeightFormat;

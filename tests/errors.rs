@@ -184,7 +184,7 @@ fn cli_errors_are_one_line() {
         (vec!["generate", ds, "--ids", "1", "--frobnicate"], "error: unexpected argument '--frobnicate' found".into()),
         (vec!["new", "--config", "{}", "--out", ds, "--dtype", "f8"], "error: invalid input: unknown dtype \"f8\" (use f32, f16 or bf16)".into()),
         (vec!["prepare", "--dataset", "wikitext", "--out", ds], "error: unknown dataset \"wikitext\" (known: shakespeare)".into()),
-        (vec!["generate", ds, "--ids", "1", "--weight-dtype", "f16"], "error: --weight-dtype must be f32 or bf16, got 'f16'".into()),
+        (vec!["generate", ds, "--ids", "1", "--weight-dtype", "q5_1"], "error: --weight-dtype must be one of f32, bf16, f16, q8_0 or q4_0, got 'q5_1'".into()),
         (vec!["train", "--weight-dtype", "bf16"], "error: --weight-dtype bf16 is for inference commands; training keeps f32 weights".into()),
     ];
     for (args, msg) in cases {

@@ -8,7 +8,7 @@ use clap::{Parser, Subcommand};
 use serde_json::{json, Value};
 
 use nanomoe::checkpoint::{self, SaveDType, SaveOptions};
-use nanomoe::{GPTConfig, GenerationConfig, Routing, GPT};
+use nanomoe::{GPTConfig, GenerationConfig, Routing, WeightFormat, GPT};
 
 mod bench;
 
@@ -18,10 +18,12 @@ struct Cli {
     /// Revision (branch, tag or commit) for MODEL arguments that are Hub repo ids.
     #[arg(long, global = true, default_value = "main", help_heading = "Global options")]
     revision: String,
-    /// Weight storage of inference commands (generate, sample, forward, eval, bench decode
-    /// and prefill): f32, or bf16 (half the memory; activations and sums stay f32).
-    #[arg(long, global = true, default_value = "f32", help_heading = "Global options")]
-    weight_dtype: String,
+    /// Weight storage of inference commands (generate, sample, forward, eval, serve, bench
+    /// decode and prefill): f32; bf16 or f16 (half the memory); q8_0 or q4_0 (GGML's blocks:
+    /// 8.5 or 4.5 bits per weight, integer dot products). Activations and sums stay f32.
+    /// A GGUF MODEL keeps the types it holds.
+    #[arg(long, global = true, help_heading = "Global options")]
+    weight_dtype: Option<String>,
     /// Compute threads (0 = RAYON_NUM_THREADS when set, else one per core; at most 4 per core).
     #[arg(long, global = true, default_value_t = 0, help_heading = "Global options")]
     threads: usize,
@@ -30,16 +32,30 @@ struct Cli {
 }
 
 static REVISION: std::sync::OnceLock<String> = std::sync::OnceLock::new();
-static WEIGHT_DTYPE: std::sync::OnceLock<DType> = std::sync::OnceLock::new();
+static WEIGHT_FORMAT: std::sync::OnceLock<Option<WeightFormat>> = std::sync::OnceLock::new();
 
-/// A model for inference from a directory, its weights stored as --weight-dtype says.
+/// A model for inference from a directory or a GGUF file, its weights stored as
+/// --weight-dtype says (a GGUF file's as it holds them, unless --weight-dtype is given).
 pub(crate) fn inference_model(dir: &Path) -> Result<GPT> {
-    let dtype = WEIGHT_DTYPE.get().copied().unwrap_or(DType::F32);
-    Ok(GPT::from_pretrained_with_weight_dtype(dir, dtype, &Device::Cpu)?)
+    let requested = WEIGHT_FORMAT.get().copied().flatten();
+    if nanomoe::gguf::is_gguf_path(dir) {
+        let gpt = nanomoe::gguf::load(dir)?.gpt;
+        return Ok(match requested {
+            Some(f) => gpt.with_weight_dtype(f)?,
+            None => gpt,
+        });
+    }
+    Ok(GPT::from_pretrained_with_weight_dtype(dir, requested.unwrap_or(WeightFormat::F32), &Device::Cpu)?)
 }
 
-/// A MODEL argument as a directory: itself, or a Hub repo id at --revision.
+/// A MODEL argument as a directory (or a GGUF file): itself, or a Hub repo id at --revision.
 fn model_dir(model: &Path) -> Result<PathBuf> {
+    if nanomoe::gguf::is_gguf_path(model) {
+        if !model.is_file() {
+            bail!("{}: no such file", model.display());
+        }
+        return Ok(model.to_path_buf());
+    }
     let rev = REVISION.get().map(String::as_str).unwrap_or("main");
     Ok(nanomoe::auto::resolve_model_dir_at(model, rev)?)
 }
@@ -65,15 +81,18 @@ enum Cmd {
         #[arg(long, default_value = "50GB")]
         max_shard_size: String,
     },
-    /// Convert a nanoGPT/nanoMoE ckpt.pt, or an HF model directory, into an HF directory.
+    /// Convert a nanoGPT/nanoMoE ckpt.pt, an HF model directory or a GGUF file into an HF
+    /// directory, or into a GGUF file (--out NAME.gguf) llama.cpp reads.
     Convert {
-        /// A ckpt.pt (nanoGPT, wolfecameron/nanoMoE or askerlee/nanoMoE train.py), or an HF
-        /// model directory. Pickles are read without running any code.
+        /// A ckpt.pt (nanoGPT, wolfecameron/nanoMoE or askerlee/nanoMoE train.py), an HF
+        /// model directory, or a .gguf file. Pickles are read without running any code.
         input: PathBuf,
-        /// The HF directory to write.
+        /// The HF directory to write, or a file ending in .gguf: GGUF v3, llama.cpp's `gpt2`
+        /// architecture for dense GPT-2 models, `nanomoe` for the others, with the tokenizer.
         #[arg(long)]
         out: PathBuf,
-        /// Weight dtype on disk: f32, f16 or bf16.
+        /// Weight dtype on disk: f32, f16 or bf16; for GGUF also q8_0 or q4_0 (GGML's blocks
+        /// of 32 weights with an f16 scale; norms, biases and routers stay f32).
         #[arg(long, default_value = "f32")]
         dtype: String,
     },
@@ -325,15 +344,18 @@ pub fn run() -> Result<()> {
         }
     };
     let _ = REVISION.set(cli.revision.clone());
-    let weight_dtype = match cli.weight_dtype.as_str() {
-        "f32" => DType::F32,
-        "bf16" => DType::BF16,
-        other => bail!("--weight-dtype must be f32 or bf16, got '{other}'"),
+    let weight_format = match cli.weight_dtype.as_deref() {
+        None => None,
+        Some(s) => match WeightFormat::parse(s) {
+            Some(f) => Some(f),
+            None => bail!("--weight-dtype must be one of {}, got '{s}'", WeightFormat::NAMES),
+        },
     };
-    if weight_dtype != DType::F32 && matches!(cli.cmd, Cmd::Train { .. } | Cmd::Bench(bench::Bench::Train { .. }) | Cmd::Bench(bench::Bench::MoeLayer { .. })) {
-        bail!("--weight-dtype bf16 is for inference commands; training keeps f32 weights");
+    let weight_format_name = weight_format.map(WeightFormat::name).unwrap_or("f32");
+    if weight_format.is_some_and(|f| f != WeightFormat::F32) && matches!(cli.cmd, Cmd::Train { .. } | Cmd::Bench(bench::Bench::Train { .. }) | Cmd::Bench(bench::Bench::MoeLayer { .. })) {
+        bail!("--weight-dtype {weight_format_name} is for inference commands; training keeps f32 weights");
     }
-    let _ = WEIGHT_DTYPE.set(weight_dtype);
+    let _ = WEIGHT_FORMAT.set(weight_format);
     if matches!(cli.cmd, Cmd::Train { .. } | Cmd::Bench(bench::Bench::Train { .. }) | Cmd::Bench(bench::Bench::MoeLayer { .. })) {
         // Training allocates the same activations every step; inference keeps memory low.
         // (Before the pool's threads exist: each takes its malloc arena when it starts.)
@@ -360,7 +382,28 @@ fn execute(cli: Cli) -> Result<()> {
             println!("pushed {} to {}/{} (commit {commit})", dir.display(), client.endpoint, repo);
             Ok(())
         }
+        Cmd::Convert { input, out, dtype } if nanomoe::gguf::is_gguf_path(&out) => {
+            let format = WeightFormat::parse(&dtype).ok_or_else(|| anyhow!("--dtype must be one of {} for a GGUF file, got '{dtype}'", WeightFormat::NAMES))?;
+            let m = nanomoe::gguf::convert(&input, &out, format)?;
+            let arch = if nanomoe::gguf::uses_gpt2_arch(&m.config) { "gpt2" } else { "nanomoe" };
+            let size = std::fs::metadata(&out).map(|m| m.len()).unwrap_or(0);
+            println!("converted {} to {} (GGUF v3, architecture {arch}, {} parameters, {}, {size} bytes)", input.display(), out.display(), m.num_params(), m.weight_format().name().replace("f32", format.name()));
+            Ok(())
+        }
         Cmd::Convert { input, out, dtype } => {
+            if nanomoe::gguf::is_gguf_path(&input) {
+                let m = nanomoe::gguf::load(&input)?;
+                if m.gpt.params().is_quantized() {
+                    bail!("{} holds {} weights: an HF directory is written from a GGUF file with f32, f16 or bf16 weights", input.display(), m.gpt.weight_format().name());
+                }
+                let opts = SaveOptions { dtype: SaveDType::parse(&dtype)?, ..Default::default() };
+                m.gpt.save_pretrained_with(&out, &opts)?;
+                if let Some(t) = &m.tokenizer {
+                    t.save_pretrained(&out, Some(m.gpt.config.block_size))?;
+                }
+                println!("converted {} to {} ({} parameters, {})", input.display(), out.display(), m.gpt.num_params(), opts.dtype.hf_name());
+                return Ok(());
+            }
             let opts = SaveOptions { dtype: SaveDType::parse(&dtype)?, ..Default::default() };
             let m = nanomoe::convert::convert(&input, &out, &opts)?;
             println!(
@@ -474,8 +517,54 @@ fn cmd_new(config: Option<&str>, out: &Path, seed: u64, dtype: &str, max_shard_s
     Ok(())
 }
 
+fn cmd_info_gguf(path: &Path, as_json: bool) -> Result<()> {
+    let file = nanomoe::gguf::GgufFile::open(path)?;
+    let m = nanomoe::gguf::load(path)?;
+    let cfg = &m.gpt.config;
+    let mut types = std::collections::BTreeMap::<&str, usize>::new();
+    for t in &file.tensors {
+        *types.entry(t.ty.name()).or_default() += 1;
+    }
+    let bytes = std::fs::metadata(path)?.len();
+    if as_json {
+        let v = json!({
+            "format": "gguf",
+            "version": file.version,
+            "architecture": m.architecture,
+            "config": serde_json::to_value(cfg)?,
+            "parameters": m.gpt.num_params(),
+            "active_parameters": m.gpt.num_active_params(),
+            "weight_format": m.gpt.weight_format().name(),
+            "tensor_types": types,
+            "tensors": file.tensors.len(),
+            "metadata_keys": file.metadata.len(),
+            "tokenizer": m.tokenizer.is_some(),
+            "eos_token_id": m.eos_token_id,
+            "bytes": bytes,
+        });
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    println!("model:      {} (GGUF v{}, {bytes} bytes)", path.display(), file.version);
+    println!("arch:       {}", m.architecture);
+    println!(
+        "shape:      {} layers, {} heads, {} wide, block {}, vocab {}, {:?}, {}",
+        cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.block_size, cfg.vocab_size, cfg.norm_type, cfg.activation_function
+    );
+    if cfg.is_moe() {
+        println!("moe:        {} experts, top-{}, stride {}", cfg.n_exp, cfg.moe_top_k, cfg.stride);
+    }
+    println!("params:     {} ({} active per token)", m.gpt.num_params(), m.gpt.num_active_params());
+    println!("weights:    {} ({} tensors: {types:?})", m.gpt.weight_format().name(), file.tensors.len());
+    println!("tokenizer:  {}, eos {:?}", if m.tokenizer.is_some() { "yes" } else { "none" }, m.eos_token_id);
+    Ok(())
+}
+
 fn cmd_info(model: &Path, as_json: bool) -> Result<()> {
     let dir = model_dir(model)?;
+    if nanomoe::gguf::is_gguf_path(&dir) {
+        return cmd_info_gguf(&dir, as_json);
+    }
     let (cfg, format) = checkpoint::read_config(&dir)?;
     let files = checkpoint::weight_files(&dir)?;
     let mut dtypes = std::collections::BTreeSet::new();
@@ -847,6 +936,9 @@ struct GenerateFlags {
 
 /// eos_token_id of a model directory's generation_config.json, if any.
 pub fn generation_eos(dir: &Path) -> Result<Option<u32>> {
+    if nanomoe::gguf::is_gguf_path(dir) {
+        return Ok(nanomoe::gguf::read_tokenizer(dir)?.1);
+    }
     let p = dir.join(checkpoint::GENERATION_CONFIG_FILE);
     match std::fs::read_to_string(&p) {
         Ok(s) => {
@@ -859,6 +951,9 @@ pub fn generation_eos(dir: &Path) -> Result<Option<u32>> {
 
 /// The tokenizer of a model directory, or a clear error.
 pub fn model_tokenizer(dir: &Path) -> Result<nanomoe::tokenizer::Tokenizer> {
+    if nanomoe::gguf::is_gguf_path(dir) {
+        return nanomoe::gguf::read_tokenizer(dir)?.0.ok_or_else(|| anyhow!("{} holds no tokenizer: give token ids with --ids", dir.display()));
+    }
     if !dir.join(nanomoe::tokenizer::TOKENIZER_FILE).is_file() {
         bail!("{} has no tokenizer.json: give token ids with --ids", dir.display());
     }

@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device};
 
+use crate::weight::WeightFormat;
 use crate::checkpoint::{self, SaveOptions};
 use crate::error::{Error, Result};
 use crate::gpt::GPT;
@@ -79,17 +80,24 @@ impl GPT {
         Self::from_pretrained_with_weight_dtype(path, DType::F32, device)
     }
 
-    /// Loads for inference with the weight matrices stored in `weight_dtype` (f32 or bf16,
-    /// see [`GPT::with_weight_dtype`]), converted while reading so that memory never holds
-    /// an f32 copy of them.
-    pub fn from_pretrained_with_weight_dtype(path: impl AsRef<Path>, weight_dtype: DType, device: &Device) -> Result<Self> {
-        if !matches!(weight_dtype, DType::F32 | DType::BF16) {
-            return Err(Error::Input(format!("weight dtype must be f32 or bf16, got {weight_dtype:?}")));
-        }
+    /// Loads for inference with the weight matrices stored as `format` says (f32, bf16,
+    /// f16, q8_0 or q4_0; see [`GPT::with_weight_dtype`]). Dense formats are converted while
+    /// reading, so memory never holds an f32 copy of them; quantized ones are quantized from
+    /// f32 one tensor at a time.
+    pub fn from_pretrained_with_weight_dtype(path: impl AsRef<Path>, format: impl Into<WeightFormat>, device: &Device) -> Result<Self> {
+        let format = format.into();
         let dir = resolve_model_dir(path.as_ref())?;
-        let (config, format) = checkpoint::read_config(&dir)?;
-        let params = checkpoint::load_params_as(&dir, &config, format, weight_dtype, device)?;
-        GPT::from_params(config, params)
+        let (config, fmt) = checkpoint::read_config(&dir)?;
+        match format {
+            WeightFormat::Quant(_) => {
+                let params = checkpoint::load_params_as(&dir, &config, fmt, DType::F32, device)?;
+                GPT::from_params(config, params)?.with_weight_dtype(format)
+            }
+            dense => {
+                let params = checkpoint::load_params_as(&dir, &config, fmt, dense.dtype().expect("dense"), device)?;
+                GPT::from_params(config, params)
+            }
+        }
     }
 
     /// Saves as an HF directory: native GPT-2 for dense models, `nanomoe_gpt` for MoE.

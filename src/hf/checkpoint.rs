@@ -127,7 +127,7 @@ fn conv1d_transpose(name: &str, t: Tensor, format: Format) -> Result<Tensor> {
 }
 
 /// The bias tensors GPT-2 always has; written as zeros for a bias=false model.
-fn gpt2_bias_specs(c: &GPTConfig) -> Vec<ParamSpec> {
+pub fn gpt2_bias_specs(c: &GPTConfig) -> Vec<ParamSpec> {
     let with_bias = GPTConfig { bias: true, ..c.clone() };
     param_specs(&with_bias).into_iter().filter(|s| s.name.ends_with(".bias")).collect()
 }
@@ -567,6 +567,12 @@ fn write_tensor_bytes(w: &mut impl Write, t: &Tensor) -> std::io::Result<()> {
 
 /// The tensors to write for a model, with file names and layouts of `format`.
 pub fn export_tensors(config: &GPTConfig, params: &ParamStore, format: Format) -> Result<Vec<(String, Tensor)>> {
+    if let Some((name, q)) = params.quantized().next() {
+        return Err(Error::Input(format!(
+            "tensor {name} is stored as {}: a quantized model is saved as GGUF (`nanomoe convert MODEL --out model.gguf`), or loaded with dense weights to save it as safetensors",
+            q.kind.name()
+        )));
+    }
     let mut out = Vec::new();
     for (name, var) in params.iter() {
         out.push((name.to_string(), conv1d_transpose(name, var.as_tensor().detach(), format)?));
@@ -712,5 +718,17 @@ mod tests {
         assert_eq!(canonical_name("transformer.wte.weight").unwrap(), "transformer.wte.weight");
         assert!(canonical_name("h.3.attn.bias").is_none());
         assert!(canonical_name("transformer.h.3.attn.masked_bias").is_none());
+    }
+}
+
+/// The `eos_token_id` of a directory's generation_config.json (None without the file or key).
+pub fn read_generation_eos(dir: &Path) -> Result<Option<u32>> {
+    let p = dir.join(GENERATION_CONFIG_FILE);
+    match std::fs::read_to_string(&p) {
+        Ok(s) => {
+            let v: serde_json::Value = serde_json::from_str(&s).map_err(|e| Error::file(&p, format!("not valid JSON: {e}")))?;
+            Ok(v.get("eos_token_id").and_then(serde_json::Value::as_u64).map(|x| x as u32))
+        }
+        Err(_) => Ok(None),
     }
 }

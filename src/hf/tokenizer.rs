@@ -162,13 +162,10 @@ impl Tokenizer {
     /// Reads `tokenizer.json` (and `tokenizer_config.json` next to it when present).
     pub fn from_file(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::file(path, e))?;
-        // Parsed once: checked as JSON, then handed to the tokenizers library.
-        let v: Value = serde_json::from_str(&text).map_err(|e| Error::file(path, format!("not a valid tokenizer.json: {e}")))?;
-        check_token_ids(&v).map_err(|e| Error::file(path, format!("not a valid tokenizer.json: {e}")))?;
-        let inner: tokenizers::Tokenizer = crate::runtime::catch_panic(|| serde_json::from_value::<tokenizers::Tokenizer>(v))
-            .map_err(|p| Error::file(path, format!("not a valid tokenizer.json: the tokenizers library failed on it ({p})")))?
-            .map_err(|e| Error::file(path, format!("not a valid tokenizer.json: {e}")))?;
-        let mut t = Tokenizer { inner, eos_token: None, bos_token: None, unk_token: None };
+        let mut t = Self::from_json_str(&text).map_err(|e| match e {
+            Error::Input(m) => Error::file(path, m),
+            e => e,
+        })?;
         let cfg_path = path.with_file_name(TOKENIZER_CONFIG_FILE);
         if cfg_path.is_file() {
             let v: Value = serde_json::from_str(&std::fs::read_to_string(&cfg_path).map_err(|e| Error::file(&cfg_path, e))?)
@@ -185,6 +182,22 @@ impl Tokenizer {
             t.unk_token = tok("unk_token");
         }
         Ok(t)
+    }
+
+    /// A tokenizer from the text of a tokenizer.json (no special tokens named).
+    pub fn from_json_str(text: &str) -> Result<Self> {
+        // Parsed once: checked as JSON, then handed to the tokenizers library.
+        let v: Value = serde_json::from_str(text).map_err(|e| Error::Input(format!("not a valid tokenizer.json: {e}")))?;
+        check_token_ids(&v).map_err(|e| Error::Input(format!("not a valid tokenizer.json: {e}")))?;
+        let inner: tokenizers::Tokenizer = crate::runtime::catch_panic(|| serde_json::from_value::<tokenizers::Tokenizer>(v))
+            .map_err(|p| Error::Input(format!("not a valid tokenizer.json: the tokenizers library failed on it ({p})")))?
+            .map_err(|e| Error::Input(format!("not a valid tokenizer.json: {e}")))?;
+        Ok(Tokenizer { inner, eos_token: None, bos_token: None, unk_token: None })
+    }
+
+    /// The token of an id.
+    pub fn id_to_token(&self, id: u32) -> Option<String> {
+        self.inner.id_to_token(id)
     }
 
     /// The tokenizer of a model directory, if it has one.

@@ -39,6 +39,20 @@ impl Weight for bf16 {
     }
 }
 
+impl Weight for half::f16 {
+    /// Exact, branch-free (so the loops vectorize): the 15 low bits moved into an f32's
+    /// exponent and mantissa and scaled by 2^112 (normals and subnormals alike), infinities
+    /// and NaNs mapped to f32's, then the sign.
+    #[inline(always)]
+    fn f(self) -> f32 {
+        let h = self.to_bits() as u32;
+        let e = h & 0x7fff;
+        let v = f32::from_bits(e << 13) * f32::from_bits(0x7780_0000);
+        let v = if e >= 0x7c00 { f32::from_bits((e << 13) | 0x7f80_0000) } else { v };
+        f32::from_bits(v.to_bits() | ((h & 0x8000) << 16))
+    }
+}
+
 /// Lanes of a dot product's accumulator: each (row, output) sum is kept in LANES partial
 /// sums over k, reduced by a fixed pairwise tree, then the tail of k added in order. Every
 /// row's result is computed this same way however many rows share the pass, so a row's
@@ -263,7 +277,8 @@ impl CustomOp2 for MatVec {
         let y = match sw {
             CpuStorage::F32(w) => product(x, m, k, &w[a..b], n, self.w_nk),
             CpuStorage::BF16(w) => product(x, m, k, &w[a..b], n, self.w_nk),
-            _ => candle_core::bail!("{NAME} needs f32 or bf16 weights"),
+            CpuStorage::F16(w) => product(x, m, k, &w[a..b], n, self.w_nk),
+            _ => candle_core::bail!("{NAME} needs f32, bf16 or f16 weights"),
         };
         Ok((CpuStorage::F32(y), Shape::from((m, n))))
     }
@@ -305,6 +320,15 @@ mod tests {
     }
 
     #[test]
+    fn f16_widening_is_exact_for_every_value() {
+        for bits in 0..=u16::MAX {
+            let h = half::f16::from_bits(bits);
+            let (a, b) = (h.f(), h.to_f32());
+            assert!(a.to_bits() == b.to_bits() || (a.is_nan() && b.is_nan()), "{bits:#06x}: {a} vs {b}");
+        }
+    }
+
+    #[test]
     fn products_match_candle_matmul_values_and_gradients() {
         let mut rng = StdRng::seed_from_u64(3);
         // Sizes with remainders after the 64-lane chunks and the output blocks.
@@ -331,6 +355,10 @@ mod tests {
             assert!(max_diff(&linear_nk(&x, &wb).unwrap(), &rounded) < 1e-4);
             let wbk = w_kn.as_tensor().to_dtype(DType::BF16).unwrap();
             assert!(max_diff(&matmul_kn(&x, &wbk).unwrap(), &rounded) < 1e-4);
+            // f16 weights likewise.
+            let wh = w_nk.as_tensor().to_dtype(DType::F16).unwrap();
+            let rounded = x.matmul(&wh.to_dtype(DType::F32).unwrap().t().unwrap()).unwrap();
+            assert!(max_diff(&linear_nk(&x, &wh).unwrap(), &rounded) < 1e-4);
         }
     }
 }

@@ -29,6 +29,7 @@ pub mod linear;
 pub mod linear_cross_entropy;
 pub mod math;
 pub mod matvec;
+pub mod qmatvec;
 pub mod rms_norm;
 pub mod swiglu;
 pub mod transpose;

@@ -17,6 +17,7 @@ use crate::grad_sink::GradSink;
 use crate::moe::{MoeCtx, MoeLayer, MoeStats, Routing};
 use crate::nn;
 use crate::params::{param_specs, ParamStore};
+use crate::weight::{Mat, WeightFormat};
 
 mod packed;
 pub use packed::{PackedSeq, MAX_PACKED_TOKENS};
@@ -45,19 +46,19 @@ impl Norm {
 }
 
 struct Linear {
-    w: Tensor,
+    w: Mat,
     b: Option<Tensor>,
 }
 
 impl Linear {
     fn load(p: &ParamStore, prefix: &str) -> Result<Self> {
-        Ok(Linear { w: p.get(&format!("{prefix}.weight"))?, b: opt(p, &format!("{prefix}.bias"))? })
+        Ok(Linear { w: p.mat(&format!("{prefix}.weight"))?, b: opt(p, &format!("{prefix}.bias"))? })
     }
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        nn::linear(x, &self.w, self.b.as_ref())
+        self.w.linear(x, self.b.as_ref())
     }
     fn detached(&self) -> Self {
-        Linear { w: self.w.detach(), b: self.b.as_ref().map(Tensor::detach) }
+        Linear { w: self.w.detached(), b: self.b.as_ref().map(Tensor::detach) }
     }
 }
 
@@ -326,7 +327,7 @@ pub struct CausalLMOutput {
 
 /// The modules of the network, on one view of the parameters.
 struct Net {
-    wte: Tensor,
+    wte: Mat,
     wpe: Tensor,
     blocks: Vec<Block>,
     ln_f: Norm,
@@ -334,7 +335,7 @@ struct Net {
 
 impl Net {
     fn detached(&self) -> Net {
-        Net { wte: self.wte.detach(), wpe: self.wpe.detach(), blocks: self.blocks.iter().map(Block::detached).collect(), ln_f: self.ln_f.detached() }
+        Net { wte: self.wte.detached(), wpe: self.wpe.detach(), blocks: self.blocks.iter().map(Block::detached).collect(), ln_f: self.ln_f.detached() }
     }
 }
 
@@ -350,6 +351,27 @@ pub struct GPT {
     training: bool,
     routing: Routing,
     rng: Mutex<StdRng>,
+}
+
+/// Mean cross-entropy through a quantized output layer, 256 rows of logits at a time (no
+/// gradient: quantized weights are for inference).
+fn quantized_cross_entropy(h: &Tensor, wte: &Mat, targets: &[Option<u32>]) -> Result<Option<Tensor>> {
+    let n = h.dim(0)?;
+    let (mut sum, mut count) = (0f64, 0usize);
+    for r0 in (0..n).step_by(256) {
+        let len = 256.min(n - r0);
+        let tg = &targets[r0..r0 + len];
+        let kept = tg.iter().filter(|t| t.is_some()).count();
+        if kept == 0 {
+            continue;
+        }
+        let logits = wte.linear(&h.narrow(0, r0, len)?, None)?;
+        if let Some(l) = nn::cross_entropy(&logits, tg)? {
+            sum += l.to_scalar::<f32>()? as f64 * kept as f64;
+            count += kept;
+        }
+    }
+    Ok(if count == 0 { None } else { Some(Tensor::new((sum / count as f64) as f32, h.device())?) })
 }
 
 /// Token ids of a batch, read from an integer tensor and checked against the vocabulary.
@@ -435,7 +457,7 @@ impl GPT {
             });
         }
         let net = Net {
-            wte: params.get("transformer.wte.weight")?,
+            wte: params.mat("transformer.wte.weight")?,
             wpe: params.get("transformer.wpe.weight")?,
             ln_f: Norm::load(&params, "transformer.ln_f", &config)?,
             blocks,
@@ -452,27 +474,49 @@ impl GPT {
     }
 
     /// For inference: stores the weight matrices (embeddings, attention, MLPs, experts; not
-    /// the router, which nanoMoE keeps in f32, nor biases and norms) in `dtype`. With bf16
-    /// the weights take half the memory and decoding, which streams every weight once per
-    /// token, about half the time; activations and accumulation stay f32. Not for training.
-    pub fn with_weight_dtype(self, dtype: DType) -> Result<GPT> {
-        if !matches!(dtype, DType::F32 | DType::BF16) {
-            return Err(input_err!("weight dtype must be f32 or bf16, got {dtype:?}"));
+    /// the router, which nanoMoE keeps in f32, nor biases and norms) as `format` says: a
+    /// [`DType`] (f32, bf16, f16) or a [`WeightFormat`] (also q8_0, q4_0: GGML's blocks of
+    /// 32 weights with an f16 scale; matrices whose rows are not a multiple of 32 long, and
+    /// the position embedding, stay dense). Decoding streams every weight once per token,
+    /// so its time follows the bytes: bf16 halves it, q8_0 reads 8.5 bits per weight, q4_0
+    /// 4.5. Activations and sums stay f32. Not for training. A model whose weights are
+    /// already quantized can only stay as it is.
+    pub fn with_weight_dtype(self, format: impl Into<WeightFormat>) -> Result<GPT> {
+        let format = format.into();
+        if self.params.is_quantized() {
+            return match format == self.weight_format() {
+                true => Ok(self),
+                false => Err(input_err!("the weights are stored as {}; they cannot be converted to {}", self.weight_format().name(), format.name())),
+            };
         }
-        let pick = |name: &str, t: &Tensor| crate::params::is_weight_matrix(name, t.rank());
         let GPT { config, params, net, frozen, training, routing, .. } = self;
         // Only the store references the f32 weights now: each is freed once converted.
         drop((net, frozen));
-        let params = params.into_dtype(dtype, pick)?;
+        let params = match format {
+            WeightFormat::Quant(kind) => params.into_quantized(kind, |_| true)?,
+            dense => {
+                let dtype = dense.dtype().expect("a dense format");
+                params.into_dtype(dtype, |name: &str, t: &Tensor| crate::params::is_weight_matrix(name, t.rank()))?
+            }
+        };
         let mut gpt = Self::from_params(config, params)?;
         gpt.training = training;
         gpt.routing = routing;
         Ok(gpt)
     }
 
-    /// The dtype the weight matrices are stored in (see [`GPT::with_weight_dtype`]).
+    /// How the weight matrices are stored (see [`GPT::with_weight_dtype`]).
+    pub fn weight_format(&self) -> WeightFormat {
+        self.params.quantized().next().map(|(_, q)| WeightFormat::Quant(q.kind)).unwrap_or_else(|| match &self.net.wte {
+            Mat::Dense(t) => t.dtype().into(),
+            Mat::Quant(q) => WeightFormat::Quant(q.kind),
+        })
+    }
+
+    /// The candle dtype of dense weight matrices (f32 for quantized models, whose dense
+    /// remainder is f32).
     pub fn weight_dtype(&self) -> DType {
-        self.net.wte.dtype()
+        self.weight_format().dtype().unwrap_or(DType::F32)
     }
 
     pub fn params(&self) -> &ParamStore {
@@ -480,7 +524,7 @@ impl GPT {
     }
 
     pub fn device(&self) -> &Device {
-        self.net.wte.device()
+        self.net.wpe.device()
     }
 
     /// Training mode: dropout, noisy top-k and train capacity are on.
@@ -522,11 +566,11 @@ impl GPT {
     pub fn num_active_params(&self) -> usize {
         let c = &self.config;
         let mut n = 0usize;
-        for (name, v) in self.params.iter() {
+        for (name, count) in self.params.sizes() {
             if name.contains(".mlp.experts.") {
-                n += v.elem_count() / c.n_exp * c.moe_top_k;
+                n += count / c.n_exp * c.moe_top_k;
             } else {
-                n += v.elem_count();
+                n += count;
             }
         }
         n
@@ -580,7 +624,7 @@ impl GPT {
         };
         let flat: Vec<u32> = ids.iter().flatten().copied().collect();
         // Activations are f32 whatever the weights are stored in.
-        let tok = net.wte.index_select(&Tensor::from_vec(flat, b * t, device)?, 0)?.to_dtype(DType::F32)?;
+        let tok = net.wte.embed(&Tensor::from_vec(flat, b * t, device)?)?;
         let pe = net.wpe.index_select(&Tensor::from_vec(pos, b * t, device)?, 0)?.to_dtype(DType::F32)?;
         let mut x = (tok + pe)?.reshape((b, t, self.config.n_embd))?;
 
@@ -607,7 +651,7 @@ impl GPT {
     }
 
     fn lm_head(net: &Net, h: &Tensor) -> Result<Tensor> {
-        nn::linear(h, &net.wte, None)
+        net.wte.linear(h, None)
     }
 
     /// Adds the weighted MoE losses to the next-token loss, in the seed's order.
@@ -718,7 +762,11 @@ impl GPT {
         let (h, moe) = self.hidden(&self.net, &ids, None, None, sink)?;
         let (b, t, c) = h.dims3()?;
         let flat: Vec<Option<u32>> = tg.into_iter().flatten().collect();
-        let ntp = nn::linear_cross_entropy(&h.reshape((b * t, c))?, &self.net.wte, &flat)?;
+        let h = h.reshape((b * t, c))?;
+        let ntp = match &self.net.wte {
+            Mat::Dense(wte) => nn::linear_cross_entropy(&h, wte, &flat)?,
+            quant => quantized_cross_entropy(&h, quant, &flat)?,
+        };
         let (loss, losses) = self.total_loss(ntp, &moe)?;
         Ok((loss, losses, moe.stats))
     }

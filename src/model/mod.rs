@@ -15,3 +15,4 @@ pub mod gpt;
 pub mod moe;
 pub mod nn;
 pub mod params;
+pub mod weight;

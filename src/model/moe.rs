@@ -25,6 +25,7 @@ use crate::error::Result;
 use crate::grad_sink::GradSink;
 use crate::nn;
 use crate::params::ParamStore;
+use crate::weight::Mat;
 
 /// How tokens are limited per expert.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -151,9 +152,9 @@ pub struct MoeLayer {
     w_g: Tensor,
     w_noise: Option<Tensor>,
     /// SwiGLU experts' gate [E, C, 4C] (then c_fc is the "up" projection).
-    gate_proj: Option<Tensor>,
-    c_fc: Tensor,
-    c_proj: Tensor,
+    gate_proj: Option<Mat>,
+    c_fc: Mat,
+    c_proj: Mat,
     fc_bias: Option<Tensor>,
     proj_bias: Option<Tensor>,
     n_exp: usize,
@@ -180,9 +181,9 @@ impl MoeLayer {
             layer,
             w_g: p.get(&format!("{prefix}.router.w_g.weight"))?,
             w_noise: opt("router.w_noise.weight")?,
-            gate_proj: opt("experts.gate_proj")?,
-            c_fc: p.get(&format!("{prefix}.experts.c_fc"))?,
-            c_proj: p.get(&format!("{prefix}.experts.c_proj"))?,
+            gate_proj: if p.has(&format!("{prefix}.experts.gate_proj")) { Some(p.mat(&format!("{prefix}.experts.gate_proj"))?) } else { None },
+            c_fc: p.mat(&format!("{prefix}.experts.c_fc"))?,
+            c_proj: p.mat(&format!("{prefix}.experts.c_proj"))?,
             fc_bias: opt("experts.fc_bias")?,
             proj_bias: opt("experts.proj_bias")?,
             n_exp: cfg.n_exp,
@@ -199,9 +200,9 @@ impl MoeLayer {
             layer: self.layer,
             w_g: self.w_g.detach(),
             w_noise: d(&self.w_noise),
-            gate_proj: d(&self.gate_proj),
-            c_fc: self.c_fc.detach(),
-            c_proj: self.c_proj.detach(),
+            gate_proj: self.gate_proj.as_ref().map(Mat::detached),
+            c_fc: self.c_fc.detached(),
+            c_proj: self.c_proj.detached(),
             fc_bias: d(&self.fc_bias),
             proj_bias: d(&self.proj_bias),
             n_exp: self.n_exp,
@@ -276,7 +277,7 @@ impl MoeLayer {
     /// w * <w_g[e], gate_proj[e][:, j]>^2 (w = 1, or `neg_weight` where the dot product is
     /// negative); gate_proj's gradient scaled by 0.1.
     fn router_ortho_loss(&self, neg_weight: f64) -> Result<Tensor> {
-        let gate = self.gate_proj.as_ref().expect("SwiGLU experts");
+        let gate = self.gate_proj.as_ref().expect("SwiGLU experts").dense()?;
         let gate = nn::scale_grad(&gate.to_dtype(DType::F32)?, 0.1)?; // [E, C, I]
         let w_g = self.w_g.to_dtype(DType::F32)?.unsqueeze(2)?; // [E, C, 1]
         let dots = w_g.broadcast_mul(&gate)?.sum(1)?; // [E, I]
@@ -291,7 +292,7 @@ impl MoeLayer {
     /// their Gram matrix.
     fn experts_ortho_loss(&self) -> Result<Tensor> {
         let e = self.n_exp;
-        let w = self.c_fc.to_dtype(DType::F32)?.reshape((e, ()))?;
+        let w = self.c_fc.dense()?.to_dtype(DType::F32)?.reshape((e, ()))?;
         let norm = (w.sqr()?.sum_keepdim(1)?.sqrt()? + 1e-12)?;
         let x = w.broadcast_div(&norm)?;
         let gram = x.matmul(&x.t()?)?;
@@ -323,23 +324,25 @@ impl MoeLayer {
         let x_ext = Tensor::cat(&[x_flat, &Tensor::zeros((1, c), x.dtype(), device)?], 0)?;
         let disp = Tensor::from_vec(disp, self.n_exp * cap, device)?;
         let xe = x_ext.index_select(&disp, 0)?.reshape((self.n_exp, cap, c))?;
+        let (c_fc, c_proj) = (self.c_fc.dense()?, self.c_proj.dense()?);
         let h = match &self.gate_proj {
             Some(gate_proj) => {
+                let gate_proj = gate_proj.dense()?;
                 let g = nn::expert_matmul(&xe, gate_proj, ctx.sink)?;
                 if ctx.cfg.use_gate_output_loss {
                     *gate_output_loss = Some(gate_output_loss_of(&g, &xe, gate_proj, ctx.sink)?);
                 }
-                nn::swiglu(&g, &nn::expert_matmul(&xe, &self.c_fc, ctx.sink)?)?
+                nn::swiglu(&g, &nn::expert_matmul(&xe, c_fc, ctx.sink)?)?
             }
             None => {
-                let mut h = nn::expert_matmul(&xe, &self.c_fc, ctx.sink)?;
+                let mut h = nn::expert_matmul(&xe, c_fc, ctx.sink)?;
                 if let Some(bias) = &self.fc_bias {
                     h = nn::add_bias(&h, bias)?;
                 }
                 nn::activation(&h, self.act)?
             }
         };
-        let mut ye = nn::expert_matmul(&h, &self.c_proj, ctx.sink)?;
+        let mut ye = nn::expert_matmul(&h, c_proj, ctx.sink)?;
         if let Some(bias) = &self.proj_bias {
             ye = nn::add_bias(&ye, bias)?;
         }
@@ -388,16 +391,16 @@ impl MoeLayer {
             let toks = Tensor::from_vec(toks, m, device)?;
             let xe = if m == n && n == 1 { x.clone() } else { x.index_select(&toks, 0)? };
             let h = match &self.gate_proj {
-                Some(gate_proj) => nn::swiglu(&nn::matmul_kn(&xe, &gate_proj.get(e)?)?, &nn::matmul_kn(&xe, &self.c_fc.get(e)?)?)?,
+                Some(gate_proj) => nn::swiglu(&gate_proj.expert(&xe, e)?, &self.c_fc.expert(&xe, e)?)?,
                 None => {
-                    let mut h = nn::matmul_kn(&xe, &self.c_fc.get(e)?)?;
+                    let mut h = self.c_fc.expert(&xe, e)?;
                     if let Some(bias) = &self.fc_bias {
                         h = nn::add_bias(&h, &bias.get(e)?)?;
                     }
                     nn::activation(&h, self.act)?
                 }
             };
-            let mut ye = nn::matmul_kn(&h, &self.c_proj.get(e)?)?;
+            let mut ye = self.c_proj.expert(&h, e)?;
             if let Some(bias) = &self.proj_bias {
                 ye = nn::add_bias(&ye, &bias.get(e)?)?;
             }

@@ -35,7 +35,7 @@ pub fn linear_composite(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Te
     let in_dim = dims[dims.len() - 1];
     let lead: usize = dims[..dims.len() - 1].iter().product();
     let x2 = x.reshape((lead, in_dim))?;
-    let y = if lead <= crate::kernels::matvec::MAX_ROWS && x.dtype() == DType::F32 && x.device().is_cpu() && matches!(w.dtype(), DType::F32 | DType::BF16) {
+    let y = if lead <= crate::kernels::matvec::MAX_ROWS && x.dtype() == DType::F32 && x.device().is_cpu() && matches!(w.dtype(), DType::F32 | DType::BF16 | DType::F16) {
         crate::kernels::matvec::linear_nk(&x2, w)?
     } else {
         x2.matmul(&w.to_dtype(x.dtype())?.t()?)?
@@ -178,7 +178,7 @@ pub fn swiglu_composite(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
 /// [`linear`].
 pub fn matmul_kn(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     let (m, _) = x.dims2()?;
-    if m <= crate::kernels::matvec::MAX_ROWS && x.dtype() == DType::F32 && x.device().is_cpu() && matches!(w.dtype(), DType::F32 | DType::BF16) {
+    if m <= crate::kernels::matvec::MAX_ROWS && x.dtype() == DType::F32 && x.device().is_cpu() && matches!(w.dtype(), DType::F32 | DType::BF16 | DType::F16) {
         return crate::kernels::matvec::matmul_kn(x, w);
     }
     Ok(x.matmul(&w.to_dtype(x.dtype())?)?)

@@ -6,6 +6,7 @@
 //! optimizer's decay groups all read it.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor, Var};
 use rand::{rngs::StdRng, SeedableRng};
@@ -13,6 +14,8 @@ use rand_distr::{Distribution, Normal};
 
 use crate::config::GPTConfig;
 use crate::error::{Error, Result};
+use crate::quant::{QKind, QTensor};
+use crate::weight::Mat;
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Init {
@@ -107,9 +110,31 @@ pub fn is_weight_matrix(name: &str, rank: usize) -> bool {
     rank >= 2 && !name.contains(".router.") && !name.ends_with("_bias")
 }
 
+/// The tensors inference may quantize: the weight matrices whose rows (what a product sums
+/// over) are a multiple of 32 long - not the position embedding, which is only looked up.
+pub fn is_quantizable(name: &str, shape: &[usize]) -> bool {
+    is_weight_matrix(name, shape.len()) && name != "transformer.wpe.weight" && shape.get(1).is_some_and(|k| k % crate::quant::BLOCK == 0)
+}
+
+/// Expert stacks are [E, K, N] as tensors and [E, N, K] when quantized.
+pub fn is_expert_stack(name: &str) -> bool {
+    name.contains(".mlp.experts.") && !name.ends_with("_bias")
+}
+
+/// The shape a quantized tensor stands for, in the tensors' layout.
+fn logical_shape(name: &str, q: &QTensor) -> Vec<usize> {
+    let mut s = q.shape.clone();
+    if is_expert_stack(name) && s.len() == 3 {
+        s.swap(1, 2);
+    }
+    s
+}
+
 #[derive(Clone)]
 pub struct ParamStore {
     vars: BTreeMap<String, Var>,
+    /// Quantized weights (inference), by name; never also in `vars`.
+    quant: BTreeMap<String, Arc<QTensor>>,
     order: Vec<String>,
 }
 
@@ -161,7 +186,61 @@ impl ParamStore {
             order.push(name.clone());
             vars.insert(name, Var::from_tensor(&t)?);
         }
-        Ok(ParamStore { vars, order })
+        Ok(ParamStore { vars, quant: BTreeMap::new(), order })
+    }
+
+    /// Tensors and quantized weights (expert stacks [E, N, K]) as they are.
+    pub fn from_parts(tensors: Vec<(String, Tensor)>, quantized: Vec<(String, QTensor)>) -> Result<Self> {
+        let mut store = Self::from_tensors_keeping_dtype(tensors)?;
+        for (name, q) in quantized {
+            store.order.push(name.clone());
+            store.quant.insert(name, Arc::new(q));
+        }
+        Ok(store)
+    }
+
+    /// Quantizes the tensors [`is_quantizable`] accepts (after `pick`) to `kind`, freeing each
+    /// original as it goes.
+    pub fn into_quantized(self, kind: QKind, pick: impl Fn(&str) -> bool) -> Result<Self> {
+        let ParamStore { vars, mut quant, order } = self;
+        let mut kept = BTreeMap::new();
+        for (name, v) in vars {
+            if !(pick(&name) && is_quantizable(&name, v.dims())) {
+                kept.insert(name, v);
+                continue;
+            }
+            let t = v.as_tensor().to_dtype(DType::F32)?;
+            drop(v);
+            let (t, shape) = if is_expert_stack(&name) {
+                let t = t.transpose(1, 2)?.contiguous()?;
+                let shape = t.dims().to_vec();
+                (t, shape)
+            } else {
+                let shape = t.dims().to_vec();
+                (t, shape)
+            };
+            let data: Vec<f32> = t.flatten_all()?.to_vec1()?;
+            drop(t);
+            quant.insert(name, Arc::new(QTensor::quantize(kind, &data, shape)?));
+        }
+        Ok(ParamStore { vars: kept, quant, order })
+    }
+
+    /// A weight as the forward passes take it.
+    pub fn mat(&self, name: &str) -> Result<Mat> {
+        match self.quant.get(name) {
+            Some(q) => Ok(Mat::Quant(q.clone())),
+            None => Ok(Mat::Dense(self.get(name)?)),
+        }
+    }
+
+    /// The quantized weights (name, blocks) in spec order.
+    pub fn quantized(&self) -> impl Iterator<Item = (&str, &Arc<QTensor>)> {
+        self.order.iter().filter_map(move |n| self.quant.get(n).map(|q| (n.as_str(), q)))
+    }
+
+    pub fn is_quantized(&self) -> bool {
+        !self.quant.is_empty()
     }
 
     /// A copy with the tensors `pick` selects stored in `dtype` (bf16 inference weights);
@@ -178,13 +257,20 @@ impl ParamStore {
             let v = if pick(&name, v.as_tensor()) && v.dtype() != dtype { Var::from_tensor(&v.as_tensor().to_dtype(dtype)?)? } else { v };
             vars.insert(name, v);
         }
-        Ok(ParamStore { vars, order: self.order })
+        Ok(ParamStore { vars, quant: self.quant, order: self.order })
     }
 
     /// Checks that the store holds exactly the specs' tensors with their shapes, and puts
     /// them in spec order.
     pub fn check_against(&mut self, specs: &[ParamSpec]) -> Result<()> {
         for s in specs {
+            if let Some(q) = self.quant.get(&s.name) {
+                let shape = logical_shape(&s.name, q);
+                if shape != s.shape {
+                    return Err(Error::Checkpoint(format!("tensor {} has shape {shape:?}, expected {:?}", s.name, s.shape)));
+                }
+                continue;
+            }
             match self.vars.get(&s.name) {
                 None => return Err(Error::Checkpoint(format!("missing tensor {} (expected shape {:?})", s.name, s.shape))),
                 Some(v) if v.dims() != s.shape.as_slice() => {
@@ -198,7 +284,7 @@ impl ParamStore {
                 _ => {}
             }
         }
-        if self.vars.len() != specs.len() {
+        if self.vars.len() + self.quant.len() != specs.len() {
             let known: std::collections::HashSet<&str> = specs.iter().map(|s| s.name.as_str()).collect();
             let extra: Vec<&str> = self.order.iter().map(String::as_str).filter(|n| !known.contains(n)).collect();
             return Err(Error::Checkpoint(format!("unexpected tensor(s) not used by this config: {}", extra.join(", "))));
@@ -208,22 +294,35 @@ impl ParamStore {
     }
 
     pub fn get(&self, name: &str) -> Result<Tensor> {
+        if let Some(q) = self.quant.get(name) {
+            return Err(Error::Checkpoint(format!("tensor {name} is stored as {} (inference only)", q.kind.name())));
+        }
         self.vars
             .get(name)
             .map(|v| v.as_tensor().clone())
             .ok_or_else(|| Error::Checkpoint(format!("missing tensor {name}")))
     }
 
+    /// Whether the store holds `name` (a tensor or a quantized weight).
+    pub fn has(&self, name: &str) -> bool {
+        self.vars.contains_key(name) || self.quant.contains_key(name)
+    }
+
     pub fn var(&self, name: &str) -> Option<&Var> {
         self.vars.get(name)
     }
 
-    /// (name, var) in spec order.
+    /// (name, var) in spec order: the tensors, not the quantized weights ([`ParamStore::quantized`]).
     pub fn iter(&self) -> impl Iterator<Item = (&str, &Var)> {
-        self.order.iter().map(move |n| (n.as_str(), &self.vars[n]))
+        self.order.iter().filter_map(move |n| self.vars.get(n).map(|v| (n.as_str(), v)))
+    }
+
+    /// (name, element count) of every parameter, tensors and quantized ones, in spec order.
+    pub fn sizes(&self) -> impl Iterator<Item = (&str, usize)> {
+        self.order.iter().map(move |n| (n.as_str(), self.vars.get(n).map(|v| v.elem_count()).or_else(|| self.quant.get(n).map(|q| q.elem_count())).unwrap_or(0)))
     }
 
     pub fn num_params(&self) -> usize {
-        self.vars.values().map(|v| v.elem_count()).sum()
+        self.vars.values().map(|v| v.elem_count()).sum::<usize>() + self.quant.values().map(|q| q.elem_count()).sum::<usize>()
     }
 }

@@ -55,7 +55,7 @@ impl GPT {
         }
         let n = flat.len();
         let device = self.device();
-        let tok = net.wte.index_select(&Tensor::from_vec(flat, n, device)?, 0)?.to_dtype(DType::F32)?;
+        let tok = net.wte.embed(&Tensor::from_vec(flat, n, device)?)?;
         let pe = net.wpe.index_select(&Tensor::from_vec(pos, n, device)?, 0)?.to_dtype(DType::F32)?;
         let mut x = (tok + pe)?.reshape((1, n, cfg.n_embd))?;
 
