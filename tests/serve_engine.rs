@@ -1,10 +1,11 @@
 //! The serving engine's model side: packed decoding of many sequences (each with its own KV
 //! cache and position) gives every sequence the same bits as decoding it alone, for dense,
-//! MoE and seed-architecture models, f32 and bf16 weights; chunked prefill in `generate`.
+//! MoE and seed-architecture models, f32, bf16, f16, q8_0 and q4_0 weights; chunked prefill in `generate`.
 
-use candle_core::{DType, Device};
+use candle_core::Device;
 use nanomoe::gpt::{PackedSeq, MAX_PACKED_TOKENS};
-use nanomoe::{GPTConfig, GenerationConfig, KvCache, Routing, GPT};
+use nanomoe::quant::QKind;
+use nanomoe::{GPTConfig, GenerationConfig, KvCache, Routing, WeightFormat, GPT};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 
 fn configs() -> Vec<(&'static str, GPTConfig)> {
@@ -21,7 +22,7 @@ fn bits(v: &[f32]) -> Vec<u32> {
 #[test]
 fn packed_decoding_equals_decoding_alone_bit_for_bit() {
     for (name, cfg) in configs() {
-        for dtype in [DType::F32, DType::BF16] {
+        for dtype in [WeightFormat::F32, WeightFormat::BF16, WeightFormat::F16, WeightFormat::Quant(QKind::Q8_0), WeightFormat::Quant(QKind::Q4_0)] {
             let mut m = GPT::new_seeded(&cfg, 5, &Device::Cpu).unwrap().with_weight_dtype(dtype).unwrap();
             m.set_routing(Routing::Dropless);
             let mut rng = StdRng::seed_from_u64(1);

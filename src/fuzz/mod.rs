@@ -37,10 +37,12 @@ pub enum Target {
     Data,
     /// A training config file (`Resolved::resolve`, validation, the model config).
     Settings,
+    /// A GGUF file (`gguf::load`, its tokenizer, then a forward pass).
+    Gguf,
 }
 
 impl Target {
-    pub const ALL: [Target; 7] = [Target::Config, Target::Model, Target::Sharded, Target::Tokenizer, Target::Ckpt, Target::Data, Target::Settings];
+    pub const ALL: [Target; 8] = [Target::Config, Target::Model, Target::Sharded, Target::Tokenizer, Target::Ckpt, Target::Data, Target::Settings, Target::Gguf];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -51,6 +53,7 @@ impl Target {
             Target::Ckpt => "ckpt",
             Target::Data => "data",
             Target::Settings => "settings",
+            Target::Gguf => "gguf",
         }
     }
 
@@ -158,6 +161,23 @@ pub fn seeds(target: Target, corpus: &Path, scratch: &Path) -> Result<Vec<Case>>
                 out.push(vec![("train.toml".into(), text.as_bytes().to_vec())]);
             }
         }
+        Target::Gguf => {
+            use crate::weight::WeightFormat;
+            let tok = Tokenizer::char_level("Hello, world!\nThe quick brown fox jumps over the lazy dog.\n")?;
+            let wide = |c: GPTConfig| GPTConfig { n_embd: 32, vocab_size: tok.vocab_size(), ..c };
+            for (c, f) in [
+                (wide(tiny(1)), WeightFormat::Quant(crate::quant::QKind::Q8_0)),
+                (wide(tiny(4)), WeightFormat::Quant(crate::quant::QKind::Q4_0)),
+                (wide(tiny(4).with_seed_architecture(true)), WeightFormat::F16),
+            ] {
+                let m = GPT::new_seeded(&c, 1, &Device::Cpu)?;
+                let _ = std::fs::remove_dir_all(&dir);
+                std::fs::create_dir_all(&dir).map_err(|e| Error::file(&dir, e))?;
+                let extras = crate::gguf::GgufExtras { tokenizer: Some(&tok), eos_token_id: Some(0), ..Default::default() };
+                crate::gguf::save(&m, &dir.join("model.gguf"), f, &extras)?;
+                out.push(read_case(&dir)?);
+            }
+        }
         Target::Ckpt => {}
     }
     let extra = corpus.join(target.name());
@@ -218,6 +238,12 @@ fn load(target: Target, dir: &Path) -> Result<()> {
                     crate::train::data::get_batch(split, 2, 8, vocab, &mut rng, &Device::Cpu)?;
                 }
             }
+        }
+        Target::Gguf => {
+            let p = dir.join("model.gguf");
+            let m = crate::gguf::load(&p)?;
+            crate::gguf::read_tokenizer(&p)?;
+            m.gpt.forward(&one_token()?, None)?;
         }
         Target::Settings => {
             let p = dir.join("train.toml");

@@ -384,6 +384,13 @@ fn load_file(file: &GgufFile) -> Result<GgufModel> {
         return Err(Error::Input(format!("architecture {arch:?} is not one nanomoe runs (gpt2, nanomoe)")));
     }
     let config = config_of(file, &arch)?;
+    // The config's sizes are only claims: the file must hold that many values before the
+    // parameter list is built.
+    let held: u128 = file.tensors.iter().map(|t| t.ne.iter().map(|&d| d as u128).product::<u128>()).sum();
+    let size = config.size().ok_or_else(|| Error::Config("the model's size overflows".into()))?;
+    if size.parameters > held {
+        return Err(Error::Input(format!("the config describes {} parameters but the file's tensors hold {held} values", size.parameters)));
+    }
     let names = name_map(&config);
     let bias_names: std::collections::HashMap<String, String> = if arch == "gpt2" && !config.bias {
         crate::checkpoint::gpt2_bias_specs(&config).into_iter().filter_map(|s| gguf_name(&s.name).map(|g| (g, s.name))).collect()
