@@ -29,4 +29,8 @@ PY
 fi
 # Added later: the serving tests drive the real openai client.
 "$VENV/bin/python" -c "import openai" 2>/dev/null || "$VENV/bin/pip" install -q "openai==3.*" >&2
+# Added later: the GGUF tests compare blocks with the `gguf` package and run llama.cpp's
+# convert_hf_to_gguf.py, which also imports sentencepiece, yaml, requests and tqdm.
+"$VENV/bin/python" -c "import gguf, sentencepiece, yaml, requests, tqdm" 2>/dev/null \
+  || "$VENV/bin/pip" install -q "gguf==0.19.*" "sentencepiece" "pyyaml" "requests" "tqdm" >&2
 echo "$VENV"
