@@ -23,6 +23,22 @@ pub const MAX_ROWS: usize = 16;
 /// A weight element: f32 or bf16.
 pub trait Weight: Copy + Send + Sync + 'static {
     fn f(self) -> f32;
+    /// 8 weights from `p` as f32 lanes (inlined into the AVX2 kernels only).
+    ///
+    /// # Safety
+    /// 8 elements must be readable at `p`, and the CPU must have AVX2 and F16C.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256;
+    /// Whether the kernels widen runs of weights into f32 first (f16, where the CPU has an
+    /// instruction for it) instead of converting element by element in the loop.
+    const WIDEN: bool = false;
+    /// dst = src as f32.
+    #[inline(always)]
+    fn widen(src: &[Self], dst: &mut [f32]) {
+        for (d, s) in dst.iter_mut().zip(src) {
+            *d = s.f();
+        }
+    }
 }
 
 impl Weight for f32 {
@@ -30,12 +46,24 @@ impl Weight for f32 {
     fn f(self) -> f32 {
         self
     }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256 {
+        std::arch::x86_64::_mm256_loadu_ps(p)
+    }
 }
 
 impl Weight for bf16 {
     #[inline(always)]
     fn f(self) -> f32 {
         f32::from_bits((self.to_bits() as u32) << 16)
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256 {
+        use std::arch::x86_64::*;
+        let h = _mm_loadu_si128(p as *const __m128i);
+        _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16))
     }
 }
 
@@ -50,6 +78,45 @@ impl Weight for half::f16 {
         let v = f32::from_bits(e << 13) * f32::from_bits(0x7780_0000);
         let v = if e >= 0x7c00 { f32::from_bits((e << 13) | 0x7f80_0000) } else { v };
         f32::from_bits(v.to_bits() | ((h & 0x8000) << 16))
+    }
+
+    const WIDEN: bool = true;
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256 {
+        use std::arch::x86_64::*;
+        _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i))
+    }
+
+    #[inline(always)]
+    fn widen(src: &[Self], dst: &mut [f32]) {
+        #[cfg(target_arch = "x86_64")]
+        if is_x86_feature_detected!("f16c") && is_x86_feature_detected!("avx") {
+            // SAFETY: the CPU has F16C and AVX (checked above).
+            unsafe { widen_f16c(src, dst) };
+            return;
+        }
+        for (d, s) in dst.iter_mut().zip(src) {
+            *d = s.f();
+        }
+    }
+}
+
+/// f16 -> f32 with F16C, 8 at a time (exact, as every f16 is an f32).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx,f16c")]
+unsafe fn widen_f16c(src: &[half::f16], dst: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let n = src.len().min(dst.len());
+    let mut i = 0;
+    while i + 8 <= n {
+        let h = _mm_loadu_si128(src.as_ptr().add(i) as *const __m128i);
+        _mm256_storeu_ps(dst.as_mut_ptr().add(i), _mm256_cvtph_ps(h));
+        i += 8;
+    }
+    for j in i..n {
+        dst[j] = src[j].f();
     }
 }
 
@@ -102,22 +169,180 @@ fn dots<W: Weight, const R: usize>(x: &[f32], k: usize, wr: &[W], out: &mut [f32
 #[inline(always)]
 fn block_nk<W: Weight>(x: &[f32], m: usize, k: usize, w: &[W], _n: usize, n0: usize, out: &mut [f32]) {
     let len = out.len() / m;
-    for j in 0..len {
-        let wr = &w[(n0 + j) * k..(n0 + j + 1) * k];
+    let mut wide = if W::WIDEN { vec![0f32; 4 * k] } else { Vec::new() };
+    // Rows left after the groups of 4: each x row read once for 4 weight rows (decoding one
+    // sequence reads each weight once and x from L1).
+    let rest = m / 4 * 4;
+    let mut j = 0;
+    while j < len {
+        let jn = if j + 4 <= len { 4 } else { 1 };
+        if W::WIDEN {
+            W::widen(&w[(n0 + j) * k..(n0 + j + jn) * k], &mut wide[..jn * k]);
+            rows_nk::<f32>(x, m, k, &wide[..jn * k], jn, rest, j, len, out);
+        } else {
+            rows_nk::<W>(x, m, k, &w[(n0 + j) * k..(n0 + j + jn) * k], jn, rest, j, len, out);
+        }
+        j += jn;
+    }
+}
+
+/// Outputs j..j+jn (weight rows `wr`, jn of them) for every activation row.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn rows_nk<W: Weight>(x: &[f32], m: usize, k: usize, wr: &[W], jn: usize, rest: usize, j: usize, len: usize, out: &mut [f32]) {
+    for jj in 0..jn {
+        let w1 = &wr[jj * k..(jj + 1) * k];
         let mut r = 0;
-        while r + 4 <= m {
+        while r < rest {
             let mut o = [0f32; 4];
-            dots::<W, 4>(&x[r * k..], k, wr, &mut o);
+            dots::<W, 4>(&x[r * k..], k, w1, &mut o);
             for (i, v) in o.into_iter().enumerate() {
-                out[(r + i) * len + j] = v;
+                out[(r + i) * len + j + jj] = v;
             }
             r += 4;
         }
-        while r < m {
+    }
+    for r in rest..m {
+        if jn == 4 {
+            let mut o = [0f32; 4];
+            dots_rows::<W, 4>(&x[r * k..(r + 1) * k], k, wr, &mut o);
+            for (i, v) in o.into_iter().enumerate() {
+                out[r * len + j + i] = v;
+            }
+        } else {
             let mut o = [0f32; 1];
             dots::<W, 1>(&x[r * k..], k, wr, &mut o);
             out[r * len + j] = o[0];
-            r += 1;
+        }
+    }
+}
+
+/// Dot products of one activation row with J weight rows (`wr`, row stride k), each summed
+/// exactly as [`dots`] sums it (same lanes, same order, same tree), so a row's result does
+/// not depend on which kernel computed it.
+#[inline(always)]
+fn dots_rows<W: Weight, const J: usize>(x: &[f32], k: usize, wr: &[W], out: &mut [f32; J]) {
+    let mut acc = [[0f32; LANES]; J];
+    let split = k / LANES * LANES;
+    for c in (0..split).step_by(LANES) {
+        let xv: &[f32; LANES] = x[c..c + LANES].try_into().expect("a full chunk");
+        for (jj, acc) in acc.iter_mut().enumerate() {
+            let wc: &[W; LANES] = wr[jj * k + c..jj * k + c + LANES].try_into().expect("a full chunk");
+            for i in 0..LANES {
+                acc[i] += xv[i] * wc[i].f();
+            }
+        }
+    }
+    for (jj, acc) in acc.iter().enumerate() {
+        let mut s = reduce(acc);
+        for c in split..k {
+            s += x[c] * wr[jj * k + c].f();
+        }
+        out[jj] = s;
+    }
+}
+
+/// The [N, K] kernel with AVX2 + FMA: each (row, output) sum in 16 lanes (two registers),
+/// fused multiply-adds over k, reduced by the same pairwise tree as [`reduce`] (the two
+/// registers added, then halves, then pairs). Every row is summed this way whether it shares
+/// its weight reads with 3 other rows, with 3 other weight rows, or with nothing.
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use super::{Weight, LANES};
+    use std::arch::x86_64::*;
+
+    #[inline(always)]
+    unsafe fn reduce(a: __m256, b: __m256) -> f32 {
+        let s = _mm256_add_ps(a, b);
+        let s = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps(s, s, 1)))
+    }
+
+    /// R activation rows (stride k) times one weight row.
+    #[inline(always)]
+    unsafe fn dots<W: Weight, const R: usize>(x: *const f32, k: usize, wr: *const W, out: &mut [f32; R]) {
+        let mut acc = [[_mm256_setzero_ps(); 2]; R];
+        let split = k / LANES * LANES;
+        let mut c = 0;
+        while c < split {
+            let w0 = W::load8(wr.add(c));
+            let w1 = W::load8(wr.add(c + 8));
+            for (r, acc) in acc.iter_mut().enumerate() {
+                let xr = x.add(r * k + c);
+                acc[0] = _mm256_fmadd_ps(_mm256_loadu_ps(xr), w0, acc[0]);
+                acc[1] = _mm256_fmadd_ps(_mm256_loadu_ps(xr.add(8)), w1, acc[1]);
+            }
+            c += LANES;
+        }
+        for (r, acc) in acc.iter().enumerate() {
+            let mut s = reduce(acc[0], acc[1]);
+            for c in split..k {
+                s += *x.add(r * k + c) * (*wr.add(c)).f();
+            }
+            out[r] = s;
+        }
+    }
+
+    /// One activation row times J weight rows (stride k).
+    #[inline(always)]
+    unsafe fn dots_rows<W: Weight, const J: usize>(x: *const f32, k: usize, wr: *const W, out: &mut [f32; J]) {
+        let mut acc = [[_mm256_setzero_ps(); 2]; J];
+        let split = k / LANES * LANES;
+        let mut c = 0;
+        while c < split {
+            let x0 = _mm256_loadu_ps(x.add(c));
+            let x1 = _mm256_loadu_ps(x.add(c + 8));
+            for (j, acc) in acc.iter_mut().enumerate() {
+                let w = wr.add(j * k + c);
+                acc[0] = _mm256_fmadd_ps(x0, W::load8(w), acc[0]);
+                acc[1] = _mm256_fmadd_ps(x1, W::load8(w.add(8)), acc[1]);
+            }
+            c += LANES;
+        }
+        for (j, acc) in acc.iter().enumerate() {
+            let mut s = reduce(acc[0], acc[1]);
+            for c in split..k {
+                s += *x.add(c) * (*wr.add(j * k + c)).f();
+            }
+            out[j] = s;
+        }
+    }
+
+    /// `block_nk` with these dot products.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn block_nk<W: Weight>(x: &[f32], m: usize, k: usize, w: &[W], _n: usize, n0: usize, out: &mut [f32]) {
+        let len = out.len() / m;
+        debug_assert!(x.len() >= m * k && w.len() >= (n0 + len) * k);
+        let rest = m / 4 * 4;
+        let (xp, wp) = (x.as_ptr(), w.as_ptr());
+        let mut j = 0;
+        while j < len {
+            let wr = wp.add((n0 + j) * k);
+            let jn = if j + 4 <= len { 4 } else { 1 };
+            for jj in 0..jn {
+                let mut r = 0;
+                while r < rest {
+                    let mut o = [0f32; 4];
+                    dots::<W, 4>(xp.add(r * k), k, wr.add(jj * k), &mut o);
+                    for (i, v) in o.into_iter().enumerate() {
+                        out[(r + i) * len + j + jj] = v;
+                    }
+                    r += 4;
+                }
+            }
+            for r in rest..m {
+                if jn == 4 {
+                    let mut o = [0f32; 4];
+                    dots_rows::<W, 4>(xp.add(r * k), k, wr, &mut o);
+                    out[r * len + j..r * len + j + 4].copy_from_slice(&o);
+                } else {
+                    let mut o = [0f32; 1];
+                    dots::<W, 1>(xp.add(r * k), k, wr, &mut o);
+                    out[r * len + j] = o[0];
+                }
+            }
+            j += jn;
         }
     }
 }
@@ -169,8 +394,19 @@ fn block_kn<W: Weight>(x: &[f32], m: usize, k: usize, w: &[W], n: usize, n0: usi
 fn tile_kn<W: Weight, const R: usize>(x: &[f32], r0: usize, k: usize, w: &[W], n: usize, col: usize, out: &mut [f32], len: usize, oc: usize) {
     let mut acc = [[0f32; TILE]; R];
     let xs = &x[r0 * k..(r0 + R) * k];
+    let mut wide = [0f32; TILE];
     for kk in 0..k {
         let wr: &[W; TILE] = w[kk * n + col..kk * n + col + TILE].try_into().expect("tile inside the weight");
+        if W::WIDEN {
+            W::widen(wr, &mut wide);
+            for (r, acc) in acc.iter_mut().enumerate() {
+                let a = xs[r * k + kk];
+                for (o, wv) in acc.iter_mut().zip(&wide) {
+                    *o += a * wv;
+                }
+            }
+            continue;
+        }
         for (r, acc) in acc.iter_mut().enumerate() {
             let a = xs[r * k + kk];
             for (o, wv) in acc.iter_mut().zip(wr) {
@@ -212,7 +448,17 @@ macro_rules! pick_variant {
     };
 }
 
-pick_variant!(pick_nk, block_nk);
+pick_variant!(pick_nk_generic, block_nk);
+
+/// The [N, K] kernel: AVX2 + FMA + F16C when the CPU has them (AVX-512 CPUs too), else the
+/// generic one.
+fn pick_nk<W: Weight>() -> BlockFn<W> {
+    #[cfg(target_arch = "x86_64")]
+    if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c") {
+        return |x, m, k, w, n, n0, out| unsafe { avx2::block_nk(x, m, k, w, n, n0, out) };
+    }
+    pick_nk_generic::<W>()
+}
 pick_variant!(pick_kn, block_kn);
 
 /// y [m, n] = x [m, k] times w ([n, k] when `w_nk`, else [k, n]), in parallel over blocks
