@@ -7,7 +7,10 @@ FLOPs per token for training, a third of it for a forward pass), and streaming r
 for decoding (bytes of weights a token reads x tokens/s). Also records the CPU, its flags, the
 threads and the versions. --json for machines.
 
-usage: python bench/bench.py [--quick] [--json] [--json-out FILE] [--only train,decode,prefill,moe,seed]
+usage: python bench/bench.py [--quick] [--json] [--json-out FILE] [--only train,decode,prefill,moe,seed,gguf]
+The gguf rows run llama.cpp (llama-bench, -t = the threads here) on the same GGUF files nanomoe
+writes (f32, f16, bf16, q8_0, q4_0): NANOMOE_LLAMA_CPP_BIN, or ~/.cache/llama.cpp as
+../shared/tools/build-llama-cpp.sh builds it; they skip without it.
 The seed rows (the seed's architecture: RMSNorm, QK-norm, ReLU^2, SwiGLU experts) take the
 seed's own model.py from ../shared/reference as the reference, run with the transformers it
 needs (NANOMOE_SEED_PYTHONPATH, as ./scripts/test sets it up: .ci/python-overlay.sh 4.57.6).
@@ -99,6 +102,26 @@ def weight_bytes_per_token(model, bf16):
     return active * (2 if bf16 else 4)
 
 
+def llama_bench_bin():
+    b = os.environ.get("NANOMOE_LLAMA_CPP_BIN") or str(Path.home() / ".cache" / "llama.cpp" / "src" / "build" / "bin")
+    return str(Path(b) / "llama-bench") if (Path(b) / "llama-bench").is_file() else None
+
+
+def llama_bench(gguf, reps, prompt=0, gen=0):
+    """llama-bench on a GGUF file in the result format of `nanomoe bench`, and its peak RSS."""
+    cmd = [llama_bench_bin(), "-m", gguf, "-p", str(prompt), "-n", str(gen), "-t", str(torch.get_num_threads()),
+           "-r", str(reps), "-o", "json"]
+    p = subprocess.run(["/usr/bin/time", "-f", "MAXRSS %M", *cmd], capture_output=True, text=True)
+    if p.returncode != 0:
+        raise SystemExit("failed: %s\n%s" % (" ".join(cmd), p.stderr[-2000:]))
+    rss = [l for l in p.stderr.splitlines() if l.startswith("MAXRSS ")][-1].split()[1]
+    run = json.loads(p.stdout)[0]
+    times = [ns / 1e9 for ns in run["samples_ns"]]
+    n = prompt or gen
+    return {"case": "llama-bench", "times_s": times, "median_s": median(times), "min_s": min(times), "max_s": max(times),
+            "tokens_per_sec": n / median(times)}, int(rss) / 1024
+
+
 def new_model(tmp, name, conf):
     d = Path(tmp) / name
     if not d.exists():
@@ -112,11 +135,12 @@ def main():
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--json-out", help="also write the JSON to this file")
     ap.add_argument("--quick", action="store_true", help="fewer steps and repeats")
-    ap.add_argument("--only", default="train,decode,prefill,moe,seed")
+    ap.add_argument("--only", default="train,decode,prefill,moe,seed,gguf")
     a = ap.parse_args()
     only = set(a.only.split(","))
     steps, reps = (4, 2) if a.quick else (7, 3)
     rows = []
+    alone = []  # rows without a reference: (case, ours, weight bytes per token)
     machine = machine_info()
     ours_ceil, _ = timed([BIN, "bench", "ceilings", "--repeats", str(reps + 4)])
     ceilings = {"gemm_sgemm_gflops": ours_ceil["sgemm_gflops"], "torch_sgemm_gflops": torch_sgemm_gflops(repeats=reps + 4),
@@ -190,6 +214,32 @@ def main():
                 b = weight_bytes_per_token(seed_moe, False)
                 rows.append(("decode seed-arch moe 6x384 char vocab f32 vs the seed's generate_legacy (batch 1, 128 tokens)",
                              timed([BIN, "bench", "decode", seed_moe, *args]), ref, ("bytes", b, b)))
+        if "gguf" in only:
+            if not llama_bench_bin():
+                print("gguf rows skipped: llama.cpp's llama-bench not found (NANOMOE_LLAMA_CPP_BIN)", file=sys.stderr)
+            else:
+                gpt2 = new_model(tmp, "gpt2-124m", {"n_layer": 12, "n_head": 12, "n_embd": 768, "vocab_size": 50257, "block_size": 1024})
+                moe = new_model(tmp, "nano-moe", {"n_layer": 6, "n_head": 6, "n_embd": 384, "n_exp": 8, "moe_top_k": 2, "stride": 2,
+                                                  "bias": False, "vocab_size": 50304, "block_size": 1024})
+                subprocess.run([BIN, "tokenize", "--tokenizer", "gpt2", "--save", gpt2], check=True, capture_output=True)
+                args = ["--new-tokens", "128", "--repeats", str(reps)]
+                for dtype in ("f32", "f16", "bf16", "q8_0", "q4_0"):
+                    f = str(Path(tmp) / ("gpt2-124m-%s.gguf" % dtype))
+                    subprocess.run([BIN, "convert", gpt2, "--out", f, "--dtype", dtype], check=True, capture_output=True)
+                    _, total, active = model_info(gpt2)
+                    # Bytes a token reads: the file less the position embedding rows (one is read).
+                    size = os.path.getsize(f) - 1024 * 768 * (2 if dtype in ("f16", "bf16") else 4)
+                    rows.append(("gguf decode gpt2-124m %s vs llama.cpp (batch 1, 128 tokens; GGUF %.0f MiB)" % (dtype, os.path.getsize(f) / 2**20),
+                                 timed([BIN, "bench", "decode", f, *args]), llama_bench(f, reps, gen=128), ("bytes", size, size)))
+                    if dtype in ("f32", "q8_0", "q4_0"):
+                        rows.append(("gguf prefill gpt2-124m %s 1x512 vs llama.cpp" % dtype,
+                                     timed([BIN, "bench", "prefill", f, "--tokens", "512", "--repeats", str(reps)]),
+                                     llama_bench(f, reps, prompt=512), ("flops", flops_per_token(gpt2, 512) / 3)))
+                    fm = str(Path(tmp) / ("nano-moe-%s.gguf" % dtype))
+                    subprocess.run([BIN, "convert", moe, "--out", fm, "--dtype", dtype], check=True, capture_output=True)
+                    _, total, active = model_info(moe)
+                    alone.append(("gguf decode nano-moe 6x384 (8 experts, top-2) %s (batch 1, 128 tokens)" % dtype,
+                                  timed([BIN, "bench", "decode", fm, *args]), os.path.getsize(fm) * active / total))
         if "moe" in only:
             for e in (8, 16, 32, 64):
                 args = ["--experts", str(e), "--tokens", "2048", "--n-embd", "256"]
@@ -213,7 +263,9 @@ def main():
     growth = None
     if "8" in layer and "64" in layer:
         growth = {side: layer["64"][side]["median_s"] / layer["8"][side]["median_s"] for side in ("ours", "reference")}
-    record = {"date": time.strftime("%Y-%m-%d"), "machine": machine, "ceilings": ceilings, "results": out,
+    solo = [{"case": c, "ours": o, "ours_peak_rss_mib": rss, "weight_bytes_per_token": b,
+             "ours_share_of_read_bandwidth": b * o["tokens_per_sec"] / 1e9 / bw} for c, (o, rss), b in alone]
+    record = {"date": time.strftime("%Y-%m-%d"), "machine": machine, "ceilings": ceilings, "results": out, "nanomoe_alone": solo,
               "moe_layer_time_growth_8_to_64": growth}
     if a.json_out:
         Path(a.json_out).write_text(json.dumps(record, indent=1))
@@ -235,6 +287,13 @@ def main():
             ref["tokens_per_sec"], ref["median_s"], ref["min_s"], ref["max_s"], r["ratio"],
             100 * r["ours_share"], 100 * r["reference_share"], "MFU" if r["share_of"] == "sgemm" else "of bw",
             r["ours_peak_rss_mib"], r["reference_peak_rss_mib"]))
+    if solo:
+        print("\n| case (nanomoe alone: llama.cpp has no MoE GPT-2) | tok/s (median, min-max s) | weight MB per token | share of bw | peak RSS MiB |")
+        print("|---|---|---|---|---|")
+        for r in solo:
+            o = r["ours"]
+            print("| %s | %.0f (%.3f, %.3f-%.3f) | %.1f | %.0f%% | %.0f |" % (r["case"], o["tokens_per_sec"], o["median_s"], o["min_s"],
+                  o["max_s"], r["weight_bytes_per_token"] / 1e6, 100 * r["ours_share_of_read_bandwidth"], r["ours_peak_rss_mib"]))
     if growth:
         print("\nMoE layer time, 8 -> 64 experts (median): nanomoe %.2fx, reference %.2fx" % (growth["ours"], growth["reference"]))
 

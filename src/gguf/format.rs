@@ -355,6 +355,19 @@ impl GgufFile {
         &self.map[start..start + size]
     }
 
+    /// Drops the mapped pages that hold only this tensor's bytes (after they were copied
+    /// out): memory then holds one copy of a dense tensor, not two. Read again, the pages
+    /// come back from the file.
+    pub fn release(&self, t: &TensorInfo) {
+        let (start, len) = self.range(t);
+        let page = 4096;
+        let (a, b) = (start.div_ceil(page) * page, (start + len) / page * page);
+        if b > a {
+            // SAFETY: a read-only private map; dropped pages are re-read from the file.
+            let _ = unsafe { self.map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, a, b - a) };
+        }
+    }
+
     /// Byte range of a tensor in the file.
     pub fn range(&self, t: &TensorInfo) -> (usize, usize) {
         let start = self.data_start + t.offset as usize;

@@ -166,9 +166,11 @@ pub fn save(gpt: &GPT, path: &Path, format: WeightFormat, extras: &GgufExtras) -
             md.push((format!("nanomoe.config.{k}"), v));
         }
     }
+    let mut ggml_vocab = false;
     if let Some(tok) = extras.tokenizer {
         let text = tok.to_json()?;
         if let Some((tokens, types, merges)) = ggml_bpe_vocab(&text, c.vocab_size)? {
+            ggml_vocab = true;
             md.push(("tokenizer.ggml.model".into(), Value::Str("gpt2".into())));
             md.push(("tokenizer.ggml.pre".into(), Value::Str("gpt-2".into())));
             md.push(("tokenizer.ggml.tokens".into(), Value::strings(tokens)));
@@ -177,6 +179,9 @@ pub fn save(gpt: &GPT, path: &Path, format: WeightFormat, extras: &GgufExtras) -
         }
         md.push(("tokenizer.huggingface.json".into(), Value::Str(text)));
     }
+    // (Without a byte-level BPE tokenizer there is no llama.cpp vocabulary to write:
+    // llama.cpp sizes its output by the vocabulary, so such a file runs in nanomoe only.)
+    let _ = ggml_vocab;
     if let Some(id) = extras.eos_token_id {
         md.push(("tokenizer.ggml.eos_token_id".into(), Value::U32(id)));
     }
@@ -423,23 +428,24 @@ fn load_file(file: &GgufFile) -> Result<GgufModel> {
             quant.push((ours.clone(), q));
             continue;
         }
-        let values = decode_to_f32(t.ty, file.data(t));
         if ours.ends_with("_bias") && shape.len() == 2 {
             shape.insert(1, 1);
         }
-        let mut tensor = Tensor::from_vec(values, shape.as_slice(), &Device::Cpu)?;
+        let matrix = is_weight_matrix(ours, shape.len()) && !ours.contains(".router.");
+        // Matrices keep f16 / bf16; everything else (and quantized vectors) becomes f32.
+        let mut tensor = match t.ty {
+            GgmlType::F32 => Tensor::from_raw_buffer(file.data(t), DType::F32, &shape, &Device::Cpu)?,
+            GgmlType::F16 if matrix => Tensor::from_raw_buffer(file.data(t), DType::F16, &shape, &Device::Cpu)?,
+            GgmlType::BF16 if matrix => Tensor::from_raw_buffer(file.data(t), DType::BF16, &shape, &Device::Cpu)?,
+            ty => Tensor::from_vec(decode_to_f32(ty, file.data(t)), shape.as_slice(), &Device::Cpu)?,
+        };
         if is_expert_stack(ours) {
             if shape.len() != 3 {
                 return Err(Error::Input(format!("tensor {} has shape {shape:?}, expected [experts, rows, cols]", t.name)));
             }
             tensor = tensor.transpose(1, 2)?.contiguous()?;
         }
-        let matrix = is_weight_matrix(ours, tensor.rank()) && !ours.contains(".router.");
-        let tensor = match t.ty {
-            GgmlType::F16 if matrix => tensor.to_dtype(DType::F16)?,
-            GgmlType::BF16 if matrix => tensor.to_dtype(DType::BF16)?,
-            _ => tensor,
-        };
+        file.release(t);
         dense.push((ours.clone(), tensor));
     }
     if let Some(out) = output {
