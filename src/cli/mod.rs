@@ -786,9 +786,15 @@ fn cmd_eval(model: &Path, data: &Path, split: &str, iters: u64, batch_size: usiz
     }
     let r = nanomoe::train::run::evaluate(&mut gpt, ds.split(split)?, batch_size, iters, seed)?;
     if as_json {
-        println!("{}", serde_json::to_string(&json!({"split": split, "loss": r.loss, "perplexity": r.loss.exp(), "moe": r.moe}))?);
+        println!("{}", serde_json::to_string(&json!({"split": split, "loss": r.loss, "perplexity": r.loss.exp(), "weights": gpt.weight_format().name(), "moe": r.moe}))?);
     } else {
-        println!("{split} loss {:.4}, perplexity {:.3} ({iters} batches of {batch_size} x {})", r.loss, r.loss.exp(), gpt.config.block_size);
+        println!(
+            "{split} loss {:.4}, perplexity {:.3} ({iters} batches of {batch_size} x {}, {} weights)",
+            r.loss,
+            r.loss.exp(),
+            gpt.config.block_size,
+            gpt.weight_format().name()
+        );
         for l in &r.moe {
             println!("  layer {}: tokens per expert {:?}, drop rate {:.2}%, router entropy {:.3}", l.layer, l.tokens_per_expert, 100.0 * l.drop_rate, l.router_entropy);
         }

@@ -360,6 +360,11 @@ impl GgufFile {
     /// come back from the file.
     pub fn release(&self, t: &TensorInfo) {
         let (start, len) = self.range(t);
+        self.release_range(start, len);
+    }
+
+    /// Drops the mapped pages that lie wholly inside bytes start..start+len.
+    pub fn release_range(&self, start: usize, len: usize) {
         let page = 4096;
         let (a, b) = (start.div_ceil(page) * page, (start + len) / page * page);
         if b > a {

@@ -18,7 +18,7 @@ pub mod format;
 use std::path::Path;
 use std::sync::Arc;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device, Tensor, Var};
 use half::{bf16, f16};
 use serde_json::{json, Value as Json};
 
@@ -110,6 +110,22 @@ fn decode_to_f32(ty: GgmlType, b: &[u8]) -> Vec<f32> {
         GgmlType::BF16 => b.chunks_exact(2).map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
         GgmlType::Q(k) => crate::quant::dequantize(k, b),
     }
+}
+
+/// A dense tensor's values, read in chunks of 16 MiB whose mapped pages are dropped once
+/// copied.
+fn read_values<T>(file: &GgufFile, t: &format::TensorInfo, size: usize, conv: impl Fn(&[u8]) -> T) -> Vec<T> {
+    let (start, len) = file.range(t);
+    let mut out = Vec::with_capacity(len / size);
+    let chunk = (16 << 20) / size * size;
+    let mut off = 0;
+    while off < len {
+        let n = chunk.min(len - off);
+        out.extend(file.map[start + off..start + off + n].chunks_exact(size).map(&conv));
+        file.release_range(start + off, n);
+        off += n;
+    }
+    out
 }
 
 /// What to store with a model in a GGUF file besides its weights.
@@ -433,10 +449,13 @@ fn load_file(file: &GgufFile) -> Result<GgufModel> {
         }
         let matrix = is_weight_matrix(ours, shape.len()) && !ours.contains(".router.");
         // Matrices keep f16 / bf16; everything else (and quantized vectors) becomes f32.
+        // Read straight into a variable's storage (no second copy), the file's pages dropped
+        // as reading goes: memory holds the model plus a few MB.
+        let var = |v: Result<Var>| -> Result<Tensor> { Ok(v?.as_tensor().clone()) };
         let mut tensor = match t.ty {
-            GgmlType::F32 => Tensor::from_raw_buffer(file.data(t), DType::F32, &shape, &Device::Cpu)?,
-            GgmlType::F16 if matrix => Tensor::from_raw_buffer(file.data(t), DType::F16, &shape, &Device::Cpu)?,
-            GgmlType::BF16 if matrix => Tensor::from_raw_buffer(file.data(t), DType::BF16, &shape, &Device::Cpu)?,
+            GgmlType::F32 => var(Var::from_vec(read_values(file, t, 4, |b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])), shape.as_slice(), &Device::Cpu).map_err(Error::from))?,
+            GgmlType::F16 if matrix => var(Var::from_vec(read_values(file, t, 2, |b| f16::from_le_bytes([b[0], b[1]])), shape.as_slice(), &Device::Cpu).map_err(Error::from))?,
+            GgmlType::BF16 if matrix => var(Var::from_vec(read_values(file, t, 2, |b| bf16::from_le_bytes([b[0], b[1]])), shape.as_slice(), &Device::Cpu).map_err(Error::from))?,
             ty => Tensor::from_vec(decode_to_f32(ty, file.data(t)), shape.as_slice(), &Device::Cpu)?,
         };
         if is_expert_stack(ours) {
