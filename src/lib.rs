@@ -6,13 +6,18 @@
 //!   architecture, GPT-2's or the seed's), [`params`], [`nn`] (ops with a backward pass),
 //!   [`moe`] (router, capacity, dispatch, experts, losses), [`gpt`] (blocks, forward passes,
 //!   KV cache), [`generate`].
-//! - [`kernels`]: fused CPU kernels (candle custom ops with a backward pass).
+//! - [`kernels`]: fused CPU kernels (candle custom ops with a backward pass; the decoding
+//!   products in f32/bf16/f16 and, `qmatvec`, on quantized blocks).
+//! - [`quant`]: GGML's q8_0 / q4_0 block formats; [`weight`] (`WeightFormat`, a weight as
+//!   a tensor or quantized blocks); [`gguf`]: GGUF files read and written (llama.cpp's
+//!   `gpt2` architecture, or `nanomoe`).
 //! - [`hf`]: the HuggingFace side - [`checkpoint`] (directories, safetensors), [`auto`]
 //!   (`AutoModelForCausalLM`), [`convert`] (others' checkpoints), [`hub`] / [`hub_upload`]
 //!   (download, push), [`hf_cache`], [`tokenizer`], [`pickle`] (torch.save zips, bounded).
 //! - training: [`grad_sink`] (weight gradients that bypass candle's accumulation), [`optim`]
 //!   (AdamW with nanoMoE's decay groups, clipping, the LR schedule), [`train_step`], [`train`]
 //!   (data, settings, the loop, resumable states).
+//! - [`serve`]: the OpenAI-compatible server with continuous batching.
 //! - [`runtime`]: thread count, memory checks, allocator settings; [`error`]: the error type.
 //! - [`fuzz`]: the fuzz harness's targets (every loader of untrusted files) and mutator.
 //!

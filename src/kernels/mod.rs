@@ -12,7 +12,8 @@
 //! - `expert_matmul`: the experts' batched product, one thread per expert; the gate-output
 //!   loss's tap on it.
 //! - `ceiling`: the machine's sgemm and read-bandwidth ceilings, for the benchmarks.
-//! - `matvec`: weight-streaming products for decoding, f32 or bf16 weights.
+//! - `matvec`: weight-streaming products for decoding, f32, bf16 or f16 weights.
+//! - `qmatvec`: products with quantized weights (q8_0 / q4_0) on 8-bit activations.
 //! - `transpose`: 8 x 8 block transposes for the experts' backward.
 //! - `math`: vectorizable exp/tanh/erf and the per-instruction-set `multiversion!`.
 
