@@ -32,6 +32,17 @@ def model_dir(tmp_path_factory):
     return d
 
 
+@pytest.fixture(scope="module")
+def slow_model_dir(tmp_path_factory):
+    """A model large enough (8 x 512, ~50M parameters) that a 120-token stream outlasts the
+    few requests a test makes around it, however fast decoding gets."""
+    d = tmp_path_factory.mktemp("serve") / "slow"
+    run("new", "--config", json.dumps({"vocab_size": 50257, "block_size": 256, "n_layer": 8, "n_head": 8, "n_embd": 512}),
+        "--out", d, "--seed", "3")
+    run("tokenize", "--tokenizer", "gpt2", "--save", d)
+    return d
+
+
 class Server:
     def __init__(self, model, *args):
         self.p = subprocess.Popen([nanomoe_bin(), "--threads", "2", "serve", str(model), "--port", "0",
@@ -274,8 +285,8 @@ def metric(s, name, key=KEY):
     return None
 
 
-def test_full_queue_gets_429_at_once_and_a_disconnect_frees_the_slot(model_dir):
-    s = Server(model_dir, "--max-batch", 1, "--max-queue", 1)
+def test_full_queue_gets_429_at_once_and_a_disconnect_frees_the_slot(slow_model_dir):
+    s = Server(slow_model_dir, "--max-batch", 1, "--max-queue", 1)
     try:
         # One request holds the only slot, streaming slowly enough to be caught running.
         c1, r1 = sse_stream(s, {"prompt": "Hold the slot", "max_tokens": 120, "temperature": 0})
@@ -288,6 +299,7 @@ def test_full_queue_gets_429_at_once_and_a_disconnect_frees_the_slot(model_dir):
         deadline = time.time() + 30
         while metric(s, "nanomoe_queue_depth") != 1 and time.time() < deadline:
             time.sleep(0.02)
+        assert metric(s, "nanomoe_queue_depth") == 1 and metric(s, "nanomoe_running_sequences") == 1
         # ...so a third is refused at once.
         t0 = time.time()
         with pytest.raises(openai.RateLimitError) as e:
