@@ -70,6 +70,37 @@ impl From<QKind> for WeightFormat {
     }
 }
 
+/// Weight rows dequantized at a time for a prompt's product (at most 4096 x K f32).
+const DEQUANT_ROWS: usize = 4096;
+
+/// `x [.., K] @ w^T` for matrix `e` of a quantized weight. A few rows (decoding) take the
+/// integer kernel on 8-bit activations; more (prompts) take f32 products on the weights
+/// dequantized DEQUANT_ROWS rows at a time - the products then run at the f32 GEMM's speed,
+/// with exact activations. Either way a given number of rows always takes the same path, so
+/// a sequence's result does not depend on what it is batched with.
+fn quant_product(x: &Tensor, q: &QTensor, e: usize) -> Result<Tensor> {
+    let dims = x.dims();
+    let k = *dims.last().unwrap_or(&0);
+    let m = x.elem_count() / k.max(1);
+    if m <= crate::kernels::matvec::MAX_ROWS || k != q.cols() || e >= q.matrices() {
+        return qmatvec::qlinear(x, q, e);
+    }
+    let x2 = x.reshape((m, k))?;
+    let (n, rb) = (q.rows(), q.kind.row_bytes(k));
+    let bytes = q.matrix(e);
+    let mut parts = Vec::with_capacity(n.div_ceil(DEQUANT_ROWS));
+    for r0 in (0..n).step_by(DEQUANT_ROWS) {
+        let rows = DEQUANT_ROWS.min(n - r0);
+        let w = crate::quant::dequantize(q.kind, &bytes[r0 * rb..(r0 + rows) * rb]);
+        let w = Tensor::from_vec(w, (rows, k), x.device())?;
+        parts.push(nn::linear(&x2, &w, None)?);
+    }
+    let y = if parts.len() == 1 { parts.pop().expect("one part") } else { Tensor::cat(&parts, 1)? };
+    let mut out = dims.to_vec();
+    *out.last_mut().expect("rank >= 1") = n;
+    Ok(y.reshape(out)?)
+}
+
 /// One weight: a tensor, or quantized blocks. Linear weights are [N, K] (torch's [out, in])
 /// either way; expert stacks are [E, K, N] as tensors (nanoMoE's layout) and [E, N, K] when
 /// quantized (the blocks run along what a product sums over, as in GGUF's `*_exps`).
@@ -107,7 +138,7 @@ impl Mat {
         match self {
             Mat::Dense(w) => nn::linear(x, w, b),
             Mat::Quant(q) => {
-                let y = qmatvec::qlinear(x, q, 0)?;
+                let y = quant_product(x, q, 0)?;
                 match b {
                     Some(b) => Ok(y.broadcast_add(b)?),
                     None => Ok(y),
@@ -120,7 +151,7 @@ impl Mat {
     pub fn expert(&self, x: &Tensor, e: usize) -> Result<Tensor> {
         match self {
             Mat::Dense(w) => nn::matmul_kn(x, &w.get(e)?),
-            Mat::Quant(q) => qmatvec::qlinear(x, q, e),
+            Mat::Quant(q) => quant_product(x, q, e),
         }
     }
 

@@ -130,13 +130,16 @@ pub fn quantize(kind: QKind, x: &[f32], k: usize) -> Vec<u8> {
     out
 }
 
-/// The weights of a run of whole blocks.
+/// The weights of a run of whole blocks (in parallel).
 pub fn dequantize(kind: QKind, bytes: &[u8]) -> Vec<f32> {
+    use rayon::prelude::*;
     let bb = kind.block_bytes();
     let mut out = vec![0f32; bytes.len() / bb * BLOCK];
-    for (o, b) in out.chunks_mut(BLOCK).zip(bytes.chunks(bb)) {
-        dequantize_block(kind, b, o);
-    }
+    out.par_chunks_mut(BLOCK * 256).zip(bytes.par_chunks(bb * 256)).for_each(|(o, b)| {
+        for (o, b) in o.chunks_mut(BLOCK).zip(b.chunks(bb)) {
+            dequantize_block(kind, b, o);
+        }
+    });
     out
 }
 
