@@ -347,6 +347,74 @@ mod avx2 {
     }
 }
 
+/// The [K, N] kernel (nanoMoE's expert tensors) with AVX2 + FMA: every output column is a
+/// fused multiply-add over k in order, from zero, whatever tile it falls in - 16 columns of
+/// 4 rows or 64 columns of 1 row (8 accumulator registers either way), or one column - so a
+/// row's result does not depend on the rows it is batched with.
+#[cfg(target_arch = "x86_64")]
+mod avx2_kn {
+    use super::Weight;
+    use std::arch::x86_64::*;
+
+    /// Rows r0..r0+R times columns col..col+8*V of w, into out (row stride len, from oc).
+    #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn tile<W: Weight, const R: usize, const V: usize>(x: &[f32], r0: usize, k: usize, w: &[W], n: usize, col: usize, out: &mut [f32], len: usize, oc: usize) {
+        let mut acc = [[_mm256_setzero_ps(); V]; R];
+        let (xp, wp) = (x.as_ptr().add(r0 * k), w.as_ptr().add(col));
+        for kk in 0..k {
+            let wr = wp.add(kk * n);
+            let mut wv = [_mm256_setzero_ps(); V];
+            for (v, wv) in wv.iter_mut().enumerate() {
+                *wv = W::load8(wr.add(8 * v));
+            }
+            for (r, acc) in acc.iter_mut().enumerate() {
+                let a = _mm256_set1_ps(*xp.add(r * k + kk));
+                for v in 0..V {
+                    acc[v] = _mm256_fmadd_ps(a, wv[v], acc[v]);
+                }
+            }
+        }
+        for (r, acc) in acc.iter().enumerate() {
+            for (v, acc) in acc.iter().enumerate() {
+                _mm256_storeu_ps(out.as_mut_ptr().add((r0 + r) * len + oc + 8 * v), *acc);
+            }
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn block_kn<W: Weight>(x: &[f32], m: usize, k: usize, w: &[W], n: usize, n0: usize, out: &mut [f32]) {
+        let len = out.len() / m;
+        debug_assert!(x.len() >= m * k && w.len() >= (k - 1) * n + n0 + len);
+        let quads = m / 4 * 4;
+        let c16 = len / 16 * 16;
+        let c64 = len / 64 * 64;
+        for r0 in (0..quads).step_by(4) {
+            for c in (0..c16).step_by(16) {
+                tile::<W, 4, 2>(x, r0, k, w, n, n0 + c, out, len, c);
+            }
+        }
+        for r in quads..m {
+            for c in (0..c64).step_by(64) {
+                tile::<W, 1, 8>(x, r, k, w, n, n0 + c, out, len, c);
+            }
+            for c in (c64..c16).step_by(16) {
+                tile::<W, 1, 2>(x, r, k, w, n, n0 + c, out, len, c);
+            }
+        }
+        // Columns past the last 16: one at a time, the same fused sums.
+        for r in 0..m {
+            for c in c16..len {
+                let mut s = 0f32;
+                for kk in 0..k {
+                    s = x[r * k + kk].mul_add(w[kk * n + n0 + c].f(), s);
+                }
+                out[r * len + c] = s;
+            }
+        }
+    }
+}
+
 /// Output columns per register tile of `block_kn` (4 AVX-512 or 8 AVX2 registers per row).
 const TILE: usize = 64;
 
@@ -459,7 +527,16 @@ fn pick_nk<W: Weight>() -> BlockFn<W> {
     }
     pick_nk_generic::<W>()
 }
-pick_variant!(pick_kn, block_kn);
+pick_variant!(pick_kn_generic, block_kn);
+
+/// The [K, N] kernel: AVX2 + FMA + F16C when the CPU has them, else the generic one.
+fn pick_kn<W: Weight>() -> BlockFn<W> {
+    #[cfg(target_arch = "x86_64")]
+    if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c") {
+        return |x, m, k, w, n, n0, out| unsafe { avx2_kn::block_kn(x, m, k, w, n, n0, out) };
+    }
+    pick_kn_generic::<W>()
+}
 
 /// y [m, n] = x [m, k] times w ([n, k] when `w_nk`, else [k, n]), in parallel over blocks
 /// of outputs.
