@@ -95,6 +95,16 @@ def flops_per_token(model, t=None):
     return 6 * n + 12 * L * C * T
 
 
+def prefill_flops_per_token(model, t):
+    """Forward FLOPs per prompt token when only the last position gets logits (what
+    `nanomoe bench prefill` and llama-bench -p run): 2 N for the blocks' active parameters,
+    4 L C T for attention, and the output layer's 2 V C once per prompt."""
+    c, _, active = model_info(model)
+    C, L, V = c["n_embd"], c["n_layer"], c["vocab_size"]
+    n = active - c.get("block_size", c.get("n_positions")) * C - V * C
+    return 2 * n + 4 * L * C * t + 2 * V * C / t
+
+
 def weight_bytes_per_token(model, bf16):
     """Bytes of weights one decoded token reads: the active parameters (experts that are not
     chosen are not read), 2 bytes each for bf16 matrices, 4 for f32."""
@@ -183,7 +193,7 @@ def main():
             if "prefill" in only:
                 ours = timed([BIN, "bench", "prefill", gpt2, "--tokens", "512", "--repeats", str(reps)])
                 ref = timed(REF + ["prefill", "--model", gpt2, "--tokens", "512", "--repeats", str(reps)])
-                rows.append(("prefill gpt2-124m 1x512", ours, ref, ("flops", flops_per_token(gpt2, 512) / 3)))
+                rows.append(("prefill gpt2-124m 1x512", ours, ref, ("flops", prefill_flops_per_token(gpt2, 512))))
         if "seed" in only:
             seed_path = os.environ.get("NANOMOE_SEED_PYTHONPATH")
             if not seed_path or not (ROOT.parent / "shared" / "reference" / "nanomoe-seed-b2142af").is_dir():
@@ -234,7 +244,7 @@ def main():
                     if dtype in ("f32", "q8_0", "q4_0"):
                         rows.append(("gguf prefill gpt2-124m %s 1x512 vs llama.cpp" % dtype,
                                      timed([BIN, "bench", "prefill", f, "--tokens", "512", "--repeats", str(reps)]),
-                                     llama_bench(f, reps, prompt=512), ("flops", flops_per_token(gpt2, 512) / 3)))
+                                     llama_bench(f, reps, prompt=512), ("flops", prefill_flops_per_token(gpt2, 512))))
                     fm = str(Path(tmp) / ("nano-moe-%s.gguf" % dtype))
                     subprocess.run([BIN, "convert", moe, "--out", fm, "--dtype", dtype], check=True, capture_output=True)
                     _, total, active = model_info(moe)

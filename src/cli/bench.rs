@@ -40,7 +40,8 @@ pub enum Bench {
         #[arg(long, default_value_t = 3)]
         repeats: usize,
     },
-    /// One forward pass over `tokens` tokens (batch 1).
+    /// One forward pass over `tokens` tokens (batch 1), into a fresh KV cache, logits of the
+    /// last position only (what a prompt costs before generation).
     Prefill {
         /// A model directory or Hub repo id.
         model: PathBuf,
@@ -151,12 +152,14 @@ pub fn run(b: Bench, model_dir: impl Fn(&Path) -> Result<PathBuf>) -> Result<()>
         Bench::Prefill { model, tokens, repeats } => {
             let gpt = super::inference_model(&model_dir(&model)?)?;
             let ids: Vec<u32> = (0..tokens as u32).map(|i| (i * 7919) % gpt.config.vocab_size as u32).collect();
-            let x = Tensor::from_vec(ids, (1, tokens), &Device::Cpu)?;
-            gpt.forward(&x, None)?;
+            // What a prompt costs before generation (and what llama-bench's -p measures):
+            // every position through the blocks, the output layer on the last one only.
+            let rows = [ids];
+            gpt.forward_step(&rows, Some(&mut nanomoe::KvCache::new()), None)?;
             let mut times = Vec::new();
             for _ in 0..repeats {
                 let t = Instant::now();
-                gpt.forward(&x, None)?;
+                gpt.forward_step(&rows, Some(&mut nanomoe::KvCache::new()), None)?;
                 times.push(t.elapsed().as_secs_f64());
             }
             report("prefill", &times, tokens as f64)
