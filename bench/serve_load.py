@@ -3,7 +3,11 @@ completion of N tokens (temperature 0, --ignore-eos equivalent: min tokens by ma
 a model that rarely emits eos) for C in 1, 4, 16, 64. Prints aggregate tokens/s, time to
 first token and inter-token latency (p50 / p99), errors, and the issue's two targets.
 
-usage: python bench/serve_load.py MODEL_DIR [--tokens 128] [--clients 1,4,16,64] [--max-batch 16] [--json]
+usage: python bench/serve_load.py MODEL [--tokens 128] [--clients 1,4,16,64] [--max-batch 16] [--json]
+                                 [--llama-server PATH]
+MODEL: a model directory or a .gguf file. With --llama-server (llama.cpp's binary) and a .gguf
+MODEL, the same load runs against llama-server too (--max-batch slots, continuous batching,
+ignore_eos), one server after the other.
 (bench/bench.py --only serve runs it on the nano-MoE and GPT-2 124M-shaped models.)"""
 import argparse
 import http.client
@@ -26,12 +30,12 @@ def pct(v, q):
     return v[min(len(v) - 1, int(round(q * (len(v) - 1))))]
 
 
-def one_client(host, port, tokens, prompt, out):
+def one_client(host, port, tokens, prompt, out, extra=None):
     t0 = time.perf_counter()
     stamps = []
     try:
         c = http.client.HTTPConnection(host, port, timeout=600)
-        body = {"prompt": prompt, "max_tokens": tokens, "temperature": 0, "stream": True}
+        body = {"prompt": prompt, "max_tokens": tokens, "temperature": 0, "stream": True, **(extra or {})}
         c.request("POST", "/v1/completions", body=json.dumps(body), headers={"Content-Type": "application/json"})
         r = c.getresponse()
         if r.status != 200:
@@ -60,9 +64,9 @@ def one_client(host, port, tokens, prompt, out):
         out.append({"error": repr(e)})
 
 
-def load(host, port, clients, tokens):
+def load(host, port, clients, tokens, extra=None):
     out = []
-    threads = [threading.Thread(target=one_client, args=(host, port, tokens, "Client %d says: once upon a time" % i, out))
+    threads = [threading.Thread(target=one_client, args=(host, port, tokens, "Client %d says: once upon a time" % i, out, extra))
                for i in range(clients)]
     t0 = time.perf_counter()
     for t in threads:
@@ -93,6 +97,36 @@ def run_model(model, tokens, clients, max_batch, threads):
         p.wait(timeout=120)
 
 
+def run_llama_server(binary, model, tokens, clients, max_batch, threads):
+    import socket
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()
+    p = subprocess.Popen([binary, "-m", model, "--host", "127.0.0.1", "--port", str(port), "-t", str(threads),
+                          "-np", str(max_batch), "-c", str(max_batch * 256), "--no-warmup"],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                c = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+                c.request("GET", "/health")
+                if c.getresponse().status == 200:
+                    break
+            except OSError:
+                pass
+            if time.time() > deadline or p.poll() is not None:
+                raise SystemExit("llama-server did not start")
+            time.sleep(0.2)
+        extra = {"ignore_eos": True}
+        load("127.0.0.1", port, 1, 8, extra)  # warm-up
+        return [load("127.0.0.1", port, c, tokens, extra) for c in clients]
+    finally:
+        p.terminate()
+        p.wait(timeout=120)
+
+
 def report(label, rows):
     print("\n%s" % label)
     print("| clients | tokens/s (aggregate) | x one client | TTFT p50 / p99 ms | inter-token p50 / p99 ms | errors |")
@@ -116,12 +150,21 @@ def main():
     ap.add_argument("--max-batch", type=int, default=16)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--llama-server", help="llama.cpp's llama-server binary: run the same load against it (GGUF MODEL)")
     a = ap.parse_args()
-    rows = run_model(a.model, a.tokens, [int(c) for c in a.clients.split(",")], a.max_batch, a.threads)
+    clients = [int(c) for c in a.clients.split(",")]
+    rows = run_model(a.model, a.tokens, clients, a.max_batch, a.threads)
+    theirs = None
+    if a.llama_server and a.model.endswith(".gguf"):
+        theirs = run_llama_server(a.llama_server, a.model, a.tokens, clients, a.max_batch, a.threads)
     if a.json:
-        print(json.dumps(rows))
-    else:
-        report("%s, %d tokens per client, --max-batch %d, %d threads" % (a.model, a.tokens, a.max_batch, a.threads), rows)
+        print(json.dumps({"nanomoe": rows, "llama_server": theirs}))
+        return
+    report("nanomoe serve %s, %d tokens per client, --max-batch %d, %d threads" % (a.model, a.tokens, a.max_batch, a.threads), rows)
+    if theirs:
+        report("llama-server %s, %d tokens per client, -np %d, %d threads" % (a.model, a.tokens, a.max_batch, a.threads), theirs)
+        for o, t in zip(rows, theirs):
+            print("%d clients: nanomoe / llama-server aggregate tokens/s %.2fx" % (o["clients"], o["tokens_per_s"] / t["tokens_per_s"]))
 
 
 if __name__ == "__main__":
