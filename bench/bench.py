@@ -7,7 +7,10 @@ FLOPs per token for training, a third of it for a forward pass), and streaming r
 for decoding (bytes of weights a token reads x tokens/s). Also records the CPU, its flags, the
 threads and the versions. --json for machines.
 
-usage: python bench/bench.py [--quick] [--json] [--json-out FILE] [--only train,decode,prefill,moe,seed,gguf]
+usage: python bench/bench.py [--quick] [--json] [--json-out FILE] [--only train,decode,prefill,moe,seed,gguf,serve]
+The serve rows (bench/serve_load.py) load `nanomoe serve` with 1, 4, 16 and 64 streaming
+clients on loopback (the nano-MoE and GPT-2 124M-shaped models, 128 tokens each; --quick: 1,
+4, 16 clients, 64 tokens), and llama-server on the GPT-2 model's f32 GGUF where it is built.
 The gguf rows run llama.cpp (llama-bench, -t = the threads here) on the same GGUF files nanomoe
 writes (f32, f16, bf16, q8_0, q4_0): NANOMOE_LLAMA_CPP_BIN, or ~/.cache/llama.cpp as
 ../shared/tools/build-llama-cpp.sh builds it; they skip without it.
@@ -145,12 +148,13 @@ def main():
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--json-out", help="also write the JSON to this file")
     ap.add_argument("--quick", action="store_true", help="fewer steps and repeats")
-    ap.add_argument("--only", default="train,decode,prefill,moe,seed,gguf")
+    ap.add_argument("--only", default="train,decode,prefill,moe,seed,gguf,serve")
     a = ap.parse_args()
     only = set(a.only.split(","))
     steps, reps = (4, 2) if a.quick else (7, 3)
     rows = []
     alone = []  # rows without a reference: (case, ours, weight bytes per token)
+    serve = []  # (label, nanomoe load rows, llama-server load rows or None)
     machine = machine_info()
     ours_ceil, _ = timed([BIN, "bench", "ceilings", "--repeats", str(reps + 4)])
     ceilings = {"gemm_sgemm_gflops": ours_ceil["sgemm_gflops"], "torch_sgemm_gflops": torch_sgemm_gflops(repeats=reps + 4),
@@ -250,6 +254,25 @@ def main():
                     _, total, active = model_info(moe)
                     alone.append(("gguf decode nano-moe 6x384 (8 experts, top-2) %s (batch 1, 128 tokens)" % dtype,
                                   timed([BIN, "bench", "decode", fm, *args]), os.path.getsize(fm) * active / total))
+        if "serve" in only:
+            sys.path.insert(0, str(ROOT / "bench"))
+            import serve_load
+            clients, tokens = ([1, 4, 16], 64) if a.quick else ([1, 4, 16, 64], 128)
+            threads = torch.get_num_threads()
+            for label, conf in (("nano-moe 6x384", {"n_layer": 6, "n_head": 6, "n_embd": 384, "n_exp": 8, "moe_top_k": 2, "stride": 2,
+                                                   "bias": False, "vocab_size": 50304, "block_size": 1024}),
+                                ("gpt2-124m", {"n_layer": 12, "n_head": 12, "n_embd": 768, "vocab_size": 50257, "block_size": 1024})):
+                d = new_model(tmp, label.split()[0], conf)
+                subprocess.run([BIN, "tokenize", "--tokenizer", "gpt2", "--save", d], check=True, capture_output=True)
+                theirs = None
+                server = llama_bench_bin() and str(Path(llama_bench_bin()).with_name("llama-server"))
+                if label == "gpt2-124m" and server and Path(server).is_file():
+                    f = str(Path(tmp) / "serve-gpt2-f32.gguf")
+                    subprocess.run([BIN, "convert", d, "--out", f, "--dtype", "f32"], check=True, capture_output=True)
+                    d = f
+                    theirs = serve_load.run_llama_server(server, f, tokens, clients, 16, threads)
+                serve.append(("%s, %d tokens per client, --max-batch 16" % (label, tokens),
+                              serve_load.run_model(d, tokens, clients, 16, threads), theirs))
         if "moe" in only:
             for e in (8, 16, 32, 64):
                 args = ["--experts", str(e), "--tokens", "2048", "--n-embd", "256"]
@@ -276,6 +299,7 @@ def main():
     solo = [{"case": c, "ours": o, "ours_peak_rss_mib": rss, "weight_bytes_per_token": b,
              "ours_share_of_read_bandwidth": b * o["tokens_per_sec"] / 1e9 / bw} for c, (o, rss), b in alone]
     record = {"date": time.strftime("%Y-%m-%d"), "machine": machine, "ceilings": ceilings, "results": out, "nanomoe_alone": solo,
+              "serve": [{"case": c, "nanomoe": o, "llama_server": t} for c, o, t in serve],
               "moe_layer_time_growth_8_to_64": growth}
     if a.json_out:
         Path(a.json_out).write_text(json.dumps(record, indent=1))
@@ -304,6 +328,10 @@ def main():
             o = r["ours"]
             print("| %s | %.0f (%.3f, %.3f-%.3f) | %.1f | %.0f%% | %.0f |" % (r["case"], o["tokens_per_sec"], o["median_s"], o["min_s"],
                   o["max_s"], r["weight_bytes_per_token"] / 1e6, 100 * r["ours_share_of_read_bandwidth"], r["ours_peak_rss_mib"]))
+    for label, o, t in serve:
+        serve_load.report("nanomoe serve, " + label, o)
+        if t:
+            serve_load.report("llama-server (-np 16), " + label, t)
     if growth:
         print("\nMoE layer time, 8 -> 64 experts (median): nanomoe %.2fx, reference %.2fx" % (growth["ours"], growth["reference"]))
 
