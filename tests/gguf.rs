@@ -172,3 +172,21 @@ fn broken_and_hostile_files_get_clear_errors() {
     b[at..at + 4].copy_from_slice(b"bert");
     assert_eq!(load_err(&b), "architecture \"bert\" is not one nanomoe runs (gpt2, nanomoe)");
 }
+
+#[test]
+fn the_chat_template_travels_in_the_file() {
+    let m = GPT::new_seeded(&configs()[0].1, 3, &Device::Cpu).unwrap();
+    let template = "{% for m in messages %}<|{{ m.role }}|>{{ m.content }}{{ eos_token }}{% endfor %}<|assistant|>";
+    let path = tmp("chat.gguf");
+    gguf::save(&m, &path, WeightFormat::F32, &GgufExtras { chat_template: Some(template), eos_token_id: Some(5), ..Default::default() }).unwrap();
+    let chat = nanomoe::serve::ChatTemplate::from_gguf(&path).unwrap();
+    assert_eq!(chat.source, template);
+    assert!(chat.from_tokenizer);
+    let msgs = [serde_json::json!({"role": "user", "content": "hi"})];
+    // No tokenizer.ggml.tokens here: the eos token renders empty.
+    assert_eq!(chat.render(&msgs).unwrap(), "<|user|>hi<|assistant|>");
+    // Without one, the documented plain template.
+    let plain = tmp("plain.gguf");
+    gguf::save(&m, &plain, WeightFormat::F32, &GgufExtras::default()).unwrap();
+    assert!(!nanomoe::serve::ChatTemplate::from_gguf(&plain).unwrap().from_tokenizer);
+}

@@ -427,7 +427,7 @@ fn execute(cli: Cli) -> Result<()> {
             let dir = model_dir(&model)?;
             let gpt = inference_model(&dir)?;
             let tok = model_tokenizer(&dir).map_err(|e| anyhow!("{e} (nanomoe serve needs the model's tokenizer)"))?;
-            let chat = nanomoe::serve::ChatTemplate::from_dir(&dir)?;
+            let chat = if nanomoe::gguf::is_gguf_path(&dir) { nanomoe::serve::ChatTemplate::from_gguf(&dir)? } else { nanomoe::serve::ChatTemplate::from_dir(&dir)? };
             let eos = generation_eos(&dir)?;
             let api_key = api_key.or_else(|| std::env::var("NANOMOE_API_KEY").ok().filter(|k| !k.is_empty()));
             let opts = nanomoe::serve::ServeOptions {

@@ -135,6 +135,8 @@ pub struct GgufExtras<'a> {
     pub tokenizer: Option<&'a Tokenizer>,
     pub eos_token_id: Option<u32>,
     pub bos_token_id: Option<u32>,
+    /// A Jinja chat template (tokenizer_config.json's), written as `tokenizer.chat_template`.
+    pub chat_template: Option<&'a str>,
 }
 
 /// Writes `gpt` as a GGUF v3 file with weight matrices in `format` (matrices whose rows are
@@ -200,6 +202,9 @@ pub fn save(gpt: &GPT, path: &Path, format: WeightFormat, extras: &GgufExtras) -
     let _ = ggml_vocab;
     if let Some(id) = extras.eos_token_id {
         md.push(("tokenizer.ggml.eos_token_id".into(), Value::U32(id)));
+    }
+    if let Some(t) = extras.chat_template {
+        md.push(("tokenizer.chat_template".into(), Value::Str(t.to_string())));
     }
     if let Some(id) = extras.bos_token_id.or(extras.eos_token_id) {
         md.push(("tokenizer.ggml.bos_token_id".into(), Value::U32(id)));
@@ -527,6 +532,17 @@ pub fn convert(input: &Path, out: &Path, format: WeightFormat) -> Result<GPT> {
         return Err(Error::Input(format!("{} holds {} weights; it can only be written as {}", input.display(), gpt.weight_format().name(), gpt.weight_format().name())));
     }
     let name = input.file_stem().and_then(|s| s.to_str()).map(str::to_string);
-    save(&gpt, out, format, &GgufExtras { name: name.as_deref(), tokenizer: tok.as_ref(), eos_token_id: eos, bos_token_id: None })?;
+    // The chat template goes along: a directory's tokenizer_config.json, a GGUF's own key.
+    let chat_template: Option<String> = if is_gguf_path(input) {
+        GgufFile::open(input)?.get("tokenizer.chat_template").and_then(Value::as_str).map(str::to_string)
+    } else {
+        let p = input.join(crate::tokenizer::TOKENIZER_CONFIG_FILE);
+        std::fs::read_to_string(&p)
+            .ok()
+            .and_then(|s| serde_json::from_str::<Json>(&s).ok())
+            .and_then(|v| v.get("chat_template").and_then(Json::as_str).map(str::to_string))
+    };
+    let extras = GgufExtras { name: name.as_deref(), tokenizer: tok.as_ref(), eos_token_id: eos, bos_token_id: None, chat_template: chat_template.as_deref() };
+    save(&gpt, out, format, &extras)?;
     Ok(gpt)
 }

@@ -56,6 +56,23 @@ impl ChatTemplate {
         Ok(chat)
     }
 
+    /// The chat template of a GGUF file (`tokenizer.chat_template`, as llama.cpp's converter
+    /// and nanomoe write it), with the file's bos / eos tokens; the plain template without.
+    pub fn from_gguf(path: &Path) -> Result<Self> {
+        let file = crate::gguf::GgufFile::open(path)?;
+        let template = file.get("tokenizer.chat_template").and_then(|v| v.as_str()).map(str::to_string);
+        let token = |key: &str| -> String {
+            let id = file.get(key).and_then(|v| v.as_u64());
+            match (id, file.get("tokenizer.ggml.tokens")) {
+                (Some(id), Some(crate::gguf::Value::Array(_, toks))) => toks.get(id as usize).and_then(|t| t.as_str()).unwrap_or_default().to_string(),
+                _ => String::new(),
+            }
+        };
+        let chat = Self::new(template.clone().unwrap_or_else(|| PLAIN_TEMPLATE.to_string()), template.is_some(), token("tokenizer.ggml.bos_token_id"), token("tokenizer.ggml.eos_token_id"));
+        chat.env.template_from_str(&chat.source).map_err(|e| input_err!("{}: tokenizer.chat_template does not parse: {e}", path.display()))?;
+        Ok(chat)
+    }
+
     pub fn new(source: String, from_tokenizer: bool, bos: String, eos: String) -> Self {
         let mut env = Environment::new();
         // transformers renders chat templates with these settings and helpers.
