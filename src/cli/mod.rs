@@ -39,7 +39,7 @@ static WEIGHT_FORMAT: std::sync::OnceLock<Option<WeightFormat>> = std::sync::Onc
 pub(crate) fn inference_model(dir: &Path) -> Result<GPT> {
     let requested = WEIGHT_FORMAT.get().copied().flatten();
     if nanomoe::gguf::is_gguf_path(dir) {
-        let gpt = nanomoe::gguf::load(dir)?.gpt;
+        let gpt = nanomoe::gguf::load_gpt(dir)?;
         return Ok(match requested {
             Some(f) => gpt.with_weight_dtype(f)?,
             None => gpt,

@@ -397,14 +397,25 @@ fn name_map(c: &GPTConfig) -> std::collections::HashMap<String, String> {
 /// Loads a GGUF file. Quantized weight matrices stay quantized (read from the mapped file);
 /// f16 / bf16 matrices stay in their dtype; everything else becomes f32.
 pub fn load(path: &Path) -> Result<GgufModel> {
+    load_impl(path, true)
+}
+
+/// [`load`] without building the tokenizer (what inference commands that take token ids, or
+/// read the tokenizer separately with [`read_tokenizer`], need: a GPT-2 tokenizer's tables
+/// take tens of MB).
+pub fn load_gpt(path: &Path) -> Result<GPT> {
+    Ok(load_impl(path, false)?.gpt)
+}
+
+fn load_impl(path: &Path, with_tokenizer: bool) -> Result<GgufModel> {
     let file = GgufFile::open(path)?;
-    load_file(&file).map_err(|e| match e {
+    load_file(&file, with_tokenizer).map_err(|e| match e {
         Error::Input(m) | Error::Checkpoint(m) | Error::Config(m) => Error::file(path, m),
         e => e,
     })
 }
 
-fn load_file(file: &GgufFile) -> Result<GgufModel> {
+fn load_file(file: &GgufFile, with_tokenizer: bool) -> Result<GgufModel> {
     let arch = file.get("general.architecture").and_then(Value::as_str).ok_or_else(|| Error::Input("general.architecture is missing".into()))?.to_string();
     if arch != "gpt2" && arch != "nanomoe" {
         return Err(Error::Input(format!("architecture {arch:?} is not one nanomoe runs (gpt2, nanomoe)")));
@@ -482,6 +493,7 @@ fn load_file(file: &GgufFile) -> Result<GgufModel> {
     let params = ParamStore::from_parts(dense, quant)?;
     let gpt = GPT::from_params(config, params)?;
     let tokenizer = match file.get("tokenizer.huggingface.json") {
+        _ if !with_tokenizer => None,
         Some(v) => Some(Tokenizer::from_json_str(v.as_str().ok_or_else(|| Error::Input("tokenizer.huggingface.json is not a string".into()))?)?),
         None => tokenizer_from_ggml(file)?,
     };
