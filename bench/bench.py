@@ -37,15 +37,21 @@ BIN = os.environ.get("NANOMOE_BIN", str(ROOT / "target" / "release" / "nanomoe")
 REF = [sys.executable, str(ROOT / "bench" / "ref.py")]
 
 
-def timed(cmd, env=None):
-    """Runs cmd under /usr/bin/time; returns (json result, peak RSS in MiB)."""
+def run_measured(cmd, env=None):
+    """Runs cmd under /usr/bin/time; returns (its stdout, peak RSS in MiB)."""
     p = subprocess.run(["/usr/bin/time", "-f", "MAXRSS %M", *cmd], capture_output=True, text=True,
                        env=None if env is None else {**os.environ, **env})
     if p.returncode != 0:
         raise SystemExit("failed: %s\n%s" % (" ".join(cmd), p.stderr[-2000:]))
     rss = [l for l in p.stderr.splitlines() if l.startswith("MAXRSS ")][-1].split()[1]
-    line = [l for l in p.stdout.splitlines() if l.startswith("{")][-1]
-    return json.loads(line), int(rss) / 1024
+    return p.stdout, int(rss) / 1024
+
+
+def timed(cmd, env=None):
+    """Runs cmd (which prints a JSON result line last) under /usr/bin/time; returns (json
+    result, peak RSS in MiB)."""
+    out, rss = run_measured(cmd, env)
+    return json.loads([l for l in out.splitlines() if l.startswith("{")][-1]), rss
 
 
 def machine_info():
@@ -124,15 +130,11 @@ def llama_bench(gguf, reps, prompt=0, gen=0):
     """llama-bench on a GGUF file in the result format of `nanomoe bench`, and its peak RSS."""
     cmd = [llama_bench_bin(), "-m", gguf, "-p", str(prompt), "-n", str(gen), "-t", str(torch.get_num_threads()),
            "-r", str(reps), "-o", "json"]
-    p = subprocess.run(["/usr/bin/time", "-f", "MAXRSS %M", *cmd], capture_output=True, text=True)
-    if p.returncode != 0:
-        raise SystemExit("failed: %s\n%s" % (" ".join(cmd), p.stderr[-2000:]))
-    rss = [l for l in p.stderr.splitlines() if l.startswith("MAXRSS ")][-1].split()[1]
-    run = json.loads(p.stdout)[0]
-    times = [ns / 1e9 for ns in run["samples_ns"]]
+    out, rss = run_measured(cmd)
+    times = [ns / 1e9 for ns in json.loads(out)[0]["samples_ns"]]
     n = prompt or gen
     return {"case": "llama-bench", "times_s": times, "median_s": median(times), "min_s": min(times), "max_s": max(times),
-            "tokens_per_sec": n / median(times)}, int(rss) / 1024
+            "tokens_per_sec": n / median(times)}, rss
 
 
 def new_model(tmp, name, conf):
@@ -237,10 +239,10 @@ def main():
                                                   "bias": False, "vocab_size": 50304, "block_size": 1024})
                 subprocess.run([BIN, "tokenize", "--tokenizer", "gpt2", "--save", gpt2], check=True, capture_output=True)
                 args = ["--new-tokens", "128", "--repeats", str(reps)]
+                _, moe_total, moe_active = model_info(moe)
                 for dtype in ("f32", "f16", "bf16", "q8_0", "q4_0"):
                     f = str(Path(tmp) / ("gpt2-124m-%s.gguf" % dtype))
                     subprocess.run([BIN, "convert", gpt2, "--out", f, "--dtype", dtype], check=True, capture_output=True)
-                    _, total, active = model_info(gpt2)
                     # Bytes a token reads: the file less the position embedding rows (one is read).
                     size = os.path.getsize(f) - 1024 * 768 * (2 if dtype in ("f16", "bf16") else 4)
                     rows.append(("gguf decode gpt2-124m %s vs llama.cpp (batch 1, 128 tokens; GGUF %.0f MiB)" % (dtype, os.path.getsize(f) / 2**20),
@@ -251,9 +253,8 @@ def main():
                                      llama_bench(f, reps, prompt=512), ("flops", prefill_flops_per_token(gpt2, 512))))
                     fm = str(Path(tmp) / ("nano-moe-%s.gguf" % dtype))
                     subprocess.run([BIN, "convert", moe, "--out", fm, "--dtype", dtype], check=True, capture_output=True)
-                    _, total, active = model_info(moe)
                     alone.append(("gguf decode nano-moe 6x384 (8 experts, top-2) %s (batch 1, 128 tokens)" % dtype,
-                                  timed([BIN, "bench", "decode", fm, *args]), os.path.getsize(fm) * active / total))
+                                  timed([BIN, "bench", "decode", fm, *args]), os.path.getsize(fm) * moe_active / moe_total))
         if "serve" in only:
             sys.path.insert(0, str(ROOT / "bench"))
             import serve_load

@@ -943,7 +943,7 @@ struct GenerateFlags {
 /// eos_token_id of a model directory's generation_config.json, if any.
 pub fn generation_eos(dir: &Path) -> Result<Option<u32>> {
     if nanomoe::gguf::is_gguf_path(dir) {
-        return Ok(nanomoe::gguf::read_tokenizer(dir)?.1);
+        return Ok(nanomoe::gguf::read_eos(dir)?);
     }
     let p = dir.join(checkpoint::GENERATION_CONFIG_FILE);
     match std::fs::read_to_string(&p) {

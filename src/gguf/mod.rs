@@ -184,11 +184,11 @@ pub fn save(gpt: &GPT, path: &Path, format: WeightFormat, extras: &GgufExtras) -
             md.push((format!("nanomoe.config.{k}"), v));
         }
     }
-    let mut ggml_vocab = false;
+    // (Without a byte-level BPE tokenizer there is no llama.cpp vocabulary to write:
+    // llama.cpp sizes its output by the vocabulary, so such a file runs in nanomoe only.)
     if let Some(tok) = extras.tokenizer {
         let text = tok.to_json()?;
         if let Some((tokens, types, merges)) = ggml_bpe_vocab(&text, c.vocab_size)? {
-            ggml_vocab = true;
             md.push(("tokenizer.ggml.model".into(), Value::Str("gpt2".into())));
             md.push(("tokenizer.ggml.pre".into(), Value::Str("gpt-2".into())));
             md.push(("tokenizer.ggml.tokens".into(), Value::strings(tokens)));
@@ -197,9 +197,6 @@ pub fn save(gpt: &GPT, path: &Path, format: WeightFormat, extras: &GgufExtras) -
         }
         md.push(("tokenizer.huggingface.json".into(), Value::Str(text)));
     }
-    // (Without a byte-level BPE tokenizer there is no llama.cpp vocabulary to write:
-    // llama.cpp sizes its output by the vocabulary, so such a file runs in nanomoe only.)
-    let _ = ggml_vocab;
     if let Some(id) = extras.eos_token_id {
         md.push(("tokenizer.ggml.eos_token_id".into(), Value::U32(id)));
     }
@@ -342,6 +339,29 @@ pub struct GgufModel {
     pub tokenizer: Option<Tokenizer>,
     pub eos_token_id: Option<u32>,
     pub architecture: String,
+    /// `tokenizer.chat_template`, when the file has one.
+    pub chat_template: Option<String>,
+}
+
+/// The tokenizer a GGUF file carries: its HF tokenizer.json, else one rebuilt from
+/// llama.cpp's GPT-2 BPE arrays.
+fn tokenizer_of(file: &GgufFile) -> Result<Option<Tokenizer>> {
+    match file.get("tokenizer.huggingface.json") {
+        Some(v) => Ok(Some(Tokenizer::from_json_str(v.as_str().ok_or_else(|| Error::Input("tokenizer.huggingface.json is not a string".into()))?)?)),
+        None => tokenizer_from_ggml(file),
+    }
+}
+
+fn eos_of(file: &GgufFile) -> Option<u32> {
+    file.get("tokenizer.ggml.eos_token_id").and_then(Value::as_u64).map(|v| v as u32)
+}
+
+/// Names the end-of-text token of a tokenizer by its id.
+fn with_eos(mut tok: Option<Tokenizer>, eos: Option<u32>) -> Option<Tokenizer> {
+    if let (Some(t), Some(id)) = (tok.as_mut(), eos) {
+        t.eos_token = t.id_to_token(id);
+    }
+    tok
 }
 
 /// The nanomoe config of a GGUF file: `nanomoe.config_json` when present, else llama.cpp's
@@ -492,51 +512,47 @@ fn load_file(file: &GgufFile, with_tokenizer: bool) -> Result<GgufModel> {
     }
     let params = ParamStore::from_parts(dense, quant)?;
     let gpt = GPT::from_params(config, params)?;
-    let tokenizer = match file.get("tokenizer.huggingface.json") {
-        _ if !with_tokenizer => None,
-        Some(v) => Some(Tokenizer::from_json_str(v.as_str().ok_or_else(|| Error::Input("tokenizer.huggingface.json is not a string".into()))?)?),
-        None => tokenizer_from_ggml(file)?,
-    };
-    let eos_token_id = file.get("tokenizer.ggml.eos_token_id").and_then(Value::as_u64).map(|v| v as u32).filter(|&v| (v as usize) < gpt.config.vocab_size);
-    let mut tokenizer = tokenizer;
-    if let (Some(t), Some(id)) = (tokenizer.as_mut(), eos_token_id) {
-        t.eos_token = t.id_to_token(id);
-    }
-    Ok(GgufModel { gpt, tokenizer, eos_token_id, architecture: arch })
+    let eos_token_id = eos_of(file).filter(|&v| (v as usize) < gpt.config.vocab_size);
+    let tokenizer = if with_tokenizer { with_eos(tokenizer_of(file)?, eos_token_id) } else { None };
+    let chat_template = file.get("tokenizer.chat_template").and_then(Value::as_str).map(str::to_string);
+    Ok(GgufModel { gpt, tokenizer, eos_token_id, architecture: arch, chat_template })
 }
 
 /// The tokenizer and end-of-text id a GGUF file carries (its metadata only is read).
 pub fn read_tokenizer(path: &Path) -> Result<(Option<Tokenizer>, Option<u32>)> {
     let file = GgufFile::open(path)?;
-    let wrap = |e: Error| match e {
+    let eos = eos_of(&file);
+    let tok = tokenizer_of(&file).map_err(|e| match e {
         Error::Input(m) => Error::file(path, m),
         e => e,
-    };
-    let mut tok = match file.get("tokenizer.huggingface.json") {
-        Some(v) => Some(Tokenizer::from_json_str(v.as_str().ok_or_else(|| wrap(Error::Input("tokenizer.huggingface.json is not a string".into())))?).map_err(wrap)?),
-        None => tokenizer_from_ggml(&file).map_err(wrap)?,
-    };
-    let eos = file.get("tokenizer.ggml.eos_token_id").and_then(Value::as_u64).map(|v| v as u32);
-    if let (Some(t), Some(id)) = (tok.as_mut(), eos) {
-        t.eos_token = t.id_to_token(id);
-    }
-    Ok((tok, eos))
+    })?;
+    Ok((with_eos(tok, eos), eos))
+}
+
+/// The end-of-text id a GGUF file names (no tokenizer is built).
+pub fn read_eos(path: &Path) -> Result<Option<u32>> {
+    Ok(eos_of(&GgufFile::open(path)?))
 }
 
 /// Converts a model (an HF directory, a nanoGPT / nanoMoE ckpt.pt, or a GGUF file) into a
 /// GGUF file with weight matrices in `format`; the tokenizer and end-of-text id of a
 /// directory go with it.
 pub fn convert(input: &Path, out: &Path, format: WeightFormat) -> Result<GPT> {
-    let (gpt, tok, eos) = if is_gguf_path(input) {
+    // The chat template goes along: a GGUF's own key, a directory's tokenizer_config.json.
+    let (gpt, tok, eos, chat_template) = if is_gguf_path(input) {
         let m = load(input)?;
-        (m.gpt, m.tokenizer, m.eos_token_id)
+        (m.gpt, m.tokenizer, m.eos_token_id, m.chat_template)
     } else if input.is_dir() {
         let gpt = GPT::from_pretrained(input)?;
         let tok = if input.join(crate::tokenizer::TOKENIZER_FILE).is_file() { Some(Tokenizer::from_dir(input)?) } else { None };
         let eos = crate::checkpoint::read_generation_eos(input)?.or(gpt.config.eos_token_id).or_else(|| tok.as_ref().and_then(Tokenizer::eos_token_id));
-        (gpt, tok, eos)
+        let chat_template = std::fs::read_to_string(input.join(crate::tokenizer::TOKENIZER_CONFIG_FILE))
+            .ok()
+            .and_then(|s| serde_json::from_str::<Json>(&s).ok())
+            .and_then(|v| v.get("chat_template").and_then(Json::as_str).map(str::to_string));
+        (gpt, tok, eos, chat_template)
     } else if input.is_file() {
-        (crate::convert::load_ckpt(input)?, None, None)
+        (crate::convert::load_ckpt(input)?, None, None, None)
     } else {
         return Err(Error::file(input, "no such file or directory"));
     };
@@ -544,16 +560,6 @@ pub fn convert(input: &Path, out: &Path, format: WeightFormat) -> Result<GPT> {
         return Err(Error::Input(format!("{} holds {} weights; it can only be written as {}", input.display(), gpt.weight_format().name(), gpt.weight_format().name())));
     }
     let name = input.file_stem().and_then(|s| s.to_str()).map(str::to_string);
-    // The chat template goes along: a directory's tokenizer_config.json, a GGUF's own key.
-    let chat_template: Option<String> = if is_gguf_path(input) {
-        GgufFile::open(input)?.get("tokenizer.chat_template").and_then(Value::as_str).map(str::to_string)
-    } else {
-        let p = input.join(crate::tokenizer::TOKENIZER_CONFIG_FILE);
-        std::fs::read_to_string(&p)
-            .ok()
-            .and_then(|s| serde_json::from_str::<Json>(&s).ok())
-            .and_then(|v| v.get("chat_template").and_then(Json::as_str).map(str::to_string))
-    };
     let extras = GgufExtras { name: name.as_deref(), tokenizer: tok.as_ref(), eos_token_id: eos, bos_token_id: None, chat_template: chat_template.as_deref() };
     save(&gpt, out, format, &extras)?;
     Ok(gpt)

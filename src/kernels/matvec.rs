@@ -10,7 +10,6 @@
 
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Tensor};
 use half::bf16;
-use rayon::prelude::*;
 
 use crate::error::Result;
 use crate::kernels::contiguous_f32;
@@ -29,16 +28,6 @@ pub trait Weight: Copy + Send + Sync + 'static {
     /// 8 elements must be readable at `p`, and the CPU must have AVX2 and F16C.
     #[cfg(target_arch = "x86_64")]
     unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256;
-    /// Whether the kernels widen runs of weights into f32 first (f16, where the CPU has an
-    /// instruction for it) instead of converting element by element in the loop.
-    const WIDEN: bool = false;
-    /// dst = src as f32.
-    #[inline(always)]
-    fn widen(src: &[Self], dst: &mut [f32]) {
-        for (d, s) in dst.iter_mut().zip(src) {
-            *d = s.f();
-        }
-    }
 }
 
 impl Weight for f32 {
@@ -80,43 +69,11 @@ impl Weight for half::f16 {
         f32::from_bits(v.to_bits() | ((h & 0x8000) << 16))
     }
 
-    const WIDEN: bool = true;
-
     #[cfg(target_arch = "x86_64")]
     #[inline(always)]
     unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256 {
         use std::arch::x86_64::*;
         _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i))
-    }
-
-    #[inline(always)]
-    fn widen(src: &[Self], dst: &mut [f32]) {
-        #[cfg(target_arch = "x86_64")]
-        if is_x86_feature_detected!("f16c") && is_x86_feature_detected!("avx") {
-            // SAFETY: the CPU has F16C and AVX (checked above).
-            unsafe { widen_f16c(src, dst) };
-            return;
-        }
-        for (d, s) in dst.iter_mut().zip(src) {
-            *d = s.f();
-        }
-    }
-}
-
-/// f16 -> f32 with F16C, 8 at a time (exact, as every f16 is an f32).
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx,f16c")]
-unsafe fn widen_f16c(src: &[half::f16], dst: &mut [f32]) {
-    use std::arch::x86_64::*;
-    let n = src.len().min(dst.len());
-    let mut i = 0;
-    while i + 8 <= n {
-        let h = _mm_loadu_si128(src.as_ptr().add(i) as *const __m128i);
-        _mm256_storeu_ps(dst.as_mut_ptr().add(i), _mm256_cvtph_ps(h));
-        i += 8;
-    }
-    for j in i..n {
-        dst[j] = src[j].f();
     }
 }
 
@@ -166,79 +123,25 @@ fn dots<W: Weight, const R: usize>(x: &[f32], k: usize, wr: &[W], out: &mut [f32
 
 /// y[:, n0..n0+len] for w [N, K]: each weight row read once for 4 activation rows at a
 /// time. (`_n` keeps the signature equal to `block_kn`'s.)
-#[inline(always)]
 fn block_nk<W: Weight>(x: &[f32], m: usize, k: usize, w: &[W], _n: usize, n0: usize, out: &mut [f32]) {
     let len = out.len() / m;
-    let mut wide = if W::WIDEN { vec![0f32; 4 * k] } else { Vec::new() };
-    // Rows left after the groups of 4: each x row read once for 4 weight rows (decoding one
-    // sequence reads each weight once and x from L1).
-    let rest = m / 4 * 4;
-    let mut j = 0;
-    while j < len {
-        let jn = if j + 4 <= len { 4 } else { 1 };
-        if W::WIDEN {
-            W::widen(&w[(n0 + j) * k..(n0 + j + jn) * k], &mut wide[..jn * k]);
-            rows_nk::<f32>(x, m, k, &wide[..jn * k], jn, rest, j, len, out);
-        } else {
-            rows_nk::<W>(x, m, k, &w[(n0 + j) * k..(n0 + j + jn) * k], jn, rest, j, len, out);
-        }
-        j += jn;
-    }
-}
-
-/// Outputs j..j+jn (weight rows `wr`, jn of them) for every activation row.
-#[inline(always)]
-#[allow(clippy::too_many_arguments)]
-fn rows_nk<W: Weight>(x: &[f32], m: usize, k: usize, wr: &[W], jn: usize, rest: usize, j: usize, len: usize, out: &mut [f32]) {
-    for jj in 0..jn {
-        let w1 = &wr[jj * k..(jj + 1) * k];
+    for j in 0..len {
+        let wr = &w[(n0 + j) * k..(n0 + j + 1) * k];
         let mut r = 0;
-        while r < rest {
+        while r + 4 <= m {
             let mut o = [0f32; 4];
-            dots::<W, 4>(&x[r * k..], k, w1, &mut o);
+            dots::<W, 4>(&x[r * k..], k, wr, &mut o);
             for (i, v) in o.into_iter().enumerate() {
-                out[(r + i) * len + j + jj] = v;
+                out[(r + i) * len + j] = v;
             }
             r += 4;
         }
-    }
-    for r in rest..m {
-        if jn == 4 {
-            let mut o = [0f32; 4];
-            dots_rows::<W, 4>(&x[r * k..(r + 1) * k], k, wr, &mut o);
-            for (i, v) in o.into_iter().enumerate() {
-                out[r * len + j + i] = v;
-            }
-        } else {
+        while r < m {
             let mut o = [0f32; 1];
             dots::<W, 1>(&x[r * k..], k, wr, &mut o);
             out[r * len + j] = o[0];
+            r += 1;
         }
-    }
-}
-
-/// Dot products of one activation row with J weight rows (`wr`, row stride k), each summed
-/// exactly as [`dots`] sums it (same lanes, same order, same tree), so a row's result does
-/// not depend on which kernel computed it.
-#[inline(always)]
-fn dots_rows<W: Weight, const J: usize>(x: &[f32], k: usize, wr: &[W], out: &mut [f32; J]) {
-    let mut acc = [[0f32; LANES]; J];
-    let split = k / LANES * LANES;
-    for c in (0..split).step_by(LANES) {
-        let xv: &[f32; LANES] = x[c..c + LANES].try_into().expect("a full chunk");
-        for (jj, acc) in acc.iter_mut().enumerate() {
-            let wc: &[W; LANES] = wr[jj * k + c..jj * k + c + LANES].try_into().expect("a full chunk");
-            for i in 0..LANES {
-                acc[i] += xv[i] * wc[i].f();
-            }
-        }
-    }
-    for (jj, acc) in acc.iter().enumerate() {
-        let mut s = reduce(acc);
-        for c in split..k {
-            s += x[c] * wr[jj * k + c].f();
-        }
-        out[jj] = s;
     }
 }
 
@@ -415,13 +318,12 @@ mod avx2_kn {
     }
 }
 
-/// Output columns per register tile of `block_kn` (4 AVX-512 or 8 AVX2 registers per row).
+/// Output columns per tile of the portable `block_kn`.
 const TILE: usize = 64;
 
 /// y[:, n0..n0+len] for w [K, N]: rows of w scaled and added, TILE columns at a time with
 /// the sums of up to 4 activation rows kept in registers over all of k (the weights of a
 /// tile are read once per 4 rows; partial sums never go back to memory).
-#[inline(always)]
 fn block_kn<W: Weight>(x: &[f32], m: usize, k: usize, w: &[W], n: usize, n0: usize, out: &mut [f32]) {
     let len = out.len() / m;
     let tiles = len / TILE * TILE;
@@ -462,19 +364,8 @@ fn block_kn<W: Weight>(x: &[f32], m: usize, k: usize, w: &[W], n: usize, n0: usi
 fn tile_kn<W: Weight, const R: usize>(x: &[f32], r0: usize, k: usize, w: &[W], n: usize, col: usize, out: &mut [f32], len: usize, oc: usize) {
     let mut acc = [[0f32; TILE]; R];
     let xs = &x[r0 * k..(r0 + R) * k];
-    let mut wide = [0f32; TILE];
     for kk in 0..k {
         let wr: &[W; TILE] = w[kk * n + col..kk * n + col + TILE].try_into().expect("tile inside the weight");
-        if W::WIDEN {
-            W::widen(wr, &mut wide);
-            for (r, acc) in acc.iter_mut().enumerate() {
-                let a = xs[r * k + kk];
-                for (o, wv) in acc.iter_mut().zip(&wide) {
-                    *o += a * wv;
-                }
-            }
-            continue;
-        }
         for (r, acc) in acc.iter_mut().enumerate() {
             let a = xs[r * k + kk];
             for (o, wv) in acc.iter_mut().zip(wr) {
@@ -489,85 +380,28 @@ fn tile_kn<W: Weight, const R: usize>(x: &[f32], r0: usize, k: usize, w: &[W], n
 
 type BlockFn<W> = fn(&[f32], usize, usize, &[W], usize, usize, &mut [f32]);
 
-/// Like `math::multiversion!`, for the generic block kernels: returns the best variant as a
-/// function pointer, picked once per product.
-macro_rules! pick_variant {
-    ($name:ident, $body:ident) => {
-        fn $name<W: Weight>() -> BlockFn<W> {
-            #[cfg(target_arch = "x86_64")]
-            {
-                #[target_feature(enable = "avx512f,avx512bw,avx2,fma")]
-                unsafe fn v4<W: Weight>(x: &[f32], m: usize, k: usize, w: &[W], n: usize, n0: usize, out: &mut [f32]) {
-                    $body(x, m, k, w, n, n0, out)
-                }
-                #[target_feature(enable = "avx2,fma")]
-                unsafe fn v3<W: Weight>(x: &[f32], m: usize, k: usize, w: &[W], n: usize, n0: usize, out: &mut [f32]) {
-                    $body(x, m, k, w, n, n0, out)
-                }
-                if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bw") {
-                    return |x, m, k, w, n, n0, out| unsafe { v4(x, m, k, w, n, n0, out) };
-                }
-                if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-                    return |x, m, k, w, n, n0, out| unsafe { v3(x, m, k, w, n, n0, out) };
-                }
-            }
-            |x, m, k, w, n, n0, out| $body(x, m, k, w, n, n0, out)
-        }
-    };
-}
-
-pick_variant!(pick_nk_generic, block_nk);
-
-/// The [N, K] kernel: AVX2 + FMA + F16C when the CPU has them (AVX-512 CPUs too), else the
-/// generic one.
-fn pick_nk<W: Weight>() -> BlockFn<W> {
+/// The kernel for a weight layout: AVX2 + FMA + F16C intrinsics where the CPU has them
+/// (AVX-512 CPUs too), else the portable loops.
+fn pick<W: Weight>(w_nk: bool) -> BlockFn<W> {
     #[cfg(target_arch = "x86_64")]
-    if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c") {
-        return |x, m, k, w, n, n0, out| unsafe { avx2::block_nk(x, m, k, w, n, n0, out) };
+    if super::has_avx2_fma_f16c() {
+        return match w_nk {
+            true => |x, m, k, w, n, n0, out| unsafe { avx2::block_nk(x, m, k, w, n, n0, out) },
+            false => |x, m, k, w, n, n0, out| unsafe { avx2_kn::block_kn(x, m, k, w, n, n0, out) },
+        };
     }
-    pick_nk_generic::<W>()
-}
-pick_variant!(pick_kn_generic, block_kn);
-
-/// The [K, N] kernel: AVX2 + FMA + F16C when the CPU has them, else the generic one.
-fn pick_kn<W: Weight>() -> BlockFn<W> {
-    #[cfg(target_arch = "x86_64")]
-    if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c") {
-        return |x, m, k, w, n, n0, out| unsafe { avx2_kn::block_kn(x, m, k, w, n, n0, out) };
+    if w_nk {
+        block_nk::<W>
+    } else {
+        block_kn::<W>
     }
-    pick_kn_generic::<W>()
 }
 
 /// y [m, n] = x [m, k] times w ([n, k] when `w_nk`, else [k, n]), in parallel over blocks
 /// of outputs.
 pub fn product<W: Weight>(x: &[f32], m: usize, k: usize, w: &[W], n: usize, w_nk: bool) -> Vec<f32> {
-    let f = if w_nk { pick_nk::<W>() } else { pick_kn::<W>() };
-    let threads = rayon::current_num_threads().max(1);
-    // Blocks of a multiple of 16 outputs, about 4 per thread, at least 64.
-    let block = (n.div_ceil(threads * 4).div_ceil(16) * 16).max(64).min(n.max(1));
-    let nblocks = n.div_ceil(block);
-    let mut parts: Vec<Vec<f32>> = (0..nblocks)
-        .into_par_iter()
-        .map(|bi| {
-            let n0 = bi * block;
-            let len = block.min(n - n0);
-            let mut out = vec![0f32; m * len];
-            f(x, m, k, w, n, n0, &mut out);
-            out
-        })
-        .collect();
-    if nblocks == 1 {
-        return parts.pop().unwrap_or_default();
-    }
-    let mut y = vec![0f32; m * n];
-    for (bi, part) in parts.iter().enumerate() {
-        let n0 = bi * block;
-        let len = part.len() / m;
-        for r in 0..m {
-            y[r * n + n0..r * n + n0 + len].copy_from_slice(&part[r * len..(r + 1) * len]);
-        }
-    }
-    y
+    let f = pick::<W>(w_nk);
+    super::by_column_blocks(m, n, 64, |n0, out| f(x, m, k, w, n, n0, out))
 }
 
 /// x [M, K] times a weight, as a candle op: f32 weights get gradients for both inputs;

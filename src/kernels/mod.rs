@@ -35,6 +35,48 @@ pub mod rms_norm;
 pub mod swiglu;
 pub mod transpose;
 
+/// Whether the CPU runs the decoding kernels' intrinsics (`matvec`, `qmatvec`): AVX2, FMA
+/// and F16C.
+pub fn has_avx2_fma_f16c() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
+/// y [m, n] for products computed a block of output columns at a time: `block(n0, out)`
+/// fills `out` ([m, len] for columns n0..n0+len), blocks of a multiple of 16 columns (at
+/// least `min_block`, about 4 per thread) run in parallel, then are laid side by side.
+pub fn by_column_blocks(m: usize, n: usize, min_block: usize, block: impl Fn(usize, &mut [f32]) + Sync) -> Vec<f32> {
+    use rayon::prelude::*;
+    let threads = rayon::current_num_threads().max(1);
+    let size = (n.div_ceil(threads * 4).div_ceil(16) * 16).max(min_block).min(n.max(1));
+    let nblocks = n.div_ceil(size);
+    let mut parts: Vec<Vec<f32>> = (0..nblocks)
+        .into_par_iter()
+        .map(|bi| {
+            let n0 = bi * size;
+            let mut out = vec![0f32; m * size.min(n - n0)];
+            block(n0, &mut out);
+            out
+        })
+        .collect();
+    if nblocks == 1 {
+        return parts.pop().unwrap_or_default();
+    }
+    let mut y = vec![0f32; m * n];
+    for (bi, part) in parts.iter().enumerate() {
+        let n0 = bi * size;
+        let len = part.len() / m;
+        for r in 0..m {
+            y[r * n + n0..r * n + n0 + len].copy_from_slice(&part[r * len..(r + 1) * len]);
+        }
+    }
+    y
+}
+
 /// dst[m x n] = alpha * lhs[m x k] rhs[k x n] through the gemm crate (the one candle uses),
 /// reading the operands in place: strides are in elements, (row, column); dst is row-major
 /// with row stride `dst_rs`. `threads` 1 runs on the calling thread (kernels that already

@@ -10,8 +10,6 @@
 //! Weights are read once per 4 activation rows; prompts run through the same kernel.
 
 use candle_core::{DType, Tensor};
-use half::f16;
-use rayon::prelude::*;
 
 use crate::error::{input_err, Result};
 use crate::quant::{QKind, QTensor, BLOCK};
@@ -43,26 +41,6 @@ pub fn quantize_acts(x: &[f32], m: usize, k: usize) -> QActs {
     QActs { m, k, q, d }
 }
 
-/// The 32 weights of a block as signed bytes, and its scale.
-#[inline(always)]
-fn unpack(kind: QKind, b: &[u8], w: &mut [i8; BLOCK]) -> f32 {
-    let d = f16::from_le_bytes([b[0], b[1]]).to_f32();
-    match kind {
-        QKind::Q8_0 => {
-            for (o, &v) in w.iter_mut().zip(&b[2..2 + BLOCK]) {
-                *o = v as i8;
-            }
-        }
-        QKind::Q4_0 => {
-            for j in 0..BLOCK / 2 {
-                w[j] = (b[2 + j] & 15) as i8 - 8;
-                w[j + BLOCK / 2] = (b[2 + j] >> 4) as i8 - 8;
-            }
-        }
-    }
-    d
-}
-
 /// Dot products of R activation rows (from `r0`) with one weight row (portable version).
 #[inline(always)]
 fn dots_portable<const R: usize>(kind: QKind, wrow: &[u8], a: &QActs, r0: usize, out: &mut [f32; R]) {
@@ -71,7 +49,7 @@ fn dots_portable<const R: usize>(kind: QKind, wrow: &[u8], a: &QActs, r0: usize,
     let mut acc = [0f32; R];
     let mut w = [0i8; BLOCK];
     for b in 0..nb {
-        let dw = unpack(kind, &wrow[b * bb..(b + 1) * bb], &mut w);
+        let dw = crate::quant::unpack_block(kind, &wrow[b * bb..(b + 1) * bb], &mut w);
         for (r, acc) in acc.iter_mut().enumerate() {
             let row = r0 + r;
             let q = &a.q[row * a.k + b * BLOCK..row * a.k + (b + 1) * BLOCK];
@@ -175,49 +153,31 @@ impl Dots for Portable {
 fn block_with<D: Dots>(d: &D, a: &QActs, w: &[u8], row_bytes: usize, n0: usize, out: &mut [f32]) {
     let m = a.m;
     let len = out.len() / m;
-    // Prompts: activation rows in tiles of ROW_TILE (a tile's bytes stay in L1 while every
-    // weight row of the block passes over it; the block's weights stay in L2).
-    for t0 in (0..m).step_by(ROW_TILE) {
-        let t1 = (t0 + ROW_TILE).min(m);
-        for j in 0..len {
-            let wr = &w[(n0 + j) * row_bytes..(n0 + j + 1) * row_bytes];
-            let mut r = t0;
-            while r + 4 <= t1 {
-                let mut o = [0f32; 4];
-                d.dots::<4>(wr, a, r, &mut o);
-                for (i, v) in o.into_iter().enumerate() {
-                    out[(r + i) * len + j] = v;
-                }
-                r += 4;
+    for j in 0..len {
+        let wr = &w[(n0 + j) * row_bytes..(n0 + j + 1) * row_bytes];
+        let mut r = 0;
+        while r + 4 <= m {
+            let mut o = [0f32; 4];
+            d.dots::<4>(wr, a, r, &mut o);
+            for (i, v) in o.into_iter().enumerate() {
+                out[(r + i) * len + j] = v;
             }
-            while r < t1 {
-                let mut o = [0f32; 1];
-                d.dots::<1>(wr, a, r, &mut o);
-                out[r * len + j] = o[0];
-                r += 1;
-            }
+            r += 4;
+        }
+        while r < m {
+            let mut o = [0f32; 1];
+            d.dots::<1>(wr, a, r, &mut o);
+            out[r * len + j] = o[0];
+            r += 1;
         }
     }
 }
 
-/// Activation rows per tile of a prompt's product (a multiple of 4).
-const ROW_TILE: usize = 8;
-
 type BlockFn = fn(&QActs, &[u8], usize, usize, &mut [f32]);
-
-/// Whether the AVX2 kernel runs on this CPU.
-pub fn uses_avx2() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    false
-}
 
 fn pick(kind: QKind, portable: bool) -> BlockFn {
     #[cfg(target_arch = "x86_64")]
-    if !portable && uses_avx2() {
+    if !portable && super::has_avx2_fma_f16c() {
         return match kind {
             QKind::Q8_0 => |a, w, rb, n0, out| unsafe { avx2::block::<false>(a, w, rb, n0, out) },
             QKind::Q4_0 => |a, w, rb, n0, out| unsafe { avx2::block::<true>(a, w, rb, n0, out) },
@@ -236,28 +196,7 @@ pub fn product(kind: QKind, x: &[f32], m: usize, k: usize, w: &[u8], n: usize, p
     let a = quantize_acts(x, m, k);
     let f = pick(kind, portable);
     let rb = kind.row_bytes(k);
-    let threads = rayon::current_num_threads().max(1);
-    let block = (n.div_ceil(threads * 4).div_ceil(16) * 16).max(32).min(n.max(1));
-    let nblocks = n.div_ceil(block);
-    let parts: Vec<Vec<f32>> = (0..nblocks)
-        .into_par_iter()
-        .map(|bi| {
-            let n0 = bi * block;
-            let len = block.min(n - n0);
-            let mut out = vec![0f32; m * len];
-            f(&a, w, rb, n0, &mut out);
-            out
-        })
-        .collect();
-    let mut y = vec![0f32; m * n];
-    for (bi, part) in parts.iter().enumerate() {
-        let n0 = bi * block;
-        let len = part.len() / m;
-        for r in 0..m {
-            y[r * n + n0..r * n + n0 + len].copy_from_slice(&part[r * len..(r + 1) * len]);
-        }
-    }
-    y
+    super::by_column_blocks(m, n, 32, |n0, out| f(&a, w, rb, n0, out))
 }
 
 /// `x [.., K] @ w^T` for matrix `e` of a quantized [.., N, K] weight: [.., N], f32, no

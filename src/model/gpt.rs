@@ -493,7 +493,7 @@ impl GPT {
         // Only the store references the f32 weights now: each is freed once converted.
         drop((net, frozen));
         let params = match format {
-            WeightFormat::Quant(kind) => params.into_quantized(kind, |_| true)?,
+            WeightFormat::Quant(kind) => params.into_quantized(kind)?,
             dense => {
                 let dtype = dense.dtype().expect("a dense format");
                 params.into_dtype(dtype, |name: &str, t: &Tensor| crate::params::is_weight_matrix(name, t.rank()))?

@@ -199,13 +199,13 @@ impl ParamStore {
         Ok(store)
     }
 
-    /// Quantizes the tensors [`is_quantizable`] accepts (after `pick`) to `kind`, freeing each
-    /// original as it goes.
-    pub fn into_quantized(self, kind: QKind, pick: impl Fn(&str) -> bool) -> Result<Self> {
+    /// Quantizes the tensors [`is_quantizable`] accepts to `kind`, freeing each original as
+    /// it goes.
+    pub fn into_quantized(self, kind: QKind) -> Result<Self> {
         let ParamStore { vars, mut quant, order } = self;
         let mut kept = BTreeMap::new();
         for (name, v) in vars {
-            if !(pick(&name) && is_quantizable(&name, v.dims())) {
+            if !is_quantizable(&name, v.dims()) {
                 kept.insert(name, v);
                 continue;
             }

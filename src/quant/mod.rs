@@ -97,21 +97,32 @@ pub fn quantize_block(kind: QKind, x: &[f32], out: &mut [u8]) {
     }
 }
 
-/// The weights of one block.
-pub fn dequantize_block(kind: QKind, b: &[u8], out: &mut [f32]) {
+/// The 32 weights of a block as signed integers (q4_0's shifted to -8..7), and its scale.
+#[inline(always)]
+pub fn unpack_block(kind: QKind, b: &[u8], w: &mut [i8; BLOCK]) -> f32 {
     let d = f16::from_le_bytes([b[0], b[1]]).to_f32();
     match kind {
         QKind::Q8_0 => {
-            for (o, &q) in out.iter_mut().zip(&b[2..2 + BLOCK]) {
-                *o = d * (q as i8) as f32;
+            for (o, &v) in w.iter_mut().zip(&b[2..2 + BLOCK]) {
+                *o = v as i8;
             }
         }
         QKind::Q4_0 => {
             for j in 0..BLOCK / 2 {
-                out[j] = d * ((b[2 + j] & 15) as i32 - 8) as f32;
-                out[j + BLOCK / 2] = d * ((b[2 + j] >> 4) as i32 - 8) as f32;
+                w[j] = (b[2 + j] & 15) as i8 - 8;
+                w[j + BLOCK / 2] = (b[2 + j] >> 4) as i8 - 8;
             }
         }
+    }
+    d
+}
+
+/// The weights of one block.
+pub fn dequantize_block(kind: QKind, b: &[u8], out: &mut [f32]) {
+    let mut w = [0i8; BLOCK];
+    let d = unpack_block(kind, b, &mut w);
+    for (o, &q) in out.iter_mut().zip(&w) {
+        *o = d * q as f32;
     }
 }
 
