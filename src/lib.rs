@@ -17,12 +17,15 @@
 //! - training: [`grad_sink`] (weight gradients that bypass candle's accumulation), [`optim`]
 //!   (AdamW with nanoMoE's decay groups, clipping, the LR schedule), [`train_step`], [`train`]
 //!   (data, settings, the loop, resumable states).
+//! - [`dist`]: training on several processes - the communicator trait, one process, MPI
+//!   (feature `mpi`).
 //! - [`serve`]: the OpenAI-compatible server with continuous batching.
 //! - [`runtime`]: thread count, memory checks, allocator settings; [`error`]: the error type.
 //! - [`fuzz`]: the fuzz harness's targets (every loader of untrusted files) and mutator.
 //!
 //! Each component is also re-exported at the crate root (`nanomoe::config`, `nanomoe::gpt`, ...).
 
+pub mod dist;
 pub mod error;
 pub mod fuzz;
 pub mod gguf;

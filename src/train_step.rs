@@ -1,8 +1,9 @@
 //! One optimisation step as nanoGPT's train.py takes it: gradient accumulation over micro
 //! batches (loss / steps each), global-norm clipping, AdamW.
 
-use candle_core::{backprop::GradStore, Tensor};
+use candle_core::{backprop::GradStore, DType, Tensor};
 
+use crate::dist::{all_reduce_buckets, Comm, Single};
 use crate::error::{Error, Result};
 use crate::gpt::GPT;
 use crate::grad_sink::GradSink;
@@ -53,23 +54,53 @@ fn accumulate(params: &ParamStore, acc: &mut Option<GradStore>, new: GradStore) 
 /// Runs forward/backward on each (inputs, targets) micro batch (nanoGPT targets: already
 /// shifted, -1 ignored), then clips and applies one AdamW update.
 pub fn train_step(model: &GPT, opt: &mut AdamW, micro_batches: &[(Tensor, Tensor)], grad_clip: f64) -> Result<StepStats> {
-    if micro_batches.is_empty() {
+    let step = Step { micro_batches, seeds: None, micro_total: micro_batches.len(), grad_clip };
+    train_step_on(model, opt, &step, &Single)
+}
+
+/// One rank's part of a step.
+pub struct Step<'a> {
+    /// This rank's micro batches.
+    pub micro_batches: &'a [(Tensor, Tensor)],
+    /// The model generator's seed before each micro batch (dropout, router noise), so that
+    /// a micro batch draws the same numbers whichever rank runs it; None: not reseeded.
+    pub seeds: Option<&'a [u64]>,
+    /// Micro batches of the whole step over all ranks (each loss is divided by it).
+    pub micro_total: usize,
+    pub grad_clip: f64,
+}
+
+/// A data-parallel step: every rank runs forward/backward on its own micro batches, the
+/// gradients and the loss terms are summed over ranks (bucketed all-reduce), and every rank
+/// clips and applies the same AdamW update to the same weights. With N ranks taking
+/// micro batches k = r, r + N, ... this equals one process running all of them in turn.
+pub fn train_step_on(model: &GPT, opt: &mut AdamW, step: &Step, comm: &dyn Comm) -> Result<StepStats> {
+    let micro_batches = step.micro_batches;
+    if step.micro_total == 0 || (micro_batches.is_empty() && comm.size() == 1) {
         return Err(Error::Input("a training step needs at least one micro batch".into()));
     }
-    let n = micro_batches.len() as f64;
+    let n = step.micro_total as f64;
     let mut grads = None;
-    let mut stats = StepStats::default();
-    for (x, y) in micro_batches {
+    let mut terms = [0f64; 7];
+    for (i, (x, y)) in micro_batches.iter().enumerate() {
+        if let Some(seeds) = step.seeds {
+            model.set_seed(seeds[i]);
+        }
         let sink = GradSink::new();
         let (loss, losses, _) = model.forward_loss_with_sink(x, y, &sink)?;
         let loss = loss.ok_or_else(|| Error::Input("every target of a micro batch is ignored".into()))?;
-        stats.loss += loss.to_scalar::<f32>()? / n as f32;
-        stats.ntp_loss += scalar(&losses.ntp_loss)? / n as f32;
-        stats.aux_loss += scalar(&losses.aux_loss)? / n as f32;
-        stats.router_z_loss += scalar(&losses.router_z_loss)? / n as f32;
-        stats.router_ortho_loss += scalar(&losses.router_ortho_loss)? / n as f32;
-        stats.experts_ortho_loss += scalar(&losses.experts_ortho_loss)? / n as f32;
-        stats.gate_output_loss += scalar(&losses.gate_output_loss)? / n as f32;
+        let values = [
+            loss.to_scalar::<f32>()?,
+            scalar(&losses.ntp_loss)?,
+            scalar(&losses.aux_loss)?,
+            scalar(&losses.router_z_loss)?,
+            scalar(&losses.router_ortho_loss)?,
+            scalar(&losses.experts_ortho_loss)?,
+            scalar(&losses.gate_output_loss)?,
+        ];
+        for (t, v) in terms.iter_mut().zip(values) {
+            *t += (v / n as f32) as f64;
+        }
         let mut g = sink.backward(&(loss / n)?)?;
         for (_, var) in model.params().iter() {
             if let Some(t) = g.remove(var) {
@@ -78,8 +109,47 @@ pub fn train_step(model: &GPT, opt: &mut AdamW, micro_batches: &[(Tensor, Tensor
         }
         accumulate(model.params(), &mut grads, g)?;
     }
-    let grads = grads.expect("at least one micro batch");
+    let mut grads = match grads {
+        Some(g) => g,
+        None => GradStore::default(),
+    };
+    if comm.size() > 1 {
+        comm.all_reduce_f64(&mut terms)?;
+        all_reduce_grads(model.params(), &mut grads, comm)?;
+    }
+    let mut stats = StepStats {
+        loss: terms[0] as f32,
+        ntp_loss: terms[1] as f32,
+        aux_loss: terms[2] as f32,
+        router_z_loss: terms[3] as f32,
+        router_ortho_loss: terms[4] as f32,
+        experts_ortho_loss: terms[5] as f32,
+        gate_output_loss: terms[6] as f32,
+        grad_norm: 0.0,
+    };
     stats.grad_norm = grad_norm(model.params(), &grads)?;
-    opt.step_scaled(&grads, clip_coefficient(stats.grad_norm, grad_clip))?;
+    opt.step_scaled(&grads, clip_coefficient(stats.grad_norm, step.grad_clip))?;
     Ok(stats)
+}
+
+/// Floats per all-reduce message (16 MiB).
+const BUCKET: usize = 4 << 20;
+
+/// Sums every parameter's gradient over ranks (a parameter this rank has no gradient for
+/// contributes zeros, so every rank sends the same buffers).
+fn all_reduce_grads(params: &ParamStore, grads: &mut GradStore, comm: &dyn Comm) -> Result<()> {
+    let mut bufs: Vec<Vec<f32>> = Vec::new();
+    for (_, var) in params.iter() {
+        bufs.push(match grads.get(var) {
+            Some(g) => g.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?,
+            None => vec![0f32; var.elem_count()],
+        });
+    }
+    let mut parts: Vec<&mut [f32]> = bufs.iter_mut().map(|b| b.as_mut_slice()).collect();
+    all_reduce_buckets(comm, &mut parts, BUCKET)?;
+    for ((_, var), b) in params.iter().zip(bufs) {
+        let t = Tensor::from_vec(b, var.shape(), var.device())?.to_dtype(var.dtype())?;
+        grads.insert(var, t);
+    }
+    Ok(())
 }

@@ -834,7 +834,12 @@ fn cmd_train(args: &[String]) -> Result<()> {
         None => None,
     };
     let resolved = nanomoe::train::Resolved::resolve(file.zip(text.as_deref()), overrides)?;
-    let out = nanomoe::train::train(&resolved)?;
+    // One process, or one of `mpirun -np N`'s (data-parallel training; rank 0 prints).
+    let comm = nanomoe::dist::from_env(resolved.train.collective_timeout)?;
+    let out = nanomoe::train::run::train_with(&resolved, comm.as_ref())?;
+    if !comm.is_main() {
+        return Ok(());
+    }
     let dir = out.out_dir.join("model");
     println!("saved the model to {} (best by val loss: {})", dir.display(), out.out_dir.join("best").display());
     let me = self_command();

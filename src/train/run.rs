@@ -10,6 +10,7 @@ use rand::{rngs::StdRng, SeedableRng};
 use serde_json::json;
 
 use crate::config::GPTConfig;
+use crate::dist::{check_same, share, Comm, Single};
 use crate::error::{Error, Result};
 use crate::gpt::GPT;
 use crate::moe::MoeStats;
@@ -20,7 +21,7 @@ use crate::train::{arithmetic, grammar};
 use crate::train::data::{get_batch, Dataset, Meta, Split};
 use crate::train::settings::{default_model, Resolved, TrainSettings, BUILTIN_ARITHMETIC, BUILTIN_GRAMMAR};
 use crate::train::state::{load_latest, save_state, StateInfo};
-use crate::train_step::train_step;
+use crate::train_step::{train_step_on, Step};
 
 /// splitmix64 of a few words: independent, reproducible generator seeds.
 pub fn mix(words: &[u64]) -> u64 {
@@ -61,9 +62,11 @@ pub struct LayerStats {
     pub router_entropy: f64,
 }
 
-fn aggregate(stats: &[Vec<MoeStats>]) -> Vec<LayerStats> {
+/// Per-layer statistics of `n` evaluated batches (`stats` holds this rank's share of them;
+/// the sums are completed over ranks by the caller).
+fn aggregate(stats: &[Vec<MoeStats>], n: f64) -> Vec<LayerStats> {
     let mut out: Vec<LayerStats> = Vec::new();
-    let n = stats.len().max(1) as f64;
+    let n = n.max(1.0);
     for batch in stats {
         for s in batch {
             let entry = match out.iter_mut().find(|l| l.layer == s.layer) {
@@ -85,6 +88,12 @@ fn aggregate(stats: &[Vec<MoeStats>]) -> Vec<LayerStats> {
 
 /// Mean next-token loss over `iters` random batches of a split (eval mode), with MoE stats.
 pub fn evaluate(model: &mut GPT, split: &Split, batch_size: usize, iters: u64, seed: u64) -> Result<EvalResult> {
+    evaluate_on(model, split, batch_size, iters, seed, &Single)
+}
+
+/// [`evaluate`] with the batches shared out over ranks: every rank gets the result over
+/// all `iters` batches (the same batches one process evaluates).
+pub fn evaluate_on(model: &mut GPT, split: &Split, batch_size: usize, iters: u64, seed: u64, comm: &dyn Comm) -> Result<EvalResult> {
     let was_training = model.is_training();
     model.eval();
     let mut total = 0f64;
@@ -96,7 +105,8 @@ pub fn evaluate(model: &mut GPT, split: &Split, batch_size: usize, iters: u64, s
         || format!("evaluating batches of {batch_size} x block_size {block}"),
         tokens.saturating_mul(model.config.activation_bytes_per_token(false) + 8),
     )?;
-    for k in 0..iters {
+    let mine = share(iters as usize, comm.rank(), comm.size());
+    for k in mine.start as u64..mine.end as u64 {
         let mut rng = StdRng::seed_from_u64(mix(&[seed, k]));
         let (x, y) = get_batch(split, batch_size, block, vocab, &mut rng, model.device())?;
         let (_, losses, s) = model.forward_loss(&x, &y)?;
@@ -106,7 +116,53 @@ pub fn evaluate(model: &mut GPT, split: &Split, batch_size: usize, iters: u64, s
     if was_training {
         model.train();
     }
-    Ok(EvalResult { loss: total / iters as f64, moe: aggregate(&stats) })
+    let mut moe = aggregate(&stats, iters as f64);
+    if comm.size() > 1 {
+        // Every rank lists every MoE layer (a rank may have evaluated no batch).
+        let mut all = Vec::new();
+        for layer in (0..model.config.n_layer).filter(|&i| model.config.is_moe_layer(i)) {
+            all.push(moe.iter().find(|l| l.layer == layer).cloned().unwrap_or(LayerStats {
+                layer,
+                tokens_per_expert: vec![0; model.config.n_exp],
+                drop_rate: 0.0,
+                router_entropy: 0.0,
+            }));
+        }
+        let mut flat = vec![total];
+        for l in &all {
+            flat.extend(l.tokens_per_expert.iter().map(|&c| c as f64));
+            flat.extend([l.drop_rate, l.router_entropy]);
+        }
+        comm.all_reduce_f64(&mut flat)?;
+        total = flat[0];
+        let mut at = 1;
+        for l in &mut all {
+            for c in &mut l.tokens_per_expert {
+                *c = flat[at] as usize;
+                at += 1;
+            }
+            l.drop_rate = flat[at];
+            l.router_entropy = flat[at + 1];
+            at += 2;
+        }
+        moe = all;
+    }
+    Ok(EvalResult { loss: total / iters as f64, moe })
+}
+
+/// A fingerprint of the weights (FNV-1a over their bits), to check that ranks agree.
+fn weights_hash(model: &GPT) -> Result<u64> {
+    let mut h = 0xcbf2_9ce4_8422_2325u64;
+    for (name, v) in model.params().iter() {
+        for b in name.bytes() {
+            h = (h ^ b as u64).wrapping_mul(0x100_0000_01b3);
+        }
+        let x: Vec<f32> = v.as_tensor().to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1()?;
+        for f in x {
+            h = (h ^ f.to_bits() as u64).wrapping_mul(0x100_0000_01b3);
+        }
+    }
+    Ok(h)
 }
 
 /// FLOPs per token of a forward + backward pass (PaLM appendix B, as nanoGPT estimates).
@@ -184,11 +240,15 @@ fn check_tokenizers(model_dir: &Path, data_tok: Option<&Tokenizer>) -> Result<()
 /// Prints through the progress bar when one is shown.
 struct Log {
     bar: ProgressBar,
-    metrics: std::fs::File,
+    /// None on ranks other than 0, which print and write nothing.
+    metrics: Option<std::fs::File>,
 }
 
 impl Log {
     fn line(&self, s: &str) {
+        if self.metrics.is_none() {
+            return;
+        }
         if self.bar.is_hidden() {
             println!("{s}");
         } else {
@@ -196,7 +256,10 @@ impl Log {
         }
     }
     fn metric(&mut self, v: serde_json::Value) -> Result<()> {
-        writeln!(self.metrics, "{v}").map_err(|e| Error::Msg(format!("cannot write metrics.jsonl: {e}")))
+        match &mut self.metrics {
+            Some(m) => writeln!(m, "{v}").map_err(|e| Error::Msg(format!("cannot write metrics.jsonl: {e}"))),
+            None => Ok(()),
+        }
     }
 }
 
@@ -220,26 +283,45 @@ fn check_training_memory(cfg: &GPTConfig, s: &TrainSettings, weights_loaded: boo
 
 /// Trains as the settings say; returns what happened.
 pub fn train(resolved: &Resolved) -> Result<Outcome> {
-    crate::runtime::set_threads(resolved.train.threads)?;
-    crate::runtime::on_compute_pool(|| train_on_pool(resolved))
+    train_with(resolved, &Single)
 }
 
-fn train_on_pool(resolved: &Resolved) -> Result<Outcome> {
+/// Trains one model on every rank of `comm` (data parallel, as nanoGPT's DDP: the step's
+/// `gradient_accumulation_steps` micro batches are shared out over the ranks, rank r taking
+/// k = r, r + N, ...; gradients are summed over ranks; every rank applies the same update).
+/// Rank 0 alone prints and writes files. With one rank this is [`train`].
+pub fn train_with(resolved: &Resolved, comm: &dyn Comm) -> Result<Outcome> {
+    crate::runtime::set_threads(resolved.train.threads)?;
+    crate::runtime::on_compute_pool(|| train_on_pool(resolved, comm))
+}
+
+fn train_on_pool(resolved: &Resolved, comm: &dyn Comm) -> Result<Outcome> {
     let s = &resolved.train;
     let device = Device::Cpu;
     let out_dir = PathBuf::from(&s.out_dir);
     let resuming = s.init_from == "resume";
-    if !resuming && holds_run(&out_dir) {
+    let (ranks, rank, main) = (comm.size() as u64, comm.rank(), comm.is_main());
+    if s.gradient_accumulation_steps % ranks != 0 {
+        return Err(Error::Config(format!(
+            "gradient_accumulation_steps {} is not a multiple of the {ranks} processes: each takes an equal share of every step's micro batches",
+            s.gradient_accumulation_steps
+        )));
+    }
+    // Every rank decides on rank 0's view of out_dir, before rank 0 changes anything.
+    let held = comm.all_gather_u64(&[holds_run(&out_dir) as u64])?[0] == 1;
+    if !resuming && held {
         if !s.overwrite {
             return Err(Error::Config(format!(
                 "out_dir {} holds another run; continue it with --init_from=resume or replace it with --overwrite=true",
                 out_dir.display()
             )));
         }
-        for f in ["state", "model", "best"] {
-            let _ = std::fs::remove_dir_all(out_dir.join(f));
+        if main {
+            for f in ["state", "model", "best"] {
+                let _ = std::fs::remove_dir_all(out_dir.join(f));
+            }
+            let _ = std::fs::remove_file(out_dir.join("metrics.jsonl"));
         }
-        let _ = std::fs::remove_file(out_dir.join("metrics.jsonl"));
     }
     let (data, tokenizer) = open_data(&s.data_dir, s.seed)?;
     let vocab = data.meta.vocab_size;
@@ -305,7 +387,10 @@ fn train_on_pool(resolved: &Resolved) -> Result<Outcome> {
         }
         split.check_ids(model.config.vocab_size)?;
     }
-    std::fs::create_dir_all(&out_dir).map_err(|e| Error::file(&out_dir, e))?;
+    check_same(comm, weights_hash(&model)?, "initial weights")?;
+    if main {
+        std::fs::create_dir_all(&out_dir).map_err(|e| Error::file(&out_dir, e))?;
+    }
     let settings_json = serde_json::to_value(s).expect("serializes");
     let tokens_per_iter = (s.batch_size * block) as u64 * s.gradient_accumulation_steps;
     let fpt = flops_per_token(&model);
@@ -315,11 +400,13 @@ fn train_on_pool(resolved: &Resolved) -> Result<Outcome> {
         ProgressStyle::with_template("{bar:30} {pos}/{len} {msg} [{elapsed} < {eta}]").expect("template").progress_chars("=> "),
     );
     bar.set_position(iter);
-    let metrics = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(out_dir.join("metrics.jsonl"))
-        .map_err(|e| Error::file(out_dir.join("metrics.jsonl"), e))?;
+    let metrics = if main {
+        let path = out_dir.join("metrics.jsonl");
+        Some(std::fs::OpenOptions::new().create(true).append(true).open(&path).map_err(|e| Error::file(&path, e))?)
+    } else {
+        bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+        None
+    };
     let mut log = Log { bar, metrics };
     log.line(&format!(
         "training {} ({} params, {} active) on {} ({} train / {} val tokens), {} tokens per step, {} steps",
@@ -332,6 +419,9 @@ fn train_on_pool(resolved: &Resolved) -> Result<Outcome> {
         tokens_per_iter,
         s.max_iters
     ));
+    if ranks > 1 {
+        log.line(&format!("data parallel over {ranks} processes: {} micro batches each per step", s.gradient_accumulation_steps / ranks));
+    }
     if resuming {
         log.line(&format!(
             "resuming {} from step {iter} ({tokens_seen} tokens seen, best val loss {})",
@@ -361,8 +451,11 @@ fn train_on_pool(resolved: &Resolved) -> Result<Outcome> {
     loop {
         let lr = lr_at(iter, s.learning_rate, s.min_lr, s.warmup_iters, s.lr_decay_iters, s.decay_lr);
         if iter % s.eval_interval == 0 || iter >= s.max_iters {
-            let tr = evaluate(&mut model, &data.train, s.batch_size, s.eval_iters, mix(&[s.seed, iter, 1]))?;
-            let va = evaluate(&mut model, &data.val, s.batch_size, s.eval_iters, mix(&[s.seed, iter, 2]))?;
+            let tr = evaluate_on(&mut model, &data.train, s.batch_size, s.eval_iters, mix(&[s.seed, iter, 1]), comm)?;
+            let va = evaluate_on(&mut model, &data.val, s.batch_size, s.eval_iters, mix(&[s.seed, iter, 2]), comm)?;
+            if ranks > 1 {
+                check_same(comm, weights_hash(&model)?, &format!("weights at step {iter}"))?;
+            }
             last_val = Some(va.loss);
             log.line(&format!("step {iter}: train loss {:.4}, val loss {:.4} (ppl {:.2})", tr.loss, va.loss, va.loss.exp()));
             for l in &va.moe {
@@ -375,15 +468,17 @@ fn train_on_pool(resolved: &Resolved) -> Result<Outcome> {
                 ));
             }
             log.metric(json!({"iter": iter, "train_loss": tr.loss, "val_loss": va.loss, "lr": lr, "moe": va.moe}))?;
-            if let Err(e) = crate::train::plot::plot_run(&out_dir) {
-                log.line(&format!("warning: {e}"));
+            if main {
+                if let Err(e) = crate::train::plot::plot_run(&out_dir) {
+                    log.line(&format!("warning: {e}"));
+                }
             }
             let improved = best_val.is_none_or(|b| va.loss < b);
             if improved {
                 best_val = Some(va.loss);
             }
             // (At the step a run resumed from, the state on disk is already this one.)
-            if iter > 0 && iter != start_iter && (improved || s.always_save_checkpoint || iter >= s.max_iters) {
+            if main && iter > 0 && iter != start_iter && (improved || s.always_save_checkpoint || iter >= s.max_iters) {
                 let info = StateInfo { iter, best_val_loss: best_val, tokens_seen, model: model.config.clone(), settings: settings_json.clone() };
                 save_state(&out_dir, &info, model.params(), &opt, s.keep_last_states)?;
                 save_models(&model, improved)?;
@@ -393,13 +488,17 @@ fn train_on_pool(resolved: &Resolved) -> Result<Outcome> {
             break;
         }
         opt.set_lr(lr);
-        model.set_seed(mix(&[s.seed, iter, 3]));
-        let mut micro = Vec::with_capacity(s.gradient_accumulation_steps as usize);
-        for k in 0..s.gradient_accumulation_steps {
+        // This rank's micro batches, each with its own data and dropout/noise seeds, so
+        // that the step is the same on any number of ranks.
+        let mut micro = Vec::new();
+        let mut seeds = Vec::new();
+        for k in (rank as u64..s.gradient_accumulation_steps).step_by(ranks as usize) {
             let mut rng = StdRng::seed_from_u64(mix(&[s.seed, iter, 4, k]));
             micro.push(get_batch(&data.train, s.batch_size, block, model.config.vocab_size, &mut rng, &device)?);
+            seeds.push(mix(&[s.seed, iter, 3, k]));
         }
-        let st = train_step(&model, &mut opt, &micro, s.grad_clip)?;
+        let step = Step { micro_batches: &micro, seeds: Some(&seeds), micro_total: s.gradient_accumulation_steps as usize, grad_clip: s.grad_clip };
+        let st = train_step_on(&model, &mut opt, &step, comm)?;
         if !st.loss.is_finite() {
             return Err(Error::Msg(format!("loss became {} at step {iter}; lower learning_rate", st.loss)));
         }
@@ -412,7 +511,7 @@ fn train_on_pool(resolved: &Resolved) -> Result<Outcome> {
             let tps = window_tokens as f64 / secs;
             let mfu = tps * fpt / s.peak_flops;
             log.bar.set_message(format!("loss {:.4} lr {:.2e} {:.0} tok/s mfu {:.1}%", st.loss, lr, tps, 100.0 * mfu));
-            if log.bar.is_hidden() {
+            if main && log.bar.is_hidden() {
                 println!("iter {iter}: loss {:.4}, lr {lr:.2e}, {tps:.0} tok/s, mfu {:.1}%", st.loss, 100.0 * mfu);
             }
             log.metric(json!({"iter": iter, "loss": st.loss, "ntp_loss": st.ntp_loss, "aux_loss": st.aux_loss,
@@ -424,10 +523,11 @@ fn train_on_pool(resolved: &Resolved) -> Result<Outcome> {
         log.bar.set_position(iter);
     }
     log.bar.finish_and_clear();
-    if !out_dir.join("model").is_dir() {
+    if main && !out_dir.join("model").is_dir() {
         save_models(&model, true)?;
     }
     let accuracy = match s.data_dir.as_str() {
+        _ if !main => None,
         BUILTIN_ARITHMETIC => {
             let tok = tokenizer.as_ref().expect("builtin data has a tokenizer");
             let (acc, examples) = arithmetic::accuracy(&mut model, tok, &arithmetic::test_problems(500, s.seed))?;

@@ -57,6 +57,10 @@ pub struct TrainSettings {
     pub peak_flops: f64,
     /// Threads for the matrix kernels; 0 = all cores.
     pub threads: usize,
+    // distributed (under mpirun; see the README)
+    /// Seconds a rank waits in a collective for the others before it ends the whole job
+    /// (a rank died or hangs); 0 waits forever.
+    pub collective_timeout: f64,
 }
 
 impl Default for TrainSettings {
@@ -87,6 +91,7 @@ impl Default for TrainSettings {
             seed: 1337,
             peak_flops: 2e11,
             threads: 0,
+            collective_timeout: 600.0,
         }
     }
 }
@@ -256,6 +261,9 @@ impl TrainSettings {
         }
         if !(0.0..1.0).contains(&self.beta1) || !(0.0..1.0).contains(&self.beta2) {
             return bad("beta1 and beta2 must be in [0, 1)".into());
+        }
+        if !(self.collective_timeout >= 0.0) || !self.collective_timeout.is_finite() {
+            return bad(format!("collective_timeout must be a number of seconds >= 0, got {}", self.collective_timeout));
         }
         if self.keep_last_states == 0 {
             return bad("keep_last_states must be at least 1".into());
