@@ -41,7 +41,7 @@ pub mod train;
 pub mod train_step;
 
 pub use hf::{auto, checkpoint, convert, hf_cache, hub, hub_upload, pickle, tokenizer};
-pub use model::{config, generate, gpt, moe, nn, params, weight};
+pub use model::{config, generate, gpt, moe, moe_parallel, nn, params, weight};
 
 pub use auto::AutoModelForCausalLM;
 pub use checkpoint::{SaveDType, SaveOptions};

@@ -209,8 +209,16 @@ impl AdamW {
 
 /// Global L2 norm of the gradients of `params` (sums of squares in f64, no temporaries).
 pub fn grad_norm(params: &ParamStore, grads: &GradStore) -> Result<f64> {
+    Ok(grad_sq_sum(params, grads, |_| true)?.sqrt())
+}
+
+/// Sum of the squared gradients of the parameters whose names pass `keep`.
+pub fn grad_sq_sum(params: &ParamStore, grads: &GradStore, keep: impl Fn(&str) -> bool) -> Result<f64> {
     let mut total = 0f64;
-    for (_, var) in params.iter() {
+    for (name, var) in params.iter() {
+        if !keep(name) {
+            continue;
+        }
         if let Some(g) = grads.get(var) {
             total += crate::kernels::with_f32(&g.to_dtype(DType::F32)?, "gradient norm", |x| {
                 // Partial sums over fixed chunks, added in order: deterministic.
@@ -219,7 +227,7 @@ pub fn grad_norm(params: &ParamStore, grads: &GradStore) -> Result<f64> {
             })?;
         }
     }
-    Ok(total.sqrt())
+    Ok(total)
 }
 
 /// torch's clip_grad_norm_ coefficient: max_norm / (norm + 1e-6) when below 1, else 1

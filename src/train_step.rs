@@ -7,7 +7,8 @@ use crate::dist::{all_reduce_buckets, Comm, Single};
 use crate::error::{Error, Result};
 use crate::gpt::GPT;
 use crate::grad_sink::GradSink;
-use crate::optim::{clip_coefficient, grad_norm, AdamW};
+use crate::moe_parallel::ExpertShard;
+use crate::optim::{clip_coefficient, grad_norm, grad_sq_sum, AdamW};
 use crate::params::ParamStore;
 
 /// What one step measured (losses are means over the micro batches).
@@ -113,9 +114,12 @@ pub fn train_step_on(model: &GPT, opt: &mut AdamW, step: &Step, comm: &dyn Comm)
         Some(g) => g,
         None => GradStore::default(),
     };
+    // Experts held by one rank (expert parallelism) already have their whole gradient:
+    // the all-to-all's backward brought every rank's contribution here.
+    let sharded = |name: &str| model.expert_shard().is_some() && ExpertShard::is_sharded(name);
     if comm.size() > 1 {
         comm.all_reduce_f64(&mut terms)?;
-        all_reduce_grads(model.params(), &mut grads, comm)?;
+        all_reduce_grads(model.params(), &mut grads, comm, &sharded)?;
     }
     let mut stats = StepStats {
         loss: terms[0] as f32,
@@ -127,7 +131,13 @@ pub fn train_step_on(model: &GPT, opt: &mut AdamW, step: &Step, comm: &dyn Comm)
         gate_output_loss: terms[6] as f32,
         grad_norm: 0.0,
     };
-    stats.grad_norm = grad_norm(model.params(), &grads)?;
+    stats.grad_norm = if model.expert_shard().is_some() {
+        let mut sq = [grad_sq_sum(model.params(), &grads, sharded)?];
+        comm.all_reduce_f64(&mut sq)?;
+        (grad_sq_sum(model.params(), &grads, |n| !sharded(n))? + sq[0]).sqrt()
+    } else {
+        grad_norm(model.params(), &grads)?
+    };
     opt.step_scaled(&grads, clip_coefficient(stats.grad_norm, step.grad_clip))?;
     Ok(stats)
 }
@@ -137,8 +147,9 @@ const BUCKET: usize = 4 << 20;
 
 /// Sums every parameter's gradient over ranks (a parameter this rank has no gradient for
 /// contributes zeros, so every rank sends the same buffers).
-fn all_reduce_grads(params: &ParamStore, grads: &mut GradStore, comm: &dyn Comm) -> Result<()> {
+fn all_reduce_grads(params: &ParamStore, grads: &mut GradStore, comm: &dyn Comm, skip: &dyn Fn(&str) -> bool) -> Result<()> {
     let mut bufs: Vec<Vec<f32>> = Vec::new();
+    let params: Vec<_> = params.iter().filter(|(n, _)| !skip(n)).collect();
     for (_, var) in params.iter() {
         bufs.push(match grads.get(var) {
             Some(g) => g.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?,
@@ -147,7 +158,7 @@ fn all_reduce_grads(params: &ParamStore, grads: &mut GradStore, comm: &dyn Comm)
     }
     let mut parts: Vec<&mut [f32]> = bufs.iter_mut().map(|b| b.as_mut_slice()).collect();
     all_reduce_buckets(comm, &mut parts, BUCKET)?;
-    for ((_, var), b) in params.iter().zip(bufs) {
+    for ((_, var), b) in params.into_iter().zip(bufs) {
         let t = Tensor::from_vec(b, var.shape(), var.device())?.to_dtype(var.dtype())?;
         grads.insert(var, t);
     }

@@ -31,7 +31,7 @@ fn hand_computed_routing_losses_and_outputs() {
         ("m.experts.proj_bias".into(), Tensor::from_vec(pb.clone(), (3, 1, 3), &dev).unwrap()),
     ])
     .unwrap();
-    let layer = MoeLayer::load(&cfg, &store, "m", 0).unwrap();
+    let layer = MoeLayer::load(&cfg, &store, "m", 0, None).unwrap();
     let x = Tensor::new(&x_rows, &dev).unwrap().unsqueeze(0).unwrap(); // [1, 4, 3]
     let mut ctx = MoeCtx { cfg: &cfg, training: false, routing: Routing::Capacity, rng: None, sink: None };
     let out = layer.forward(&x, &mut ctx).unwrap();
@@ -114,7 +114,7 @@ fn top1_with_training_capacity() {
         ("m.experts.c_proj".into(), Tensor::ones((3, 12, 3), candle_core::DType::F32, &dev).unwrap()),
     ])
     .unwrap();
-    let layer = MoeLayer::load(&cfg, &store, "m", 0).unwrap();
+    let layer = MoeLayer::load(&cfg, &store, "m", 0, None).unwrap();
     // All 5 tokens prefer expert 0. capacity = floor(1 * 1.0 * 5 / 3) = 1 -> 2 (even).
     let x = Tensor::new(&[[[1f32, 0., 0.], [2., 0., 0.], [3., 0., 0.], [4., 0., 0.], [5., 0., 0.]]], &dev).unwrap();
     let mut ctx = MoeCtx { cfg: &cfg, training: true, routing: Routing::Capacity, rng: None, sink: None };

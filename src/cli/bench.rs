@@ -179,7 +179,7 @@ pub fn run(b: Bench, model_dir: impl Fn(&Path) -> Result<PathBuf>) -> Result<()>
             cfg.validate()?;
             let specs: Vec<_> = param_specs(&cfg).into_iter().filter(|s| s.name.contains(".mlp.")).collect();
             let store = ParamStore::init(&specs, 0, &Device::Cpu)?;
-            let layer = MoeLayer::load(&cfg, &store, "transformer.h.0.mlp", 0)?;
+            let layer = MoeLayer::load(&cfg, &store, "transformer.h.0.mlp", 0, None)?;
             let x = Tensor::randn(0f32, 1f32, (1, tokens, n_embd), &Device::Cpu)?;
             let mut times = Vec::new();
             for i in 0..repeats + 1 {

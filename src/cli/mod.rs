@@ -836,7 +836,7 @@ fn cmd_train(args: &[String]) -> Result<()> {
     let resolved = nanomoe::train::Resolved::resolve(file.zip(text.as_deref()), overrides)?;
     // One process, or one of `mpirun -np N`'s (data-parallel training; rank 0 prints).
     let comm = nanomoe::dist::from_env(resolved.train.collective_timeout)?;
-    let out = nanomoe::train::run::train_with(&resolved, comm.as_ref())?;
+    let out = nanomoe::train::run::train_with(&resolved, &comm)?;
     if !comm.is_main() {
         return Ok(());
     }

@@ -73,11 +73,11 @@ pub fn launched_size() -> Option<usize> {
 
 /// The communicator this process was started with: MPI's world under `mpirun` (when built
 /// with the `mpi` feature), else [`Single`]. `timeout_s` bounds every collective's wait.
-pub fn from_env(timeout_s: f64) -> Result<Box<dyn Comm>> {
+pub fn from_env(timeout_s: f64) -> Result<std::sync::Arc<dyn Comm>> {
     let launched = launched_size().unwrap_or(1);
     #[cfg(feature = "mpi")]
     if launched > 1 {
-        return Ok(Box::new(mpi::MpiComm::init(timeout_s)?));
+        return Ok(std::sync::Arc::new(mpi::MpiComm::init(timeout_s)?));
     }
     let _ = timeout_s;
     if launched > 1 {
@@ -86,7 +86,7 @@ pub fn from_env(timeout_s: f64) -> Result<Box<dyn Comm>> {
              build it with `cargo build --release --features mpi` (needs libopenmpi-dev and libclang-dev)"
         )));
     }
-    Ok(Box::new(Single))
+    Ok(std::sync::Arc::new(Single))
 }
 
 /// Sums the parameter-sized buffers of every rank in place, `bucket` floats at a time

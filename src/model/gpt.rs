@@ -5,7 +5,7 @@
 //! Weights are stored as torch's nn.Linear does ([out, in]) under the HF tensor names of a
 //! `nanomoe_gpt` checkpoint; GPT-2's Conv1D layout is handled only in `checkpoint.rs`.
 
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use candle_core::{DType, Device, Tensor};
 use rand::{rngs::StdRng, SeedableRng};
@@ -15,6 +15,7 @@ use crate::error::{input_err, Result};
 use crate::kernels::attention::{self, CausalMask};
 use crate::grad_sink::GradSink;
 use crate::moe::{MoeCtx, MoeLayer, MoeStats, Routing};
+use crate::moe_parallel::ExpertShard;
 use crate::nn;
 use crate::params::{param_specs, ParamStore};
 use crate::weight::{Mat, WeightFormat};
@@ -351,6 +352,8 @@ pub struct GPT {
     training: bool,
     routing: Routing,
     rng: Mutex<StdRng>,
+    /// Expert-parallel training: this rank holds only its share of the experts.
+    shard: Option<Arc<ExpertShard>>,
 }
 
 /// Mean cross-entropy through a quantized output layer, 256 rows of logits at a time (no
@@ -432,15 +435,25 @@ impl GPT {
     }
 
     /// Builds the model around existing parameters (checked against the config).
-    pub fn from_params(config: GPTConfig, mut params: ParamStore) -> Result<Self> {
+    pub fn from_params(config: GPTConfig, params: ParamStore) -> Result<Self> {
+        Self::from_params_sharded(config, params, None)
+    }
+
+    /// [`from_params`](Self::from_params) for expert-parallel training: `params` holds every
+    /// expert; the model keeps only this rank's share of each MoE layer's experts.
+    pub fn from_params_sharded(config: GPTConfig, mut params: ParamStore, shard: Option<ExpertShard>) -> Result<Self> {
         config.validate()?;
         params.check_against(&param_specs(&config))?;
+        let shard = shard.map(Arc::new);
+        if let Some(s) = &shard {
+            params = s.slice_params(&params)?;
+        }
         let act = config.activation()?;
         let mut blocks = Vec::with_capacity(config.n_layer);
         for i in 0..config.n_layer {
             let p = format!("transformer.h.{i}");
             let mlp = if config.is_moe_layer(i) {
-                Mlp::Moe(MoeLayer::load(&config, &params, &format!("{p}.mlp"), i)?)
+                Mlp::Moe(MoeLayer::load(&config, &params, &format!("{p}.mlp"), i, shard.clone())?)
             } else {
                 Mlp::Dense { c_fc: Linear::load(&params, &format!("{p}.mlp.c_fc"))?, c_proj: Linear::load(&params, &format!("{p}.mlp.c_proj"))?, act }
             };
@@ -470,7 +483,13 @@ impl GPT {
             training: false,
             routing: Routing::Capacity,
             rng: Mutex::new(StdRng::seed_from_u64(0)),
+            shard,
         })
+    }
+
+    /// This rank's share of the experts, when training expert-parallel.
+    pub fn expert_shard(&self) -> Option<&ExpertShard> {
+        self.shard.as_deref()
     }
 
     /// For inference: stores the weight matrices (embeddings, attention, MLPs, experts; not

@@ -6,6 +6,8 @@
 //! - [`nn`]: norms, linear, activations, attention, softmax, cross-entropy: ops with a
 //!   backward pass (fused kernels for f32 CPU tensors, candle composites otherwise).
 //! - [`moe`]: the Mixture-of-Experts layer: router, capacity, dispatch, experts, its losses.
+//! - [`moe_parallel`]: expert parallelism - each rank's share of the experts, tokens sent
+//!   to their expert's rank and back (all-to-all, forward and backward).
 //! - [`gpt`]: the GPT - blocks, forward passes, the KV cache.
 //! - [`generate`]: HF-style and nanoGPT-style generation.
 
@@ -13,6 +15,7 @@ pub mod config;
 pub mod generate;
 pub mod gpt;
 pub mod moe;
+pub mod moe_parallel;
 pub mod nn;
 pub mod params;
 pub mod weight;

@@ -23,8 +23,10 @@ use rand_distr::{Distribution, StandardNormal};
 use crate::config::{Activation, GPTConfig};
 use crate::error::Result;
 use crate::grad_sink::GradSink;
+use crate::moe_parallel::ExpertShard;
 use crate::nn;
 use crate::params::ParamStore;
+use std::sync::Arc;
 use crate::weight::Mat;
 
 /// How tokens are limited per expert.
@@ -62,14 +64,12 @@ impl RoutingPlan {
     /// Top-k selection and capacity assignment from router logits `[tokens][n_exp]`.
     /// `capacity` None = dropless. Ties in the logits go to the lower expert index.
     pub fn new(logits: &[Vec<f32>], n_exp: usize, k: usize, capacity: Option<usize>) -> Self {
-        let n = logits.len();
-        let mut experts = Vec::with_capacity(n * k);
-        let mut order: Vec<u32> = (0..n_exp as u32).collect();
-        for row in logits {
-            order.sort_by(|&a, &b| row[b as usize].total_cmp(&row[a as usize]).then(a.cmp(&b)));
-            experts.extend_from_slice(&order[..k]);
-            order.sort_unstable();
-        }
+        Self::from_choices(top_k_choices(logits, n_exp, k), n_exp, k, capacity)
+    }
+
+    /// Capacity assignment for given top-k choices `[tokens * k]` (best first per token).
+    pub fn from_choices(experts: Vec<u32>, n_exp: usize, k: usize, capacity: Option<usize>) -> Self {
+        let n = experts.len() / k.max(1);
         let capacity = capacity.unwrap_or_else(|| {
             let mut counts = vec![0usize; n_exp];
             for &e in &experts {
@@ -122,6 +122,18 @@ impl RoutingPlan {
     }
 }
 
+/// Each token's k best experts, best first (ties to the lower index), `[tokens * k]`.
+pub fn top_k_choices(logits: &[Vec<f32>], n_exp: usize, k: usize) -> Vec<u32> {
+    let mut experts = Vec::with_capacity(logits.len() * k);
+    let mut order: Vec<u32> = (0..n_exp as u32).collect();
+    for row in logits {
+        order.sort_by(|&a, &b| row[b as usize].total_cmp(&row[a as usize]).then(a.cmp(&b)));
+        experts.extend_from_slice(&order[..k]);
+        order.sort_unstable();
+    }
+    experts
+}
+
 /// Per-layer routing statistics of one forward pass.
 #[derive(Debug, Clone, PartialEq)]
 pub struct MoeStats {
@@ -148,7 +160,7 @@ pub struct MoeOutput {
 
 /// Tensors of one MoE layer (names as in nanoMoE: mlp.router.w_g, mlp.experts.c_fc, ...).
 pub struct MoeLayer {
-    layer: usize,
+    pub(crate) layer: usize,
     w_g: Tensor,
     w_noise: Option<Tensor>,
     /// SwiGLU experts' gate [E, C, 4C] (then c_fc is the "up" projection).
@@ -157,10 +169,12 @@ pub struct MoeLayer {
     c_proj: Mat,
     fc_bias: Option<Tensor>,
     proj_bias: Option<Tensor>,
-    n_exp: usize,
-    k: usize,
+    pub(crate) n_exp: usize,
+    pub(crate) k: usize,
     act: Activation,
     dropout: f64,
+    /// Expert parallelism: the experts here are this rank's share (see `moe_parallel`).
+    shard: Option<Arc<ExpertShard>>,
 }
 
 pub struct MoeCtx<'a> {
@@ -173,7 +187,8 @@ pub struct MoeCtx<'a> {
 }
 
 impl MoeLayer {
-    pub fn load(cfg: &GPTConfig, p: &ParamStore, prefix: &str, layer: usize) -> Result<Self> {
+    /// `shard`: the expert tensors in `p` are this rank's share of them.
+    pub fn load(cfg: &GPTConfig, p: &ParamStore, prefix: &str, layer: usize, shard: Option<Arc<ExpertShard>>) -> Result<Self> {
         let opt = |n: &str| -> Result<Option<Tensor>> {
             Ok(if p.var(&format!("{prefix}.{n}")).is_some() { Some(p.get(&format!("{prefix}.{n}"))?) } else { None })
         };
@@ -190,6 +205,7 @@ impl MoeLayer {
             k: cfg.moe_top_k,
             act: cfg.activation()?,
             dropout: cfg.dropout,
+            shard,
         })
     }
 
@@ -209,6 +225,7 @@ impl MoeLayer {
             k: self.k,
             act: self.act,
             dropout: self.dropout,
+            shard: self.shard.clone(),
         }
     }
 
@@ -233,6 +250,10 @@ impl MoeLayer {
         let z_loss = nn::logsumexp_last(&logits)?.sqr()?.mean_all()?;
 
         let logits_host: Vec<Vec<f32>> = logits.detach().to_vec2()?;
+        if let Some(shard) = &self.shard {
+            let out = self.forward_sharded(shard, &x_flat, &logits, &logits_host, z_loss, ctx)?;
+            return Ok(MoeOutput { y: out.y.reshape((b, t, c))?, ..out });
+        }
         let capacity = match ctx.routing {
             Routing::Dropless => None,
             Routing::Capacity => {
@@ -324,6 +345,27 @@ impl MoeLayer {
         let x_ext = Tensor::cat(&[x_flat, &Tensor::zeros((1, c), x.dtype(), device)?], 0)?;
         let disp = Tensor::from_vec(disp, self.n_exp * cap, device)?;
         let xe = x_ext.index_select(&disp, 0)?.reshape((self.n_exp, cap, c))?;
+        let ye = self.run_experts(&xe, ctx, gate_output_loss)?;
+
+        // ---- combine: y[t] = sum_j prob(t, j) * expert_out(slot(t, j)) ----
+        let m = kept_pair.len();
+        Ok(if m == 0 {
+            Tensor::zeros((n, c), x.dtype(), device)?
+        } else {
+            let rows = ye.index_select(&Tensor::from_vec(kept_slot, m, device)?, 0)?;
+            let w = probs
+                .flatten_all()?
+                .index_select(&Tensor::from_vec(kept_pair, m, device)?, 0)?
+                .to_dtype(x.dtype())?;
+            let contrib = rows.broadcast_mul(&w.unsqueeze(1)?)?;
+            Tensor::zeros((n, c), x.dtype(), device)?.index_add(&Tensor::from_vec(kept_tok, m, device)?, &contrib, 0)?
+        })
+    }
+
+    /// Every expert of this layer (or of this rank's share) on its batch xe [E, cap, C];
+    /// returns [E * cap, C].
+    pub(crate) fn run_experts(&self, xe: &Tensor, ctx: &mut MoeCtx, gate_output_loss: &mut Option<Tensor>) -> Result<Tensor> {
+        let (n_exp, cap, c) = xe.dims3()?;
         let (c_fc, c_proj) = (self.c_fc.dense()?, self.c_proj.dense()?);
         let h = match &self.gate_proj {
             Some(gate_proj) => {
@@ -351,22 +393,7 @@ impl MoeLayer {
                 ye = nn::dropout(&ye, self.dropout, rng)?;
             }
         }
-        let ye = ye.reshape((self.n_exp * cap, c))?;
-
-        // ---- combine: y[t] = sum_j prob(t, j) * expert_out(slot(t, j)) ----
-        let m = kept_pair.len();
-        Ok(if m == 0 {
-            Tensor::zeros((n, c), x.dtype(), device)?
-        } else {
-            let rows = ye.index_select(&Tensor::from_vec(kept_slot, m, device)?, 0)?;
-            let w = probs
-                .flatten_all()?
-                .index_select(&Tensor::from_vec(kept_pair, m, device)?, 0)?
-                .to_dtype(x.dtype())?;
-            let contrib = rows.broadcast_mul(&w.unsqueeze(1)?)?;
-            Tensor::zeros((n, c), x.dtype(), device)?.index_add(&Tensor::from_vec(kept_tok, m, device)?, &contrib, 0)?
-        })
-
+        Ok(ye.reshape((n_exp * cap, c))?)
     }
 
     /// Inference path: only the experts that received tokens run, each on exactly its
@@ -428,7 +455,7 @@ fn gate_output_loss_of(g: &Tensor, xe: &Tensor, gate_proj: &Tensor, sink: Option
     Ok((rows.mul(&mask)?.sum_all()? / kept as f64)?)
 }
 
-fn mean_entropy(logits: &[Vec<f32>]) -> f32 {
+pub(crate) fn mean_entropy(logits: &[Vec<f32>]) -> f32 {
     if logits.is_empty() {
         return 0.0;
     }

@@ -10,7 +10,10 @@ use rand::{rngs::StdRng, SeedableRng};
 use serde_json::json;
 
 use crate::config::GPTConfig;
+use std::sync::Arc;
+
 use crate::dist::{check_same, share, Comm, Single};
+use crate::moe_parallel::ExpertShard;
 use crate::error::{Error, Result};
 use crate::gpt::GPT;
 use crate::moe::MoeStats;
@@ -21,6 +24,7 @@ use crate::train::{arithmetic, grammar};
 use crate::train::data::{get_batch, Dataset, Meta, Split};
 use crate::train::settings::{default_model, Resolved, TrainSettings, BUILTIN_ARITHMETIC, BUILTIN_GRAMMAR};
 use crate::train::state::{load_latest, save_state, StateInfo};
+use candle_core::Tensor;
 use crate::train_step::{train_step_on, Step};
 
 /// splitmix64 of a few words: independent, reproducible generator seeds.
@@ -105,10 +109,17 @@ pub fn evaluate_on(model: &mut GPT, split: &Split, batch_size: usize, iters: u64
         || format!("evaluating batches of {batch_size} x block_size {block}"),
         tokens.saturating_mul(model.config.activation_bytes_per_token(false) + 8),
     )?;
-    let mine = share(iters as usize, comm.rank(), comm.size());
+    // Expert parallel: every rank takes its rows of every batch (the MoE layers route the
+    // whole batch together); otherwise ranks share the batches out.
+    let ep = model.expert_shard().is_some();
+    let mine = if ep { 0..iters as usize } else { share(iters as usize, comm.rank(), comm.size()) };
     for k in mine.start as u64..mine.end as u64 {
         let mut rng = StdRng::seed_from_u64(mix(&[seed, k]));
-        let (x, y) = get_batch(split, batch_size, block, vocab, &mut rng, model.device())?;
+        let (mut x, mut y) = get_batch(split, batch_size, block, vocab, &mut rng, model.device())?;
+        if ep {
+            let rows = share(batch_size, comm.rank(), comm.size());
+            (x, y) = (x.narrow(0, rows.start, rows.len())?, y.narrow(0, rows.start, rows.len())?);
+        }
         let (_, losses, s) = model.forward_loss(&x, &y)?;
         total += losses.ntp_loss.map(|l| l.to_scalar::<f32>()).transpose()?.unwrap_or(0.0) as f64;
         stats.push(s);
@@ -117,7 +128,12 @@ pub fn evaluate_on(model: &mut GPT, split: &Split, batch_size: usize, iters: u64
         model.train();
     }
     let mut moe = aggregate(&stats, iters as f64);
-    if comm.size() > 1 {
+    if ep && comm.size() > 1 {
+        // The routing statistics are already the global batch's, the same on every rank.
+        let mut t = [total];
+        comm.all_reduce_f64(&mut t)?;
+        total = t[0] / comm.size() as f64;
+    } else if comm.size() > 1 {
         // Every rank lists every MoE layer (a rank may have evaluated no batch).
         let mut all = Vec::new();
         for layer in (0..model.config.n_layer).filter(|&i| model.config.is_moe_layer(i)) {
@@ -150,10 +166,26 @@ pub fn evaluate_on(model: &mut GPT, split: &Split, batch_size: usize, iters: u64
     Ok(EvalResult { loss: total / iters as f64, moe })
 }
 
+/// The whole model and its AdamW moments, every rank's experts put together (a collective).
+fn gather_state(shard: &ExpertShard, model: &GPT, opt: &AdamW) -> Result<(ParamStore, Vec<(String, Tensor, Tensor)>)> {
+    let weights: Vec<(String, Tensor)> = model.params().iter().map(|(n, v)| (n.to_string(), v.as_tensor().clone())).collect();
+    let full = ParamStore::from_tensors(shard.gather(weights)?)?;
+    let mut moments = Vec::new();
+    for (n, m, v) in opt.state() {
+        let mut mv = shard.gather(vec![(n.clone(), m), (n.clone(), v)])?.into_iter();
+        let (m, v) = (mv.next().expect("two").1, mv.next().expect("two").1);
+        moments.push((n, m, v));
+    }
+    Ok((full, moments))
+}
+
 /// A fingerprint of the weights (FNV-1a over their bits), to check that ranks agree.
 fn weights_hash(model: &GPT) -> Result<u64> {
     let mut h = 0xcbf2_9ce4_8422_2325u64;
     for (name, v) in model.params().iter() {
+        if model.expert_shard().is_some() && ExpertShard::is_sharded(name) {
+            continue; // each rank's own experts
+        }
         for b in name.bytes() {
             h = (h ^ b as u64).wrapping_mul(0x100_0000_01b3);
         }
@@ -283,25 +315,36 @@ fn check_training_memory(cfg: &GPTConfig, s: &TrainSettings, weights_loaded: boo
 
 /// Trains as the settings say; returns what happened.
 pub fn train(resolved: &Resolved) -> Result<Outcome> {
-    train_with(resolved, &Single)
+    train_with(resolved, &(Arc::new(Single) as Arc<dyn Comm>))
 }
 
 /// Trains one model on every rank of `comm` (data parallel, as nanoGPT's DDP: the step's
 /// `gradient_accumulation_steps` micro batches are shared out over the ranks, rank r taking
 /// k = r, r + N, ...; gradients are summed over ranks; every rank applies the same update).
+/// With `expert_parallel`, each rank instead holds n_exp / N experts of every MoE layer and
+/// takes its rows (batch_size / N) of every micro batch, whose MoE layers route all rows
+/// together as one process does (see [`crate::moe_parallel`]).
 /// Rank 0 alone prints and writes files. With one rank this is [`train`].
-pub fn train_with(resolved: &Resolved, comm: &dyn Comm) -> Result<Outcome> {
+pub fn train_with(resolved: &Resolved, comm: &Arc<dyn Comm>) -> Result<Outcome> {
     crate::runtime::set_threads(resolved.train.threads)?;
     crate::runtime::on_compute_pool(|| train_on_pool(resolved, comm))
 }
 
-fn train_on_pool(resolved: &Resolved, comm: &dyn Comm) -> Result<Outcome> {
+fn train_on_pool(resolved: &Resolved, comm_arc: &Arc<dyn Comm>) -> Result<Outcome> {
+    let comm: &dyn Comm = comm_arc.as_ref();
     let s = &resolved.train;
     let device = Device::Cpu;
     let out_dir = PathBuf::from(&s.out_dir);
     let resuming = s.init_from == "resume";
     let (ranks, rank, main) = (comm.size() as u64, comm.rank(), comm.is_main());
-    if s.gradient_accumulation_steps % ranks != 0 {
+    let ep = s.expert_parallel && ranks > 1;
+    if ep && s.batch_size % ranks as usize != 0 {
+        return Err(Error::Config(format!(
+            "expert_parallel: batch_size {} is not a multiple of the {ranks} processes: each takes batch_size / N rows of every micro batch",
+            s.batch_size
+        )));
+    }
+    if !ep && s.gradient_accumulation_steps % ranks != 0 {
         return Err(Error::Config(format!(
             "gradient_accumulation_steps {} is not a multiple of the {ranks} processes: each takes an equal share of every step's micro batches",
             s.gradient_accumulation_steps
@@ -332,7 +375,7 @@ fn train_on_pool(resolved: &Resolved, comm: &dyn Comm) -> Result<Outcome> {
         "resume" => {
             let st = load_latest(&out_dir)?;
             let model = GPT::from_params(st.info.model.clone(), st.params)?;
-            let mut opt = AdamW::new(model.params(), opt_cfg)?;
+            let mut opt = AdamW::new(model.params(), opt_cfg.clone())?;
             opt.load_state(st.info.iter, st.moments)?;
             (model, opt, st.info.iter, st.info.best_val_loss, st.info.tokens_seen)
         }
@@ -345,7 +388,7 @@ fn train_on_pool(resolved: &Resolved, comm: &dyn Comm) -> Result<Outcome> {
             }
             check_training_memory(&cfg, s, false)?;
             let model = GPT::new_seeded(&cfg, s.seed, &device)?;
-            let opt = AdamW::new(model.params(), opt_cfg)?;
+            let opt = AdamW::new(model.params(), opt_cfg.clone())?;
             (model, opt, 0, None, 0)
         }
         other => {
@@ -362,12 +405,44 @@ fn train_on_pool(resolved: &Resolved, comm: &dyn Comm) -> Result<Outcome> {
                 model.config.dropout = d;
                 model.config.validate()?;
             }
-            let opt = AdamW::new(model.params(), opt_cfg)?;
+            let opt = AdamW::new(model.params(), opt_cfg.clone())?;
             (model, opt, 0, None, 0)
         }
     };
     if s.init_from != "scratch" {
         check_training_memory(&model.config, s, true)?;
+    }
+    if ep {
+        let c = &model.config;
+        if !c.is_moe() {
+            return Err(Error::Config("expert_parallel needs an MoE model (n_exp > 1)".into()));
+        }
+        for (on, key) in [(c.use_router_ortho_loss, "use_router_ortho_loss"), (c.use_experts_ortho_loss, "use_experts_ortho_loss"), (c.use_gate_output_loss, "use_gate_output_loss")] {
+            if on && c.n_exp > 0 {
+                return Err(Error::Config(format!("expert_parallel does not implement the seed's {key} (it needs every expert's weights on one rank); switch it off or train without expert_parallel")));
+            }
+        }
+        // Keep this rank's experts (and their AdamW moments when resuming).
+        let shard = ExpertShard::new(comm_arc.clone(), c.n_exp)?;
+        let resumed_moments = if resuming { Some(shard.slice(opt.state().into_iter().flat_map(|(n, m, v)| [(format!("m.{n}"), m), (format!("v.{n}"), v)]).collect())?) } else { None };
+        let full: Vec<(String, Tensor)> = model.params().iter().map(|(n, v)| (n.to_string(), v.as_tensor().clone())).collect();
+        let cfg = model.config.clone();
+        model = GPT::from_params_sharded(cfg, ParamStore::from_tensors(full)?, Some(shard))?;
+        let step = opt.step_count();
+        opt = AdamW::new(model.params(), opt_cfg.clone())?;
+        if let Some(m) = resumed_moments {
+            let mut ms = std::collections::BTreeMap::new();
+            let mut vs = std::collections::BTreeMap::new();
+            for (n, t) in m {
+                if let Some(p) = n.strip_prefix("m.") {
+                    ms.insert(p.to_string(), t);
+                } else if let Some(p) = n.strip_prefix("v.") {
+                    vs.insert(p.to_string(), t);
+                }
+            }
+            let moments = ms.into_iter().filter_map(|(n, m)| vs.remove(&n).map(|v| (n, m, v))).collect();
+            opt.load_state(step, moments)?;
+        }
     }
     if vocab > model.config.vocab_size {
         return Err(Error::Config(format!(
@@ -419,7 +494,14 @@ fn train_on_pool(resolved: &Resolved, comm: &dyn Comm) -> Result<Outcome> {
         tokens_per_iter,
         s.max_iters
     ));
-    if ranks > 1 {
+    if ep {
+        log.line(&format!(
+            "expert parallel over {ranks} processes: each holds {} of every MoE layer's {} experts and takes {} rows of every micro batch",
+            model.config.n_exp / ranks as usize,
+            model.config.n_exp,
+            s.batch_size / ranks as usize
+        ));
+    } else if ranks > 1 {
         log.line(&format!("data parallel over {ranks} processes: {} micro batches each per step", s.gradient_accumulation_steps / ranks));
     }
     if resuming {
@@ -478,10 +560,19 @@ fn train_on_pool(resolved: &Resolved, comm: &dyn Comm) -> Result<Outcome> {
                 best_val = Some(va.loss);
             }
             // (At the step a run resumed from, the state on disk is already this one.)
-            if main && iter > 0 && iter != start_iter && (improved || s.always_save_checkpoint || iter >= s.max_iters) {
+            if iter > 0 && iter != start_iter && (improved || s.always_save_checkpoint || iter >= s.max_iters) {
                 let info = StateInfo { iter, best_val_loss: best_val, tokens_seen, model: model.config.clone(), settings: settings_json.clone() };
-                save_state(&out_dir, &info, model.params(), &opt, s.keep_last_states)?;
-                save_models(&model, improved)?;
+                if let Some(shard) = model.expert_shard() {
+                    // Every rank sends its experts; rank 0 writes them all.
+                    let (full, moments) = gather_state(shard, &model, &opt)?;
+                    if main {
+                        save_state(&out_dir, &info, &full, &moments, s.keep_last_states)?;
+                        save_models(&GPT::from_params(model.config.clone(), full)?, improved)?;
+                    }
+                } else if main {
+                    save_state(&out_dir, &info, model.params(), &opt.state(), s.keep_last_states)?;
+                    save_models(&model, improved)?;
+                }
             }
         }
         if iter >= s.max_iters || s.eval_only {
@@ -492,12 +583,24 @@ fn train_on_pool(resolved: &Resolved, comm: &dyn Comm) -> Result<Outcome> {
         // that the step is the same on any number of ranks.
         let mut micro = Vec::new();
         let mut seeds = Vec::new();
-        for k in (rank as u64..s.gradient_accumulation_steps).step_by(ranks as usize) {
+        let (first, every) = if ep { (0, 1) } else { (rank as u64, ranks as usize) };
+        for k in (first..s.gradient_accumulation_steps).step_by(every) {
             let mut rng = StdRng::seed_from_u64(mix(&[s.seed, iter, 4, k]));
-            micro.push(get_batch(&data.train, s.batch_size, block, model.config.vocab_size, &mut rng, &device)?);
-            seeds.push(mix(&[s.seed, iter, 3, k]));
+            let (x, y) = get_batch(&data.train, s.batch_size, block, model.config.vocab_size, &mut rng, &device)?;
+            if ep {
+                // This rank's rows; its own dropout masks and router noise.
+                let rows = share(s.batch_size, rank, ranks as usize);
+                micro.push((x.narrow(0, rows.start, rows.len())?, y.narrow(0, rows.start, rows.len())?));
+                seeds.push(if rank == 0 { mix(&[s.seed, iter, 3, k]) } else { mix(&[s.seed, iter, 3, k, rank as u64]) });
+            } else {
+                micro.push((x, y));
+                seeds.push(mix(&[s.seed, iter, 3, k]));
+            }
         }
-        let step = Step { micro_batches: &micro, seeds: Some(&seeds), micro_total: s.gradient_accumulation_steps as usize, grad_clip: s.grad_clip };
+        // Each rank's losses are means over its rows: with expert parallelism they are also
+        // divided by N, so that their sum over ranks is the global mean.
+        let micro_total = s.gradient_accumulation_steps as usize * if ep { ranks as usize } else { 1 };
+        let step = Step { micro_batches: &micro, seeds: Some(&seeds), micro_total, grad_clip: s.grad_clip };
         let st = train_step_on(&model, &mut opt, &step, comm)?;
         if !st.loss.is_finite() {
             return Err(Error::Msg(format!("loss became {} at step {iter}; lower learning_rate", st.loss)));
@@ -523,7 +626,15 @@ fn train_on_pool(resolved: &Resolved, comm: &dyn Comm) -> Result<Outcome> {
         log.bar.set_position(iter);
     }
     log.bar.finish_and_clear();
-    if main && !out_dir.join("model").is_dir() {
+    let unsaved = comm.all_gather_u64(&[!out_dir.join("model").is_dir() as u64])?[0] == 1;
+    if let Some(shard) = model.expert_shard() {
+        let full = gather_state(shard, &model, &opt)?.0;
+        let full = GPT::from_params(model.config.clone(), full)?;
+        if main && unsaved {
+            save_models(&full, true)?;
+        }
+        model = full; // (rank 0 measures the built-in tasks' accuracy on the whole model)
+    } else if main && unsaved {
         save_models(&model, true)?;
     }
     let accuracy = match s.data_dir.as_str() {

@@ -61,6 +61,10 @@ pub struct TrainSettings {
     /// Seconds a rank waits in a collective for the others before it ends the whole job
     /// (a rank died or hangs); 0 waits forever.
     pub collective_timeout: f64,
+    /// Under mpirun: spread every MoE layer's experts over the processes (each holds
+    /// n_exp / N and takes batch_size / N rows of every micro batch) instead of giving each
+    /// process whole micro batches and every expert.
+    pub expert_parallel: bool,
 }
 
 impl Default for TrainSettings {
@@ -92,6 +96,7 @@ impl Default for TrainSettings {
             peak_flops: 2e11,
             threads: 0,
             collective_timeout: 600.0,
+            expert_parallel: false,
         }
     }
 }

@@ -15,7 +15,6 @@ use serde::{Deserialize, Serialize};
 use crate::checkpoint::{write_safetensors, AtomicDir, SaveDType};
 use crate::config::GPTConfig;
 use crate::error::{Error, Result};
-use crate::optim::AdamW;
 use crate::params::ParamStore;
 use crate::tokenizer::write_atomic;
 
@@ -47,7 +46,8 @@ fn read_tensors(path: &Path) -> Result<Vec<(String, Tensor)>> {
 }
 
 /// Writes a state and points `latest` at it; keeps the newest `keep` states.
-pub fn save_state(out_dir: &Path, info: &StateInfo, params: &ParamStore, opt: &AdamW, keep: usize) -> Result<()> {
+/// `moments`: AdamW's (name, m, v) for each parameter ([`AdamW::state`]).
+pub fn save_state(out_dir: &Path, info: &StateInfo, params: &ParamStore, moments_in: &[(String, Tensor, Tensor)], keep: usize) -> Result<()> {
     let root = state_root(out_dir);
     std::fs::create_dir_all(&root).map_err(|e| Error::file(&root, e))?;
     let name = format!("step-{:08}", info.iter);
@@ -55,9 +55,9 @@ pub fn save_state(out_dir: &Path, info: &StateInfo, params: &ParamStore, opt: &A
     let weights: Vec<(String, Tensor)> = params.iter().map(|(n, v)| (n.to_string(), v.as_tensor().clone())).collect();
     write_safetensors(&dir.path("model.safetensors"), &weights, SaveDType::F32)?;
     let mut moments = Vec::new();
-    for (n, m, v) in opt.state() {
-        moments.push((format!("m.{n}"), m));
-        moments.push((format!("v.{n}"), v));
+    for (n, m, v) in moments_in {
+        moments.push((format!("m.{n}"), m.clone()));
+        moments.push((format!("v.{n}"), v.clone()));
     }
     write_safetensors(&dir.path("optimizer.safetensors"), &moments, SaveDType::F32)?;
     dir.write_json("state.json", &serde_json::to_value(info).expect("serializes"))?;
