@@ -27,7 +27,9 @@ pub trait Comm: Send + Sync {
     fn all_gather_u64(&self, mine: &[u64]) -> Result<Vec<u64>>;
     /// `send[r]` goes to rank r; returns what each rank sent here, in rank order.
     fn all_to_all_f32(&self, send: &[Vec<f32>]) -> Result<Vec<Vec<f32>>>;
-    /// Payload bytes this rank has sent so far (for the benchmark's bytes per step).
+    /// Payload bytes this rank has put into collectives so far: each all-reduce's and
+    /// all-gather's whole buffer, each all-to-all's rows for other ranks (for the
+    /// benchmark's bytes per step; what the wire carries depends on the MPI algorithm).
     fn bytes_sent(&self) -> u64;
     /// Whether this rank prints and writes files (rank 0).
     fn is_main(&self) -> bool {

@@ -160,7 +160,8 @@ impl Comm for MpiComm {
         count(total, "all-to-all")?;
         let mut recv = vec![0f32; total];
         let (sd, rd) = (displacements(&send_counts), displacements(&recv_counts));
-        self.collective("all-to-all", 4 * flat.len(), |w| {
+        let to_others = flat.len() - send[self.rank].len();
+        self.collective("all-to-all", 4 * to_others, |w| {
             let s = Partition::new(&flat[..], &send_counts[..], &sd[..]);
             let mut r = PartitionMut::new(&mut recv[..], &recv_counts[..], &rd[..]);
             w.all_to_all_varcount_into(&s, &mut r);

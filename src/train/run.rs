@@ -530,6 +530,7 @@ fn train_on_pool(resolved: &Resolved, comm_arc: &Arc<dyn Comm>) -> Result<Outcom
     model.train();
     let mut window = Instant::now();
     let mut window_tokens = 0u64;
+    let (mut window_steps, mut window_bytes) = (0u64, comm.bytes_sent());
     loop {
         let lr = lr_at(iter, s.learning_rate, s.min_lr, s.warmup_iters, s.lr_decay_iters, s.decay_lr);
         if iter % s.eval_interval == 0 || iter >= s.max_iters {
@@ -608,6 +609,7 @@ fn train_on_pool(resolved: &Resolved, comm_arc: &Arc<dyn Comm>) -> Result<Outcom
         iter += 1;
         tokens_seen += tokens_per_iter;
         window_tokens += tokens_per_iter;
+        window_steps += 1;
         train_losses.push((iter, st.loss));
         if iter % s.log_interval == 0 || iter == s.max_iters {
             let secs = window.elapsed().as_secs_f64().max(1e-9);
@@ -620,8 +622,15 @@ fn train_on_pool(resolved: &Resolved, comm_arc: &Arc<dyn Comm>) -> Result<Outcom
             log.metric(json!({"iter": iter, "loss": st.loss, "ntp_loss": st.ntp_loss, "aux_loss": st.aux_loss,
                 "router_z_loss": st.router_z_loss, "router_ortho_loss": st.router_ortho_loss, "experts_ortho_loss": st.experts_ortho_loss,
                 "gate_output_loss": st.gate_output_loss, "grad_norm": st.grad_norm, "lr": lr, "tokens_per_sec": tps, "mfu": mfu}))?;
+            if ranks > 1 {
+                // Payload this rank sent per step (collectives of evaluations included).
+                let sent = comm.bytes_sent();
+                log.metric(json!({"iter": iter, "bytes_sent_per_step": (sent - window_bytes) as f64 / window_steps.max(1) as f64}))?;
+                window_bytes = sent;
+            }
             window = Instant::now();
             window_tokens = 0;
+            window_steps = 0;
         }
         log.bar.set_position(iter);
     }
