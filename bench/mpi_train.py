@@ -36,14 +36,17 @@ def run(out, np, threads, steps, extra):
         args = ["mpirun", "--allow-run-as-root", "--oversubscribe", "--bind-to", "none", "-np", str(np)] + args
     env = dict(os.environ, OMPI_MCA_btl_vader_single_copy_mechanism="none")
     subprocess.run(args, check=True, capture_output=True, env=env)
-    tps, sent = [], []
+    tps, sent, busy = [], [], []
     for line in (Path(out) / "metrics.jsonl").read_text().splitlines():
         v = json.loads(line)
         if "tokens_per_sec" in v and v["iter"] > 2:
             tps.append(v["tokens_per_sec"])
         if "bytes_sent_per_step" in v and v["iter"] > 2:
             sent.append(v["bytes_sent_per_step"])
-    return statistics.median(tps), (statistics.median(sent) if sent else 0.0)
+            busy.append(v["seconds_in_collectives_per_step"])
+    step_s = 4096 / statistics.median(tps)
+    share = statistics.median(busy) / step_s if busy else 0.0
+    return statistics.median(tps), (statistics.median(sent) if sent else 0.0), share
 
 
 def main():
@@ -57,29 +60,34 @@ def main():
     cases = [("1 process x 2 threads", 1, 2, []),
              ("mpirun -np 2 x 1 thread, data parallel", 2, 1, []),
              ("mpirun -np 2 x 1 thread, expert parallel", 2, 1, ["--expert_parallel=true"])]
-    results = {c[0]: ([], []) for c in cases}
+    results = {c[0]: ([], [], []) for c in cases}
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(a.repeats):  # interleaved, so that drifts of the machine hit every case
             for label, np_, threads, extra in cases:
-                tps, sent = run(Path(tmp) / "run", np_, threads, a.steps, extra)
+                tps, sent, share = run(Path(tmp) / "run", np_, threads, a.steps, extra)
                 results[label][0].append(tps)
                 results[label][1].append(sent)
+                results[label][2].append(share)
     base = statistics.median(results[cases[0][0]][0])
     rows = []
     for label, *_ in cases:
-        tps, sent = results[label]
+        tps, sent, share = results[label]
         rows.append({"case": label, "tokens_per_sec": statistics.median(tps), "min": min(tps), "max": max(tps),
-                     "ratio": statistics.median(tps) / base, "bytes_sent_per_step": statistics.median(sent)})
+                     "ratio": statistics.median(tps) / base, "bytes_sent_per_step": statistics.median(sent),
+                     "time_in_collectives": statistics.median(share)})
     if a.json:
         print(json.dumps(rows, indent=1))
         return
     print("4x256 MoE (8 experts, top-2), block 256, batch 8 x 2 micro batches = 4096 tokens per step, %d steps x %d repeats"
           % (a.steps, a.repeats))
-    print("| case | tokens/s (min-max) | vs 1 process | bytes sent per step (rank 0) |")
-    print("|---|---|---|---|")
+    print("| case | tokens/s (min-max) | vs 1 process | payload sent per step (rank 0) | step time in collectives (rank 0) |")
+    print("|---|---|---|---|---|")
     for r in rows:
-        print("| %s | %.0f (%.0f-%.0f) | %.2fx | %s |" % (r["case"], r["tokens_per_sec"], r["min"], r["max"], r["ratio"],
-                                                      "%.2f MB" % (r["bytes_sent_per_step"] / 1e6) if r["bytes_sent_per_step"] else "-"))
+        dist = r["bytes_sent_per_step"] > 0
+        print("| %s | %.0f (%.0f-%.0f) | %.2fx | %s | %s |" % (
+            r["case"], r["tokens_per_sec"], r["min"], r["max"], r["ratio"],
+            "%.2f MB" % (r["bytes_sent_per_step"] / 1e6) if dist else "-",
+            "%.1f %%" % (100 * r["time_in_collectives"]) if dist else "-"))
 
 
 if __name__ == "__main__":

@@ -31,6 +31,11 @@ pub trait Comm: Send + Sync {
     /// all-gather's whole buffer, each all-to-all's rows for other ranks (for the
     /// benchmark's bytes per step; what the wire carries depends on the MPI algorithm).
     fn bytes_sent(&self) -> u64;
+    /// Seconds this rank has spent inside collectives so far (moving data, and waiting for
+    /// slower ranks).
+    fn seconds_in_collectives(&self) -> f64 {
+        0.0
+    }
     /// Whether this rank prints and writes files (rank 0).
     fn is_main(&self) -> bool {
         self.rank() == 0

@@ -35,6 +35,7 @@ pub struct MpiComm {
     lock: Mutex<()>,
     pending: Arc<Pending>,
     bytes: AtomicU64,
+    nanos: AtomicU64,
     /// Finalises MPI when dropped (after the world communicator).
     _universe: Universe,
 }
@@ -66,7 +67,7 @@ impl MpiComm {
                 .spawn(move || watchdog(p, limit, rank))
                 .map_err(|e| Error::Msg(format!("cannot start the MPI watchdog thread: {e}")))?;
         }
-        Ok(MpiComm { world, rank, size, lock: Mutex::new(()), pending, bytes: AtomicU64::new(0), _universe: universe })
+        Ok(MpiComm { world, rank, size, lock: Mutex::new(()), pending, bytes: AtomicU64::new(0), nanos: AtomicU64::new(0), _universe: universe })
     }
 
     /// Runs one collective under the lock and the watchdog's eye.
@@ -75,7 +76,9 @@ impl MpiComm {
         *self.pending.what.lock().unwrap_or_else(|e| e.into_inner()) = what;
         let now = self.pending.epoch.elapsed().as_millis() as u64;
         self.pending.since_ms.store(now.max(1), Ordering::SeqCst);
+        let t = Instant::now();
         let out = f(&self.world);
+        self.nanos.fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
         self.pending.since_ms.store(0, Ordering::SeqCst);
         self.bytes.fetch_add(sent_bytes as u64, Ordering::Relaxed);
         out
@@ -174,5 +177,8 @@ impl Comm for MpiComm {
     }
     fn bytes_sent(&self) -> u64 {
         self.bytes.load(Ordering::Relaxed)
+    }
+    fn seconds_in_collectives(&self) -> f64 {
+        self.nanos.load(Ordering::Relaxed) as f64 * 1e-9
     }
 }

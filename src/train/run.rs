@@ -530,7 +530,7 @@ fn train_on_pool(resolved: &Resolved, comm_arc: &Arc<dyn Comm>) -> Result<Outcom
     model.train();
     let mut window = Instant::now();
     let mut window_tokens = 0u64;
-    let (mut window_steps, mut window_bytes) = (0u64, comm.bytes_sent());
+    let (mut window_steps, mut window_bytes, mut window_comm) = (0u64, comm.bytes_sent(), comm.seconds_in_collectives());
     loop {
         let lr = lr_at(iter, s.learning_rate, s.min_lr, s.warmup_iters, s.lr_decay_iters, s.decay_lr);
         if iter % s.eval_interval == 0 || iter >= s.max_iters {
@@ -624,9 +624,11 @@ fn train_on_pool(resolved: &Resolved, comm_arc: &Arc<dyn Comm>) -> Result<Outcom
                 "gate_output_loss": st.gate_output_loss, "grad_norm": st.grad_norm, "lr": lr, "tokens_per_sec": tps, "mfu": mfu}))?;
             if ranks > 1 {
                 // Payload this rank sent per step (collectives of evaluations included).
-                let sent = comm.bytes_sent();
-                log.metric(json!({"iter": iter, "bytes_sent_per_step": (sent - window_bytes) as f64 / window_steps.max(1) as f64}))?;
-                window_bytes = sent;
+                let (sent, busy) = (comm.bytes_sent(), comm.seconds_in_collectives());
+                let steps = window_steps.max(1) as f64;
+                log.metric(json!({"iter": iter, "bytes_sent_per_step": (sent - window_bytes) as f64 / steps,
+                    "seconds_in_collectives_per_step": (busy - window_comm) / steps}))?;
+                (window_bytes, window_comm) = (sent, busy);
             }
             window = Instant::now();
             window_tokens = 0;
