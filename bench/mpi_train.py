@@ -43,7 +43,7 @@ def run(out, np, threads, steps, extra):
             tps.append(v["tokens_per_sec"])
         if "bytes_sent_per_step" in v and v["iter"] > 2:
             sent.append(v["bytes_sent_per_step"])
-            busy.append(v["seconds_in_collectives_per_step"])
+            busy.append(v["seconds_blocked_in_collectives_per_step"])
     step_s = 4096 / statistics.median(tps)
     share = statistics.median(busy) / step_s if busy else 0.0
     return statistics.median(tps), (statistics.median(sent) if sent else 0.0), share
@@ -80,7 +80,7 @@ def main():
         return
     print("4x256 MoE (8 experts, top-2), block 256, batch 8 x 2 micro batches = 4096 tokens per step, %d steps x %d repeats"
           % (a.steps, a.repeats))
-    print("| case | tokens/s (min-max) | vs 1 process | payload sent per step (rank 0) | step time in collectives (rank 0) |")
+    print("| case | tokens/s (min-max) | vs 1 process | payload sent per step (rank 0) | step time blocked on collectives (rank 0) |")
     print("|---|---|---|---|---|")
     for r in rows:
         dist = r["bytes_sent_per_step"] > 0

@@ -11,7 +11,7 @@
 //! Only graphs built with a sink need [`GradSink::backward`]; a plain `loss.backward()` on
 //! such a graph leaves the deposited weights without gradients.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 
 use candle_core::backprop::GradStore;
@@ -19,13 +19,33 @@ use candle_core::{Tensor, TensorId};
 
 use crate::error::Result;
 
+/// Called with a weight's id and the sum of its deposits so far, at every deposit (during
+/// the backward pass: the trainer starts that gradient's all-reduce there).
+pub type DepositHook = Arc<dyn Fn(TensorId, &Tensor) -> candle_core::Result<()> + Send + Sync>;
+
 /// A shared, cloneable deposit box for weight gradients, keyed by the weight's tensor id.
 #[derive(Clone, Default)]
-pub struct GradSink(Arc<Mutex<HashMap<TensorId, Tensor>>>);
+pub struct GradSink {
+    deposits: Arc<Mutex<HashMap<TensorId, Tensor>>>,
+    hook: Option<DepositHook>,
+    /// Weights that got a gradient from candle as well as deposits in the last backward.
+    mixed: Arc<Mutex<HashSet<TensorId>>>,
+}
 
 impl GradSink {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// A sink that also hands every deposit's running sum to `hook`.
+    pub fn with_hook(hook: DepositHook) -> Self {
+        GradSink { hook: Some(hook), ..Self::default() }
+    }
+
+    /// Whether `id`'s gradient in the last [`backward`](Self::backward) was more than its
+    /// deposits (candle computed a part of it too).
+    pub fn was_mixed(&self, id: TensorId) -> bool {
+        self.mixed.lock().map(|m| m.contains(&id)).unwrap_or(true)
     }
 
     /// Adds `grad` to what `target` has received so far (kernels call this from `bwd`).
@@ -35,6 +55,9 @@ impl GradSink {
             Some(prev) => (prev + grad)?,
             None => grad,
         };
+        if let Some(hook) = &self.hook {
+            hook(target.id(), &sum)?;
+        }
         map.insert(target.id(), sum);
         Ok(())
     }
@@ -43,10 +66,15 @@ impl GradSink {
     /// computed for the same tensor). Deposits left from an earlier pass are discarded.
     pub fn backward(&self, loss: &Tensor) -> Result<GradStore> {
         self.lock()?.clear();
+        let mut mixed = self.mixed.lock().map_err(|_| candle_core::Error::Msg("gradient sink: poisoned".into()))?;
+        mixed.clear();
         let mut grads = loss.backward()?;
         for (id, g) in self.lock()?.drain() {
             let sum = match grads.get_id(id) {
-                Some(prev) => (prev + g)?,
+                Some(prev) => {
+                    mixed.insert(id);
+                    (prev + g)?
+                }
                 None => g,
             };
             grads.insert_id(id, sum);
@@ -55,6 +83,6 @@ impl GradSink {
     }
 
     fn lock(&self) -> candle_core::Result<std::sync::MutexGuard<'_, HashMap<TensorId, Tensor>>> {
-        self.0.lock().map_err(|_| candle_core::Error::Msg("gradient sink: a thread panicked while depositing".into()))
+        self.deposits.lock().map_err(|_| candle_core::Error::Msg("gradient sink: a thread panicked while depositing".into()))
     }
 }

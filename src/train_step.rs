@@ -1,9 +1,12 @@
 //! One optimisation step as nanoGPT's train.py takes it: gradient accumulation over micro
 //! batches (loss / steps each), global-norm clipping, AdamW.
 
-use candle_core::{backprop::GradStore, DType, Tensor};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 
-use crate::dist::{all_reduce_buckets, Comm, Single};
+use candle_core::{backprop::GradStore, DType, Tensor, TensorId};
+
+use crate::dist::{all_reduce_buckets, Comm, Reduction, Single};
 use crate::error::{Error, Result};
 use crate::gpt::GPT;
 use crate::grad_sink::GradSink;
@@ -55,8 +58,8 @@ fn accumulate(params: &ParamStore, acc: &mut Option<GradStore>, new: GradStore) 
 /// Runs forward/backward on each (inputs, targets) micro batch (nanoGPT targets: already
 /// shifted, -1 ignored), then clips and applies one AdamW update.
 pub fn train_step(model: &GPT, opt: &mut AdamW, micro_batches: &[(Tensor, Tensor)], grad_clip: f64) -> Result<StepStats> {
-    let step = Step { micro_batches, seeds: None, micro_total: micro_batches.len(), grad_clip };
-    train_step_on(model, opt, &step, &Single)
+    let step = Step { micro_batches, seeds: None, micro_total: micro_batches.len(), grad_clip, overlap_reduce: false };
+    train_step_on(model, opt, &step, &(Arc::new(Single) as Arc<dyn Comm>))
 }
 
 /// One rank's part of a step.
@@ -69,13 +72,22 @@ pub struct Step<'a> {
     /// Micro batches of the whole step over all ranks (each loss is divided by it).
     pub micro_total: usize,
     pub grad_clip: f64,
+    /// Start the experts' gradient all-reduces during the last backward pass (see
+    /// [`train_step_on`]); otherwise every all-reduce runs after it.
+    pub overlap_reduce: bool,
 }
 
 /// A data-parallel step: every rank runs forward/backward on its own micro batches, the
 /// gradients and the loss terms are summed over ranks (bucketed all-reduce), and every rank
 /// clips and applies the same AdamW update to the same weights. With N ranks taking
 /// micro batches k = r, r + N, ... this equals one process running all of them in turn.
-pub fn train_step_on(model: &GPT, opt: &mut AdamW, step: &Step, comm: &dyn Comm) -> Result<StepStats> {
+///
+/// With `overlap_reduce`, the experts' weight gradients, which reach the [`GradSink`]
+/// during the backward pass, start their all-reduce there in the last micro batch,
+/// overlapping the rest of the backward (candle's own backward returns its gradients only
+/// at the end).
+pub fn train_step_on(model: &GPT, opt: &mut AdamW, step: &Step, comm_arc: &Arc<dyn Comm>) -> Result<StepStats> {
+    let comm: &dyn Comm = comm_arc.as_ref();
     let micro_batches = step.micro_batches;
     if step.micro_total == 0 || (micro_batches.is_empty() && comm.size() == 1) {
         return Err(Error::Input("a training step needs at least one micro batch".into()));
@@ -83,11 +95,18 @@ pub fn train_step_on(model: &GPT, opt: &mut AdamW, step: &Step, comm: &dyn Comm)
     let n = step.micro_total as f64;
     let mut grads = None;
     let mut terms = [0f64; 7];
+    let overlap = step.overlap_reduce && comm.size() > 1 && model.expert_shard().is_none();
+    let started: Arc<Mutex<HashMap<TensorId, Reduction>>> = Arc::default();
+    let mut last_sink = None;
     for (i, (x, y)) in micro_batches.iter().enumerate() {
         if let Some(seeds) = step.seeds {
             model.set_seed(seeds[i]);
         }
-        let sink = GradSink::new();
+        let sink = if overlap && i + 1 == micro_batches.len() {
+            overlapping_sink(model.params(), grads.as_ref(), comm_arc.clone(), started.clone())
+        } else {
+            GradSink::new()
+        };
         let (loss, losses, _) = model.forward_loss_with_sink(x, y, &sink)?;
         let loss = loss.ok_or_else(|| Error::Input("every target of a micro batch is ignored".into()))?;
         let values = [
@@ -109,6 +128,7 @@ pub fn train_step_on(model: &GPT, opt: &mut AdamW, step: &Step, comm: &dyn Comm)
             }
         }
         accumulate(model.params(), &mut grads, g)?;
+        last_sink = Some(sink);
     }
     let mut grads = match grads {
         Some(g) => g,
@@ -118,8 +138,21 @@ pub fn train_step_on(model: &GPT, opt: &mut AdamW, step: &Step, comm: &dyn Comm)
     // the all-to-all's backward brought every rank's contribution here.
     let sharded = |name: &str| model.expert_shard().is_some() && ExpertShard::is_sharded(name);
     if comm.size() > 1 {
+        // Started all-reduces whose gradient candle added to after the deposit are redone.
+        let started = std::mem::take(&mut *started.lock().unwrap_or_else(|e| e.into_inner()));
+        let done: std::collections::HashSet<TensorId> =
+            started.keys().copied().filter(|&id| !last_sink.as_ref().is_some_and(|s| s.was_mixed(id))).collect();
+        let skip = |name: &str| sharded(name) || model.params().var(name).is_some_and(|v| done.contains(&v.id()));
         comm.all_reduce_f64(&mut terms)?;
-        all_reduce_grads(model.params(), &mut grads, comm, &sharded)?;
+        all_reduce_grads(model.params(), &mut grads, comm, &skip)?;
+        for (id, reduction) in started {
+            let sum = reduction.wait()?;
+            if !done.contains(&id) {
+                continue;
+            }
+            let var = model.params().iter().map(|(_, v)| v).find(|v| v.id() == id).expect("a parameter's id");
+            grads.insert(var, Tensor::from_vec(sum, var.shape(), var.device())?.to_dtype(var.dtype())?);
+        }
     }
     let mut stats = StepStats {
         loss: terms[0] as f32,
@@ -140,6 +173,27 @@ pub fn train_step_on(model: &GPT, opt: &mut AdamW, step: &Step, comm: &dyn Comm)
     };
     opt.step_scaled(&grads, clip_coefficient(stats.grad_norm, step.grad_clip))?;
     Ok(stats)
+}
+
+/// A sink that starts each deposited parameter's all-reduce at its deposit, on the sum of
+/// the earlier micro batches' gradient (`prev`) and this one's. (A weight deposited twice
+/// starts twice; the later, complete sum is the one kept.)
+fn overlapping_sink(params: &ParamStore, prev: Option<&GradStore>, comm: Arc<dyn Comm>, started: Arc<Mutex<HashMap<TensorId, Reduction>>>) -> GradSink {
+    let mut earlier: HashMap<TensorId, Option<Tensor>> = HashMap::new();
+    for (_, var) in params.iter() {
+        earlier.insert(var.id(), prev.and_then(|g| g.get(var)).cloned());
+    }
+    GradSink::with_hook(Arc::new(move |id, g| {
+        let Some(before) = earlier.get(&id) else { return Ok(()) };
+        let total = match before {
+            Some(p) => (p + g)?,
+            None => g.clone(),
+        };
+        let buf: Vec<f32> = total.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+        let r = comm.start_all_reduce_f32(buf).map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+        started.lock().unwrap_or_else(|e| e.into_inner()).insert(id, r);
+        Ok(())
+    }))
 }
 
 /// Floats per all-reduce message (16 MiB).

@@ -142,6 +142,13 @@ fn data_parallel_equals_gradient_accumulation() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("data parallel over 2 processes: 1 micro batches each per step"), "{text}");
     assert_same_run(&one, &two, 1e-5);
+    // The experts' all-reduces started during the backward pass, with two micro batches
+    // per process (the earlier one's gradient added at the start).
+    let (one, two) = (tmp.path().join("one-4"), tmp.path().join("two-4"));
+    let extra = ["--max_iters=6", "--gradient_accumulation_steps=4", "--batch_size=4", "--dropout=0.1"];
+    train(1, &with(base_args(&one), &extra));
+    train(2, &with(base_args(&two), &with(extra.iter().map(|s| s.to_string()).collect(), &["--overlap_grad_reduce=on"]).iter().map(|s| s.as_str()).collect::<Vec<_>>()));
+    assert_same_run(&one, &two, 1e-5);
 }
 
 fn ep_args(out: &Path) -> Vec<String> {

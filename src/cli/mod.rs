@@ -836,7 +836,17 @@ fn cmd_train(args: &[String]) -> Result<()> {
     let resolved = nanomoe::train::Resolved::resolve(file.zip(text.as_deref()), overrides)?;
     // One process, or one of `mpirun -np N`'s (data-parallel training; rank 0 prints).
     let comm = nanomoe::dist::from_env(resolved.train.collective_timeout)?;
-    let out = nanomoe::train::run::train_with(&resolved, &comm)?;
+    let out = match nanomoe::train::run::train_with(&resolved, &comm) {
+        Ok(o) => o,
+        Err(e) => {
+            if comm.size() > 1 {
+                // No MPI_Finalize (it could wait for ranks still in a collective): exit, and
+                // mpirun ends the others.
+                std::mem::forget(comm);
+            }
+            return Err(e.into());
+        }
+    };
     if !comm.is_main() {
         return Ok(());
     }

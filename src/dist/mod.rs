@@ -21,6 +21,13 @@ pub trait Comm: Send + Sync {
     fn size(&self) -> usize;
     /// `buf` summed over ranks, in place.
     fn all_reduce_f32(&self, buf: &mut [f32]) -> Result<()>;
+    /// Starts summing `buf` over ranks and returns at once; [`Reduction::wait`] gives the
+    /// sum. Collectives run in the order they are called, started or blocking, so every
+    /// rank must start them in the same order too. (Default: the blocking all-reduce.)
+    fn start_all_reduce_f32(&self, mut buf: Vec<f32>) -> Result<Reduction> {
+        self.all_reduce_f32(&mut buf)?;
+        Ok(Reduction::Ready(buf))
+    }
     /// `buf` summed over ranks, in place.
     fn all_reduce_f64(&self, buf: &mut [f64]) -> Result<()>;
     /// Every rank's `mine` (the same length on each), concatenated in rank order.
@@ -31,14 +38,36 @@ pub trait Comm: Send + Sync {
     /// all-gather's whole buffer, each all-to-all's rows for other ranks (for the
     /// benchmark's bytes per step; what the wire carries depends on the MPI algorithm).
     fn bytes_sent(&self) -> u64;
-    /// Seconds this rank has spent inside collectives so far (moving data, and waiting for
-    /// slower ranks).
+    /// Seconds the calling threads have been blocked on collectives so far (moving data,
+    /// and waiting for slower ranks; started all-reduces count from their `wait`).
     fn seconds_in_collectives(&self) -> f64 {
         0.0
     }
     /// Whether this rank prints and writes files (rank 0).
     fn is_main(&self) -> bool {
         self.rank() == 0
+    }
+}
+
+/// An all-reduce under way (see [`Comm::start_all_reduce_f32`]).
+pub enum Reduction {
+    Ready(Vec<f32>),
+    /// The result to come, and the nanosecond counter that time blocked in `wait` adds to.
+    Pending(std::sync::mpsc::Receiver<Result<Vec<f32>>>, std::sync::Arc<std::sync::atomic::AtomicU64>),
+}
+
+impl Reduction {
+    /// The sum over ranks, once every rank has contributed.
+    pub fn wait(self) -> Result<Vec<f32>> {
+        match self {
+            Reduction::Ready(v) => Ok(v),
+            Reduction::Pending(rx, blocked_ns) => {
+                let t = std::time::Instant::now();
+                let out = rx.recv().map_err(|_| Error::Msg("the MPI thread ended during an all-reduce".into()));
+                blocked_ns.fetch_add(t.elapsed().as_nanos() as u64, std::sync::atomic::Ordering::Relaxed);
+                out?
+            }
+        }
     }
 }
 

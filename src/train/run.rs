@@ -166,6 +166,19 @@ pub fn evaluate_on(model: &mut GPT, split: &Split, batch_size: usize, iters: u64
     Ok(EvalResult { loss: total / iters as f64, moe })
 }
 
+/// Whether gradient all-reduces should overlap the backward pass: only where this machine
+/// has a core to spare for each process's MPI thread (MPI polls while it waits, and on a
+/// machine whose cores all compute that slows the step down: 2 processes on 2 cores,
+/// 0.89-1.02x one process with overlap, 1.09-1.13x without).
+fn overlap_reduce(ranks: usize, threads: usize) -> bool {
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let here = ["OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS", "PMIX_LOCAL_SIZE"]
+        .iter()
+        .find_map(|k| std::env::var(k).ok()?.parse::<usize>().ok())
+        .unwrap_or(ranks);
+    ranks > 1 && threads > 0 && cores >= here * (threads + 1)
+}
+
 /// The whole model and its AdamW moments, every rank's experts put together (a collective).
 fn gather_state(shard: &ExpertShard, model: &GPT, opt: &AdamW) -> Result<(ParamStore, Vec<(String, Tensor, Tensor)>)> {
     let weights: Vec<(String, Tensor)> = model.params().iter().map(|(n, v)| (n.to_string(), v.as_tensor().clone())).collect();
@@ -450,6 +463,11 @@ fn train_on_pool(resolved: &Resolved, comm_arc: &Arc<dyn Comm>) -> Result<Outcom
             model.config.vocab_size
         )));
     }
+    let overlap = match s.overlap_grad_reduce.as_str() {
+        "on" => true,
+        "off" => false,
+        _ => overlap_reduce(ranks as usize, s.threads),
+    };
     let block = model.config.block_size;
     for split in [&data.train, &data.val] {
         if split.len() <= block {
@@ -601,8 +619,8 @@ fn train_on_pool(resolved: &Resolved, comm_arc: &Arc<dyn Comm>) -> Result<Outcom
         // Each rank's losses are means over its rows: with expert parallelism they are also
         // divided by N, so that their sum over ranks is the global mean.
         let micro_total = s.gradient_accumulation_steps as usize * if ep { ranks as usize } else { 1 };
-        let step = Step { micro_batches: &micro, seeds: Some(&seeds), micro_total, grad_clip: s.grad_clip };
-        let st = train_step_on(&model, &mut opt, &step, comm)?;
+        let step = Step { micro_batches: &micro, seeds: Some(&seeds), micro_total, grad_clip: s.grad_clip, overlap_reduce: overlap };
+        let st = train_step_on(&model, &mut opt, &step, comm_arc)?;
         if !st.loss.is_finite() {
             return Err(Error::Msg(format!("loss became {} at step {iter}; lower learning_rate", st.loss)));
         }
@@ -627,7 +645,7 @@ fn train_on_pool(resolved: &Resolved, comm_arc: &Arc<dyn Comm>) -> Result<Outcom
                 let (sent, busy) = (comm.bytes_sent(), comm.seconds_in_collectives());
                 let steps = window_steps.max(1) as f64;
                 log.metric(json!({"iter": iter, "bytes_sent_per_step": (sent - window_bytes) as f64 / steps,
-                    "seconds_in_collectives_per_step": (busy - window_comm) / steps}))?;
+                    "seconds_blocked_in_collectives_per_step": (busy - window_comm) / steps}))?;
                 (window_bytes, window_comm) = (sent, busy);
             }
             window = Instant::now();

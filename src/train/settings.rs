@@ -65,6 +65,10 @@ pub struct TrainSettings {
     /// n_exp / N and takes batch_size / N rows of every micro batch) instead of giving each
     /// process whole micro batches and every expert.
     pub expert_parallel: bool,
+    /// Data parallel: start the experts' gradient all-reduces during the backward pass.
+    /// "auto": where the machine has a core to spare for each process's MPI thread (threads
+    /// set, and cores >= processes here x (threads + 1)); "on"; "off".
+    pub overlap_grad_reduce: String,
 }
 
 impl Default for TrainSettings {
@@ -97,6 +101,7 @@ impl Default for TrainSettings {
             threads: 0,
             collective_timeout: 600.0,
             expert_parallel: false,
+            overlap_grad_reduce: "auto".into(),
         }
     }
 }
@@ -269,6 +274,9 @@ impl TrainSettings {
         }
         if !(self.collective_timeout >= 0.0) || !self.collective_timeout.is_finite() {
             return bad(format!("collective_timeout must be a number of seconds >= 0, got {}", self.collective_timeout));
+        }
+        if !["auto", "on", "off"].contains(&self.overlap_grad_reduce.as_str()) {
+            return bad(format!("overlap_grad_reduce must be auto, on or off, got {:?}", self.overlap_grad_reduce));
         }
         if self.keep_last_states == 0 {
             return bad("keep_last_states must be at least 1".into());
