@@ -6,8 +6,10 @@ process; data parallel, then expert parallel) against one process with two threa
 usage: python bench/mpi_train.py [--steps N] [--repeats R] [--json]
 
 Prints tokens/s (median over steps after two warm-up steps, and the spread over repeats),
-each distributed run's ratio to the one-process run measured in the same invocation, and
-the payload rank 0 sent per step (from metrics.jsonl's bytes_sent_per_step). Needs a
+each distributed run's ratio to the one-process run measured in the same invocation, the
+payload rank 0 sent per step and the share of its step it was blocked on collectives (from
+metrics.jsonl). Data parallel runs once as `auto` picks on this machine and once with the
+all-reduce overlapping the backward forced on. Needs a
 nanomoe built with `--features mpi` (NANOMOE_BIN, default target/release/nanomoe) and mpirun.
 """
 import argparse
@@ -59,6 +61,7 @@ def main():
         sys.exit("mpirun is not installed (apt-get install openmpi-bin libopenmpi-dev libclang-dev)")
     cases = [("1 process x 2 threads", 1, 2, []),
              ("mpirun -np 2 x 1 thread, data parallel", 2, 1, []),
+             ("mpirun -np 2 x 1 thread, data parallel, overlap_grad_reduce=on", 2, 1, ["--overlap_grad_reduce=on"]),
              ("mpirun -np 2 x 1 thread, expert parallel", 2, 1, ["--expert_parallel=true"])]
     results = {c[0]: ([], [], []) for c in cases}
     with tempfile.TemporaryDirectory() as tmp:
