@@ -217,7 +217,7 @@ fn rank_pid(parent: u32, rank: usize) -> Option<u32> {
 /// Starts a long 2-process run, waits for its first saved state, then does `act` to rank 1;
 /// returns the job's exit status, stderr and how long it took to end after `act`.
 fn disturb_rank_1(out: &Path, signal: &str) -> (std::process::ExitStatus, String, Duration) {
-    let args = with(base_args(out), &["--max_iters=100000", "--always_save_checkpoint=true", "--gradient_accumulation_steps=2", "--collective_timeout=5"]);
+    let args = with(base_args(out), &["--max_iters=100000", "--always_save_checkpoint=true", "--gradient_accumulation_steps=2", "--collective_timeout=10"]);
     let mut child = command(2, &args).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
     let start = Instant::now();
     while !out.join("state").join("latest").is_file() {
@@ -233,10 +233,10 @@ fn disturb_rank_1(out: &Path, signal: &str) -> (std::process::ExitStatus, String
             std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut err).unwrap();
             return (status, err, t.elapsed());
         }
-        if t.elapsed() > Duration::from_secs(60) {
+        if t.elapsed() > Duration::from_secs(90) {
             let _ = child.kill();
             let _ = Command::new("kill").args(["-KILL", &pid.to_string()]).status();
-            panic!("the job did not end within 60 s of {signal} to rank 1");
+            panic!("the job did not end within 90 s of {signal} to rank 1");
         }
         std::thread::sleep(Duration::from_millis(100));
     }
@@ -269,8 +269,8 @@ fn a_hung_rank_ends_the_job_after_the_collective_timeout() {
     let out = tmp.path().join("run");
     let (status, err, took) = disturb_rank_1(&out, "-STOP");
     assert!(!status.success());
-    assert!(err.contains("error: rank 0 waited") && err.contains("for the other ranks (collective_timeout 5 s): a rank has died or hangs"), "{err}");
-    assert!(took >= Duration::from_secs(4) && took < Duration::from_secs(40), "took {took:?}");
+    assert!(err.contains("error: rank 0 waited") && err.contains("for the other ranks (collective_timeout 10 s): a rank has died or hangs"), "{err}");
+    assert!(took >= Duration::from_secs(9) && took < Duration::from_secs(50), "took {took:?}");
     resumes_from_last_state(&out);
 }
 
