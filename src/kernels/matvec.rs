@@ -162,57 +162,37 @@ mod avx2 {
         _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps(s, s, 1)))
     }
 
-    /// R activation rows (stride k) times one weight row.
+    /// R activation rows times J weight rows (both of stride k): out[r][j]. Each output
+    /// is summed the same way whatever R and J are, so tiles can be chosen freely.
     #[inline(always)]
-    unsafe fn dots<W: Weight, const R: usize>(x: *const f32, k: usize, wr: *const W, out: &mut [f32; R]) {
-        let mut acc = [[_mm256_setzero_ps(); 2]; R];
+    unsafe fn tile<W: Weight, const R: usize, const J: usize>(x: *const f32, k: usize, wr: *const W, out: &mut [[f32; J]; R]) {
+        let mut acc = [[[_mm256_setzero_ps(); 2]; J]; R];
         let split = k / LANES * LANES;
         let mut c = 0;
         while c < split {
-            let w0 = W::load8(wr.add(c));
-            let w1 = W::load8(wr.add(c + 8));
-            for (r, acc) in acc.iter_mut().enumerate() {
-                let xr = x.add(r * k + c);
-                acc[0] = _mm256_fmadd_ps(_mm256_loadu_ps(xr), w0, acc[0]);
-                acc[1] = _mm256_fmadd_ps(_mm256_loadu_ps(xr.add(8)), w1, acc[1]);
-            }
-            c += LANES;
-        }
-        for (r, acc) in acc.iter().enumerate() {
-            let mut s = reduce(acc[0], acc[1]);
-            for c in split..k {
-                s += *x.add(r * k + c) * (*wr.add(c)).f();
-            }
-            out[r] = s;
-        }
-    }
-
-    /// One activation row times J weight rows (stride k).
-    #[inline(always)]
-    unsafe fn dots_rows<W: Weight, const J: usize>(x: *const f32, k: usize, wr: *const W, out: &mut [f32; J]) {
-        let mut acc = [[_mm256_setzero_ps(); 2]; J];
-        let split = k / LANES * LANES;
-        let mut c = 0;
-        while c < split {
-            let x0 = _mm256_loadu_ps(x.add(c));
-            let x1 = _mm256_loadu_ps(x.add(c + 8));
-            for (j, acc) in acc.iter_mut().enumerate() {
+            for j in 0..J {
                 let w = wr.add(j * k + c);
-                acc[0] = _mm256_fmadd_ps(x0, W::load8(w), acc[0]);
-                acc[1] = _mm256_fmadd_ps(x1, W::load8(w.add(8)), acc[1]);
+                let (w0, w1) = (W::load8(w), W::load8(w.add(8)));
+                for (r, acc) in acc.iter_mut().enumerate() {
+                    let xr = x.add(r * k + c);
+                    acc[j][0] = _mm256_fmadd_ps(_mm256_loadu_ps(xr), w0, acc[j][0]);
+                    acc[j][1] = _mm256_fmadd_ps(_mm256_loadu_ps(xr.add(8)), w1, acc[j][1]);
+                }
             }
             c += LANES;
         }
-        for (j, acc) in acc.iter().enumerate() {
-            let mut s = reduce(acc[0], acc[1]);
-            for c in split..k {
-                s += *x.add(c) * (*wr.add(j * k + c)).f();
+        for (r, (acc, out)) in acc.iter().zip(out.iter_mut()).enumerate() {
+            for (j, (acc, o)) in acc.iter().zip(out.iter_mut()).enumerate() {
+                let mut s = reduce(acc[0], acc[1]);
+                for c in split..k {
+                    s += *x.add(r * k + c) * (*wr.add(j * k + c)).f();
+                }
+                *o = s;
             }
-            out[j] = s;
         }
     }
 
-    /// `block_nk` with these dot products.
+    /// `block_nk` with these tiles.
     #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn block_nk<W: Weight>(x: &[f32], m: usize, k: usize, w: &[W], _n: usize, n0: usize, out: &mut [f32]) {
         let len = out.len() / m;
@@ -226,9 +206,9 @@ mod avx2 {
             for jj in 0..jn {
                 let mut r = 0;
                 while r < rest {
-                    let mut o = [0f32; 4];
-                    dots::<W, 4>(xp.add(r * k), k, wr.add(jj * k), &mut o);
-                    for (i, v) in o.into_iter().enumerate() {
+                    let mut o = [[0f32; 1]; 4];
+                    tile::<W, 4, 1>(xp.add(r * k), k, wr.add(jj * k), &mut o);
+                    for (i, [v]) in o.into_iter().enumerate() {
                         out[(r + i) * len + j + jj] = v;
                     }
                     r += 4;
@@ -236,13 +216,13 @@ mod avx2 {
             }
             for r in rest..m {
                 if jn == 4 {
-                    let mut o = [0f32; 4];
-                    dots_rows::<W, 4>(xp.add(r * k), k, wr, &mut o);
-                    out[r * len + j..r * len + j + 4].copy_from_slice(&o);
+                    let mut o = [[0f32; 4]; 1];
+                    tile::<W, 1, 4>(xp.add(r * k), k, wr, &mut o);
+                    out[r * len + j..r * len + j + 4].copy_from_slice(&o[0]);
                 } else {
-                    let mut o = [0f32; 1];
-                    dots::<W, 1>(xp.add(r * k), k, wr, &mut o);
-                    out[r * len + j] = o[0];
+                    let mut o = [[0f32; 1]; 1];
+                    tile::<W, 1, 1>(xp.add(r * k), k, wr, &mut o);
+                    out[r * len + j] = o[0][0];
                 }
             }
             j += jn;
