@@ -147,7 +147,7 @@ fn data_parallel_equals_gradient_accumulation() {
     let (one, two) = (tmp.path().join("one-4"), tmp.path().join("two-4"));
     let extra = ["--max_iters=6", "--gradient_accumulation_steps=4", "--batch_size=4", "--dropout=0.1"];
     train(1, &with(base_args(&one), &extra));
-    train(2, &with(base_args(&two), &with(extra.iter().map(|s| s.to_string()).collect(), &["--overlap_grad_reduce=on"]).iter().map(|s| s.as_str()).collect::<Vec<_>>()));
+    train(2, &with(with(base_args(&two), &extra), &["--overlap_grad_reduce=on"]));
     assert_same_run(&one, &two, 1e-5);
 }
 
@@ -191,7 +191,7 @@ fn runs_resume_on_another_process_count() {
     // Data parallel: 1 process for 5 steps, then 2 processes to step 10.
     let (whole, split) = (tmp.path().join("dp-whole"), tmp.path().join("dp-split"));
     let extra = ["--gradient_accumulation_steps=2"];
-    train(1, &with(base_args(&whole), &with(vec!["--max_iters=10".into()], &extra).iter().map(|s| s.as_str()).collect::<Vec<_>>()));
+    train(1, &with(base_args(&whole), &["--max_iters=10", extra[0]]));
     train(1, &with(base_args(&split), &["--max_iters=5", extra[0]]));
     train(2, &with(base_args(&split), &["--max_iters=10", "--init_from=resume", extra[0]]));
     assert_same_run(&whole, &split, 1e-5);
@@ -245,33 +245,35 @@ fn disturb_rank_1(out: &Path, signal: &str) -> (std::process::ExitStatus, String
 fn resumes_from_last_state(out: &Path) {
     let latest = std::fs::read_to_string(out.join("state").join("latest")).unwrap();
     let step: u64 = latest.trim().trim_start_matches("step-").parse().unwrap();
-    let args = with(base_args(out), &["--init_from=resume", "--gradient_accumulation_steps=2"]);
-    let args = with(args, &[&format!("--max_iters={}", step + 5)]);
-    let o = train(1, &args);
+    let max_iters = format!("--max_iters={}", step + 5);
+    let o = train(1, &with(base_args(out), &["--init_from=resume", "--gradient_accumulation_steps=2", &max_iters]));
     assert!(String::from_utf8_lossy(&o.stdout).contains(&format!("from step {step}")), "{}", String::from_utf8_lossy(&o.stdout));
+}
+
+/// `disturb_rank_1` on a fresh run: the job must fail, and its last state resume.
+/// Returns the job's stderr and how long it took to end.
+fn job_ends_and_resumes(signal: &str) -> (String, Duration) {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("run");
+    let (status, err, took) = disturb_rank_1(&out, signal);
+    assert!(!status.success());
+    resumes_from_last_state(&out);
+    (err, took)
 }
 
 #[test]
 fn a_dead_rank_ends_the_job_and_the_last_state_resumes() {
     let _ = need_mpirun!();
-    let tmp = tempfile::tempdir().unwrap();
-    let out = tmp.path().join("run");
-    let (status, _, took) = disturb_rank_1(&out, "-KILL");
-    assert!(!status.success());
+    let (_, took) = job_ends_and_resumes("-KILL");
     assert!(took < Duration::from_secs(30), "took {took:?}");
-    resumes_from_last_state(&out);
 }
 
 #[test]
 fn a_hung_rank_ends_the_job_after_the_collective_timeout() {
     let _ = need_mpirun!();
-    let tmp = tempfile::tempdir().unwrap();
-    let out = tmp.path().join("run");
-    let (status, err, took) = disturb_rank_1(&out, "-STOP");
-    assert!(!status.success());
+    let (err, took) = job_ends_and_resumes("-STOP");
     assert!(err.contains("error: rank 0 waited") && err.contains("for the other ranks (collective_timeout 10 s): a rank has died or hangs"), "{err}");
     assert!(took >= Duration::from_secs(9) && took < Duration::from_secs(50), "took {took:?}");
-    resumes_from_last_state(&out);
 }
 
 #[test]

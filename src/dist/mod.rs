@@ -102,7 +102,7 @@ impl Comm for Single {
 /// The process count a launcher (mpirun of Open MPI or MPICH, or a PMI launcher) started
 /// this process with, from its environment; None when not started by one.
 pub fn launched_size() -> Option<usize> {
-    ["OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE", "MPI_LOCALNRANKS"]
+    ["OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE"]
         .iter()
         .find_map(|k| std::env::var(k).ok()?.trim().parse::<usize>().ok())
 }

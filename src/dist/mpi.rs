@@ -56,10 +56,9 @@ impl MpiComm {
         });
         let (jobs, queue) = channel::<Job>();
         let (ready_tx, ready) = channel::<Result<(usize, usize)>>();
-        let p = pending.clone();
         let thread = std::thread::Builder::new()
             .name("mpi".into())
-            .spawn(move || mpi_thread(queue, ready_tx, p))
+            .spawn(move || mpi_thread(queue, ready_tx))
             .map_err(|e| Error::Msg(format!("cannot start the MPI thread: {e}")))?;
         let (rank, size) = ready.recv().map_err(|_| Error::Msg("the MPI thread ended while initialising MPI".into()))??;
         if timeout_s > 0.0 {
@@ -104,7 +103,7 @@ impl MpiComm {
 
 /// Owns MPI: initialises it, runs the queued collectives in order, finalises it when the
 /// queue closes.
-fn mpi_thread(queue: Receiver<Job>, ready: Sender<Result<(usize, usize)>>, _p: Arc<Pending>) {
+fn mpi_thread(queue: Receiver<Job>, ready: Sender<Result<(usize, usize)>>) {
     let Some((universe, threading)) = mpi::initialize_with_threading(mpi::Threading::Funneled) else {
         let _ = ready.send(Err(Error::Msg("MPI was already initialised in this process".into())));
         return;

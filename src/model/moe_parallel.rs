@@ -17,7 +17,7 @@ use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Tensor};
 
 use crate::dist::Comm;
 use crate::error::{Error, Result};
-use crate::moe::{expert_capacity, mean_entropy, MoeCtx, MoeLayer, MoeOutput, MoeStats, Routing, RoutingPlan};
+use crate::moe::{expert_capacity, mean_entropy, top_k_choices, MoeCtx, MoeLayer, MoeOutput, MoeStats, Routing, RoutingPlan};
 use crate::nn;
 use crate::params::ParamStore;
 
@@ -75,8 +75,22 @@ impl ExpertShard {
 
     /// [`slice`](Self::slice) of a whole parameter store.
     pub fn slice_params(&self, params: &ParamStore) -> Result<ParamStore> {
-        let t: Vec<(String, Tensor)> = params.iter().map(|(n, v)| (n.to_string(), v.as_tensor().clone())).collect();
-        ParamStore::from_tensors(self.slice(t)?)
+        ParamStore::from_tensors(self.slice(tensors_of(params))?)
+    }
+
+    /// [`gather`](Self::gather) of a whole parameter store (a collective).
+    pub fn gather_params(&self, params: &ParamStore) -> Result<ParamStore> {
+        ParamStore::from_tensors(self.gather(tensors_of(params))?)
+    }
+
+    /// [`slice`](Self::slice) of AdamW's moments, (name, m, v) as [`AdamW::state`](crate::optim::AdamW::state) gives them.
+    pub fn slice_moments(&self, moments: Vec<(String, Tensor, Tensor)>) -> Result<Vec<(String, Tensor, Tensor)>> {
+        map_moments(moments, |t| self.slice(t))
+    }
+
+    /// [`gather`](Self::gather) of AdamW's moments (a collective).
+    pub fn gather_moments(&self, moments: Vec<(String, Tensor, Tensor)>) -> Result<Vec<(String, Tensor, Tensor)>> {
+        map_moments(moments, |t| self.gather(t))
     }
 
     /// Every rank's slices of the expert tensors put back together (a collective: every
@@ -102,6 +116,25 @@ impl ExpertShard {
             })
             .collect()
     }
+}
+
+fn tensors_of(params: &ParamStore) -> Vec<(String, Tensor)> {
+    params.iter().map(|(n, v)| (n.to_string(), v.as_tensor().clone())).collect()
+}
+
+/// `f` applied to each parameter's m and v (both named after the parameter).
+fn map_moments(
+    moments: Vec<(String, Tensor, Tensor)>,
+    f: impl Fn(Vec<(String, Tensor)>) -> Result<Vec<(String, Tensor)>>,
+) -> Result<Vec<(String, Tensor, Tensor)>> {
+    moments
+        .into_iter()
+        .map(|(n, m, v)| {
+            let mut mv = f(vec![(n.clone(), m), (n.clone(), v)])?.into_iter().map(|(_, t)| t);
+            let (m, v) = (mv.next().expect("m"), mv.next().expect("v"));
+            Ok((n, m, v))
+        })
+        .collect()
 }
 
 /// rows [S, C] -> rows [R, C]: `send[r]` rows to rank r, `recv[r]` rows from it. Its
@@ -184,8 +217,8 @@ impl MoeLayer {
         let (e_all, k) = (self.n_exp, self.k);
 
         // ---- the global plan ----
-        let local = RoutingPlan::new(logits_host, e_all, k, Some(0));
-        let choices: Vec<u64> = local.experts.iter().map(|&e| e as u64).collect();
+        let local = top_k_choices(logits_host, e_all, k);
+        let choices: Vec<u64> = local.iter().map(|&e| e as u64).collect();
         let all = comm.all_gather_u64(&choices)?;
         let all: Vec<u32> = all.into_iter().map(|e| e as u32).collect();
         let n_global = n * ranks;
@@ -200,11 +233,11 @@ impl MoeLayer {
         let cap = plan.capacity;
         let off = rank * n * k; // this rank's first (token, choice) in the global plan
 
-        let idx = Tensor::from_slice(&local.experts, (n, k), device)?;
+        let idx = Tensor::from_slice(&local, (n, k), device)?;
         let probs = nn::softmax_last(&logits.gather(&idx, 1)?)?; // [n, k]
         // aux = n_exp * sum_e f_e P_e with f_e over the global batch, P_e over these rows.
         let f = plan.choice_fraction();
-        let fw: Vec<f32> = local.experts.iter().map(|&e| f[e as usize]).collect();
+        let fw: Vec<f32> = local.iter().map(|&e| f[e as usize]).collect();
         let fw = Tensor::from_vec(fw, (n, k), device)?;
         let aux_loss = ((probs.mul(&fw)?.sum_all()? * (e_all as f64 / n.max(1) as f64))?).to_dtype(DType::F32)?;
         let mut entropy = [mean_entropy(logits_host) as f64 * n as f64];

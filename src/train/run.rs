@@ -179,19 +179,6 @@ fn overlap_reduce(ranks: usize, threads: usize) -> bool {
     ranks > 1 && threads > 0 && cores >= here * (threads + 1)
 }
 
-/// The whole model and its AdamW moments, every rank's experts put together (a collective).
-fn gather_state(shard: &ExpertShard, model: &GPT, opt: &AdamW) -> Result<(ParamStore, Vec<(String, Tensor, Tensor)>)> {
-    let weights: Vec<(String, Tensor)> = model.params().iter().map(|(n, v)| (n.to_string(), v.as_tensor().clone())).collect();
-    let full = ParamStore::from_tensors(shard.gather(weights)?)?;
-    let mut moments = Vec::new();
-    for (n, m, v) in opt.state() {
-        let mut mv = shard.gather(vec![(n.clone(), m), (n.clone(), v)])?.into_iter();
-        let (m, v) = (mv.next().expect("two").1, mv.next().expect("two").1);
-        moments.push((n, m, v));
-    }
-    Ok((full, moments))
-}
-
 /// A fingerprint of the weights (FNV-1a over their bits), to check that ranks agree.
 fn weights_hash(model: &GPT) -> Result<u64> {
     let mut h = 0xcbf2_9ce4_8422_2325u64;
@@ -437,23 +424,13 @@ fn train_on_pool(resolved: &Resolved, comm_arc: &Arc<dyn Comm>) -> Result<Outcom
         }
         // Keep this rank's experts (and their AdamW moments when resuming).
         let shard = ExpertShard::new(comm_arc.clone(), c.n_exp)?;
-        let resumed_moments = if resuming { Some(shard.slice(opt.state().into_iter().flat_map(|(n, m, v)| [(format!("m.{n}"), m), (format!("v.{n}"), v)]).collect())?) } else { None };
+        let resumed_moments = if resuming { Some(shard.slice_moments(opt.state())?) } else { None };
         let full: Vec<(String, Tensor)> = model.params().iter().map(|(n, v)| (n.to_string(), v.as_tensor().clone())).collect();
         let cfg = model.config.clone();
         model = GPT::from_params_sharded(cfg, ParamStore::from_tensors(full)?, Some(shard))?;
         let step = opt.step_count();
         opt = AdamW::new(model.params(), opt_cfg.clone())?;
-        if let Some(m) = resumed_moments {
-            let mut ms = std::collections::BTreeMap::new();
-            let mut vs = std::collections::BTreeMap::new();
-            for (n, t) in m {
-                if let Some(p) = n.strip_prefix("m.") {
-                    ms.insert(p.to_string(), t);
-                } else if let Some(p) = n.strip_prefix("v.") {
-                    vs.insert(p.to_string(), t);
-                }
-            }
-            let moments = ms.into_iter().filter_map(|(n, m)| vs.remove(&n).map(|v| (n, m, v))).collect();
+        if let Some(moments) = resumed_moments {
             opt.load_state(step, moments)?;
         }
     }
@@ -583,7 +560,7 @@ fn train_on_pool(resolved: &Resolved, comm_arc: &Arc<dyn Comm>) -> Result<Outcom
                 let info = StateInfo { iter, best_val_loss: best_val, tokens_seen, model: model.config.clone(), settings: settings_json.clone() };
                 if let Some(shard) = model.expert_shard() {
                     // Every rank sends its experts; rank 0 writes them all.
-                    let (full, moments) = gather_state(shard, &model, &opt)?;
+                    let (full, moments) = (shard.gather_params(model.params())?, shard.gather_moments(opt.state())?);
                     if main {
                         save_state(&out_dir, &info, &full, &moments, s.keep_last_states)?;
                         save_models(&GPT::from_params(model.config.clone(), full)?, improved)?;
@@ -657,8 +634,7 @@ fn train_on_pool(resolved: &Resolved, comm_arc: &Arc<dyn Comm>) -> Result<Outcom
     log.bar.finish_and_clear();
     let unsaved = comm.all_gather_u64(&[!out_dir.join("model").is_dir() as u64])?[0] == 1;
     if let Some(shard) = model.expert_shard() {
-        let full = gather_state(shard, &model, &opt)?.0;
-        let full = GPT::from_params(model.config.clone(), full)?;
+        let full = GPT::from_params(model.config.clone(), shard.gather_params(model.params())?)?;
         if main && unsaved {
             save_models(&full, true)?;
         }
