@@ -172,6 +172,10 @@ mod avx2 {
         while c < split {
             for j in 0..J {
                 let w = wr.add(j * k + c);
+                // The rows after this tile's, LANES elements ahead of use, into L1: the
+                // hardware prefetcher alone leaves half-precision rows waiting on memory
+                // (a hint: past the last row it reads nothing).
+                _mm_prefetch::<_MM_HINT_T0>(w.wrapping_add(J * k) as *const i8);
                 let (w0, w1) = (W::load8(w), W::load8(w.add(8)));
                 for (r, acc) in acc.iter_mut().enumerate() {
                     let xr = x.add(r * k + c);

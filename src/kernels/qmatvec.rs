@@ -94,6 +94,9 @@ mod avx2 {
         let ad = a.d.as_ptr().add(r0 * nb);
         for b in 0..nb {
             let p = wp.add(b * bb);
+            // Weight rows lie one after another: ask for the bytes 1 KiB ahead now, which
+            // the hardware prefetcher alone leaves waiting on memory (rows are short).
+            _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(1024) as *const i8);
             let dw = scale(p);
             let w = if Q4 {
                 let q = _mm_loadu_si128(p.add(2) as *const __m128i);
