@@ -14,6 +14,9 @@ clients on loopback (the nano-MoE and GPT-2 124M-shaped models, 128 tokens each;
 The gguf rows run llama.cpp (llama-bench, -t = the threads here) on the same GGUF files nanomoe
 writes (f32, f16, bf16, q8_0, q4_0): NANOMOE_LLAMA_CPP_BIN, or ~/.cache/llama.cpp as
 ../shared/tools/build-llama-cpp.sh builds it; they skip without it.
+Each training row runs twice on the reference side: PyTorch eager, and the same model under
+torch.compile (inductor, CPU; its first two steps compile and are not timed), as nanoGPT's
+compile=True does.
 The seed rows (the seed's architecture: RMSNorm, QK-norm, ReLU^2, SwiGLU experts) take the
 seed's own model.py from ../shared/reference as the reference, run with the transformers it
 needs (NANOMOE_SEED_PYTHONPATH, as ./scripts/test sets it up: .ci/python-overlay.sh 4.57.6).
@@ -176,6 +179,11 @@ def main():
                     ours = timed([BIN, "bench", "train", model, "--inputs", inputs])
                     ref = timed(REF + ["train", "--model", model, "--inputs", inputs])
                     rows.append((name + " (4x256, block 256, batch 8)", ours, ref, ("flops", flops_per_token(model))))
+                    try:  # the same nanomoe steps against the model under torch.compile
+                        comp = timed(REF + ["train", "--compile", "--model", model, "--inputs", inputs])
+                        rows.append((name + " vs torch.compile (inductor)", ours, comp, ("flops", flops_per_token(model))))
+                    except SystemExit as e:
+                        print("torch.compile row for %s skipped: %s" % (name, str(e)[-300:]), file=sys.stderr)
         if "decode" in only or "prefill" in only:
             gpt2 = new_model(tmp, "gpt2-124m", {"n_layer": 12, "n_head": 12, "n_embd": 768, "vocab_size": 50257, "block_size": 1024})
             if "decode" in only:

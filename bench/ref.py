@@ -47,12 +47,16 @@ def main():
     p.add_argument("--top-k", type=int, default=2)
     p.add_argument("--n-embd", type=int, default=256)
     p.add_argument("--seed-code", action="store_true", help="the seed's own model.py as the reference")
+    p.add_argument("--compile", action="store_true",
+                   help="train: the model through torch.compile (inductor, CPU), as nanoGPT's compile=True does")
     a = p.parse_args()
     global SEED_CODE
     SEED_CODE = a.seed_code
     if a.kind == "train":
         from safetensors.torch import load_file
         m = load(a.model).train()
+        # nanoGPT's `model = torch.compile(model)`: the first (warm-up) steps compile.
+        fwd = torch.compile(m) if a.compile else m
         t = load_file(a.inputs)
         x, y = t["x"], t["y"]
         named = list(m.named_parameters())
@@ -64,10 +68,10 @@ def main():
         for s in range(x.shape[0]):
             t0 = time.perf_counter()
             if m.config.model_type == "gpt2":
-                logits = m(input_ids=x[s]).logits
+                logits = fwd(input_ids=x[s]).logits
                 loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), y[s].reshape(-1), ignore_index=-1)
             else:
-                _, loss, _ = m(idx=x[s], targets=y[s], return_dict=False)
+                _, loss, _ = fwd(idx=x[s], targets=y[s], return_dict=False)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(m.parameters(), 1.0)
             opt.step()
