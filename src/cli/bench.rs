@@ -29,13 +29,17 @@ pub enum Bench {
         #[arg(long, default_value_t = 2)]
         warmup: usize,
     },
-    /// Greedy decoding of `new_tokens` tokens from a one-token prompt.
+    /// Greedy decoding of `new_tokens` tokens from a one-token prompt (with --batch B, B
+    /// sequences decoded together, B tokens per step: what `serve` runs with B clients).
     Decode {
         /// A model directory or Hub repo id.
         model: PathBuf,
-        /// Tokens to generate per run.
+        /// Tokens to generate per run (per sequence).
         #[arg(long, default_value_t = 128)]
         new_tokens: usize,
+        /// Sequences decoded together (each from a different one-token prompt).
+        #[arg(long, default_value_t = 1)]
+        batch: usize,
         /// Timed runs (the median is reported).
         #[arg(long, default_value_t = 3)]
         repeats: usize,
@@ -136,9 +140,12 @@ pub fn run(b: Bench, model_dir: impl Fn(&Path) -> Result<PathBuf>) -> Result<()>
             }
             report("train", &times, (batch * block) as f64)
         }
-        Bench::Decode { model, new_tokens, repeats } => {
+        Bench::Decode { model, new_tokens, batch, repeats } => {
+            if batch == 0 {
+                bail!("--batch must be at least 1");
+            }
             let gpt = super::inference_model(&model_dir(&model)?)?;
-            let prompt = vec![vec![0u32]];
+            let prompt: Vec<Vec<u32>> = (0..batch as u32).map(|i| vec![i % gpt.config.vocab_size as u32]).collect();
             let cfg = GenerationConfig::greedy(new_tokens);
             gpt.generate_with(&prompt, &GenerationConfig::greedy(4), |_, _| {})?; // warm up
             let mut times = Vec::new();
@@ -147,7 +154,7 @@ pub fn run(b: Bench, model_dir: impl Fn(&Path) -> Result<PathBuf>) -> Result<()>
                 gpt.generate_with(&prompt, &cfg, |_, _| {})?;
                 times.push(t.elapsed().as_secs_f64());
             }
-            report("decode", &times, new_tokens as f64)
+            report("decode", &times, (new_tokens * batch) as f64)
         }
         Bench::Prefill { model, tokens, repeats } => {
             let gpt = super::inference_model(&model_dir(&model)?)?;

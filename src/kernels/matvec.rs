@@ -81,9 +81,10 @@ impl Weight for half::f16 {
 /// sums over k, reduced by a fixed pairwise tree, then the tail of k added in order. Every
 /// row's result is computed this same way however many rows share the pass, so a row's
 /// product does not depend on the others (batch-invariant decoding, `GPT::forward_packed`).
-const LANES: usize = 16;
+/// One AVX2 register: a tile of R rows x J weight rows keeps its R * J sums in registers.
+const LANES: usize = 8;
 
-/// Sum of a lane accumulator: pairwise, 16 -> 8 -> 4 -> 2 -> 1.
+/// Sum of a lane accumulator: pairwise, 8 -> 4 -> 2 -> 1.
 #[inline(always)]
 fn reduce(acc: &[f32; LANES]) -> f32 {
     let mut v = *acc;
@@ -145,49 +146,62 @@ fn block_nk<W: Weight>(x: &[f32], m: usize, k: usize, w: &[W], _n: usize, n0: us
     }
 }
 
-/// The [N, K] kernel with AVX2 + FMA: each (row, output) sum in 16 lanes (two registers),
-/// fused multiply-adds over k, reduced by the same pairwise tree as [`reduce`] (the two
-/// registers added, then halves, then pairs). Every row is summed this way whether it shares
-/// its weight reads with 3 other rows, with 3 other weight rows, or with nothing.
+/// The [N, K] kernel with AVX2 + FMA: each (row, output) sum in one 8-lane register, fused
+/// multiply-adds over k, reduced by the same pairwise tree as [`reduce`] (halves, then
+/// pairs). Every row is summed this way whether it shares its weight reads with 3 other
+/// rows and 2 other weight rows, or with nothing.
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
     use super::{Weight, LANES};
     use std::arch::x86_64::*;
 
     #[inline(always)]
-    unsafe fn reduce(a: __m256, b: __m256) -> f32 {
-        let s = _mm256_add_ps(a, b);
-        let s = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
+    unsafe fn reduce(a: __m256) -> f32 {
+        let s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
         let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
         _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps(s, s, 1)))
     }
 
+    /// acc[r][j] += x row r . weight row j over the 8 elements at c.
+    #[inline(always)]
+    unsafe fn step<W: Weight, const R: usize, const J: usize>(x: *const f32, k: usize, wr: *const W, c: usize, acc: &mut [[__m256; J]; R]) {
+        let mut w = [_mm256_setzero_ps(); J];
+        for (j, w) in w.iter_mut().enumerate() {
+            *w = W::load8(wr.add(j * k + c));
+        }
+        for (r, acc) in acc.iter_mut().enumerate() {
+            let xv = _mm256_loadu_ps(x.add(r * k + c));
+            for (a, w) in acc.iter_mut().zip(&w) {
+                *a = _mm256_fmadd_ps(xv, *w, *a);
+            }
+        }
+    }
+
     /// R activation rows times J weight rows (both of stride k): out[r][j]. Each output
-    /// is summed the same way whatever R and J are, so tiles can be chosen freely.
+    /// is summed the same way whatever R and J are, so tiles can be chosen freely: R x J
+    /// accumulators, J weight registers and one activation register (4 x 3 fills the 16).
     #[inline(always)]
     unsafe fn tile<W: Weight, const R: usize, const J: usize>(x: *const f32, k: usize, wr: *const W, out: &mut [[f32; J]; R]) {
-        let mut acc = [[[_mm256_setzero_ps(); 2]; J]; R];
+        let mut acc = [[_mm256_setzero_ps(); J]; R];
         let split = k / LANES * LANES;
         let mut c = 0;
-        while c < split {
+        while c + 2 * LANES <= split {
+            // The rows after this tile's, 16 elements ahead of use, into L1: the hardware
+            // prefetcher alone leaves half-precision rows waiting on memory (a hint: past
+            // the last row it reads nothing).
             for j in 0..J {
-                let w = wr.add(j * k + c);
-                // The rows after this tile's, LANES elements ahead of use, into L1: the
-                // hardware prefetcher alone leaves half-precision rows waiting on memory
-                // (a hint: past the last row it reads nothing).
-                _mm_prefetch::<_MM_HINT_T0>(w.wrapping_add(J * k) as *const i8);
-                let (w0, w1) = (W::load8(w), W::load8(w.add(8)));
-                for (r, acc) in acc.iter_mut().enumerate() {
-                    let xr = x.add(r * k + c);
-                    acc[j][0] = _mm256_fmadd_ps(_mm256_loadu_ps(xr), w0, acc[j][0]);
-                    acc[j][1] = _mm256_fmadd_ps(_mm256_loadu_ps(xr.add(8)), w1, acc[j][1]);
-                }
+                _mm_prefetch::<_MM_HINT_T0>(wr.wrapping_add(J * k + j * k + c) as *const i8);
             }
-            c += LANES;
+            step::<W, R, J>(x, k, wr, c, &mut acc);
+            step::<W, R, J>(x, k, wr, c + LANES, &mut acc);
+            c += 2 * LANES;
+        }
+        if c < split {
+            step::<W, R, J>(x, k, wr, c, &mut acc);
         }
         for (r, (acc, out)) in acc.iter().zip(out.iter_mut()).enumerate() {
             for (j, (acc, o)) in acc.iter().zip(out.iter_mut()).enumerate() {
-                let mut s = reduce(acc[0], acc[1]);
+                let mut s = reduce(*acc);
                 for c in split..k {
                     s += *x.add(r * k + c) * (*wr.add(j * k + c)).f();
                 }
@@ -196,40 +210,51 @@ mod avx2 {
         }
     }
 
-    /// `block_nk` with these tiles.
+    /// Every activation row times weight rows j..j+J (out's columns j..): 4 rows at a time,
+    /// then one at a time. The J weight rows stay in L1 while the rows stream past.
+    #[inline(always)]
+    unsafe fn rows<W: Weight, const J: usize>(xp: *const f32, m: usize, k: usize, wr: *const W, j: usize, len: usize, out: &mut [f32]) {
+        let mut r = 0;
+        while r + 4 <= m {
+            let mut o = [[0f32; J]; 4];
+            tile::<W, 4, J>(xp.add(r * k), k, wr, &mut o);
+            for (i, o) in o.iter().enumerate() {
+                out[(r + i) * len + j..(r + i) * len + j + J].copy_from_slice(o);
+            }
+            r += 4;
+        }
+        while r < m {
+            let mut o = [[0f32; J]; 1];
+            tile::<W, 1, J>(xp.add(r * k), k, wr, &mut o);
+            out[r * len + j..r * len + j + J].copy_from_slice(&o[0]);
+            r += 1;
+        }
+    }
+
+    /// Out's columns J weight rows at a time, the last ones singly.
+    #[inline(always)]
+    unsafe fn columns<W: Weight, const J: usize>(xp: *const f32, m: usize, k: usize, wp: *const W, n0: usize, len: usize, out: &mut [f32]) {
+        let mut j = 0;
+        while j + J <= len {
+            rows::<W, J>(xp, m, k, wp.add((n0 + j) * k), j, len, out);
+            j += J;
+        }
+        while j < len {
+            rows::<W, 1>(xp, m, k, wp.add((n0 + j) * k), j, len, out);
+            j += 1;
+        }
+    }
+
+    /// `block_nk` with these tiles: 4 rows x 3 weight rows (12 accumulators) when there are
+    /// 4 rows or more; fewer rows take 4 weight rows at a time.
     #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn block_nk<W: Weight>(x: &[f32], m: usize, k: usize, w: &[W], _n: usize, n0: usize, out: &mut [f32]) {
         let len = out.len() / m;
         debug_assert!(x.len() >= m * k && w.len() >= (n0 + len) * k);
-        let rest = m / 4 * 4;
-        let (xp, wp) = (x.as_ptr(), w.as_ptr());
-        let mut j = 0;
-        while j < len {
-            let wr = wp.add((n0 + j) * k);
-            let jn = if j + 4 <= len { 4 } else { 1 };
-            for jj in 0..jn {
-                let mut r = 0;
-                while r < rest {
-                    let mut o = [[0f32; 1]; 4];
-                    tile::<W, 4, 1>(xp.add(r * k), k, wr.add(jj * k), &mut o);
-                    for (i, [v]) in o.into_iter().enumerate() {
-                        out[(r + i) * len + j + jj] = v;
-                    }
-                    r += 4;
-                }
-            }
-            for r in rest..m {
-                if jn == 4 {
-                    let mut o = [[0f32; 4]; 1];
-                    tile::<W, 1, 4>(xp.add(r * k), k, wr, &mut o);
-                    out[r * len + j..r * len + j + 4].copy_from_slice(&o[0]);
-                } else {
-                    let mut o = [[0f32; 1]; 1];
-                    tile::<W, 1, 1>(xp.add(r * k), k, wr, &mut o);
-                    out[r * len + j] = o[0][0];
-                }
-            }
-            j += jn;
+        if m >= 4 {
+            columns::<W, 3>(x.as_ptr(), m, k, w.as_ptr(), n0, len, out);
+        } else {
+            columns::<W, 4>(x.as_ptr(), m, k, w.as_ptr(), n0, len, out);
         }
     }
 }
