@@ -104,3 +104,34 @@ fn chunked_prefill_matches_whole_prompt_prefill_closely_and_echo_logits_agree() 
         assert_eq!(e.to_string(), "invalid input: prefill_chunk must be at least 1");
     }
 }
+
+#[test]
+fn a_prompt_packed_with_decoding_rows_equals_its_prefill_alone() {
+    // What `serve` does when a joining prompt's last chunk fits into the decoding pass.
+    for (name, cfg) in configs() {
+        let mut m = GPT::new_seeded(&cfg, 7, &Device::Cpu).unwrap();
+        m.set_routing(Routing::Dropless);
+        let mut rng = StdRng::seed_from_u64(3);
+        let running: Vec<Vec<u32>> = (0..9).map(|_| (0..rng.random_range(1..12)).map(|_| rng.random_range(0..97)).collect()).collect();
+        let prompt: Vec<u32> = (0..MAX_PACKED_TOKENS - running.len()).map(|_| rng.random_range(0..97)).collect();
+        let mut caches: Vec<KvCache> = running.iter().map(|p| {
+            let mut c = KvCache::new();
+            m.prefill(p, &mut c, false).unwrap();
+            c
+        }).collect();
+        let mut alone_caches = caches.clone();
+        let toks: Vec<[u32; 1]> = (0..running.len()).map(|i| [i as u32 + 1]).collect();
+        let mut joining = KvCache::new();
+        let mut seqs: Vec<PackedSeq> = caches.iter_mut().zip(&toks).map(|(c, t)| PackedSeq { ids: t, cache: c }).collect();
+        seqs.push(PackedSeq { ids: &prompt, cache: &mut joining });
+        let (logits, _) = m.forward_packed(&mut seqs).unwrap();
+        let rows: Vec<Vec<f32>> = logits.to_vec2().unwrap();
+        assert_eq!(rows.len(), running.len() + 1);
+        let (alone, _, _) = m.prefill(&prompt, &mut KvCache::new(), false).unwrap();
+        assert_eq!(bits(&rows[running.len()]), bits(&alone.to_vec1::<f32>().unwrap()), "{name}: the packed prompt");
+        for (i, c) in alone_caches.iter_mut().enumerate() {
+            let one = m.forward_step(&[vec![toks[i][0]]], Some(c), None).unwrap();
+            assert_eq!(bits(&rows[i]), bits(&one.squeeze(0).unwrap().to_vec1::<f32>().unwrap()), "{name}: sequence {i}");
+        }
+    }
+}

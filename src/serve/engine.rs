@@ -240,8 +240,36 @@ impl Engine {
 
     fn step(&mut self) -> crate::Result<()> {
         self.admit();
-        self.prefill_one()?;
-        self.decode()
+        self.running.retain(|s| !s.gone());
+        match self.joining() {
+            Some(p) => self.decode(Some(p)),
+            None => {
+                self.prefill_one()?;
+                self.decode(None)
+            }
+        }
+    }
+
+    /// The oldest admitted prompt when its last chunk fits into the decoding pass that has
+    /// room left (at most MAX_PACKED_TOKENS rows, so the kernels and the chunk boundaries
+    /// are the ones a pass of its own would use): it then costs no pass of its own, which
+    /// the running sequences would wait for. Prompts that want prompt logprobs take their
+    /// own passes.
+    fn joining(&mut self) -> Option<Prefill> {
+        while self.prefills.front().is_some_and(|p| p.job.gone()) {
+            self.prefills.pop_front();
+        }
+        let p = self.prefills.front()?;
+        let rest = p.job.prompt.len() - p.done;
+        let in_last_group = match self.running.len() % MAX_PACKED_TOKENS {
+            0 if self.running.is_empty() => 0,
+            0 => MAX_PACKED_TOKENS,
+            r => r,
+        };
+        if p.job.prompt_logprobs || rest == 0 || rest > self.options.prefill_chunk || in_last_group + rest > MAX_PACKED_TOKENS {
+            return None;
+        }
+        self.prefills.pop_front()
     }
 
     fn used_slots(&self) -> usize {
@@ -304,11 +332,21 @@ impl Engine {
             return Ok(());
         }
         let p = self.prefills.pop_front().expect("front exists");
+        let logits: Vec<f32> = last.to_dtype(DType::F32)?.to_vec1()?;
+        for seq in self.start(p, logits)? {
+            self.running.push(seq);
+        }
+        Ok(())
+    }
+
+    /// The choices of a prompt whose prefill is complete, each with its first token sent
+    /// (from `logits`, the prompt's last position); those that have not finished with it.
+    fn start(&self, p: Prefill, logits: Vec<f32>) -> crate::Result<Vec<Seq>> {
         let Prefill { job, cache, prompt_lp, .. } = p;
         if job.prompt_logprobs {
             let _ = job.events.send(Event::Prompt { choice_base: job.choice_base, logprobs: prompt_lp });
         }
-        let logits: Vec<f32> = last.to_dtype(DType::F32)?.to_vec1()?;
+        let mut started = Vec::with_capacity(job.n);
         let mut caches = vec![cache];
         for _ in 1..job.n {
             caches.push(caches[0].clone());
@@ -334,10 +372,10 @@ impl Engine {
                 finished: false,
             };
             if self.emit(&mut seq, logits.clone())? {
-                self.running.push(seq);
+                started.push(seq);
             }
         }
-        Ok(())
+        Ok(started)
     }
 
     /// Samples the next token of `seq` from its logits and sends it; false when the
@@ -372,19 +410,34 @@ impl Engine {
     }
 
     /// One token for every running sequence, in packed passes of at most
-    /// MAX_PACKED_TOKENS sequences (each sequence's result is the same in any pass).
-    fn decode(&mut self) -> crate::Result<()> {
+    /// MAX_PACKED_TOKENS rows (each sequence's result is the same in any pass); `joining`, a
+    /// prompt's last chunk, rides in the last pass and its choices start from it.
+    fn decode(&mut self, mut joining: Option<Prefill>) -> crate::Result<()> {
         self.running.retain(|s| !s.gone());
-        if self.running.is_empty() {
+        if self.running.is_empty() && joining.is_none() {
             return Ok(());
         }
-        self.metrics.decode_step(self.running.len());
+        if !self.running.is_empty() {
+            self.metrics.decode_step(self.running.len());
+        }
         let mut running = std::mem::take(&mut self.running);
         let mut result = Ok(());
-        for group in running.chunks_mut(MAX_PACKED_TOKENS) {
+        // Passes over running[a..b]; one empty pass when only the joining prompt runs.
+        let mut passes: Vec<(usize, usize)> = (0..running.len()).step_by(MAX_PACKED_TOKENS).map(|a| (a, (a + MAX_PACKED_TOKENS).min(running.len()))).collect();
+        if passes.is_empty() {
+            passes.push((0, 0));
+        }
+        let mut started = Vec::new();
+        let count = passes.len();
+        for (pi, (a, b)) in passes.into_iter().enumerate() {
+            let group = &mut running[a..b];
             let last: Vec<[u32; 1]> = group.iter().map(|s| [*s.context.last().expect("a prompt")]).collect();
+            let mut join = if pi + 1 == count { joining.take() } else { None };
             let step = {
                 let mut packed: Vec<PackedSeq> = group.iter_mut().zip(&last).map(|(s, t)| PackedSeq { ids: t, cache: &mut s.cache }).collect();
+                if let Some(p) = join.as_mut() {
+                    packed.push(PackedSeq { ids: &p.job.prompt[p.done..], cache: &mut p.cache });
+                }
                 self.model.forward_packed(&mut packed)
             };
             let rows = step.and_then(|(logits, stats)| {
@@ -392,7 +445,18 @@ impl Engine {
                 Ok(logits.to_dtype(DType::F32)?.to_vec2::<f32>()?)
             });
             match rows {
-                Ok(rows) => {
+                Ok(mut rows) => {
+                    if let Some(p) = join {
+                        self.metrics.prompt_tokens(p.job.prompt.len() - p.done);
+                        let row = rows.pop().expect("the joining prompt's row");
+                        match self.start(p, row) {
+                            Ok(seqs) => started.extend(seqs),
+                            Err(e) => {
+                                result = Err(e);
+                                break;
+                            }
+                        }
+                    }
                     for (seq, row) in group.iter_mut().zip(rows) {
                         match self.emit(seq, row) {
                             Ok(running) => seq.finished = !running,
@@ -410,6 +474,7 @@ impl Engine {
             }
         }
         running.retain(|s| !s.finished);
+        running.extend(started);
         self.running = running;
         result
     }
