@@ -1,7 +1,8 @@
 //! The continuous-batching engine: one thread of the compute pool owns the model and runs
 //! steps forever. Each step admits waiting requests into free slots, prefills one chunk of
 //! one admitted prompt, then decodes one token for every running sequence in packed passes
-//! ([`GPT::forward_packed`]). Requests join and leave at token boundaries; each sequence
+//! ([`GPT::forward_packed`]); a prompt's last chunk that fits into the last pass rides in it
+//! instead of taking a pass of its own. Requests join and leave at token boundaries; each sequence
 //! has its own KV cache; a request whose client went away (its event channel closed) or
 //! whose choice hit a stop string is dropped before the next step.
 
