@@ -270,13 +270,27 @@ mod avx2_kn {
     use super::Weight;
     use std::arch::x86_64::*;
 
-    /// Rows r0..r0+R times columns col..col+8*V of w, into out (row stride len, from oc).
+    /// Rows of w (k) per pass over a block's columns: the tiles then walk KB rows side by
+    /// side (KB streams, a few dozen pages) instead of each tile walking all of k at a stride
+    /// of n; partial sums go through `out` between passes (exact f32 stores and loads, so
+    /// every output is still one fused multiply-add chain over k in order).
+    const KB: usize = 32;
+
+    /// Rows r0..r0+R times columns col..col+8*V of w over k0..k1, into out (row stride len,
+    /// from oc): starting from zero when `init`, else from what out holds.
     #[inline(always)]
     #[allow(clippy::too_many_arguments)]
-    unsafe fn tile<W: Weight, const R: usize, const V: usize>(x: &[f32], r0: usize, k: usize, w: &[W], n: usize, col: usize, out: &mut [f32], len: usize, oc: usize) {
+    unsafe fn tile<W: Weight, const R: usize, const V: usize>(x: &[f32], r0: usize, k: usize, (k0, k1, init): (usize, usize, bool), w: &[W], n: usize, col: usize, out: &mut [f32], len: usize, oc: usize) {
         let mut acc = [[_mm256_setzero_ps(); V]; R];
+        if !init {
+            for (r, acc) in acc.iter_mut().enumerate() {
+                for (v, acc) in acc.iter_mut().enumerate() {
+                    *acc = _mm256_loadu_ps(out.as_ptr().add((r0 + r) * len + oc + 8 * v));
+                }
+            }
+        }
         let (xp, wp) = (x.as_ptr().add(r0 * k), w.as_ptr().add(col));
-        for kk in 0..k {
+        for kk in k0..k1 {
             let wr = wp.add(kk * n);
             let mut wv = [_mm256_setzero_ps(); V];
             for (v, wv) in wv.iter_mut().enumerate() {
@@ -303,17 +317,26 @@ mod avx2_kn {
         let quads = m / 4 * 4;
         let c16 = len / 16 * 16;
         let c64 = len / 64 * 64;
-        for r0 in (0..quads).step_by(4) {
-            for c in (0..c16).step_by(16) {
-                tile::<W, 4, 2>(x, r0, k, w, n, n0 + c, out, len, c);
+        let mut k0 = 0;
+        loop {
+            // One pass over rows k0..k1 of w (k = 0: one pass that writes the zeros).
+            let ks = (k0, (k0 + KB).min(k), k0 == 0);
+            for r0 in (0..quads).step_by(4) {
+                for c in (0..c16).step_by(16) {
+                    tile::<W, 4, 2>(x, r0, k, ks, w, n, n0 + c, out, len, c);
+                }
             }
-        }
-        for r in quads..m {
-            for c in (0..c64).step_by(64) {
-                tile::<W, 1, 8>(x, r, k, w, n, n0 + c, out, len, c);
+            for r in quads..m {
+                for c in (0..c64).step_by(64) {
+                    tile::<W, 1, 8>(x, r, k, ks, w, n, n0 + c, out, len, c);
+                }
+                for c in (c64..c16).step_by(16) {
+                    tile::<W, 1, 2>(x, r, k, ks, w, n, n0 + c, out, len, c);
+                }
             }
-            for c in (c64..c16).step_by(16) {
-                tile::<W, 1, 2>(x, r, k, w, n, n0 + c, out, len, c);
+            k0 = ks.1;
+            if k0 >= k {
+                break;
             }
         }
         // Columns past the last 16: one at a time, the same fused sums.
