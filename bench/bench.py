@@ -178,10 +178,11 @@ def main():
                     save_file({"x": data[:, :, :-1].contiguous(), "y": data[:, :, 1:].contiguous()}, inputs)
                     ours = timed([BIN, "bench", "train", model, "--inputs", inputs])
                     ref = timed(REF + ["train", "--model", model, "--inputs", inputs])
-                    rows.append((name + " (4x256, block 256, batch 8)", ours, ref, ("flops", flops_per_token(model))))
+                    work = ("flops", flops_per_token(model))
+                    rows.append((name + " (4x256, block 256, batch 8)", ours, ref, work))
                     try:  # the same nanomoe steps against the model under torch.compile
                         comp = timed(REF + ["train", "--compile", "--model", model, "--inputs", inputs])
-                        rows.append((name + " vs torch.compile (inductor)", ours, comp, ("flops", flops_per_token(model))))
+                        rows.append((name + " vs torch.compile (inductor)", ours, comp, work))
                     except SystemExit as e:
                         print("torch.compile row for %s skipped: %s" % (name, str(e)[-300:]), file=sys.stderr)
         if "decode" in only or "prefill" in only:

@@ -37,7 +37,7 @@ pub enum Bench {
         /// Tokens to generate per run (per sequence).
         #[arg(long, default_value_t = 128)]
         new_tokens: usize,
-        /// Sequences decoded together (each from a different one-token prompt).
+        /// Sequences decoded together (each from a different one-token prompt; at most 4096).
         #[arg(long, default_value_t = 1)]
         batch: usize,
         /// Timed runs (the median is reported).
@@ -141,8 +141,8 @@ pub fn run(b: Bench, model_dir: impl Fn(&Path) -> Result<PathBuf>) -> Result<()>
             report("train", &times, (batch * block) as f64)
         }
         Bench::Decode { model, new_tokens, batch, repeats } => {
-            if batch == 0 {
-                bail!("--batch must be at least 1");
+            if batch == 0 || batch > 4096 {
+                bail!("--batch must be 1 to 4096, got {batch}");
             }
             let gpt = super::inference_model(&model_dir(&model)?)?;
             let prompt: Vec<Vec<u32>> = (0..batch as u32).map(|i| vec![i % gpt.config.vocab_size as u32]).collect();

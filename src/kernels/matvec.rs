@@ -17,8 +17,7 @@ use crate::kernels::contiguous_f32;
 const NAME: &str = "matvec";
 
 /// At most this many activation rows go through these kernels; more use candle's matmul.
-/// 32: a serving step's 16 decoding rows plus a joining prompt's chunk of up to 16 tokens
-/// (the 4 x 3 tiles run about as fast per row here as with 16).
+/// 32: a serving step's 16 decoding rows plus a joining prompt's chunk of up to 16 tokens.
 pub const MAX_ROWS: usize = 32;
 
 /// A weight element: f32 or bf16.
@@ -188,7 +187,7 @@ mod avx2 {
         let split = k / LANES * LANES;
         let mut c = 0;
         while c + 2 * LANES <= split {
-            // The rows after this tile's, 16 elements ahead of use, into L1: the hardware
+            // The same 16 columns of the next tile's J rows, into L1: the hardware
             // prefetcher alone leaves half-precision rows waiting on memory (a hint: past
             // the last row it reads nothing).
             for j in 0..J {

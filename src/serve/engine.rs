@@ -241,7 +241,12 @@ impl Engine {
 
     fn step(&mut self) -> crate::Result<()> {
         self.admit();
+        // Sequences and prompts whose clients left are dropped before this step's passes
+        // are laid out.
         self.running.retain(|s| !s.gone());
+        while self.prefills.front().is_some_and(|p| p.job.gone()) {
+            self.prefills.pop_front();
+        }
         match self.joining() {
             Some(p) => self.decode(Some(p)),
             None => {
@@ -257,15 +262,11 @@ impl Engine {
     /// the running sequences would wait for. Prompts that want prompt logprobs take their
     /// own passes.
     fn joining(&mut self) -> Option<Prefill> {
-        while self.prefills.front().is_some_and(|p| p.job.gone()) {
-            self.prefills.pop_front();
-        }
         let p = self.prefills.front()?;
         let rest = p.job.prompt.len() - p.done;
-        let in_last_group = match self.running.len() % MAX_PACKED_TOKENS {
-            0 if self.running.is_empty() => 0,
-            0 => MAX_PACKED_TOKENS,
-            r => r,
+        let in_last_group = match self.running.len() {
+            0 => 0,
+            n => (n - 1) % MAX_PACKED_TOKENS + 1,
         };
         if p.job.prompt_logprobs || rest == 0 || rest > self.options.prefill_chunk || in_last_group + rest > MAX_PACKED_TOKENS {
             return None;
@@ -305,9 +306,6 @@ impl Engine {
 
     /// One chunk of the oldest admitted prompt; when it completes, its choices start.
     fn prefill_one(&mut self) -> crate::Result<()> {
-        while self.prefills.front().is_some_and(|p| p.job.gone()) {
-            self.prefills.pop_front();
-        }
         let Some(p) = self.prefills.front_mut() else { return Ok(()) };
         let total = p.job.prompt.len();
         let end = (p.done + self.options.prefill_chunk).min(total);
@@ -414,7 +412,6 @@ impl Engine {
     /// MAX_PACKED_TOKENS rows (each sequence's result is the same in any pass); `joining`, a
     /// prompt's last chunk, rides in the last pass and its choices start from it.
     fn decode(&mut self, mut joining: Option<Prefill>) -> crate::Result<()> {
-        self.running.retain(|s| !s.gone());
         if self.running.is_empty() && joining.is_none() {
             return Ok(());
         }
@@ -469,6 +466,10 @@ impl Engine {
                     }
                 }
                 Err(e) => {
+                    // Back in the queue, so that the failure reaches its client too.
+                    if let Some(p) = join {
+                        self.prefills.push_front(p);
+                    }
                     result = Err(e);
                     break;
                 }
