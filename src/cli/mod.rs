@@ -20,7 +20,8 @@ struct Cli {
     revision: String,
     /// Weight storage of inference commands (generate, sample, forward, eval, serve, bench
     /// decode and prefill): f32; bf16 or f16 (half the memory); q8_0 or q4_0 (GGML's blocks:
-    /// 8.5 or 4.5 bits per weight, integer dot products). Activations and sums stay f32.
+    /// 8.5 or 4.5 bits per weight, integer dot products on activations quantized to 8 bits
+    /// per block of 32, as llama.cpp does). Activations between layers and sums stay f32.
     /// A GGUF MODEL keeps the types it holds.
     #[arg(long, global = true, help_heading = "Global options")]
     weight_dtype: Option<String>,

@@ -14,6 +14,7 @@
 //! - `ceiling`: the machine's sgemm and read-bandwidth ceilings, for the benchmarks.
 //! - `matvec`: weight-streaming products for decoding, f32, bf16 or f16 weights.
 //! - `qmatvec`: products with quantized weights (q8_0 / q4_0) on 8-bit activations.
+//! - `qgemm`: the same for prompts: integer GEMMs on weights repacked 8 rows per register.
 //! - `transpose`: 8 x 8 block transposes for the experts' backward.
 //! - `math`: vectorizable exp/tanh/erf and the per-instruction-set `multiversion!`.
 
@@ -30,6 +31,7 @@ pub mod linear;
 pub mod linear_cross_entropy;
 pub mod math;
 pub mod matvec;
+pub mod qgemm;
 pub mod qmatvec;
 pub mod rms_norm;
 pub mod swiglu;

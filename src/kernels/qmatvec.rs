@@ -205,6 +205,11 @@ pub fn product(kind: QKind, x: &[f32], m: usize, k: usize, w: &[u8], n: usize, p
 /// `x [.., K] @ w^T` for matrix `e` of a quantized [.., N, K] weight: [.., N], f32, no
 /// gradient (quantized weights are for inference).
 pub fn qlinear(x: &Tensor, w: &QTensor, e: usize) -> Result<Tensor> {
+    qlinear_with(x, w, e, |xs, m, k, wb, n| product(w.kind, xs, m, k, wb, n, false))
+}
+
+/// [`qlinear`] with another product `f(x, m, k, w, n)` of the same contract as [`product`].
+pub fn qlinear_with(x: &Tensor, w: &QTensor, e: usize, f: impl FnOnce(&[f32], usize, usize, &[u8], usize) -> Vec<f32>) -> Result<Tensor> {
     let dims = x.dims().to_vec();
     let k = *dims.last().ok_or_else(|| input_err!("qlinear: x is a scalar"))?;
     if k != w.cols() || e >= w.matrices() {
@@ -213,7 +218,7 @@ pub fn qlinear(x: &Tensor, w: &QTensor, e: usize) -> Result<Tensor> {
     let m = x.elem_count() / k.max(1);
     let n = w.rows();
     let xs: Vec<f32> = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
-    let y = product(w.kind, &xs, m, k, w.matrix(e), n, false);
+    let y = f(&xs, m, k, w.matrix(e), n);
     let mut out = dims;
     *out.last_mut().expect("rank >= 1") = n;
     Ok(Tensor::from_vec(y, out, x.device())?)

@@ -498,7 +498,8 @@ impl GPT {
     /// 32 weights with an f16 scale; matrices whose rows are not a multiple of 32 long, and
     /// the position embedding, stay dense). Decoding streams every weight once per token,
     /// so its time follows the bytes: bf16 halves it, q8_0 reads 8.5 bits per weight, q4_0
-    /// 4.5. Activations and sums stay f32. Not for training. A model whose weights are
+    /// 4.5 (their products quantize the activations to 8 bits per block of 32, as llama.cpp
+    /// does). Activations between layers and sums stay f32. Not for training. A model whose weights are
     /// already quantized can only stay as it is.
     pub fn with_weight_dtype(self, format: impl Into<WeightFormat>) -> Result<GPT> {
         let format = format.into();

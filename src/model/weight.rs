@@ -7,7 +7,7 @@ use std::sync::Arc;
 use candle_core::{DType, Tensor};
 
 use crate::error::{input_err, Result};
-use crate::kernels::qmatvec;
+use crate::kernels::{qgemm, qmatvec};
 use crate::nn;
 use crate::quant::{QKind, QTensor};
 
@@ -74,16 +74,19 @@ impl From<QKind> for WeightFormat {
 const DEQUANT_ROWS: usize = 4096;
 
 /// `x [.., K] @ w^T` for matrix `e` of a quantized weight. A few rows (decoding) take the
-/// integer kernel on 8-bit activations; more (prompts) take f32 products on the weights
-/// dequantized DEQUANT_ROWS rows at a time - the products then run at the f32 GEMM's speed,
-/// with exact activations. Either way a given number of rows always takes the same path, so
-/// a sequence's result does not depend on what it is batched with.
+/// integer kernel on 8-bit activations; more (prompts) the integer GEMM (`qgemm`) on the
+/// same 8-bit activations, or, on CPUs without AVX2, f32 products on the weights
+/// dequantized DEQUANT_ROWS rows at a time. Either way a given number of rows always takes
+/// the same path, so a sequence's result does not depend on what it is batched with.
 fn quant_product(x: &Tensor, q: &QTensor, e: usize) -> Result<Tensor> {
     let dims = x.dims();
     let k = *dims.last().unwrap_or(&0);
     let m = x.elem_count() / k.max(1);
     if m <= crate::kernels::matvec::MAX_ROWS || k != q.cols() || e >= q.matrices() {
         return qmatvec::qlinear(x, q, e);
+    }
+    if qgemm::available() {
+        return qmatvec::qlinear_with(x, q, e, |xs, m, k, w, n| qgemm::product(q.kind, xs, m, k, w, n));
     }
     let x2 = x.reshape((m, k))?;
     let (n, rb) = (q.rows(), q.kind.row_bytes(k));
