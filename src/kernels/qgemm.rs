@@ -177,7 +177,7 @@ const TILE_ROWS: usize = 4;
 /// parallel over blocks of outputs. Requires [`available`].
 pub fn product(kind: QKind, x: &[f32], m: usize, k: usize, w: &[u8], n: usize) -> Vec<f32> {
     assert!(available(), "qgemm::product needs AVX2, FMA and F16C");
-    assert!(k % BLOCK == 0 && x.len() == m * k && w.len() == n * kind.row_bytes(k), "qgemm::product: sizes");
+    assert!(k.is_multiple_of(BLOCK) && x.len() == m * k && w.len() == n * kind.row_bytes(k), "qgemm::product: sizes");
     let a: QActs = quantize_acts(x, m, k);
     // q4_0 takes the activations as the unsigned operand: x + 128.
     let xq: Vec<u8> = if kind == QKind::Q4_0 { a.q.iter().map(|&v| (v as u8) ^ 0x80).collect() } else { a.q.iter().map(|&v| v as u8).collect() };
