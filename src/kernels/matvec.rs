@@ -434,7 +434,11 @@ fn pick<W: Weight>(w_nk: bool) -> BlockFn<W> {
 /// of outputs.
 pub fn product<W: Weight>(x: &[f32], m: usize, k: usize, w: &[W], n: usize, w_nk: bool) -> Vec<f32> {
     let f = pick::<W>(w_nk);
-    super::by_column_blocks(m, n, 64, |n0, out| f(x, m, k, w, n, n0, out))
+    // [K, N] weights are read in row segments of a block's width: one block per thread makes
+    // them as long as they can be (nano-MoE's experts, 16 rows: ~10 % more tokens/s than 4
+    // blocks per thread, batch 1 ~8 %). [N, K] rows are whole either way.
+    let min_block = if w_nk { 64 } else { n.div_ceil(rayon::current_num_threads().max(1)) };
+    super::by_column_blocks(m, n, min_block, |n0, out| f(x, m, k, w, n, n0, out))
 }
 
 /// x [M, K] times a weight, as a candle op: f32 weights get gradients for both inputs;
