@@ -64,7 +64,9 @@ impl Packed {
                     self.d[b * GROUP + j] = 0.0;
                     vals = [0; BLOCK];
                 }
-                self.off[b * GROUP + j] = 128 * vals.iter().map(|&v| v as i32).sum::<i32>();
+                if kind == QKind::Q4_0 {
+                    self.off[b * GROUP + j] = 128 * vals.iter().map(|&v| v as i32).sum::<i32>();
+                }
                 let out = &mut self.w[b * PACKED_BLOCK..(b + 1) * PACKED_BLOCK];
                 for step in 0..BLOCK / 4 {
                     for t in 0..4 {
@@ -179,16 +181,23 @@ pub fn product(kind: QKind, x: &[f32], m: usize, k: usize, w: &[u8], n: usize) -
     assert!(available(), "qgemm::product needs AVX2, FMA and F16C");
     assert!(k.is_multiple_of(BLOCK) && x.len() == m * k && w.len() == n * kind.row_bytes(k), "qgemm::product: sizes");
     let a: QActs = quantize_acts(x, m, k);
-    // q4_0 takes the activations as the unsigned operand: x + 128.
-    let xq: Vec<u8> = if kind == QKind::Q4_0 { a.q.iter().map(|&v| (v as u8) ^ 0x80).collect() } else { a.q.iter().map(|&v| v as u8).collect() };
+    // q4_0 takes the activations as the unsigned operand, x + 128; q8_0 the bytes as they are.
+    let shifted: Vec<u8>;
+    let xq: &[u8] = if kind == QKind::Q4_0 {
+        shifted = a.q.iter().map(|&v| (v as u8) ^ 0x80).collect();
+        &shifted
+    } else {
+        // SAFETY: i8 and u8 have the same size and alignment, and every bit pattern is valid.
+        unsafe { std::slice::from_raw_parts(a.q.as_ptr() as *const u8, a.q.len()) }
+    };
     #[cfg(target_arch = "x86_64")]
     {
         // SAFETY: `available()` checked AVX2, FMA and F16C; the sizes were checked above and
         // every read and write stays inside `a`, `xq`, `w` and `out`.
         super::by_column_blocks(m, n, 32, |n0, out| unsafe {
             match kind {
-                QKind::Q4_0 => avx2::block::<true>(&a, &xq, w, n0, out),
-                QKind::Q8_0 => avx2::block::<false>(&a, &xq, w, n0, out),
+                QKind::Q4_0 => avx2::block::<true>(&a, xq, w, n0, out),
+                QKind::Q8_0 => avx2::block::<false>(&a, xq, w, n0, out),
             }
         })
     }
@@ -213,17 +222,10 @@ mod tests {
                 let x: Vec<f32> = (0..m * k).map(|_| rng.random_range(-2.0..2.0)).collect();
                 let wf: Vec<f32> = (0..n * k).map(|_| rng.random_range(-0.5..0.5)).collect();
                 let w = crate::quant::quantize(kind, &wf, k);
-                // The exact value: f64 sums of the dequantized weights times the dequantized
-                // 8-bit activations.
-                let a = quantize_acts(&x, m, k);
-                let wd = crate::quant::dequantize(kind, &w);
+                let want = crate::kernels::qmatvec::tests::exact(kind, &x, m, k, &w, n);
                 let y = product(kind, &x, m, k, &w, n);
-                for r in 0..m {
-                    for j in 0..n {
-                        let want: f64 = (0..k).map(|c| a.q[r * k + c] as f64 * a.d[(r * k + c) / BLOCK] as f64 * wd[j * k + c] as f64).sum();
-                        let got = y[r * n + j] as f64;
-                        assert!((got - want).abs() <= 1e-4 * (1.0 + want.abs()), "{kind:?} {m}x{k}x{n} at ({r}, {j}): {got} vs {want}");
-                    }
+                for (i, (&got, &want)) in y.iter().zip(&want).enumerate() {
+                    assert!((got as f64 - want).abs() <= 1e-4 * (1.0 + want.abs()), "{kind:?} {m}x{k}x{n} at {i}: {got} vs {want}");
                 }
                 // The rows from the second on (so that tiles fall differently) give the same bits.
                 let shifted = product(kind, &x[k..], m - 1, k, &w, n);

@@ -225,13 +225,13 @@ pub fn qlinear_with(x: &Tensor, w: &QTensor, e: usize, f: impl FnOnce(&[f32], us
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use rand::{rngs::StdRng, Rng, SeedableRng};
 
     /// The exact value of the quantized product: f64 sums of dequantized weights times
     /// dequantized activations.
-    fn exact(kind: QKind, x: &[f32], m: usize, k: usize, w: &[u8], n: usize) -> Vec<f64> {
+    pub(crate) fn exact(kind: QKind, x: &[f32], m: usize, k: usize, w: &[u8], n: usize) -> Vec<f64> {
         let a = quantize_acts(x, m, k);
         let wf = crate::quant::dequantize(kind, w);
         let mut y = vec![0f64; m * n];
