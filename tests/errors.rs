@@ -251,11 +251,18 @@ fn cli_forward_and_generate_outputs() {
     let (code, out, err) = cli(&["forward", ds, "--ids", "1,2,3;4,5,6", "--labels", "1,2,-100;4,5,6", "--out", lp.to_str().unwrap()]);
     assert_eq!(code, 0, "{err}");
     let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
-    let m = GPT::from_pretrained(&d).unwrap();
+    // The CLI loads for inference: experts in the inference layout ([E, N, K]), whose
+    // products sum in another order than the training layout's - the same numbers to
+    // rounding, and exactly those of the library's inference loader.
+    let m = GPT::from_pretrained_with_weight_dtype(&d, DType::F32, &Device::Cpu).unwrap();
+    let trainable = GPT::from_pretrained(&d).unwrap();
     let ids = Tensor::new(&[[1u32, 2, 3], [4, 5, 6]], &Device::Cpu).unwrap();
     let labels = Tensor::new(&[[1i64, 2, -100], [4, 5, 6]], &Device::Cpu).unwrap();
     let o = m.forward(&ids, Some(&labels)).unwrap();
     let loss = o.loss.unwrap().to_scalar::<f32>().unwrap() as f64;
+    let t = trainable.forward(&ids, Some(&labels)).unwrap();
+    assert!((t.loss.unwrap().to_scalar::<f32>().unwrap() as f64 - loss).abs() < 1e-5);
+    assert!((t.logits - &o.logits).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap() < 1e-5);
     assert!((v["loss"].as_f64().unwrap() - loss).abs() < 1e-6);
     assert!(v["losses"]["aux_loss"].as_f64().unwrap() > 0.0);
     assert!(v["losses"]["router_z_loss"].as_f64().is_some());

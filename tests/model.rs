@@ -292,6 +292,41 @@ fn parameter_counts() {
 }
 
 #[test]
+fn inference_layout_computes_the_same_model_and_saves_the_same_files() {
+    // Inference loads hold the experts [E, N, K] (the decoding kernels' fast layout); the
+    // model is the same one, to rounding, and saves to the same bytes.
+    let cfg = moe_cfg();
+    let trainable = GPT::new_seeded(&cfg, 5, &Device::Cpu).unwrap();
+    let inference = GPT::new_seeded(&cfg, 5, &Device::Cpu).unwrap().with_weight_dtype(DType::F32).unwrap();
+    assert!(trainable.params().needs_inference_layout());
+    assert!(!inference.params().needs_inference_layout());
+    let name = "transformer.h.1.mlp.experts.c_fc";
+    assert_eq!(inference.params().get(name).unwrap().dims(), trainable.params().get(name).unwrap().dims());
+    assert_eq!(inference.params().var(name).unwrap().dims(), &[4, 64, 16]);
+    let x = sample_ids();
+    let d = max_diff(&logits(&trainable, &x), &logits(&inference, &x));
+    assert!(d < 1e-5, "whole sequences differ by {d}");
+    let (mut c1, mut c2) = (KvCache::new(), KvCache::new());
+    let a = trainable.forward_step(&[vec![1, 2, 3], vec![4, 5, 6]], Some(&mut c1), None).unwrap();
+    let b = inference.forward_step(&[vec![1, 2, 3], vec![4, 5, 6]], Some(&mut c2), None).unwrap();
+    assert!(max_diff(&a, &b) < 1e-5);
+    let dir = tempfile::tempdir().unwrap();
+    trainable.save_pretrained(dir.path().join("t")).unwrap();
+    inference.save_pretrained(dir.path().join("i")).unwrap();
+    for f in ["model.safetensors", "config.json"] {
+        assert_eq!(std::fs::read(dir.path().join("t").join(f)).unwrap(), std::fs::read(dir.path().join("i").join(f)).unwrap(), "{f}");
+    }
+    // Loading for inference gives this layout; training on it is refused with the reason.
+    let loaded = GPT::from_pretrained_with_weight_dtype(dir.path().join("t"), DType::F32, &Device::Cpu).unwrap();
+    assert_eq!(max_diff(&logits(&loaded, &x), &logits(&inference, &x)), 0.0);
+    let mut loaded = loaded;
+    loaded.train();
+    let labels = x.to_dtype(DType::I64).unwrap();
+    let err = loaded.forward(&x, Some(&labels)).map(|_| ()).unwrap_err().to_string();
+    assert!(err.contains("the experts are in the inference layout ([experts, out, in]); load the model with `from_pretrained` to train"), "{err}");
+}
+
+#[test]
 fn bf16_weights_compute_exactly_with_the_rounded_weights() {
     for cfg in [dense_cfg(), moe_cfg()] {
         let f32_model = GPT::new_seeded(&cfg, 5, &Device::Cpu).unwrap();

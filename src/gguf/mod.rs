@@ -225,7 +225,7 @@ pub fn save(gpt: &GPT, path: &Path, format: WeightFormat, extras: &GgufExtras) -
             continue;
         }
         let t = match params.var(&name) {
-            Some(v) => v.as_tensor().to_dtype(DType::F32)?,
+            Some(_) => params.get(&name)?.to_dtype(DType::F32)?,
             None => {
                 let s = crate::checkpoint::gpt2_bias_specs(c).into_iter().find(|s| s.name == name).expect("a bias spec");
                 Tensor::zeros(s.shape.as_slice(), DType::F32, &Device::Cpu)?
@@ -235,7 +235,7 @@ pub fn save(gpt: &GPT, path: &Path, format: WeightFormat, extras: &GgufExtras) -
         let t = if is_expert_stack(&name) { t.transpose(1, 2)?.contiguous()? } else if name.ends_with("_bias") { t.squeeze(1)? } else { t };
         let shape = t.dims().to_vec();
         let x: Vec<f32> = t.flatten_all()?.to_vec1()?;
-        let logical = params.var(&name).map(|v| v.dims().to_vec()).unwrap_or_default();
+        let logical = if params.var(&name).is_some() { params.get(&name)?.dims().to_vec() } else { Vec::new() };
         let matrix = is_weight_matrix(&name, shape.len()) && !name.contains(".router.");
         let ty = match format {
             WeightFormat::Quant(k) if matrix && is_quantizable(&name, &logical) => GgmlType::Q(k),
@@ -488,17 +488,15 @@ fn load_file(file: &GgufFile, with_tokenizer: bool) -> Result<GgufModel> {
         // Read straight into a variable's storage (no second copy), the file's pages dropped
         // as reading goes: memory holds the model plus a few MB.
         let var = |v: Result<Var>| -> Result<Tensor> { Ok(v?.as_tensor().clone()) };
-        let mut tensor = match t.ty {
+        let tensor = match t.ty {
             GgmlType::F32 => var(Var::from_vec(read_values(file, t, 4, |b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])), shape.as_slice(), &Device::Cpu).map_err(Error::from))?,
             GgmlType::F16 if matrix => var(Var::from_vec(read_values(file, t, 2, |b| f16::from_le_bytes([b[0], b[1]])), shape.as_slice(), &Device::Cpu).map_err(Error::from))?,
             GgmlType::BF16 if matrix => var(Var::from_vec(read_values(file, t, 2, |b| bf16::from_le_bytes([b[0], b[1]])), shape.as_slice(), &Device::Cpu).map_err(Error::from))?,
             ty => Tensor::from_vec(decode_to_f32(ty, file.data(t)), shape.as_slice(), &Device::Cpu)?,
         };
-        if is_expert_stack(ours) {
-            if shape.len() != 3 {
-                return Err(Error::Input(format!("tensor {} has shape {shape:?}, expected [experts, rows, cols]", t.name)));
-            }
-            tensor = tensor.transpose(1, 2)?.contiguous()?;
+        // Expert stacks stay [E, N, K]: the inference layout (`ParamStore::from_parts`).
+        if is_expert_stack(ours) && shape.len() != 3 {
+            return Err(Error::Input(format!("tensor {} has shape {shape:?}, expected [experts, rows, cols]", t.name)));
         }
         file.release(t);
         dense.push((ours.clone(), tensor));

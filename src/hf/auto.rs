@@ -76,14 +76,20 @@ impl GPT {
         Self::from_pretrained_on(path, &Device::Cpu)
     }
 
+    /// [`GPT::from_pretrained`] onto `device`: f32 weights in the tensors' own layout, so
+    /// the model can train as well as run.
     pub fn from_pretrained_on(path: impl AsRef<Path>, device: &Device) -> Result<Self> {
-        Self::from_pretrained_with_weight_dtype(path, DType::F32, device)
+        let dir = resolve_model_dir(path.as_ref())?;
+        let (config, fmt) = checkpoint::read_config(&dir)?;
+        let params = checkpoint::load_params_as(&dir, &config, fmt, DType::F32, device)?;
+        GPT::from_params(config, params)
     }
 
     /// Loads for inference with the weight matrices stored as `format` says (f32, bf16,
-    /// f16, q8_0 or q4_0; see [`GPT::with_weight_dtype`]). Dense formats are converted while
-    /// reading, so memory never holds an f32 copy of them; quantized ones are quantized from
-    /// f32 one tensor at a time.
+    /// f16, q8_0 or q4_0; see [`GPT::with_weight_dtype`]), the experts in the inference
+    /// layout: such a model does not train. Dense formats are converted while reading, so
+    /// memory never holds an f32 copy of them; quantized ones are quantized from f32 one
+    /// tensor at a time.
     pub fn from_pretrained_with_weight_dtype(path: impl AsRef<Path>, format: impl Into<WeightFormat>, device: &Device) -> Result<Self> {
         let format = format.into();
         let dir = resolve_model_dir(path.as_ref())?;
@@ -95,7 +101,7 @@ impl GPT {
             }
             dense => {
                 let params = checkpoint::load_params_as(&dir, &config, fmt, dense.dtype().expect("dense"), device)?;
-                GPT::from_params(config, params)
+                GPT::from_params(config, params.into_inference_layout()?)
             }
         }
     }

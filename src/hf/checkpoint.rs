@@ -574,8 +574,9 @@ pub fn export_tensors(config: &GPTConfig, params: &ParamStore, format: Format) -
         )));
     }
     let mut out = Vec::new();
-    for (name, var) in params.iter() {
-        out.push((name.to_string(), conv1d_transpose(name, var.as_tensor().detach(), format)?));
+    for (name, _) in params.iter() {
+        // `get`: the tensors' own layout, whatever the store holds them in for inference.
+        out.push((name.to_string(), conv1d_transpose(name, params.get(name)?.contiguous()?.detach(), format)?));
     }
     if format == Format::Gpt2 && !config.bias {
         for s in gpt2_bias_specs(config) {

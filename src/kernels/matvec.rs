@@ -413,7 +413,15 @@ fn tile_kn<W: Weight, const R: usize>(x: &[f32], r0: usize, k: usize, w: &[W], n
     }
 }
 
-type BlockFn<W> = fn(&[f32], usize, usize, &[W], usize, usize, &mut [f32]);
+/// A block kernel: `f(x, m, k, w, n, n0, out)` fills out [m, len] with x [m, k] times the
+/// weight's output columns n0..n0 + len.
+pub(crate) type BlockFn<W> = fn(&[f32], usize, usize, &[W], usize, usize, &mut [f32]);
+
+/// The [N, K] block kernel [`product`] runs on this CPU (for callers that schedule blocks
+/// of several products themselves). Each output is summed the same way in any block.
+pub(crate) fn block_nk_fn<W: Weight>() -> BlockFn<W> {
+    pick::<W>(true)
+}
 
 /// The kernel for a weight layout: AVX2 + FMA + F16C intrinsics where the CPU has them
 /// (AVX-512 CPUs too), else the portable loops.

@@ -176,7 +176,15 @@ fn block_with<D: Dots>(d: &D, a: &QActs, w: &[u8], row_bytes: usize, n0: usize, 
     }
 }
 
-type BlockFn = fn(&QActs, &[u8], usize, usize, &mut [f32]);
+/// A block kernel: `f(acts, w, row_bytes, n0, out)` fills out [m, len] with the quantized
+/// activations times weight rows n0..n0 + len.
+pub(crate) type BlockFn = fn(&QActs, &[u8], usize, usize, &mut [f32]);
+
+/// The block kernel [`product`] runs on this CPU for `kind`. Each output is summed the same
+/// way in any block.
+pub(crate) fn block_fn(kind: QKind) -> BlockFn {
+    pick(kind, false)
+}
 
 fn pick(kind: QKind, portable: bool) -> BlockFn {
     #[cfg(target_arch = "x86_64")]

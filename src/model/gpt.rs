@@ -499,13 +499,15 @@ impl GPT {
     /// the position embedding, stay dense). Decoding streams every weight once per token,
     /// so its time follows the bytes: bf16 halves it, q8_0 reads 8.5 bits per weight, q4_0
     /// 4.5 (their products quantize the activations to 8 bits per block of 32, as llama.cpp
-    /// does). Activations between layers and sums stay f32. Not for training. A model whose weights are
+    /// does). Activations between layers and sums stay f32. Dense expert stacks are held
+    /// [E, N, K], the layout of the decoding kernels' fastest products
+    /// ([`ParamStore::into_inference_layout`]). Not for training. A model whose weights are
     /// already quantized can only stay as it is.
     pub fn with_weight_dtype(self, format: impl Into<WeightFormat>) -> Result<GPT> {
         let format = format.into();
         if self.params.is_quantized() {
             return match format == self.weight_format() {
-                true => Ok(self),
+                true => self.with_params(ParamStore::into_inference_layout),
                 false => Err(input_err!("the weights are stored as {}; they cannot be converted to {}", self.weight_format().name(), format.name())),
             };
         }
@@ -519,7 +521,21 @@ impl GPT {
                 params.into_dtype(dtype, |name: &str, t: &Tensor| crate::params::is_weight_matrix(name, t.rank()))?
             }
         };
-        let mut gpt = Self::from_params(config, params)?;
+        let mut gpt = Self::from_params(config, params.into_inference_layout()?)?;
+        gpt.training = training;
+        gpt.routing = routing;
+        Ok(gpt)
+    }
+
+    /// The model rebuilt on `f(params)`, in the same mode (itself when its dense expert
+    /// stacks, if any, are in the inference layout already).
+    fn with_params(self, f: impl FnOnce(ParamStore) -> Result<ParamStore>) -> Result<GPT> {
+        if !self.params.needs_inference_layout() {
+            return Ok(self);
+        }
+        let GPT { config, params, net, frozen, training, routing, .. } = self;
+        drop((net, frozen));
+        let mut gpt = Self::from_params(config, f(params)?)?;
         gpt.training = training;
         gpt.routing = routing;
         Ok(gpt)
@@ -527,10 +543,7 @@ impl GPT {
 
     /// How the weight matrices are stored (see [`GPT::with_weight_dtype`]).
     pub fn weight_format(&self) -> WeightFormat {
-        self.params.quantized().next().map(|(_, q)| WeightFormat::Quant(q.kind)).unwrap_or_else(|| match &self.net.wte {
-            Mat::Dense(t) => t.dtype().into(),
-            Mat::Quant(q) => WeightFormat::Quant(q.kind),
-        })
+        self.params.quantized().next().map(|(_, q)| WeightFormat::Quant(q.kind)).unwrap_or_else(|| self.net.wte.format())
     }
 
     /// The candle dtype of dense weight matrices (f32 for quantized models, whose dense

@@ -27,7 +27,7 @@ use crate::moe_parallel::ExpertShard;
 use crate::nn;
 use crate::params::ParamStore;
 use std::sync::Arc;
-use crate::weight::Mat;
+use crate::weight::{expert_products, ExpertJob, Mat};
 
 /// How tokens are limited per expert.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -399,8 +399,6 @@ impl MoeLayer {
     /// Inference path: only the experts that received tokens run, each on exactly its
     /// tokens (no capacity padding), so decoding one token reads k experts' weights, not all.
     fn experts_grouped(&self, x: &Tensor, plan: &RoutingPlan, probs: &Tensor) -> Result<Tensor> {
-        let (n, c) = x.dims2()?;
-        let device = x.device();
         let mut per_expert: Vec<(Vec<u32>, Vec<u32>)> = vec![(Vec::new(), Vec::new()); self.n_exp];
         for (pair, (&e, s)) in plan.experts.iter().zip(&plan.slots).enumerate() {
             if s.is_some() {
@@ -409,6 +407,17 @@ impl MoeLayer {
             }
         }
         let probs = probs.flatten_all()?;
+        if let Some(y) = self.experts_streamed(x, &per_expert, &probs)? {
+            return Ok(y);
+        }
+        self.experts_one_by_one(x, per_expert, &probs)
+    }
+
+    /// [`experts_grouped`](Self::experts_grouped) one expert after the other, each product
+    /// on its own (prompts; experts in the training layout).
+    fn experts_one_by_one(&self, x: &Tensor, per_expert: Vec<(Vec<u32>, Vec<u32>)>, probs: &Tensor) -> Result<Tensor> {
+        let (n, c) = x.dims2()?;
+        let device = x.device();
         let mut y = Tensor::zeros((n, c), x.dtype(), device)?;
         for (e, (toks, pairs)) in per_expert.into_iter().enumerate() {
             if toks.is_empty() {
@@ -436,6 +445,69 @@ impl MoeLayer {
         }
         Ok(y)
     }
+
+    /// Decoding (at most `MAX_ROWS` rows per expert, experts [E, N, K]): every active
+    /// expert's up (and gate) product in one parallel pass, then every down product in
+    /// another ([`expert_products`]), instead of a pass per product - the same numbers as
+    /// [`experts_one_by_one`](Self::experts_one_by_one), bit for bit. None when the layer
+    /// does not qualify.
+    fn experts_streamed(&self, x: &Tensor, per_expert: &[(Vec<u32>, Vec<u32>)], probs: &Tensor) -> Result<Option<Tensor>> {
+        let (n, c) = x.dims2()?;
+        let rows_ok = per_expert.iter().all(|(t, _)| t.len() <= crate::kernels::matvec::MAX_ROWS);
+        let nk = self.c_fc.is_nk() && self.c_proj.is_nk() && self.gate_proj.as_ref().is_none_or(Mat::is_nk);
+        if !rows_ok || !nk || x.dtype() != DType::F32 || !x.device().is_cpu() {
+            return Ok(None);
+        }
+        let device = x.device();
+        let xh: Vec<f32> = x.flatten_all()?.to_vec1()?;
+        let active: Vec<usize> = (0..per_expert.len()).filter(|&e| !per_expert[e].0.is_empty()).collect();
+        if active.is_empty() {
+            return Ok(Some(Tensor::zeros((n, c), x.dtype(), device)?));
+        }
+        let xe: Vec<Vec<f32>> = active.iter().map(|&e| per_expert[e].0.iter().flat_map(|&t| xh[t as usize * c..(t as usize + 1) * c].iter().copied()).collect()).collect();
+        let mut jobs = expert_jobs(&self.c_fc, &active, &xe, c);
+        if let Some(g) = &self.gate_proj {
+            jobs.extend(expert_jobs(g, &active, &xe, c));
+        }
+        let Some(mut up) = expert_products(&jobs, c)? else { return Ok(None) };
+        let hidden = up[0].len() / per_expert[active[0]].0.len();
+        let gates = up.split_off(active.len());
+        let mut h = Vec::with_capacity(active.len());
+        for (i, (u, &e)) in up.into_iter().zip(&active).enumerate() {
+            let m = per_expert[e].0.len();
+            let u = Tensor::from_vec(u, (m, hidden), device)?;
+            let hi = match gates.get(i) {
+                Some(g) => nn::swiglu(&Tensor::from_slice(g, (m, hidden), device)?, &u)?,
+                None => {
+                    let u = match &self.fc_bias {
+                        Some(bias) => nn::add_bias(&u, &bias.get(e)?)?,
+                        None => u,
+                    };
+                    nn::activation(&u, self.act)?
+                }
+            };
+            h.push(hi.flatten_all()?.to_vec1::<f32>()?);
+        }
+        let jobs = expert_jobs(&self.c_proj, &active, &h, hidden);
+        let Some(down) = expert_products(&jobs, hidden)? else { return Ok(None) };
+        let mut y = Tensor::zeros((n, c), x.dtype(), device)?;
+        for (d, &e) in down.into_iter().zip(&active) {
+            let (toks, pairs) = &per_expert[e];
+            let m = toks.len();
+            let mut ye = Tensor::from_vec(d, (m, c), device)?;
+            if let Some(bias) = &self.proj_bias {
+                ye = nn::add_bias(&ye, &bias.get(e)?)?;
+            }
+            let w = probs.index_select(&Tensor::from_slice(pairs, m, device)?, 0)?.to_dtype(x.dtype())?;
+            y = y.index_add(&Tensor::from_slice(toks, m, device)?, &ye.broadcast_mul(&w.unsqueeze(1)?)?, 0)?;
+        }
+        Ok(Some(y))
+    }
+}
+
+/// One product per active expert `active[i]` on its rows `xs[i]` (rows of length k).
+fn expert_jobs<'a>(w: &'a Mat, active: &[usize], xs: &'a [Vec<f32>], k: usize) -> Vec<ExpertJob<'a>> {
+    active.iter().zip(xs).map(|(&e, x)| ExpertJob { w, e, x, m: x.len() / k.max(1) }).collect()
 }
 
 /// The seed's gate-output loss of one layer: (scale_grad(x, 0.1) gate_proj)^2 averaged over
@@ -475,6 +547,7 @@ pub(crate) fn mean_entropy(logits: &[Vec<f32>]) -> f32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use rand::SeedableRng;
 
     fn cfg(n_exp: usize, k: usize) -> GPTConfig {
         GPTConfig { n_exp, moe_top_k: k, min_capacity: 1, ..GPTConfig::tiny() }
@@ -515,6 +588,47 @@ mod tests {
         let d = RoutingPlan::new(&logits, 3, 2, None);
         assert_eq!(d.capacity, 3);
         assert_eq!(d.dropped(), 0);
+    }
+
+    /// The streamed decoding path gives the bits of the one-expert-at-a-time path, in every
+    /// weight format with [E, N, K] experts, for GPT-2 (biases, GELU) and SwiGLU experts.
+    #[test]
+    fn streamed_experts_equal_one_by_one_bit_for_bit() {
+        use crate::params::{param_specs, ParamStore};
+        use crate::quant::QKind;
+        let base = GPTConfig { n_embd: 32, n_exp: 4, moe_top_k: 2, stride: 1, ..GPTConfig::tiny() };
+        for cfg in [base.clone(), base.clone().with_seed_architecture(true)] {
+            let trained = ParamStore::init(&param_specs(&cfg), 3, &candle_core::Device::Cpu).unwrap();
+            let stores = [
+                trained.clone().into_inference_layout().unwrap(),
+                trained.clone().into_dtype(DType::BF16, |n, t| crate::params::is_weight_matrix(n, t.rank())).unwrap().into_inference_layout().unwrap(),
+                trained.clone().into_quantized(QKind::Q8_0).unwrap(),
+                trained.clone().into_quantized(QKind::Q4_0).unwrap(),
+            ];
+            let mut rng = StdRng::seed_from_u64(1);
+            let n = 7;
+            let x: Vec<f32> = (0..n * 32).map(|_| StandardNormal.sample(&mut rng)).collect();
+            let x = Tensor::from_vec(x, (n, 32), &candle_core::Device::Cpu).unwrap();
+            let logits: Vec<Vec<f32>> = (0..n).map(|_| (0..4).map(|_| StandardNormal.sample(&mut rng)).collect()).collect();
+            let plan = RoutingPlan::new(&logits, 4, 2, None);
+            let probs = Tensor::from_vec((0..n * 2).map(|i| 0.1 + i as f32 * 0.05).collect::<Vec<f32>>(), n * 2, &candle_core::Device::Cpu).unwrap();
+            for p in &stores {
+                let layer = MoeLayer::load(&cfg, p, "transformer.h.0.mlp", 0, None).unwrap();
+                let mut per_expert = vec![(Vec::new(), Vec::new()); 4];
+                for (pair, &e) in plan.experts.iter().enumerate() {
+                    per_expert[e as usize].0.push((pair / 2) as u32);
+                    per_expert[e as usize].1.push(pair as u32);
+                }
+                let streamed = layer.experts_streamed(&x, &per_expert, &probs).unwrap().expect("qualifies");
+                let one = layer.experts_one_by_one(&x, per_expert, &probs).unwrap();
+                let (a, b): (Vec<f32>, Vec<f32>) = (streamed.flatten_all().unwrap().to_vec1().unwrap(), one.flatten_all().unwrap().to_vec1().unwrap());
+                assert!(a.iter().any(|v| *v != 0.0));
+                assert_eq!(a.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), b.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), "{:?}", layer.c_fc.format());
+            }
+            // The training layout does not qualify.
+            let layer = MoeLayer::load(&cfg, &trained, "transformer.h.0.mlp", 0, None).unwrap();
+            assert!(layer.experts_streamed(&x, &[(vec![0], vec![0]), (vec![], vec![]), (vec![], vec![]), (vec![], vec![])], &probs).unwrap().is_none());
+        }
     }
 
     #[test]

@@ -105,11 +105,14 @@ fn quant_product(x: &Tensor, q: &QTensor, e: usize) -> Result<Tensor> {
 }
 
 /// One weight: a tensor, or quantized blocks. Linear weights are [N, K] (torch's [out, in])
-/// either way; expert stacks are [E, K, N] as tensors (nanoMoE's layout) and [E, N, K] when
-/// quantized (the blocks run along what a product sums over, as in GGUF's `*_exps`).
+/// either way; expert stacks are [E, K, N] as tensors (nanoMoE's layout, what training
+/// takes) and [E, N, K] in the inference layout and when quantized (the blocks run along
+/// what a product sums over, as in GGUF's `*_exps`).
 #[derive(Clone)]
 pub enum Mat {
     Dense(Tensor),
+    /// An expert stack [E, N, K] (see `ParamStore::into_inference_layout`).
+    DenseNk(Tensor),
     Quant(Arc<QTensor>),
 }
 
@@ -117,6 +120,7 @@ impl Mat {
     pub fn detached(&self) -> Self {
         match self {
             Mat::Dense(t) => Mat::Dense(t.detach()),
+            Mat::DenseNk(t) => Mat::DenseNk(t.detach()),
             Mat::Quant(q) => Mat::Quant(q.clone()),
         }
     }
@@ -125,13 +129,14 @@ impl Mat {
     pub fn dense(&self) -> Result<&Tensor> {
         match self {
             Mat::Dense(t) => Ok(t),
+            Mat::DenseNk(_) => Err(input_err!("the experts are in the inference layout ([experts, out, in]); load the model with `from_pretrained` to train")),
             Mat::Quant(q) => Err(input_err!("{} weights are for inference only; load the model in f32 to train", q.kind.name())),
         }
     }
 
     pub fn format(&self) -> WeightFormat {
         match self {
-            Mat::Dense(t) => t.dtype().into(),
+            Mat::Dense(t) | Mat::DenseNk(t) => t.dtype().into(),
             Mat::Quant(q) => WeightFormat::Quant(q.kind),
         }
     }
@@ -139,7 +144,7 @@ impl Mat {
     /// `x @ w^T + b` for a linear weight [N, K]; x [.., K].
     pub fn linear(&self, x: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
         match self {
-            Mat::Dense(w) => nn::linear(x, w, b),
+            Mat::Dense(w) | Mat::DenseNk(w) => nn::linear(x, w, b),
             Mat::Quant(q) => {
                 let y = quant_product(x, q, 0)?;
                 match b {
@@ -154,6 +159,7 @@ impl Mat {
     pub fn expert(&self, x: &Tensor, e: usize) -> Result<Tensor> {
         match self {
             Mat::Dense(w) => nn::matmul_kn(x, &w.get(e)?),
+            Mat::DenseNk(w) => nn::linear(x, &w.get(e)?, None),
             Mat::Quant(q) => quant_product(x, q, e),
         }
     }
@@ -161,7 +167,7 @@ impl Mat {
     /// Rows `ids` of an embedding [V, C], as f32 [len, C].
     pub fn embed(&self, ids: &Tensor) -> Result<Tensor> {
         match self {
-            Mat::Dense(w) => Ok(w.index_select(ids, 0)?.to_dtype(DType::F32)?),
+            Mat::Dense(w) | Mat::DenseNk(w) => Ok(w.index_select(ids, 0)?.to_dtype(DType::F32)?),
             Mat::Quant(q) => {
                 let c = q.cols();
                 let ids: Vec<u32> = ids.to_vec1()?;
@@ -180,8 +186,120 @@ impl Mat {
     /// Output size of a linear weight (N).
     pub fn out_dim(&self) -> Result<usize> {
         Ok(match self {
-            Mat::Dense(w) => w.dim(0)?,
+            Mat::Dense(w) | Mat::DenseNk(w) => w.dim(0)?,
             Mat::Quant(q) => q.rows(),
         })
     }
+}
+
+/// One product of [`expert_products`]: rows `x` [m, K] times expert `e`'s matrix of `w`.
+pub struct ExpertJob<'a> {
+    pub w: &'a Mat,
+    pub e: usize,
+    pub x: &'a [f32],
+    pub m: usize,
+}
+
+/// The rows of one [N, K] matrix as the block kernels read them.
+enum Rows<'a> {
+    F32(&'a [f32]),
+    BF16(&'a [half::bf16]),
+    F16(&'a [half::f16]),
+    Quant(QKind, &'a [u8], qmatvec::QActs),
+}
+
+impl Mat {
+    /// Whether the matrices are [N, K] with the output rows whole: an expert stack in the
+    /// inference layout, or quantized.
+    pub fn is_nk(&self) -> bool {
+        matches!(self, Mat::DenseNk(_) | Mat::Quant(_))
+    }
+}
+
+/// Several experts' decoding products (each at most [`MAX_ROWS`](crate::kernels::matvec::MAX_ROWS)
+/// rows, weights [E, N, K]: [`Mat::is_nk`]) in one parallel pass over blocks of all their
+/// outputs, instead of one pass per product: a MoE layer decoding 16 sequences runs up to
+/// 16 small products per projection, each of which alone splits too thinly to keep the
+/// threads on the weights. Results are those of [`Mat::expert`], bit for bit (the block
+/// kernels sum each output the same way in any block). None when a job does not qualify.
+pub fn expert_products(jobs: &[ExpertJob], k: usize) -> Result<Option<Vec<Vec<f32>>>> {
+    use rayon::prelude::*;
+    if jobs.iter().any(|j| !j.w.is_nk() || j.m > crate::kernels::matvec::MAX_ROWS || j.x.len() != j.m * k) {
+        return Ok(None);
+    }
+    // One read guard per distinct dense stack, held over the pass.
+    let mut guards = Vec::new();
+    for j in jobs {
+        if let Mat::DenseNk(t) = j.w {
+            if !guards.iter().any(|(p, _)| std::ptr::eq(*p, t)) {
+                guards.push((t as *const Tensor, t.storage_and_layout()));
+            }
+        }
+    }
+    let mut rows = Vec::with_capacity(jobs.len());
+    let mut sizes = Vec::with_capacity(jobs.len());
+    for j in jobs {
+        let (r, n) = match j.w {
+            Mat::Quant(q) => {
+                if q.cols() != k || j.e >= q.matrices() {
+                    return Err(input_err!("expert products: {:?} matrix {} for rows of {k}", q.shape, j.e));
+                }
+                (Rows::Quant(q.kind, q.matrix(j.e), qmatvec::quantize_acts(j.x, j.m, k)), q.rows())
+            }
+            Mat::DenseNk(t) => {
+                let (e, n, kk) = t.dims3()?;
+                if kk != k || j.e >= e {
+                    return Err(input_err!("expert products: {:?} matrix {} for rows of {k}", t.dims(), j.e));
+                }
+                let (storage, layout) = &guards.iter().find(|(p, _)| std::ptr::eq(*p, t)).expect("a guard per stack").1;
+                let Some((a, _)) = layout.contiguous_offsets() else { return Ok(None) };
+                let (a, b) = (a + j.e * n * k, a + (j.e + 1) * n * k);
+                let r = match &**storage {
+                    candle_core::Storage::Cpu(candle_core::CpuStorage::F32(w)) => Rows::F32(&w[a..b]),
+                    candle_core::Storage::Cpu(candle_core::CpuStorage::BF16(w)) => Rows::BF16(&w[a..b]),
+                    candle_core::Storage::Cpu(candle_core::CpuStorage::F16(w)) => Rows::F16(&w[a..b]),
+                    _ => return Ok(None),
+                };
+                (r, n)
+            }
+            Mat::Dense(_) => unreachable!("checked: [E, N, K] weights only"),
+        };
+        rows.push(r);
+        sizes.push(n);
+    }
+    // Blocks of a multiple of 16 outputs, about one per thread and product (whole weight
+    // rows either way): the products themselves keep every thread busy.
+    let threads = rayon::current_num_threads().max(1);
+    let tasks: Vec<(usize, usize, usize)> = sizes
+        .iter()
+        .enumerate()
+        .flat_map(|(i, &n)| {
+            let size = (n.div_ceil(threads).div_ceil(16) * 16).max(64).min(n.max(1));
+            (0..n).step_by(size.max(1)).map(move |n0| (i, n0, size.min(n - n0)))
+        })
+        .collect();
+    let parts: Vec<Vec<f32>> = tasks
+        .par_iter()
+        .map(|&(i, n0, len)| {
+            let (j, n) = (&jobs[i], sizes[i]);
+            let mut out = vec![0f32; j.m * len];
+            match &rows[i] {
+                Rows::F32(w) => crate::kernels::matvec::block_nk_fn::<f32>()(j.x, j.m, k, w, n, n0, &mut out),
+                Rows::BF16(w) => crate::kernels::matvec::block_nk_fn::<half::bf16>()(j.x, j.m, k, w, n, n0, &mut out),
+                Rows::F16(w) => crate::kernels::matvec::block_nk_fn::<half::f16>()(j.x, j.m, k, w, n, n0, &mut out),
+                Rows::Quant(kind, w, acts) => qmatvec::block_fn(*kind)(acts, w, kind.row_bytes(k), n0, &mut out),
+            }
+            out
+        })
+        .collect();
+    let mut outs: Vec<Vec<f32>> = jobs.iter().zip(&sizes).map(|(j, &n)| vec![0f32; j.m * n]).collect();
+    for (&(i, n0, len), part) in tasks.iter().zip(&parts) {
+        let n = sizes[i];
+        for r in 0..jobs[i].m {
+            outs[i][r * n + n0..r * n + n0 + len].copy_from_slice(&part[r * len..(r + 1) * len]);
+        }
+    }
+    drop(rows);
+    drop(guards);
+    Ok(Some(outs))
 }
