@@ -35,6 +35,7 @@ pub mod qgemm;
 pub mod qmatvec;
 pub mod rms_norm;
 pub mod swiglu;
+pub mod swiglu_experts;
 pub mod transpose;
 
 /// Whether the CPU runs the decoding kernels' intrinsics (`matvec`, `qmatvec`): AVX2, FMA
@@ -91,6 +92,15 @@ pub fn by_column_blocks(m: usize, n: usize, min_block: usize, block: impl Fn(usi
 pub(crate) unsafe fn mm(m: usize, n: usize, k: usize, dst: *mut f32, dst_rs: usize, lhs: *const f32, lhs_rs: usize, lhs_cs: usize, rhs: *const f32, rhs_rs: usize, rhs_cs: usize, alpha: f32, threads: usize) {
     let par = if threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
     gemm::gemm(m, n, k, dst, 1, dst_rs as isize, false, lhs, lhs_cs as isize, lhs_rs as isize, rhs, rhs_cs as isize, rhs_rs as isize, 0.0, alpha, false, false, false, par)
+}
+
+/// [`mm`] adding to dst instead of overwriting it: dst += alpha * lhs rhs.
+///
+/// # Safety
+/// As for [`mm`].
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn mm_add(m: usize, n: usize, k: usize, dst: *mut f32, dst_rs: usize, lhs: *const f32, lhs_rs: usize, lhs_cs: usize, rhs: *const f32, rhs_rs: usize, rhs_cs: usize, alpha: f32) {
+    gemm::gemm(m, n, k, dst, 1, dst_rs as isize, true, lhs, lhs_cs as isize, lhs_rs as isize, rhs, rhs_cs as isize, rhs_rs as isize, 1.0, alpha, false, false, false, gemm::Parallelism::None)
 }
 
 /// A vector whose every element `fill` writes through the pointer it gets (gemm with

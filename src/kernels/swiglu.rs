@@ -41,6 +41,17 @@ fn backward_body(g: &[f32], u: &[f32], dy: &[f32], dg: &mut [f32], du: &mut [f32
 multiversion!(fn forward_slice(g: &[f32], u: &[f32], y: &mut [f32]) => forward_body);
 multiversion!(fn backward_slice(g: &[f32], u: &[f32], dy: &[f32], dg: &mut [f32], du: &mut [f32]) => backward_body);
 
+/// y = silu(g) * u over slices (single-threaded: for kernels that already run a task per
+/// thread).
+pub(crate) fn forward_into(g: &[f32], u: &[f32], y: &mut [f32]) {
+    forward_slice(g, u, y)
+}
+
+/// dg, du of y = silu(g) * u for the incoming dy, over slices (single-threaded).
+pub(crate) fn backward_into(g: &[f32], u: &[f32], dy: &[f32], dg: &mut [f32], du: &mut [f32]) {
+    backward_slice(g, u, dy, dg, du)
+}
+
 struct SwiGlu;
 
 impl CustomOp2 for SwiGlu {

@@ -369,12 +369,9 @@ impl MoeLayer {
         let (c_fc, c_proj) = (self.c_fc.dense()?, self.c_proj.dense()?);
         let h = match &self.gate_proj {
             Some(gate_proj) => {
-                let gate_proj = gate_proj.dense()?;
-                let g = nn::expert_matmul(&xe, gate_proj, ctx.sink)?;
-                if ctx.cfg.use_gate_output_loss {
-                    *gate_output_loss = Some(gate_output_loss_of(&g, &xe, gate_proj, ctx.sink)?);
-                }
-                nn::swiglu(&g, &nn::expert_matmul(&xe, c_fc, ctx.sink)?)?
+                let (h, loss) = swiglu_experts(xe, gate_proj.dense()?, c_fc, ctx.sink, ctx.cfg.use_gate_output_loss)?;
+                *gate_output_loss = loss;
+                h
             }
             None => {
                 let mut h = nn::expert_matmul(&xe, c_fc, ctx.sink)?;
@@ -505,6 +502,28 @@ impl MoeLayer {
     }
 }
 
+/// The seed's SwiGLU experts on the dispatched batch xe [E, cap, C]: silu(xe w_gate) *
+/// (xe w_up), and with `gate_loss` its gate-output loss on xe w_gate. f32 CPU tensors take
+/// the fused op (one product pass forward and one backward, the loss's gradient joined to
+/// it: `kernels::swiglu_experts`); others the separate products.
+pub(crate) fn swiglu_experts(xe: &Tensor, w_gate: &Tensor, w_up: &Tensor, sink: Option<&GradSink>, gate_loss: bool) -> Result<(Tensor, Option<Tensor>)> {
+    use crate::kernels::swiglu_experts as fused;
+    if [xe, w_gate, w_up].iter().all(|t| t.dtype() == DType::F32 && t.device().is_cpu()) {
+        let state = fused::SwiGluState::new();
+        let h = fused::swiglu_experts(xe, w_gate, w_up, sink, &state, 0.1)?;
+        let loss = if gate_loss { Some(fused::gate_output_loss(&h, &state)?) } else { None };
+        return Ok((h, loss));
+    }
+    swiglu_experts_composite(xe, w_gate, w_up, sink, gate_loss)
+}
+
+/// [`swiglu_experts`] from separate ops (the fused op's reference).
+pub(crate) fn swiglu_experts_composite(xe: &Tensor, w_gate: &Tensor, w_up: &Tensor, sink: Option<&GradSink>, gate_loss: bool) -> Result<(Tensor, Option<Tensor>)> {
+    let g = nn::expert_matmul(xe, w_gate, sink)?;
+    let loss = if gate_loss { Some(gate_output_loss_of(&g, xe, w_gate, sink)?) } else { None };
+    Ok((nn::swiglu(&g, &nn::expert_matmul(xe, w_up, sink)?)?, loss))
+}
+
 /// One product per active expert `active[i]` on its rows `xs[i]` (rows of length k).
 fn expert_jobs<'a>(w: &'a Mat, active: &[usize], xs: &'a [Vec<f32>], k: usize) -> Vec<ExpertJob<'a>> {
     active.iter().zip(xs).map(|(&e, x)| ExpertJob { w, e, x, m: x.len() / k.max(1) }).collect()
@@ -628,6 +647,54 @@ mod tests {
             // The training layout does not qualify.
             let layer = MoeLayer::load(&cfg, &trained, "transformer.h.0.mlp", 0, None).unwrap();
             assert!(layer.experts_streamed(&x, &[(vec![0], vec![0]), (vec![], vec![]), (vec![], vec![]), (vec![], vec![])], &probs).unwrap().is_none());
+        }
+    }
+
+    /// The fused SwiGLU experts against the separate ops: values, the gate-output loss, and
+    /// the gradients of x and both weights (through a sink too), with padding rows in x.
+    #[test]
+    fn fused_swiglu_experts_match_the_separate_ops() {
+        use candle_core::{Device, Var};
+        use rand::Rng;
+        let mut rng = StdRng::seed_from_u64(9);
+        let (e, m, c, i) = (3, 5, 8, 12);
+        let mut r = |n: usize| -> Vec<f32> { (0..n).map(|_| rng.random_range(-1.0..1.0)).collect() };
+        let mut xv = r(e * m * c);
+        xv[(m - 1) * c..m * c].fill(0.0); // a padding slot of expert 0
+        xv[(2 * m - 2) * c..2 * m * c].fill(0.0); // two of expert 1
+        let x = Var::from_vec(xv, (e, m, c), &Device::Cpu).unwrap();
+        let wg = Var::from_vec(r(e * c * i), (e, c, i), &Device::Cpu).unwrap();
+        let wu = Var::from_vec(r(e * c * i), (e, c, i), &Device::Cpu).unwrap();
+        let gy = Tensor::from_vec(r(e * m * i), (e, m, i), &Device::Cpu).unwrap();
+        let max = |a: &Tensor, b: &Tensor| (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+        for gate_loss in [true, false] {
+            let objective = |h: &Tensor, l: &Option<Tensor>| {
+                let mut o = h.mul(&gy).unwrap().sum_all().unwrap();
+                if let Some(l) = l {
+                    o = (o + (l * 3.0).unwrap()).unwrap();
+                }
+                o
+            };
+            let (hf, lf) = swiglu_experts(&x, &wg, &wu, None, gate_loss).unwrap();
+            let (hc, lc) = swiglu_experts_composite(&x, &wg, &wu, None, gate_loss).unwrap();
+            assert!(max(&hf, &hc) < 1e-5);
+            if gate_loss {
+                let (a, b) = (lf.as_ref().unwrap().to_scalar::<f32>().unwrap(), lc.as_ref().unwrap().to_scalar::<f32>().unwrap());
+                assert!(a > 0.0 && (a - b).abs() < 1e-5 * b.abs().max(1.0), "{a} vs {b}");
+            }
+            let gf = objective(&hf, &lf).backward().unwrap();
+            let gc = objective(&hc, &lc).backward().unwrap();
+            for v in [&x, &wg, &wu] {
+                let d = max(gf.get(v).unwrap(), gc.get(v).unwrap());
+                assert!(d < 1e-4, "gate loss {gate_loss}: gradient differs by {d}");
+            }
+            // Through a sink: the weights' gradients deposited, the same numbers.
+            let sink = GradSink::new();
+            let (hs, ls) = swiglu_experts(&x, &wg, &wu, Some(&sink), gate_loss).unwrap();
+            let gs = sink.backward(&objective(&hs, &ls)).unwrap();
+            for v in [&x, &wg, &wu] {
+                assert_eq!(max(gf.get(v).unwrap(), gs.get(v).unwrap()), 0.0);
+            }
         }
     }
 
