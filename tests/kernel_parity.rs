@@ -13,7 +13,7 @@ use std::process::Command;
 use candle_core::{DType, Device, Tensor, Var};
 use nanomoe::config::Activation;
 use nanomoe::kernels::attention::{causal_attention, CausalMask};
-use nanomoe::kernels::{bias, cross_entropy, expert_matmul, gelu, layer_norm, linear, linear_cross_entropy, matvec, rms_norm, swiglu};
+use nanomoe::kernels::{bias, cross_entropy, expert_matmul, gelu, layer_norm, linear, linear_cross_entropy, matvec, rms_norm, swiglu, swiglu_experts};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 use serde_json::json;
 
@@ -117,6 +117,21 @@ fn cases() -> Vec<Case> {
     let tap = expert_matmul::gate_loss_tap(&g, &x, &w, 0.1, None).unwrap();
     let y = Tensor::cat(&[&g, &tap], 0).unwrap();
     out.push(case("gate_tap", "gate_loss_tap", json!({}), vec![("x", x), ("w", w)], vec![], y));
+
+    // The seed's SwiGLU experts as one op, with its gate-output loss: [h; loss] (x's rows 3
+    // of expert 0 and 5..7 of expert 1 are padding, left out of the loss's mean; 12 x 10
+    // weights leave remainders after the transpose's 8 x 8 blocks).
+    let (e, m, c, i) = (3, 7, 12, 10);
+    let mut xv: Vec<f32> = (0..e * m * c).map(|_| rng.random_range(-1.0..1.0)).collect();
+    xv[3 * c..4 * c].fill(0.0);
+    xv[(m + 5) * c..(m + 7) * c].fill(0.0);
+    let x = Var::from_vec(xv, (e, m, c), &Device::Cpu).unwrap();
+    let (wg, wu) = (rand_var(&mut rng, &[e, c, i], 1.0), rand_var(&mut rng, &[e, c, i], 1.0));
+    let state = swiglu_experts::SwiGluState::new();
+    let h = swiglu_experts::swiglu_experts(&x, &wg, &wu, None, &state, 0.1).unwrap();
+    let loss = swiglu_experts::gate_output_loss(&h, &state).unwrap();
+    let y = Tensor::cat(&[h.flatten_all().unwrap(), loss.reshape(1).unwrap()], 0).unwrap();
+    out.push(case("swiglu_experts", "swiglu_experts", json!({}), vec![("x", x), ("wg", wg), ("wu", wu)], vec![], y));
 
     // Weight streaming for a few rows, both layouts (6 rows: a group of 4 and two single).
     let (x, w) = (rand_var(&mut rng, &[6, 70], 1.0), rand_var(&mut rng, &[150, 70], 1.0));

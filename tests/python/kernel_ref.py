@@ -62,6 +62,14 @@ def run(case, t):
         x, w = t["x"], t["w"]
         scaled = x * 0.1 + (x * 0.9).detach()
         return torch.cat([torch.bmm(x, w), torch.bmm(scaled, w)], dim=0)
+    if kind == "swiglu_experts":  # the seed's experts (use_qwen3_moe_mlp) and its gate-output loss
+        x, wg, wu = t["x"], t["wg"], t["wu"]
+        h = F.silu(torch.bmm(x, wg)) * torch.bmm(x, wu)
+        g = torch.bmm(x * 0.1 + (x * 0.9).detach(), wg)  # GradientScaler(0.1) on x
+        rows = (g ** 2).mean(dim=-1)
+        kept = rows > 0
+        loss = rows[kept].sum() / kept.sum()
+        return torch.cat([h.flatten(), loss.reshape(1)])
     if kind == "linear":
         return t["x"] @ t["w"].T
     if kind == "linear_nk":
