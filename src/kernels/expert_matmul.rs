@@ -26,7 +26,7 @@ unsafe impl Sync for Out {}
 
 /// w's gradient `dw`: deposited in the sink when there is one (candle then gets none),
 /// else returned for candle's store.
-fn hand_over(sink: Option<&GradSink>, w: &Tensor, dw: Vec<f32>) -> candle_core::Result<Option<Tensor>> {
+pub(crate) fn hand_over(sink: Option<&GradSink>, w: &Tensor, dw: Vec<f32>) -> candle_core::Result<Option<Tensor>> {
     let dw = Tensor::from_vec(dw, w.shape(), w.device())?;
     match sink {
         Some(sink) => {

@@ -20,6 +20,7 @@ use rayon::prelude::*;
 
 use crate::error::Result;
 use crate::grad_sink::GradSink;
+use crate::kernels::expert_matmul::hand_over;
 use crate::kernels::transpose::{padded_stride, transpose};
 use crate::kernels::{contiguous_f32, mm, mm_add, swiglu, with_f32, written_by};
 
@@ -62,18 +63,6 @@ fn dims(lx: &[usize], lg: &[usize], lu: &[usize]) -> candle_core::Result<(usize,
     match (lx, lg) {
         (&[e, m, c], &[e2, c2, i]) if e == e2 && c == c2 && lu == lg => Ok((e, m, c, i)),
         _ => candle_core::bail!("{NAME}: x {lx:?}, gate {lg:?} and up {lu:?} are not [E, cap, C], [E, C, I], [E, C, I]"),
-    }
-}
-
-/// w's gradient `dw`: deposited in the sink when there is one, else returned for candle.
-fn hand_over(sink: Option<&GradSink>, w: &Tensor, dw: Vec<f32>) -> candle_core::Result<Option<Tensor>> {
-    let dw = Tensor::from_vec(dw, w.shape(), w.device())?;
-    match sink {
-        Some(sink) => {
-            sink.deposit(w, dw)?;
-            Ok(None)
-        }
-        None => Ok(Some(dw)),
     }
 }
 
