@@ -327,6 +327,22 @@ fn inference_layout_computes_the_same_model_and_saves_the_same_files() {
 }
 
 #[test]
+fn inference_layout_models_quantize_like_trainable_ones() {
+    // n_embd 40: matrices summing over 40 stay dense, over 160 are quantized - decided by
+    // the logical [E, K, N] shape whatever layout the experts are held in.
+    let cfg = GPTConfig { n_embd: 40, ..moe_cfg() };
+    let direct = GPT::new_seeded(&cfg, 5, &Device::Cpu).unwrap().with_weight_dtype(nanomoe::quant::QKind::Q8_0).unwrap();
+    let via = GPT::new_seeded(&cfg, 5, &Device::Cpu).unwrap().with_weight_dtype(DType::F32).unwrap().with_weight_dtype(nanomoe::quant::QKind::Q8_0).unwrap();
+    let quantized = |m: &GPT| m.params().quantized().map(|(n, _)| n.to_string()).collect::<Vec<_>>();
+    assert_eq!(quantized(&direct), quantized(&via));
+    assert!(quantized(&via).contains(&"transformer.h.1.mlp.experts.c_proj".to_string()));
+    assert!(!quantized(&via).contains(&"transformer.h.1.mlp.experts.c_fc".to_string()));
+    let x = sample_ids();
+    let d = max_diff(&logits(&direct, &x), &logits(&via, &x));
+    assert!(d < 1e-5, "{d}");
+}
+
+#[test]
 fn bf16_weights_compute_exactly_with_the_rounded_weights() {
     for cfg in [dense_cfg(), moe_cfg()] {
         let f32_model = GPT::new_seeded(&cfg, 5, &Device::Cpu).unwrap();

@@ -225,28 +225,30 @@ impl ParamStore {
     /// Quantizes the tensors [`is_quantizable`] accepts to `kind`, freeing each original as
     /// it goes.
     pub fn into_quantized(self, kind: QKind) -> Result<Self> {
-        let ParamStore { vars, mut quant, nk, order } = self;
+        let ParamStore { vars, mut quant, mut nk, order } = self;
         let mut kept = BTreeMap::new();
         for (name, v) in vars {
-            if !is_quantizable(&name, v.dims()) {
+            // Held [E, N, K] already (the inference layout) or [E, K, N]: quantized blocks
+            // run along K either way, and whether K allows them is the logical shape's call.
+            let held_nk = nk.contains(&name);
+            let mut logical = v.dims().to_vec();
+            if held_nk {
+                logical.swap(1, 2);
+            }
+            if !is_quantizable(&name, &logical) {
                 kept.insert(name, v);
                 continue;
             }
             let t = v.as_tensor().to_dtype(DType::F32)?;
             drop(v);
-            let (t, shape) = if is_expert_stack(&name) && !nk.contains(&name) {
-                let t = t.transpose(1, 2)?.contiguous()?;
-                let shape = t.dims().to_vec();
-                (t, shape)
-            } else {
-                let shape = t.dims().to_vec();
-                (t, shape)
-            };
+            let t = if is_expert_stack(&name) && !held_nk { t.transpose(1, 2)?.contiguous()? } else { t };
+            let shape = t.dims().to_vec();
             let data: Vec<f32> = t.flatten_all()?.to_vec1()?;
             drop(t);
+            nk.remove(&name);
             quant.insert(name, Arc::new(QTensor::quantize(kind, &data, shape)?));
         }
-        Ok(ParamStore { vars: kept, quant, nk: BTreeSet::new(), order })
+        Ok(ParamStore { vars: kept, quant, nk, order })
     }
 
     /// A weight as the forward passes take it.
