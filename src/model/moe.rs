@@ -423,24 +423,37 @@ impl MoeLayer {
             let m = toks.len();
             let toks = Tensor::from_vec(toks, m, device)?;
             let xe = if m == n && n == 1 { x.clone() } else { x.index_select(&toks, 0)? };
-            let h = match &self.gate_proj {
-                Some(gate_proj) => nn::swiglu(&gate_proj.expert(&xe, e)?, &self.c_fc.expert(&xe, e)?)?,
-                None => {
-                    let mut h = self.c_fc.expert(&xe, e)?;
-                    if let Some(bias) = &self.fc_bias {
-                        h = nn::add_bias(&h, &bias.get(e)?)?;
-                    }
-                    nn::activation(&h, self.act)?
-                }
-            };
-            let mut ye = self.c_proj.expert(&h, e)?;
-            if let Some(bias) = &self.proj_bias {
-                ye = nn::add_bias(&ye, &bias.get(e)?)?;
-            }
-            let w = probs.index_select(&Tensor::from_vec(pairs, m, device)?, 0)?.to_dtype(x.dtype())?;
-            y = y.index_add(&toks, &ye.broadcast_mul(&w.unsqueeze(1)?)?, 0)?;
+            let gate = self.gate_proj.as_ref().map(|g| g.expert(&xe, e)).transpose()?;
+            let h = self.expert_hidden(e, self.c_fc.expert(&xe, e)?, gate)?;
+            y = self.add_expert_output(y, e, self.c_proj.expert(&h, e)?, &toks, &pairs, probs)?;
         }
         Ok(y)
+    }
+
+    /// Expert `e`'s hidden activations from its up product (and, SwiGLU experts, its gate
+    /// product).
+    fn expert_hidden(&self, e: usize, up: Tensor, gate: Option<Tensor>) -> Result<Tensor> {
+        match gate {
+            Some(g) => nn::swiglu(&g, &up),
+            None => {
+                let up = match &self.fc_bias {
+                    Some(bias) => nn::add_bias(&up, &bias.get(e)?)?,
+                    None => up,
+                };
+                nn::activation(&up, self.act)
+            }
+        }
+    }
+
+    /// `y` plus expert `e`'s down product (its bias added) at the rows `toks`, each weighted
+    /// by the routing probability of its (token, choice) pair in `pairs`.
+    fn add_expert_output(&self, y: Tensor, e: usize, down: Tensor, toks: &Tensor, pairs: &[u32], probs: &Tensor) -> Result<Tensor> {
+        let ye = match &self.proj_bias {
+            Some(bias) => nn::add_bias(&down, &bias.get(e)?)?,
+            None => down,
+        };
+        let w = probs.index_select(&Tensor::from_slice(pairs, pairs.len(), y.device())?, 0)?.to_dtype(y.dtype())?;
+        Ok(y.index_add(toks, &ye.broadcast_mul(&w.unsqueeze(1)?)?, 0)?)
     }
 
     /// Decoding (at most `MAX_ROWS` rows per expert, experts [E, N, K]): every active
@@ -468,21 +481,12 @@ impl MoeLayer {
         }
         let Some(mut up) = expert_products(&jobs, c)? else { return Ok(None) };
         let hidden = up[0].len() / per_expert[active[0]].0.len();
-        let gates = up.split_off(active.len());
+        let mut gates = up.split_off(active.len()).into_iter();
         let mut h = Vec::with_capacity(active.len());
-        for (i, (u, &e)) in up.into_iter().zip(&active).enumerate() {
+        for (u, &e) in up.into_iter().zip(&active) {
             let m = per_expert[e].0.len();
-            let u = Tensor::from_vec(u, (m, hidden), device)?;
-            let hi = match gates.get(i) {
-                Some(g) => nn::swiglu(&Tensor::from_slice(g, (m, hidden), device)?, &u)?,
-                None => {
-                    let u = match &self.fc_bias {
-                        Some(bias) => nn::add_bias(&u, &bias.get(e)?)?,
-                        None => u,
-                    };
-                    nn::activation(&u, self.act)?
-                }
-            };
+            let gate = gates.next().map(|g| Tensor::from_vec(g, (m, hidden), device)).transpose()?;
+            let hi = self.expert_hidden(e, Tensor::from_vec(u, (m, hidden), device)?, gate)?;
             h.push(hi.flatten_all()?.to_vec1::<f32>()?);
         }
         let jobs = expert_jobs(&self.c_proj, &active, &h, hidden);
@@ -491,12 +495,7 @@ impl MoeLayer {
         for (d, &e) in down.into_iter().zip(&active) {
             let (toks, pairs) = &per_expert[e];
             let m = toks.len();
-            let mut ye = Tensor::from_vec(d, (m, c), device)?;
-            if let Some(bias) = &self.proj_bias {
-                ye = nn::add_bias(&ye, &bias.get(e)?)?;
-            }
-            let w = probs.index_select(&Tensor::from_slice(pairs, m, device)?, 0)?.to_dtype(x.dtype())?;
-            y = y.index_add(&Tensor::from_slice(toks, m, device)?, &ye.broadcast_mul(&w.unsqueeze(1)?)?, 0)?;
+            y = self.add_expert_output(y, e, Tensor::from_vec(d, (m, c), device)?, &Tensor::from_slice(toks, m, device)?, pairs, probs)?;
         }
         Ok(Some(y))
     }
