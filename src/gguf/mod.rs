@@ -231,11 +231,11 @@ pub fn save(gpt: &GPT, path: &Path, format: WeightFormat, extras: &GgufExtras) -
                 Tensor::zeros(s.shape.as_slice(), DType::F32, &Device::Cpu)?
             }
         };
+        let logical = t.dims().to_vec();
         // Expert stacks go out [E, N, K]; their biases [E, N].
         let t = if is_expert_stack(&name) { t.transpose(1, 2)?.contiguous()? } else if name.ends_with("_bias") { t.squeeze(1)? } else { t };
         let shape = t.dims().to_vec();
         let x: Vec<f32> = t.flatten_all()?.to_vec1()?;
-        let logical = if params.var(&name).is_some() { params.get(&name)?.dims().to_vec() } else { Vec::new() };
         let matrix = is_weight_matrix(&name, shape.len()) && !name.contains(".router.");
         let ty = match format {
             WeightFormat::Quant(k) if matrix && is_quantizable(&name, &logical) => GgmlType::Q(k),

@@ -507,7 +507,7 @@ impl GPT {
         let format = format.into();
         if self.params.is_quantized() {
             return match format == self.weight_format() {
-                true => self.with_params(ParamStore::into_inference_layout),
+                true => self.into_inference_layout(),
                 false => Err(input_err!("the weights are stored as {}; they cannot be converted to {}", self.weight_format().name(), format.name())),
             };
         }
@@ -527,15 +527,15 @@ impl GPT {
         Ok(gpt)
     }
 
-    /// The model rebuilt on `f(params)`, in the same mode (itself when its dense expert
-    /// stacks, if any, are in the inference layout already).
-    fn with_params(self, f: impl FnOnce(ParamStore) -> Result<ParamStore>) -> Result<GPT> {
+    /// The model with its dense expert stacks, if any, in the inference layout
+    /// ([`ParamStore::into_inference_layout`]), in the same mode.
+    fn into_inference_layout(self) -> Result<GPT> {
         if !self.params.needs_inference_layout() {
             return Ok(self);
         }
         let GPT { config, params, net, frozen, training, routing, .. } = self;
         drop((net, frozen));
-        let mut gpt = Self::from_params(config, f(params)?)?;
+        let mut gpt = Self::from_params(config, params.into_inference_layout()?)?;
         gpt.training = training;
         gpt.routing = routing;
         Ok(gpt)
