@@ -90,8 +90,7 @@ pub fn by_column_blocks(m: usize, n: usize, min_block: usize, block: impl Fn(usi
 /// overlap the operands, and no other thread may write what this one reads or writes.
 #[allow(clippy::too_many_arguments)]
 pub(crate) unsafe fn mm(m: usize, n: usize, k: usize, dst: *mut f32, dst_rs: usize, lhs: *const f32, lhs_rs: usize, lhs_cs: usize, rhs: *const f32, rhs_rs: usize, rhs_cs: usize, alpha: f32, threads: usize) {
-    let par = if threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
-    gemm::gemm(m, n, k, dst, 1, dst_rs as isize, false, lhs, lhs_cs as isize, lhs_rs as isize, rhs, rhs_cs as isize, rhs_rs as isize, 0.0, alpha, false, false, false, par)
+    gemm_into(m, n, k, dst, dst_rs, false, lhs, lhs_rs, lhs_cs, rhs, rhs_rs, rhs_cs, alpha, threads)
 }
 
 /// [`mm`] adding to dst instead of overwriting it: dst += alpha * lhs rhs.
@@ -100,7 +99,15 @@ pub(crate) unsafe fn mm(m: usize, n: usize, k: usize, dst: *mut f32, dst_rs: usi
 /// As for [`mm`].
 #[allow(clippy::too_many_arguments)]
 pub(crate) unsafe fn mm_add(m: usize, n: usize, k: usize, dst: *mut f32, dst_rs: usize, lhs: *const f32, lhs_rs: usize, lhs_cs: usize, rhs: *const f32, rhs_rs: usize, rhs_cs: usize, alpha: f32) {
-    gemm::gemm(m, n, k, dst, 1, dst_rs as isize, true, lhs, lhs_cs as isize, lhs_rs as isize, rhs, rhs_cs as isize, rhs_rs as isize, 1.0, alpha, false, false, false, gemm::Parallelism::None)
+    gemm_into(m, n, k, dst, dst_rs, true, lhs, lhs_rs, lhs_cs, rhs, rhs_rs, rhs_cs, alpha, 1)
+}
+
+/// dst = (dst when `add`) + alpha * lhs rhs through the gemm crate (see [`mm`]).
+#[allow(clippy::too_many_arguments)]
+unsafe fn gemm_into(m: usize, n: usize, k: usize, dst: *mut f32, dst_rs: usize, add: bool, lhs: *const f32, lhs_rs: usize, lhs_cs: usize, rhs: *const f32, rhs_rs: usize, rhs_cs: usize, alpha: f32, threads: usize) {
+    let par = if threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
+    let keep = if add { 1.0 } else { 0.0 };
+    gemm::gemm(m, n, k, dst, 1, dst_rs as isize, add, lhs, lhs_cs as isize, lhs_rs as isize, rhs, rhs_cs as isize, rhs_rs as isize, keep, alpha, false, false, false, par)
 }
 
 /// A vector whose every element `fill` writes through the pointer it gets (gemm with

@@ -94,7 +94,7 @@ impl GenerationConfig {
 /// NaN or +Inf logits are an error (they would otherwise silently pick token 0).
 pub(crate) fn next_token(logits: &mut [f32], context: &[u32], cfg: &GenerationConfig, rng: &mut StdRng) -> Result<u32> {
     if !all_finite_or_neg_inf(logits) {
-        let i = logits.iter().position(|l| l.is_nan() || *l == f32::INFINITY).unwrap_or(0);
+        let i = logits.iter().position(|&l| unusable(l)).unwrap_or(0);
         return Err(crate::error::Error::Msg(format!(
             "the model's logits are not finite (token {i}: {}): its weights hold NaN or Inf values, or its activations overflowed",
             logits[i]
@@ -164,17 +164,23 @@ fn pick_token(logits: &mut [f32], context: &[u32], cfg: &GenerationConfig, rng: 
 /// decoding step when it ran one element at a time).
 const SCAN: usize = 16;
 
-/// No NaN and no +Inf among the logits (-Inf is a masked token).
+/// A logit no token can be picked by: NaN or +Inf (-Inf is a masked token).
+#[inline(always)]
+fn unusable(l: f32) -> bool {
+    l.is_nan() | (l == f32::INFINITY)
+}
+
+/// No [`unusable`] logit.
 fn all_finite_or_neg_inf(v: &[f32]) -> bool {
     let mut bad = [false; SCAN];
     let chunks = v.chunks_exact(SCAN);
     let rest = chunks.remainder();
     for c in chunks {
         for i in 0..SCAN {
-            bad[i] |= c[i].is_nan() | (c[i] == f32::INFINITY);
+            bad[i] |= unusable(c[i]);
         }
     }
-    !bad.iter().any(|&b| b) && !rest.iter().any(|l| l.is_nan() || *l == f32::INFINITY)
+    !bad.iter().any(|&b| b) && !rest.iter().any(|&l| unusable(l))
 }
 
 /// The first index of the largest logit (no NaN: `next_token` checked).
