@@ -271,6 +271,7 @@ impl GPT {
         let mut generated: Vec<Vec<u32>> = vec![Vec::new(); rows.len()];
         let mut cache = KvCache::new();
         let mut fed = 0usize; // positions of each row already in the cache
+        let _hot = crate::runtime::keep_workers_hot();
         for _ in 0..cfg.max_new_tokens {
             let len = rows[0].len();
             let pad_arg = padded.then_some(pads.as_slice());

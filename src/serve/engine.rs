@@ -209,9 +209,11 @@ fn token_logprob(lp: &[f32], id: u32, top: usize) -> TokenLogprob {
 
 impl Engine {
     fn run(&mut self) {
+        let mut hot = None;
         loop {
             let idle = self.queue.is_empty() && self.prefills.is_empty() && self.running.is_empty();
             if idle {
+                hot = None;
                 match self.rx.recv() {
                     Ok(job) => self.queue.push_back(job),
                     Err(_) => return, // every handle dropped: the server is gone
@@ -219,6 +221,10 @@ impl Engine {
             }
             while let Ok(job) = self.rx.try_recv() {
                 self.queue.push_back(job);
+            }
+            // The pool's other workers stay awake while there is work (see HotWorkers).
+            if hot.is_none() {
+                hot = Some(crate::runtime::keep_workers_hot());
             }
             let step = crate::runtime::catch_panic(|| self.step());
             let failure = match step {
