@@ -158,6 +158,33 @@ fn kv_cache_matches_full_forward() {
 }
 
 #[test]
+fn kv_caches_reserved_up_front_decode_the_same_bits() {
+    for cfg in [dense_cfg(), moe_cfg()] {
+        let mut m = GPT::new_seeded(&cfg, 5, &Device::Cpu).unwrap();
+        m.set_routing(Routing::Dropless);
+        let seq: Vec<u32> = (0..cfg.block_size as u32).map(|i| (i * 7 + 3) % 50).collect();
+        // Growing by doubling, room for everything at once, and more room than the block.
+        let mut caches = [KvCache::new(), KvCache::with_capacity(cfg.block_size), KvCache::with_capacity(10 * cfg.block_size)];
+        let steps: Vec<Vec<Tensor>> = caches
+            .iter_mut()
+            .map(|cache| {
+                let mut out = vec![m.forward_step(&[seq[..3].to_vec()], Some(cache), None).unwrap()];
+                for &t in &seq[3..] {
+                    out.push(m.forward_step(&[vec![t]], Some(cache), None).unwrap());
+                }
+                out
+            })
+            .collect();
+        for (i, other) in steps[1..].iter().enumerate() {
+            for (pos, (a, b)) in steps[0].iter().zip(other).enumerate() {
+                assert_eq!(max_diff(a, b), 0.0, "reserved cache {i}, step {pos}");
+            }
+        }
+        assert!(caches.iter().all(|c| c.seq_len() == cfg.block_size));
+    }
+}
+
+#[test]
 fn cached_and_uncached_greedy_generation_are_identical() {
     for cfg in [dense_cfg(), moe_cfg()] {
         let m = GPT::new_seeded(&cfg, 2, &Device::Cpu).unwrap();

@@ -71,6 +71,9 @@ fn opt(p: &ParamStore, name: &str) -> Result<Option<Tensor>> {
 #[derive(Default)]
 pub struct KvCache {
     layers: Vec<Option<LayerKv>>,
+    /// Positions to make room for when the buffers are first allocated (see
+    /// [`KvCache::with_capacity`]).
+    reserve: usize,
 }
 
 /// One layer's keys and values: buffers [B, capacity, C] whose first `len` positions are
@@ -90,7 +93,7 @@ impl LayerKv {
 
     /// Appends k, v [B, t, C]. Tensors that record a graph are concatenated instead (writing
     /// in place would cut their gradients).
-    fn append<'a>(slot: &'a mut Option<LayerKv>, k: &Tensor, v: &Tensor, block_size: usize) -> Result<&'a LayerKv> {
+    fn append<'a>(slot: &'a mut Option<LayerKv>, k: &Tensor, v: &Tensor, block_size: usize, reserve: usize) -> Result<&'a LayerKv> {
         let (b, t, c) = k.dims3()?;
         if k.track_op() || v.track_op() {
             let (k, v) = match slot.take() {
@@ -105,7 +108,7 @@ impl LayerKv {
         }
         let len = slot.as_ref().map_or(0, |l| l.len);
         if slot.as_ref().is_none_or(|l| len + t > l.k.dims()[1]) {
-            let cap = (2 * (len + t)).max(16).min(block_size).max(len + t);
+            let cap = (2 * (len + t)).max(16).max(reserve).min(block_size).max(len + t);
             let (nk, nv) = (Tensor::zeros((b, cap, c), k.dtype(), k.device())?, Tensor::zeros((b, cap, c), v.dtype(), v.device())?);
             if let Some(old) = slot.as_ref() {
                 let (pk, pv) = old.filled()?;
@@ -130,13 +133,20 @@ impl Clone for KvCache {
             let deep = |t: &Tensor| t.copy().expect("copying a tensor of the same device");
             LayerKv { k: deep(&l.k), v: deep(&l.v), len: l.len }
         };
-        KvCache { layers: self.layers.iter().map(|l| l.as_ref().map(copy)).collect() }
+        KvCache { layers: self.layers.iter().map(|l| l.as_ref().map(copy)).collect(), reserve: self.reserve }
     }
 }
 
 impl KvCache {
     pub fn new() -> Self {
         Self::default()
+    }
+    /// A cache whose buffers, once allocated, hold `positions` positions (at most the
+    /// model's block size) before they grow: a caller that knows how long a sequence will
+    /// get (prompt + max new tokens) then never pays for doubling and copying the buffers
+    /// mid-generation - a pause of every sequence decoded in the same step.
+    pub fn with_capacity(positions: usize) -> Self {
+        KvCache { layers: Vec::new(), reserve: positions }
     }
     /// Number of cached positions.
     pub fn seq_len(&self) -> usize {
@@ -157,6 +167,8 @@ struct Ctx<'a> {
     routing: Routing,
     rng: &'a mut StdRng,
     sink: Option<&'a GradSink>,
+    /// The KV cache's [`KvCache::with_capacity`].
+    kv_reserve: usize,
 }
 
 struct CausalSelfAttention {
@@ -193,7 +205,7 @@ impl CausalSelfAttention {
                 let (k, v) = (qkv.narrow(2, c, c)?, qkv.narrow(2, 2 * c, c)?);
                 let tracked = q.track_op() || k.track_op() || v.track_op();
                 let cached = match cache {
-                    Some(slot) => Some(LayerKv::append(slot, &k, &v, ctx.cfg.block_size)?),
+                    Some(slot) => Some(LayerKv::append(slot, &k, &v, ctx.cfg.block_size, ctx.kv_reserve)?),
                     None => None,
                 };
                 match cached {
@@ -662,7 +674,8 @@ impl GPT {
         let mut x = (tok + pe)?.reshape((b, t, self.config.n_embd))?;
 
         let mut rng = self.rng.lock().unwrap_or_else(|e| e.into_inner());
-        let mut ctx = Ctx { cfg: &self.config, training: self.training, routing: self.routing, rng: &mut rng, sink };
+        let kv_reserve = cache.as_ref().map_or(0, |c| c.reserve);
+        let mut ctx = Ctx { cfg: &self.config, training: self.training, routing: self.routing, rng: &mut rng, sink, kv_reserve };
         if ctx.training && self.config.dropout > 0.0 {
             x = nn::dropout(&x, self.config.dropout, ctx.rng)?;
         }

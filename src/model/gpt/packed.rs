@@ -60,7 +60,7 @@ impl GPT {
         let mut x = (tok + pe)?.reshape((1, n, cfg.n_embd))?;
 
         let mut rng = self.rng.lock().unwrap_or_else(|e| e.into_inner());
-        let mut ctx = Ctx { cfg, training: false, routing: self.routing, rng: &mut rng, sink: None };
+        let mut ctx = Ctx { cfg, training: false, routing: self.routing, rng: &mut rng, sink: None, kv_reserve: 0 };
         let mut moe = MoeTotals::default();
         for s in seqs.iter_mut() {
             s.cache.layers.resize_with(net.blocks.len(), || None);
@@ -80,7 +80,7 @@ impl GPT {
                 let (q, k, v) = (part.narrow(2, 0, c)?, part.narrow(2, c, c)?, part.narrow(2, 2 * c, c)?);
                 let slot = &mut s.cache.layers[li];
                 let past = slot.as_ref().map_or(0, |l| l.len);
-                let layer = LayerKv::append(slot, &k, &v, cfg.block_size)?;
+                let layer = LayerKv::append(slot, &k, &v, cfg.block_size, s.cache.reserve)?;
                 let mask = CausalMask { past, pad: None };
                 ys.push(attention::cached_attention(&q, &layer.k, &layer.v, layer.len, block.attn.n_head, &mask)?);
                 off += t;
