@@ -135,3 +135,60 @@ fn a_prompt_packed_with_decoding_rows_equals_its_prefill_alone() {
         }
     }
 }
+
+/// Many prompts submitted at once (more than the batch holds, of lengths that fit the
+/// decoding passes' free rows, need passes of their own, or span several chunks): the
+/// engine starts several per step, and every completion equals `generate` alone.
+#[test]
+fn prompts_arriving_together_complete_as_generate_does_alone() {
+    use nanomoe::serve::engine::{self, EngineOptions, Event, Job};
+    use nanomoe::serve::metrics::Metrics;
+    use std::sync::atomic::AtomicBool;
+    use std::sync::Arc;
+    for (name, cfg) in configs() {
+        let model = || {
+            let mut m = GPT::new_seeded(&cfg, 21, &Device::Cpu).unwrap();
+            m.set_routing(Routing::Dropless);
+            m
+        };
+        let reference = model();
+        let options = EngineOptions { max_batch: 12, max_queue: 64, prefill_chunk: 20 };
+        let (handle, _thread) = engine::start(model(), options, Arc::new(Metrics::default()));
+        let mut rng = StdRng::seed_from_u64(8);
+        let prompts: Vec<Vec<u32>> = (0..24).map(|i| (0..[1, 3, 9, 17, 30, 45][i % 6]).map(|_| rng.random_range(0..97)).collect()).collect();
+        let gen = GenerationConfig::greedy(5);
+        let mut receivers = Vec::new();
+        for (i, prompt) in prompts.iter().enumerate() {
+            let n = if i % 5 == 0 { 2 } else { 1 };
+            let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+            let job = Job {
+                prompt: prompt.clone(),
+                n,
+                choice_base: 0,
+                gen: gen.clone(),
+                logprobs: None,
+                prompt_logprobs: false,
+                events: tx,
+                stopped: Arc::new((0..n).map(|_| AtomicBool::new(false)).collect()),
+                arrived: std::time::Instant::now(),
+            };
+            handle.submit(vec![job]).unwrap_or_else(|e| panic!("{name}: prompt {i} refused: {e:?}"));
+            receivers.push((n, rx));
+        }
+        for (i, (prompt, (n, mut rx))) in prompts.iter().zip(receivers).enumerate() {
+            let mut tokens = vec![Vec::new(); n];
+            let mut done = 0;
+            while done < n {
+                match rx.blocking_recv().unwrap_or_else(|| panic!("{name}: prompt {i}: the engine hung up")) {
+                    Event::Token { choice, id, .. } => tokens[choice].push(id),
+                    Event::Done { .. } => done += 1,
+                    other => panic!("{name}: prompt {i}: {other:?}"),
+                }
+            }
+            let want = reference.generate_with(std::slice::from_ref(prompt), &GenerationConfig { prefill_chunk: 20, ..gen.clone() }, |_, _| {}).unwrap();
+            for (c, got) in tokens.iter().enumerate() {
+                assert_eq!(got[..], want[0][prompt.len()..], "{name}: prompt {i} ({} tokens), choice {c}", prompt.len());
+            }
+        }
+    }
+}

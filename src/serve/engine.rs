@@ -1,8 +1,10 @@
 //! The continuous-batching engine: one thread of the compute pool owns the model and runs
-//! steps forever. Each step admits waiting requests into free slots, prefills one chunk of
-//! one admitted prompt, then decodes one token for every running sequence in packed passes
-//! ([`GPT::forward_packed`]); a prompt's last chunk that fits into the last pass rides in it
-//! instead of taking a pass of its own. Requests join and leave at token boundaries; each sequence
+//! steps forever. Each step admits waiting requests into free slots, then decodes one token
+//! for every running sequence in packed passes ([`GPT::forward_packed`]). Admitted prompts
+//! whose last chunk is all that is left ride in those passes - in the last one's free rows,
+//! then in up to [`JOIN_PASSES`] passes more - and start from them, so prompts that arrive
+//! together start together; otherwise the step first prefills one chunk of the oldest
+//! prompt in a pass of its own. Requests join and leave at token boundaries; each sequence
 //! has its own KV cache; a request whose client went away (its event channel closed) or
 //! whose choice hit a stop string is dropped before the next step.
 
@@ -131,6 +133,10 @@ impl EngineHandle {
     }
 }
 
+/// Most passes of their own that joining prompts may add to a decoding step (see
+/// [`Engine::joining`]): a bound on how long the running sequences wait for them.
+const JOIN_PASSES: usize = 4;
+
 /// A prompt being prefilled.
 struct Prefill {
     job: Job,
@@ -253,31 +259,43 @@ impl Engine {
         while self.prefills.front().is_some_and(|p| p.job.gone()) {
             self.prefills.pop_front();
         }
-        match self.joining() {
-            Some(p) => self.decode(Some(p)),
-            None => {
-                self.prefill_one()?;
-                self.decode(None)
-            }
+        let joining = self.joining();
+        if joining.is_empty() {
+            self.prefill_one()?;
         }
+        self.decode(joining)
     }
 
-    /// The oldest admitted prompt when its last chunk fits into the decoding pass that has
-    /// room left (at most MAX_PACKED_TOKENS rows, so the kernels and the chunk boundaries
-    /// are the ones a pass of its own would use): it then costs no pass of its own, which
-    /// the running sequences would wait for. Prompts that want prompt logprobs take their
-    /// own passes.
-    fn joining(&mut self) -> Option<Prefill> {
-        let p = self.prefills.front()?;
-        let rest = p.job.prompt.len() - p.done;
-        let in_last_group = match self.running.len() {
+    /// The admitted prompts, oldest first, whose last chunk can ride in this step's decoding
+    /// passes: each chunk whole in one pass of at most MAX_PACKED_TOKENS rows (so the kernels
+    /// and the chunk boundaries are those a pass of its own would use), after the running
+    /// sequences' rows, and at most JOIN_PASSES passes beyond those the running sequences
+    /// need. Prompts that arrive together then start together: the sequences already
+    /// running wait for one longer step instead of one per prompt. Prompts that want prompt
+    /// logprobs take passes of their own.
+    fn joining(&mut self) -> Vec<Prefill> {
+        let mut room_in_last = match self.running.len() {
             0 => 0,
-            n => (n - 1) % MAX_PACKED_TOKENS + 1,
+            n => MAX_PACKED_TOKENS - ((n - 1) % MAX_PACKED_TOKENS + 1),
         };
-        if p.job.prompt_logprobs || rest == 0 || rest > self.options.prefill_chunk || in_last_group + rest > MAX_PACKED_TOKENS {
-            return None;
+        let mut extra_passes = 0;
+        let mut joining = Vec::new();
+        while let Some(p) = self.prefills.front() {
+            let rest = p.job.prompt.len() - p.done;
+            if p.job.prompt_logprobs || rest == 0 || rest > self.options.prefill_chunk || rest > MAX_PACKED_TOKENS {
+                break;
+            }
+            if rest > room_in_last {
+                if extra_passes == JOIN_PASSES {
+                    break;
+                }
+                extra_passes += 1;
+                room_in_last = MAX_PACKED_TOKENS;
+            }
+            room_in_last -= rest;
+            joining.push(self.prefills.pop_front().expect("front exists"));
         }
-        self.prefills.pop_front()
+        joining
     }
 
     fn used_slots(&self) -> usize {
@@ -417,31 +435,41 @@ impl Engine {
     }
 
     /// One token for every running sequence, in packed passes of at most
-    /// MAX_PACKED_TOKENS rows (each sequence's result is the same in any pass); `joining`, a
-    /// prompt's last chunk, rides in the last pass and its choices start from it.
-    fn decode(&mut self, mut joining: Option<Prefill>) -> crate::Result<()> {
-        if self.running.is_empty() && joining.is_none() {
+    /// MAX_PACKED_TOKENS rows (each sequence's result is the same in any pass); `joining`,
+    /// prompts' last chunks, fill the last pass's free rows and then passes of their own (as
+    /// [`Engine::joining`] counted them), and their choices start from these passes.
+    fn decode(&mut self, joining: Vec<Prefill>) -> crate::Result<()> {
+        if self.running.is_empty() && joining.is_empty() {
             return Ok(());
         }
         if !self.running.is_empty() {
             self.metrics.decode_step(self.running.len());
         }
         let mut running = std::mem::take(&mut self.running);
-        let mut result = Ok(());
-        // Passes over running[a..b]; one empty pass when only the joining prompt runs.
-        let mut passes: Vec<(usize, usize)> = (0..running.len()).step_by(MAX_PACKED_TOKENS).map(|a| (a, (a + MAX_PACKED_TOKENS).min(running.len()))).collect();
-        if passes.is_empty() {
-            passes.push((0, 0));
+        // Passes: running[a..b] and the joining prompts that ride along.
+        let mut passes: Vec<(usize, usize, Vec<Prefill>)> = (0..running.len()).step_by(MAX_PACKED_TOKENS).map(|a| (a, (a + MAX_PACKED_TOKENS).min(running.len()), Vec::new())).collect();
+        for p in joining {
+            let rows = p.job.prompt.len() - p.done;
+            match passes.last_mut() {
+                Some((a, b, js)) if *b - *a + js.iter().map(|j| j.job.prompt.len() - j.done).sum::<usize>() + rows <= MAX_PACKED_TOKENS => js.push(p),
+                _ => passes.push((running.len(), running.len(), vec![p])),
+            }
         }
+        let mut result = Ok(());
         let mut started = Vec::new();
-        let count = passes.len();
-        for (pi, (a, b)) in passes.into_iter().enumerate() {
+        // Joining prompts that did not start (a pass or a start failed): back to the queue,
+        // in order, so that the failure reaches their clients too.
+        let mut unstarted = Vec::new();
+        for (a, b, mut join) in passes {
+            if result.is_err() {
+                unstarted.extend(join);
+                continue;
+            }
             let group = &mut running[a..b];
             let last: Vec<[u32; 1]> = group.iter().map(|s| [*s.context.last().expect("a prompt")]).collect();
-            let mut join = if pi + 1 == count { joining.take() } else { None };
             let step = {
                 let mut packed: Vec<PackedSeq> = group.iter_mut().zip(&last).map(|(s, t)| PackedSeq { ids: t, cache: &mut s.cache }).collect();
-                if let Some(p) = join.as_mut() {
+                for p in join.iter_mut() {
                     packed.push(PackedSeq { ids: &p.job.prompt[p.done..], cache: &mut p.cache });
                 }
                 self.model.forward_packed(&mut packed)
@@ -450,38 +478,39 @@ impl Engine {
                 self.metrics.moe(&stats);
                 Ok(logits.to_dtype(DType::F32)?.to_vec2::<f32>()?)
             });
-            match rows {
-                Ok(mut rows) => {
-                    if let Some(p) = join {
-                        self.metrics.prompt_tokens(p.job.prompt.len() - p.done);
-                        let row = rows.pop().expect("the joining prompt's row");
-                        match self.start(p, row) {
-                            Ok(seqs) => started.extend(seqs),
-                            Err(e) => {
-                                result = Err(e);
-                                break;
-                            }
-                        }
-                    }
-                    for (seq, row) in group.iter_mut().zip(rows) {
-                        match self.emit(seq, row) {
-                            Ok(running) => seq.finished = !running,
-                            Err(e) => {
-                                let _ = seq.events.send(Event::Error { message: e.to_string() });
-                                seq.finished = true;
-                            }
-                        }
-                    }
-                }
+            let mut rows = match rows {
+                Ok(rows) => rows,
                 Err(e) => {
-                    // Back in the queue, so that the failure reaches its client too.
-                    if let Some(p) = join {
-                        self.prefills.push_front(p);
-                    }
+                    unstarted.extend(join);
                     result = Err(e);
-                    break;
+                    continue;
+                }
+            };
+            // One row per sequence: the group's, then each joining prompt's last position.
+            let mut join = join.into_iter().zip(rows.split_off(group.len()));
+            for (p, row) in join.by_ref() {
+                self.metrics.prompt_tokens(p.job.prompt.len() - p.done);
+                match self.start(p, row) {
+                    Ok(seqs) => started.extend(seqs),
+                    Err(e) => {
+                        result = Err(e);
+                        break;
+                    }
                 }
             }
+            unstarted.extend(join.map(|(p, _)| p));
+            for (seq, row) in group.iter_mut().zip(rows) {
+                match self.emit(seq, row) {
+                    Ok(running) => seq.finished = !running,
+                    Err(e) => {
+                        let _ = seq.events.send(Event::Error { message: e.to_string() });
+                        seq.finished = true;
+                    }
+                }
+            }
+        }
+        for p in unstarted.into_iter().rev() {
+            self.prefills.push_front(p);
         }
         running.retain(|s| !s.finished);
         running.extend(started);
