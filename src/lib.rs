@@ -20,7 +20,8 @@
 //! - [`dist`]: training on several processes - the communicator trait, one process, MPI
 //!   (feature `mpi`).
 //! - [`serve`]: the OpenAI-compatible server with continuous batching.
-//! - [`runtime`]: thread count, memory checks, allocator settings; [`error`]: the error type.
+//! - [`runtime`]: thread count, workers kept awake through decoding loops, memory checks,
+//!   allocator settings; [`error`]: the error type.
 //! - [`fuzz`]: the fuzz harness's targets (every loader of untrusted files) and mutator.
 //!
 //! Each component is also re-exported at the crate root (`nanomoe::config`, `nanomoe::gpt`, ...).

@@ -1,4 +1,5 @@
-//! Process-wide settings for the CPU backend: the thread count and the allocator.
+//! Process-wide settings for the CPU backend: the thread count, the allocator, and the
+//! guard that keeps the pool's workers awake through a decoding loop.
 
 /// Sizes the compute threads: rayon's global pool (our kernels) and candle's matrix
 /// multiplications (which read `RAYON_NUM_THREADS`), and shortens the spinning of candle's
