@@ -2,7 +2,7 @@
 //! steps forever. Each step admits waiting requests into free slots, then decodes one token
 //! for every running sequence in packed passes ([`GPT::forward_packed`]). Admitted prompts
 //! whose last chunk is all that is left ride in those passes - in the last one's free rows,
-//! then in up to [`JOIN_PASSES`] passes more - and start from them, so prompts that arrive
+//! then in up to `JOIN_PASSES` (4) passes more - and start from them, so prompts that arrive
 //! together start together; otherwise the step first prefills one chunk of the oldest
 //! prompt in a pass of its own. Requests join and leave at token boundaries; each sequence
 //! has its own KV cache; a request whose client went away (its event channel closed) or
