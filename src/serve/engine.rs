@@ -145,6 +145,21 @@ struct Prefill {
     prompt_lp: Vec<Option<TokenLogprob>>,
 }
 
+impl Prefill {
+    /// The prompt's tokens not yet prefilled.
+    fn rest(&self) -> &[u32] {
+        &self.job.prompt[self.done..]
+    }
+}
+
+/// Joining prompts as one step lays them out (see [`Engine::joining`]): those that ride in
+/// the running sequences' last pass, then the passes of their own.
+#[derive(Default)]
+struct Joining {
+    riding: Vec<Prefill>,
+    own: Vec<Vec<Prefill>>,
+}
+
 /// A choice being decoded.
 struct Seq {
     events: UnboundedSender<Event>,
@@ -260,7 +275,7 @@ impl Engine {
             self.prefills.pop_front();
         }
         let joining = self.joining();
-        if joining.is_empty() {
+        if joining.riding.is_empty() && joining.own.is_empty() {
             self.prefill_one()?;
         }
         self.decode(joining)
@@ -273,27 +288,27 @@ impl Engine {
     /// need. Prompts that arrive together then start together: the sequences already
     /// running wait for one longer step instead of one per prompt. Prompts that want prompt
     /// logprobs take passes of their own.
-    fn joining(&mut self) -> Vec<Prefill> {
+    fn joining(&mut self) -> Joining {
         let mut room_in_last = match self.running.len() {
             0 => 0,
             n => MAX_PACKED_TOKENS - ((n - 1) % MAX_PACKED_TOKENS + 1),
         };
-        let mut extra_passes = 0;
-        let mut joining = Vec::new();
+        let mut joining = Joining::default();
         while let Some(p) = self.prefills.front() {
-            let rest = p.job.prompt.len() - p.done;
+            let rest = p.rest().len();
             if p.job.prompt_logprobs || rest == 0 || rest > self.options.prefill_chunk || rest > MAX_PACKED_TOKENS {
                 break;
             }
             if rest > room_in_last {
-                if extra_passes == JOIN_PASSES {
+                if joining.own.len() == JOIN_PASSES {
                     break;
                 }
-                extra_passes += 1;
+                joining.own.push(Vec::new());
                 room_in_last = MAX_PACKED_TOKENS;
             }
             room_in_last -= rest;
-            joining.push(self.prefills.pop_front().expect("front exists"));
+            let p = self.prefills.pop_front().expect("front exists");
+            joining.own.last_mut().unwrap_or(&mut joining.riding).push(p);
         }
         joining
     }
@@ -436,10 +451,10 @@ impl Engine {
 
     /// One token for every running sequence, in packed passes of at most
     /// MAX_PACKED_TOKENS rows (each sequence's result is the same in any pass); `joining`,
-    /// prompts' last chunks, fill the last pass's free rows and then passes of their own (as
-    /// [`Engine::joining`] counted them), and their choices start from these passes.
-    fn decode(&mut self, joining: Vec<Prefill>) -> crate::Result<()> {
-        if self.running.is_empty() && joining.is_empty() {
+    /// prompts' last chunks, ride in the passes [`Engine::joining`] laid out, and their
+    /// choices start from these passes.
+    fn decode(&mut self, joining: Joining) -> crate::Result<()> {
+        if self.running.is_empty() && joining.own.is_empty() {
             return Ok(());
         }
         if !self.running.is_empty() {
@@ -448,13 +463,11 @@ impl Engine {
         let mut running = std::mem::take(&mut self.running);
         // Passes: running[a..b] and the joining prompts that ride along.
         let mut passes: Vec<(usize, usize, Vec<Prefill>)> = (0..running.len()).step_by(MAX_PACKED_TOKENS).map(|a| (a, (a + MAX_PACKED_TOKENS).min(running.len()), Vec::new())).collect();
-        for p in joining {
-            let rows = p.job.prompt.len() - p.done;
-            match passes.last_mut() {
-                Some((a, b, js)) if *b - *a + js.iter().map(|j| j.job.prompt.len() - j.done).sum::<usize>() + rows <= MAX_PACKED_TOKENS => js.push(p),
-                _ => passes.push((running.len(), running.len(), vec![p])),
-            }
+        if let Some((_, _, last)) = passes.last_mut() {
+            *last = joining.riding;
         }
+        let n = running.len();
+        passes.extend(joining.own.into_iter().map(|js| (n, n, js)));
         let mut result = Ok(());
         let mut started = Vec::new();
         // Joining prompts that did not start (a pass or a start failed): back to the queue,
@@ -489,7 +502,7 @@ impl Engine {
             // One row per sequence: the group's, then each joining prompt's last position.
             let mut join = join.into_iter().zip(rows.split_off(group.len()));
             for (p, row) in join.by_ref() {
-                self.metrics.prompt_tokens(p.job.prompt.len() - p.done);
+                self.metrics.prompt_tokens(p.rest().len());
                 match self.start(p, row) {
                     Ok(seqs) => started.extend(seqs),
                     Err(e) => {
