@@ -269,7 +269,7 @@ impl GPT {
         };
         let mut done = vec![false; rows.len()];
         let mut generated: Vec<Vec<u32>> = vec![Vec::new(); rows.len()];
-        let mut cache = KvCache::with_capacity(longest + cfg.max_new_tokens);
+        let mut cache = KvCache::with_capacity(longest.saturating_add(cfg.max_new_tokens));
         let mut fed = 0usize; // positions of each row already in the cache
         let _hot = crate::runtime::keep_workers_hot();
         for _ in 0..cfg.max_new_tokens {

@@ -340,7 +340,7 @@ impl Engine {
             let job = self.queue.pop_front().expect("front exists");
             self.waiting.fetch_sub(1, Ordering::SeqCst);
             // Room for the whole completion up front: no sequence's buffers double mid-batch.
-            let cache = KvCache::with_capacity(job.prompt.len() + job.gen.max_new_tokens);
+            let cache = KvCache::with_capacity(job.prompt.len().saturating_add(job.gen.max_new_tokens));
             self.prefills.push_back(Prefill { job, cache, done: 0, prompt_lp: Vec::new() });
         }
     }
