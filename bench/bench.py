@@ -73,10 +73,11 @@ def machine_info():
             "transformers": transformers.__version__, "python": sys.version.split()[0]}
 
 
-def torch_sgemm_gflops(n=2048, repeats=7):
-    """PyTorch's f32 matrix product on its default threads: GFLOP/s of each timed run."""
+def torch_sgemm_gflops(n=2048, repeats=7, dtype=torch.float32):
+    """PyTorch's matrix product (f32, or bf16 with `dtype`: oneDNN, AMX where present) on its
+    default threads: GFLOP/s of each timed run."""
     import time
-    a, b = torch.randn(n, n), torch.randn(n, n)
+    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
     torch.mm(a, b)
     out = []
     for _ in range(repeats):
@@ -163,7 +164,8 @@ def main():
     machine = machine_info()
     ours_ceil, _ = timed([BIN, "bench", "ceilings", "--repeats", str(reps + 4)])
     ceilings = {"gemm_sgemm_gflops": ours_ceil["sgemm_gflops"], "torch_sgemm_gflops": torch_sgemm_gflops(repeats=reps + 4),
-                "read_gbs": ours_ceil["read_gbs"]}
+                "read_gbs": ours_ceil["read_gbs"], "bf16_gemm_gflops": ours_ceil["bf16_gemm_gflops"], "bf16_amx": ours_ceil["bf16_amx"],
+                "torch_bf16_gemm_gflops": torch_sgemm_gflops(repeats=reps + 4, dtype=torch.bfloat16)}
     with tempfile.TemporaryDirectory() as tmp:
         if "train" in only:
             base = {"n_layer": 4, "n_head": 4, "n_embd": 256, "block_size": 256, "bias": False, "activation_function": "gelu"}
@@ -185,6 +187,13 @@ def main():
                         rows.append((name + " vs torch.compile (inductor)", ours, comp, work))
                     except SystemExit as e:
                         print("torch.compile row for %s skipped: %s" % (name, str(e)[-300:]), file=sys.stderr)
+                    # Mixed precision (nanoGPT's dtype='bfloat16'): ours against eager f32 (the
+                    # issue's bar) and against PyTorch under CPU autocast bf16.
+                    half = timed([BIN, "bench", "train", model, "--inputs", inputs, "--dtype", "bfloat16"])
+                    auto = timed(REF + ["train", "--autocast-bf16", "--model", model, "--inputs", inputs])
+                    work16 = ("flops_bf16", work[1])
+                    rows.append((name + " bf16 vs PyTorch eager f32", half, ref, ("flops_bf16_vs_f32", work[1])))
+                    rows.append((name + " bf16 vs PyTorch autocast bf16", half, auto, work16))
         if "decode" in only or "prefill" in only:
             gpt2 = new_model(tmp, "gpt2-124m", {"n_layer": 12, "n_head": 12, "n_embd": 768, "vocab_size": 50257, "block_size": 1024})
             if "decode" in only:
@@ -294,14 +303,19 @@ def main():
                              ("flops", 6 * 2 * 2 * 256 * 1024)))
     out = []
     gemm, tsgemm, bw = (median(ceilings[k]) for k in ("gemm_sgemm_gflops", "torch_sgemm_gflops", "read_gbs"))
+    g16, t16 = (median(ceilings[k]) for k in ("bf16_gemm_gflops", "torch_bf16_gemm_gflops"))
     for name, (o, orss), (r, rrss), work in rows:
         if work[0] == "flops":  # model FLOP utilisation against each side's sgemm ceiling
             share = (work[1] * o["tokens_per_sec"] / 1e9 / gemm, work[1] * r["tokens_per_sec"] / 1e9 / tsgemm)
+        elif work[0] == "flops_bf16":  # both sides in bf16: against each side's bf16 product ceiling
+            share = (work[1] * o["tokens_per_sec"] / 1e9 / g16, work[1] * r["tokens_per_sec"] / 1e9 / t16)
+        elif work[0] == "flops_bf16_vs_f32":
+            share = (work[1] * o["tokens_per_sec"] / 1e9 / g16, work[1] * r["tokens_per_sec"] / 1e9 / tsgemm)
         else:  # bytes of weights read per second over the read bandwidth
             share = (work[1] * o["tokens_per_sec"] / 1e9 / bw, work[2] * r["tokens_per_sec"] / 1e9 / bw)
         out.append({"case": name, "ours": o, "reference": r, "ratio": o["tokens_per_sec"] / r["tokens_per_sec"],
                     "ours_peak_rss_mib": orss, "reference_peak_rss_mib": rrss,
-                    "share_of": "sgemm" if work[0] == "flops" else "read bandwidth", "ours_share": share[0], "reference_share": share[1]})
+                    "share_of": "sgemm" if work[0].startswith("flops") else "read bandwidth", "ours_share": share[0], "reference_share": share[1]})
     layer = {r["case"].split(",")[1].split()[0]: r for r in out if r["case"].startswith("moe layer")}
     growth = None
     if "8" in layer and "64" in layer:
@@ -320,8 +334,10 @@ def main():
     print("%s; %s; flags %s; %d threads; %s, torch %s, transformers %s" % (
         time.strftime("%Y-%m-%d"), machine["cpu"], " ".join(machine["flags"]) or "-", machine["threads"], machine["nanomoe"],
         machine["torch"], machine["transformers"]))
-    print("ceilings: f32 sgemm 2048^3 %s GFLOP/s with gemm (nanomoe), %s with PyTorch; read bandwidth %s GB/s\n" % (
-        spread(ceilings["gemm_sgemm_gflops"]), spread(ceilings["torch_sgemm_gflops"]), spread(ceilings["read_gbs"])))
+    print("ceilings: f32 sgemm 2048^3 %s GFLOP/s with gemm (nanomoe), %s with PyTorch; bf16 products 2048^3 %s GFLOP/s "
+          "with nanomoe's bf16 kernel (%s), %s with PyTorch; read bandwidth %s GB/s\n" % (
+        spread(ceilings["gemm_sgemm_gflops"]), spread(ceilings["torch_sgemm_gflops"]), spread(ceilings["bf16_gemm_gflops"]),
+        "AMX" if ceilings["bf16_amx"] else "emulated: no AMX", spread(ceilings["torch_bf16_gemm_gflops"]), spread(ceilings["read_gbs"])))
     print("| case | nanomoe tok/s (median, min-max s) | reference tok/s | ratio | share of ceiling (ours / ref) | peak RSS MiB (ours / ref) |")
     print("|---|---|---|---|---|---|")
     for r in out:

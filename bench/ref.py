@@ -3,6 +3,7 @@ nanomoe's own modeling_nanomoe_gpt.py (MoE), on the weights nanomoe wrote - or, 
 --seed-code, the seed's own model.py (askerlee/nanoMoE, imported unmodified from
 ../shared/reference; run it with a transformers 4.51-4.57 on PYTHONPATH). Prints one JSON
 line shaped like `nanomoe bench`'s."""
+import contextlib
 import argparse
 import json
 import sys
@@ -49,6 +50,9 @@ def main():
     p.add_argument("--seed-code", action="store_true", help="the seed's own model.py as the reference")
     p.add_argument("--compile", action="store_true",
                    help="train: the model through torch.compile (inductor, CPU), as nanoGPT's compile=True does")
+    p.add_argument("--autocast-bf16", action="store_true",
+                   help="train: forward under torch.autocast('cpu', dtype=torch.bfloat16), as nanoGPT's dtype='bfloat16' "
+                        "(f32 weights and optimizer; bf16 products)")
     a = p.parse_args()
     global SEED_CODE
     SEED_CODE = a.seed_code
@@ -65,13 +69,15 @@ def main():
         opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": other, "weight_decay": 0.0}],
                                 lr=1e-4, betas=(0.9, 0.95))
         times = []
+        ctx = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if a.autocast_bf16 else contextlib.nullcontext
         for s in range(x.shape[0]):
             t0 = time.perf_counter()
-            if m.config.model_type == "gpt2":
-                logits = fwd(input_ids=x[s]).logits
-                loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), y[s].reshape(-1), ignore_index=-1)
-            else:
-                _, loss, _ = fwd(idx=x[s], targets=y[s], return_dict=False)
+            with ctx():
+                if m.config.model_type == "gpt2":
+                    logits = fwd(input_ids=x[s]).logits
+                    loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), y[s].reshape(-1), ignore_index=-1)
+                else:
+                    _, loss, _ = fwd(idx=x[s], targets=y[s], return_dict=False)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(m.parameters(), 1.0)
             opt.step()

@@ -101,6 +101,21 @@ fn cases() -> Vec<Case> {
     let y = linear::linear(&x, &w).unwrap();
     out.push(case("linear", "linear", json!({}), vec![("x", x), ("w", w)], vec![], y));
 
+    // The mixed-precision products (operands rounded to bf16, f32 sums), on AMX tiles where
+    // the CPU has them: the linear layer (sizes past one 32-wide tile in every dimension),
+    // the output layer with the loss (its weight gradient runs transposed), the experts.
+    let bf16 = nanomoe::kernels::Precision::Bf16;
+    let (x, w) = (rand_var(&mut rng, &[3, 25, 70], 1.0), rand_var(&mut rng, &[41, 70], 1.0));
+    let y = linear::linear_in(&x, &w, bf16).unwrap();
+    out.push(case("linear_bf16", "linear", json!({"bf16": true}), vec![("x", x), ("w", w)], vec![], y));
+    let (h, w) = (rand_var(&mut rng, &[45, 40], 1.0), rand_var(&mut rng, &[130, 40], 1.0));
+    let (t, tt) = targets(&mut rng, 45, 130);
+    let y = linear_cross_entropy::linear_cross_entropy_in(&h, &w, &t, bf16).unwrap().unwrap();
+    out.push(case("lce_bf16", "linear_cross_entropy", json!({"bf16": true}), vec![("h", h), ("w", w)], vec![("targets", tt)], y));
+    let (x, w) = (rand_var(&mut rng, &[3, 37, 33], 1.0), rand_var(&mut rng, &[3, 33, 20], 1.0));
+    let y = expert_matmul::expert_matmul_in(&x, &w, None, bf16).unwrap();
+    out.push(case("experts_bf16", "expert_matmul", json!({"bf16": true}), vec![("x", x), ("w", w)], vec![], y));
+
     // Expert biases: one row per expert.
     let (x, b) = (rand_var(&mut rng, &[3, 7, 10], 1.0), rand_var(&mut rng, &[3, 1, 10], 1.0));
     let y = bias::add_bias(&x, &b).unwrap();
@@ -114,7 +129,7 @@ fn cases() -> Vec<Case> {
     // one product (x gets 0.1 of the second half's gradient, w all of it).
     let (x, w) = (rand_var(&mut rng, &[3, 7, 12], 1.0), rand_var(&mut rng, &[3, 12, 9], 1.0));
     let g = expert_matmul::expert_matmul(&x, &w, None).unwrap();
-    let tap = expert_matmul::gate_loss_tap(&g, &x, &w, 0.1, None).unwrap();
+    let tap = expert_matmul::gate_loss_tap(&g, &x, &w, 0.1, None, nanomoe::kernels::Precision::F32).unwrap();
     let y = Tensor::cat(&[&g, &tap], 0).unwrap();
     out.push(case("gate_tap", "gate_loss_tap", json!({}), vec![("x", x), ("w", w)], vec![], y));
 
@@ -128,7 +143,7 @@ fn cases() -> Vec<Case> {
     let x = Var::from_vec(xv, (e, m, c), &Device::Cpu).unwrap();
     let (wg, wu) = (rand_var(&mut rng, &[e, c, i], 1.0), rand_var(&mut rng, &[e, c, i], 1.0));
     let state = swiglu_experts::SwiGluState::new();
-    let h = swiglu_experts::swiglu_experts(&x, &wg, &wu, None, &state, 0.1).unwrap();
+    let h = swiglu_experts::swiglu_experts(&x, &wg, &wu, None, &state, 0.1, nanomoe::kernels::Precision::F32).unwrap();
     let loss = swiglu_experts::gate_output_loss(&h, &state).unwrap();
     let y = Tensor::cat(&[h.flatten_all().unwrap(), loss.reshape(1).unwrap()], 0).unwrap();
     out.push(case("swiglu_experts", "swiglu_experts", json!({}), vec![("x", x), ("wg", wg), ("wu", wu)], vec![], y));
@@ -159,6 +174,11 @@ fn every_fused_kernel_matches_pytorch_values_and_gradients() {
             if name == "attn" {
                 let (t, ch) = (9, 12);
                 v[t * ch..(t + 3) * ch].fill(0.0); // row 1, positions 0..3
+            }
+            if name == "lce_bf16" {
+                // A power of two: the reference scales the logits' gradient before rounding
+                // it, the kernel after (alpha of the product).
+                v[0] = 0.5;
             }
             Tensor::from_vec(v, c.y.shape(), &Device::Cpu).unwrap()
         };

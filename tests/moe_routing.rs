@@ -33,7 +33,7 @@ fn hand_computed_routing_losses_and_outputs() {
     .unwrap();
     let layer = MoeLayer::load(&cfg, &store, "m", 0, None).unwrap();
     let x = Tensor::new(&x_rows, &dev).unwrap().unsqueeze(0).unwrap(); // [1, 4, 3]
-    let mut ctx = MoeCtx { cfg: &cfg, training: false, routing: Routing::Capacity, rng: None, sink: None };
+    let mut ctx = MoeCtx { cfg: &cfg, training: false, routing: Routing::Capacity, rng: None, sink: None, prec: nanomoe::kernels::Precision::F32 };
     let out = layer.forward(&x, &mut ctx).unwrap();
 
     // capacity = floor(2 * 0.75 * 4 / 3) = 2. First choices: t0->e0, t1->e1, t2->e0, t3->e0
@@ -91,7 +91,7 @@ fn hand_computed_routing_losses_and_outputs() {
     assert_eq!(y[3], vec![0.0, 0.0, 0.0]);
 
     // Dropless: t3 is served by e0 and e1 too.
-    let mut ctx = MoeCtx { cfg: &cfg, training: false, routing: Routing::Dropless, rng: None, sink: None };
+    let mut ctx = MoeCtx { cfg: &cfg, training: false, routing: Routing::Dropless, rng: None, sink: None, prec: nanomoe::kernels::Precision::F32 };
     let dl = layer.forward(&x, &mut ctx).unwrap();
     assert_eq!(dl.stats.dropped, 0);
     assert_eq!(dl.stats.tokens_per_expert, vec![3, 3, 2]);
@@ -117,7 +117,7 @@ fn top1_with_training_capacity() {
     let layer = MoeLayer::load(&cfg, &store, "m", 0, None).unwrap();
     // All 5 tokens prefer expert 0. capacity = floor(1 * 1.0 * 5 / 3) = 1 -> 2 (even).
     let x = Tensor::new(&[[[1f32, 0., 0.], [2., 0., 0.], [3., 0., 0.], [4., 0., 0.], [5., 0., 0.]]], &dev).unwrap();
-    let mut ctx = MoeCtx { cfg: &cfg, training: true, routing: Routing::Capacity, rng: None, sink: None };
+    let mut ctx = MoeCtx { cfg: &cfg, training: true, routing: Routing::Capacity, rng: None, sink: None, prec: nanomoe::kernels::Precision::F32 };
     let out = layer.forward(&x, &mut ctx).unwrap();
     assert_eq!(out.stats.tokens_per_expert, vec![2, 0, 0]);
     assert_eq!(out.stats.dropped, 3);
@@ -130,6 +130,6 @@ fn top1_with_training_capacity() {
     // aux with k = 1: f = [1, 0, 0], P = [1, 0, 0] -> 3.
     assert!((out.aux_loss.to_scalar::<f32>().unwrap() - 3.0).abs() < 1e-6);
     // In eval mode the capacity factor 9 keeps everyone.
-    let mut ctx = MoeCtx { cfg: &cfg, training: false, routing: Routing::Capacity, rng: None, sink: None };
+    let mut ctx = MoeCtx { cfg: &cfg, training: false, routing: Routing::Capacity, rng: None, sink: None, prec: nanomoe::kernels::Precision::F32 };
     assert_eq!(layer.forward(&x, &mut ctx).unwrap().stats.dropped, 0);
 }

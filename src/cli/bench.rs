@@ -28,6 +28,9 @@ pub enum Bench {
         /// Untimed steps first.
         #[arg(long, default_value_t = 2)]
         warmup: usize,
+        /// The products' precision: float32, or bfloat16 (mixed precision, as `train --dtype`).
+        #[arg(long, default_value = "float32")]
+        dtype: String,
     },
     /// Greedy decoding of `new_tokens` tokens from a one-token prompt (with --batch B, B
     /// sequences decoded together, B tokens per step: what `serve` runs with B clients).
@@ -120,9 +123,11 @@ fn load_inputs(path: &Path) -> Result<(Tensor, Tensor)> {
 
 pub fn run(b: Bench, model_dir: impl Fn(&Path) -> Result<PathBuf>) -> Result<()> {
     match b {
-        Bench::Train { model, inputs, warmup } => {
+        Bench::Train { model, inputs, warmup, dtype } => {
+            let precision = nanomoe::kernels::Precision::parse(&dtype)?;
             let mut gpt = GPT::from_pretrained(model_dir(&model)?)?;
             gpt.train();
+            gpt.set_precision(precision);
             let (x, y) = load_inputs(&inputs)?;
             let (steps, batch, block) = x.dims3()?;
             let mut opt = AdamW::new(gpt.params(), AdamWConfig { lr: 1e-4, ..Default::default() })?;
@@ -177,8 +182,10 @@ pub fn run(b: Bench, model_dir: impl Fn(&Path) -> Result<PathBuf>) -> Result<()>
             }
             nanomoe::runtime::check_memory(|| "the ceilings' buffers".into(), (3 * n * n * 4 + (mib << 20)) as u128)?;
             let sgemm = nanomoe::kernels::ceiling::sgemm_gflops(n, repeats);
+            let bf16 = nanomoe::kernels::ceiling::gemm_gflops(n, repeats, nanomoe::kernels::Precision::Bf16);
             let read = nanomoe::kernels::ceiling::read_bandwidth_gbs(mib << 20, repeats);
-            println!("{}", json!({"case": "ceilings", "threads": rayon::current_num_threads(), "sgemm_n": n, "sgemm_gflops": sgemm, "read_mib": mib, "read_gbs": read}));
+            println!("{}", json!({"case": "ceilings", "threads": rayon::current_num_threads(), "sgemm_n": n, "sgemm_gflops": sgemm,
+                "bf16_gemm_gflops": bf16, "bf16_amx": nanomoe::kernels::bf16_gemm::amx_available(), "read_mib": mib, "read_gbs": read}));
             Ok(())
         }
         Bench::MoeLayer { experts, top_k, tokens, n_embd, repeats } => {
@@ -192,7 +199,7 @@ pub fn run(b: Bench, model_dir: impl Fn(&Path) -> Result<PathBuf>) -> Result<()>
             for i in 0..repeats + 1 {
                 let t = Instant::now();
                 let sink = GradSink::new();
-                let mut ctx = MoeCtx { cfg: &cfg, training: true, routing: Routing::Capacity, rng: None, sink: Some(&sink) };
+                let mut ctx = MoeCtx { cfg: &cfg, training: true, routing: Routing::Capacity, rng: None, sink: Some(&sink), prec: nanomoe::kernels::Precision::F32 };
                 let out = layer.forward(&x, &mut ctx)?;
                 let loss = (out.y.sqr()?.mean_all()? + out.aux_loss)?;
                 sink.backward(&loss)?;

@@ -14,6 +14,12 @@ fn median(mut v: Vec<f64>) -> f64 {
 /// f32 C = A B for square n x n matrices on every thread of rayon's pool: GFLOP/s of each
 /// of `repeats` timed runs (after one untimed run).
 pub fn sgemm_gflops(n: usize, repeats: usize) -> Vec<f64> {
+    gemm_gflops(n, repeats, crate::kernels::Precision::F32)
+}
+
+/// [`sgemm_gflops`] for the given precision: with bf16, the mixed-precision training
+/// product (f32 operands rounded to bf16 as they are packed, f32 sums; AMX where present).
+pub fn gemm_gflops(n: usize, repeats: usize, prec: crate::kernels::Precision) -> Vec<f64> {
     let a: Vec<f32> = (0..n * n).map(|i| ((i % 97) as f32 - 48.0) / 97.0).collect();
     let b: Vec<f32> = (0..n * n).map(|i| ((i % 89) as f32 - 44.0) / 89.0).collect();
     let mut c = vec![0f32; n * n];
@@ -22,7 +28,7 @@ pub fn sgemm_gflops(n: usize, repeats: usize) -> Vec<f64> {
     for r in 0..=repeats {
         let t = Instant::now();
         // SAFETY: a, b, c are n x n, row-major, and c does not overlap a or b.
-        unsafe { crate::kernels::mm(n, n, n, c.as_mut_ptr(), n, a.as_ptr(), n, 1, b.as_ptr(), n, 1, 1.0, threads) };
+        unsafe { crate::kernels::mm_in(prec, n, n, n, c.as_mut_ptr(), n, a.as_ptr(), n, 1, b.as_ptr(), n, 1, 1.0, threads) };
         let s = t.elapsed().as_secs_f64();
         if r > 0 {
             out.push(2.0 * (n as f64).powi(3) / s / 1e9);

@@ -14,7 +14,7 @@ use rayon::prelude::*;
 use crate::error::Result;
 use crate::grad_sink::GradSink;
 use crate::kernels::transpose::{padded_stride, transpose};
-use crate::kernels::{contiguous_f32, mm, with_f32, written_by};
+use crate::kernels::{contiguous_f32, mm_in, with_f32, written_by, Precision};
 
 const NAME: &str = "expert matmul";
 
@@ -39,6 +39,7 @@ pub(crate) fn hand_over(sink: Option<&GradSink>, w: &Tensor, dw: Vec<f32>) -> ca
 
 struct ExpertMatmul {
     sink: Option<GradSink>,
+    prec: Precision,
 }
 
 fn dims(lx: &[usize], lw: &[usize]) -> candle_core::Result<(usize, usize, usize, usize)> {
@@ -70,7 +71,7 @@ impl CustomOp2 for ExpertMatmul {
             let out = Out(yp);
             per_expert(e, |i| unsafe {
                 let out = &out;
-                mm(m, n, k, out.0.add(i * m * n), n, x.as_ptr().add(i * m * k), k, 1, w.as_ptr().add(i * k * n), n, 1, 1.0, 1);
+                mm_in(self.prec, m, n, k, out.0.add(i * m * n), n, x.as_ptr().add(i * m * k), k, 1, w.as_ptr().add(i * k * n), n, 1, 1.0, 1);
             });
         });
         Ok((CpuStorage::F32(y), Shape::from((e, m, n))))
@@ -90,11 +91,16 @@ impl CustomOp2 for ExpertMatmul {
                                 let (ox, ow) = (&ox, &ow);
                                 let (xp, dyp) = (xs.as_ptr().add(i * m * k), dys.as_ptr().add(i * m * n));
                                 // dx = dy w^T: [m x n] [n x k], w^T in the scratch (n rows of stride ld)
-                                wt.resize(n * ld, 0.0);
-                                transpose(k, n, &ws[i * k * n..(i + 1) * k * n], n, wt, ld);
-                                mm(m, k, n, ox.0.add(i * m * k), k, dyp, n, 1, wt.as_ptr(), ld, 1, 1.0, 1);
+                                // for the f32 gemm; the bf16 kernel packs w^T itself.
+                                if self.prec == Precision::F32 {
+                                    wt.resize(n * ld, 0.0);
+                                    transpose(k, n, &ws[i * k * n..(i + 1) * k * n], n, wt, ld);
+                                    mm_in(self.prec, m, k, n, ox.0.add(i * m * k), k, dyp, n, 1, wt.as_ptr(), ld, 1, 1.0, 1);
+                                } else {
+                                    mm_in(self.prec, m, k, n, ox.0.add(i * m * k), k, dyp, n, 1, ws.as_ptr().add(i * k * n), 1, n, 1.0, 1);
+                                }
                                 // dw = x^T dy: [k x m] [m x n]
-                                mm(k, n, m, ow.0.add(i * k * n), n, xp, 1, k, dyp, n, 1, 1.0, 1);
+                                mm_in(self.prec, k, n, m, ow.0.add(i * k * n), n, xp, 1, k, dyp, n, 1, 1.0, 1);
                             });
                         });
                     });
@@ -111,8 +117,13 @@ impl CustomOp2 for ExpertMatmul {
 /// backward pass. With `sink`, w's gradient goes there (see [`GradSink::backward`]) when w
 /// is contiguous (a copy would take the gradient under another id); x's goes to candle.
 pub fn expert_matmul(x: &Tensor, w: &Tensor, sink: Option<&GradSink>) -> Result<Tensor> {
+    expert_matmul_in(x, w, sink, Precision::F32)
+}
+
+/// [`expert_matmul`] with its products in the given precision.
+pub fn expert_matmul_in(x: &Tensor, w: &Tensor, sink: Option<&GradSink>, prec: Precision) -> Result<Tensor> {
     let sink = sink.filter(|_| w.is_contiguous()).cloned();
-    Ok(x.contiguous()?.apply_op2(&w.contiguous()?, ExpertMatmul { sink })?)
+    Ok(x.contiguous()?.apply_op2(&w.contiguous()?, ExpertMatmul { sink, prec })?)
 }
 
 /// The gate-output loss's view of g = x w (the seed's `bmm(GradientScaler(0.1)(x), w)`)
@@ -123,6 +134,7 @@ pub fn expert_matmul(x: &Tensor, w: &Tensor, sink: Option<&GradSink>) -> Result<
 struct GateLossTap {
     alpha: f32,
     sink: Option<GradSink>,
+    prec: Precision,
 }
 
 impl candle_core::CustomOp3 for GateLossTap {
@@ -144,7 +156,7 @@ impl candle_core::CustomOp3 for GateLossTap {
                     per_expert(e, |i| unsafe {
                         let ow = &ow;
                         // dw = beta x^T dy: [k x m] [m x n]
-                        mm(k, n, m, ow.0.add(i * k * n), n, xs.as_ptr().add(i * m * k), 1, k, dys.as_ptr().add(i * m * n), n, 1, beta, 1);
+                        mm_in(self.prec, k, n, m, ow.0.add(i * k * n), n, xs.as_ptr().add(i * m * k), 1, k, dys.as_ptr().add(i * m * n), n, 1, beta, 1);
                     });
                 }))
             })
@@ -157,7 +169,7 @@ impl candle_core::CustomOp3 for GateLossTap {
 /// `g` (= [`expert_matmul`]`(x, w)`, already computed) for a loss whose gradient should reach
 /// x scaled by `alpha` and w in full, as `expert_matmul(scale_grad(x, alpha), w)` would give,
 /// without recomputing the product (see [`GateLossTap`]).
-pub fn gate_loss_tap(g: &Tensor, x: &Tensor, w: &Tensor, alpha: f32, sink: Option<&GradSink>) -> Result<Tensor> {
+pub fn gate_loss_tap(g: &Tensor, x: &Tensor, w: &Tensor, alpha: f32, sink: Option<&GradSink>, prec: Precision) -> Result<Tensor> {
     let sink = sink.filter(|_| w.is_contiguous()).cloned();
-    Ok(g.contiguous()?.apply_op3(&x.contiguous()?, &w.contiguous()?, GateLossTap { alpha, sink })?)
+    Ok(g.contiguous()?.apply_op3(&x.contiguous()?, &w.contiguous()?, GateLossTap { alpha, sink, prec })?)
 }

@@ -9,11 +9,13 @@
 use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor};
 
 use crate::error::Result;
-use crate::kernels::{contiguous_f32, mm, with_f32, written_by};
+use crate::kernels::{contiguous_f32, mm_in, with_f32, written_by, Precision};
 
 const NAME: &str = "linear";
 
-struct Linear;
+struct Linear {
+    prec: Precision,
+}
 
 /// (M, K, N) for x [..., K] and w [N, K].
 fn dims(x: &[usize], w: &[usize]) -> candle_core::Result<(usize, usize, usize)> {
@@ -37,7 +39,7 @@ impl CustomOp2 for Linear {
         let (x, w) = (contiguous_f32(sx, lx, NAME)?, contiguous_f32(sw, lw, NAME)?);
         // y [m x n] = x [m x k] w^T [k x n]; w^T read in place (row stride 1, column stride k).
         // SAFETY: the slices cover m*k and n*k elements; y is written whole by gemm.
-        let y = written_by(m * n, |yp| unsafe { mm(m, n, k, yp, n, x.as_ptr(), k, 1, w.as_ptr(), 1, k, 1.0, threads()) });
+        let y = written_by(m * n, |yp| unsafe { mm_in(self.prec, m, n, k, yp, n, x.as_ptr(), k, 1, w.as_ptr(), 1, k, 1.0, threads()) });
         let mut out = lx.dims().to_vec();
         *out.last_mut().expect("dims checked") = n;
         Ok((CpuStorage::F32(y), Shape::from(out)))
@@ -50,9 +52,9 @@ impl CustomOp2 for Linear {
                 with_f32(dy, NAME, |dys| {
                     // SAFETY: operands cover m*k, n*k and m*n elements; outputs written whole.
                     // dx [m x k] = dy [m x n] w [n x k]
-                    let dx = written_by(m * k, |p| unsafe { mm(m, k, n, p, k, dys.as_ptr(), n, 1, ws.as_ptr(), k, 1, 1.0, threads()) });
+                    let dx = written_by(m * k, |p| unsafe { mm_in(self.prec, m, k, n, p, k, dys.as_ptr(), n, 1, ws.as_ptr(), k, 1, 1.0, threads()) });
                     // dw [n x k] = dy^T [n x m] x [m x k]
-                    let dw = written_by(n * k, |p| unsafe { mm(n, k, m, p, k, dys.as_ptr(), 1, n, xs.as_ptr(), k, 1, 1.0, threads()) });
+                    let dw = written_by(n * k, |p| unsafe { mm_in(self.prec, n, k, m, p, k, dys.as_ptr(), 1, n, xs.as_ptr(), k, 1, 1.0, threads()) });
                     Ok((dx, dw))
                 })
             })
@@ -63,5 +65,10 @@ impl CustomOp2 for Linear {
 
 /// x [..., K] @ w^T for f32 CPU tensors, w [N, K]; y [..., N].
 pub fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
-    Ok(x.contiguous()?.apply_op2(&w.contiguous()?, Linear)?)
+    linear_in(x, w, Precision::F32)
+}
+
+/// [`linear`] with its three products (forward, dx, dw) in the given precision.
+pub fn linear_in(x: &Tensor, w: &Tensor, prec: Precision) -> Result<Tensor> {
+    Ok(x.contiguous()?.apply_op2(&w.contiguous()?, Linear { prec })?)
 }

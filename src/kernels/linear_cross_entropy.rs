@@ -14,13 +14,14 @@ use rayon::prelude::*;
 use crate::error::{Error, Result};
 use crate::kernels::cross_entropy::{encode_targets, IGNORE};
 use crate::kernels::math::{self, multiversion};
-use crate::kernels::{contiguous_f32, mm, with_f32};
+use crate::kernels::{contiguous_f32, mm_in, with_f32, Precision};
 
 const NAME: &str = "fused linear cross-entropy";
 
 struct LinearCrossEntropy {
     targets: Arc<Vec<u32>>,
     count: usize,
+    prec: Precision,
     /// (softmax - onehot) / count of every row, [N, V], from the forward.
     grad_logits: Mutex<Option<Vec<f32>>>,
 }
@@ -55,7 +56,7 @@ impl CustomOp2 for LinearCrossEntropy {
         }
         let mut logits = vec![0f32; n * v];
         // logits = h w^T
-        unsafe { mm(n, v, c, logits.as_mut_ptr(), v, h.as_ptr(), c, 1, w.as_ptr(), 1, c, 1.0, rayon::current_num_threads()) };
+        unsafe { mm_in(self.prec, n, v, c, logits.as_mut_ptr(), v, h.as_ptr(), c, 1, w.as_ptr(), 1, c, 1.0, rayon::current_num_threads()) };
         let inv = 1.0 / self.count as f32;
         let losses: Vec<f64> = logits
             .par_chunks_mut(v)
@@ -87,9 +88,9 @@ impl CustomOp2 for LinearCrossEntropy {
                 let mut dw = vec![0f32; v * c];
                 unsafe {
                     // dh = g D w: [n x v] [v x c]
-                    mm(n, c, v, dh.as_mut_ptr(), c, d.as_ptr(), v, 1, ws.as_ptr(), c, 1, g, rayon::current_num_threads());
+                    mm_in(self.prec, n, c, v, dh.as_mut_ptr(), c, d.as_ptr(), v, 1, ws.as_ptr(), c, 1, g, rayon::current_num_threads());
                     // dw = g D^T h: [v x n] [n x c]
-                    mm(v, c, n, dw.as_mut_ptr(), c, d.as_ptr(), 1, v, hs.as_ptr(), c, 1, g, rayon::current_num_threads());
+                    mm_in(self.prec, v, c, n, dw.as_mut_ptr(), c, d.as_ptr(), 1, v, hs.as_ptr(), c, 1, g, rayon::current_num_threads());
                 }
                 Ok((dh, dw))
             })
@@ -101,6 +102,12 @@ impl CustomOp2 for LinearCrossEntropy {
 /// Mean cross-entropy of the logits `h [N, C] @ w^T` (w [V, C], f32 CPU) against `targets`
 /// (`None` = ignored), without returning the logits; `None` when every target is ignored.
 pub fn linear_cross_entropy(h: &Tensor, w: &Tensor, targets: &[Option<u32>]) -> Result<Option<Tensor>> {
+    linear_cross_entropy_in(h, w, targets, Precision::F32)
+}
+
+/// [`linear_cross_entropy`] with the output layer's products in the given precision (the
+/// softmax and the loss stay f32).
+pub fn linear_cross_entropy_in(h: &Tensor, w: &Tensor, targets: &[Option<u32>], prec: Precision) -> Result<Option<Tensor>> {
     let (n, _) = h.dims2()?;
     if n != targets.len() {
         return Err(Error::Input(format!("{} targets for {n} rows", targets.len())));
@@ -109,6 +116,6 @@ pub fn linear_cross_entropy(h: &Tensor, w: &Tensor, targets: &[Option<u32>]) -> 
     if count == 0 {
         return Ok(None);
     }
-    let op = LinearCrossEntropy { targets: Arc::new(t), count, grad_logits: Mutex::new(None) };
+    let op = LinearCrossEntropy { targets: Arc::new(t), count, prec, grad_logits: Mutex::new(None) };
     Ok(Some(h.contiguous()?.apply_op2(&w.contiguous()?, op)?))
 }

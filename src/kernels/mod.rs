@@ -2,6 +2,8 @@
 //! values and gradients against the composite candle version (in `nn`); the training
 //! parity tests against PyTorch run through all of them.
 //!
+//! - `bf16_gemm`: products in bf16 with f32 sums (mixed-precision training), on AMX
+//!   tiles where the CPU has them.
 //! - `attention`: causal self-attention per (batch row, head), backward from the saved LSE.
 //! - `layer_norm`, `rms_norm` (also weightless, for QK-norm), `gelu` (GELU and ReLU^2),
 //!   `swiglu`, `bias`: element-wise / per-row ops with one-pass backwards.
@@ -21,6 +23,7 @@
 use candle_core::{CpuStorage, Layout, Storage, Tensor};
 
 pub mod attention;
+pub mod bf16_gemm;
 pub mod bias;
 pub mod ceiling;
 pub mod cross_entropy;
@@ -80,6 +83,8 @@ pub fn by_column_blocks(m: usize, n: usize, min_block: usize, block: impl Fn(usi
     y
 }
 
+pub use bf16_gemm::Precision;
+
 /// dst[m x n] = alpha * lhs[m x k] rhs[k x n] through the gemm crate (the one candle uses),
 /// reading the operands in place: strides are in elements, (row, column); dst is row-major
 /// with row stride `dst_rs`. `threads` 1 runs on the calling thread (kernels that already
@@ -90,21 +95,38 @@ pub fn by_column_blocks(m: usize, n: usize, min_block: usize, block: impl Fn(usi
 /// overlap the operands, and no other thread may write what this one reads or writes.
 #[allow(clippy::too_many_arguments)]
 pub(crate) unsafe fn mm(m: usize, n: usize, k: usize, dst: *mut f32, dst_rs: usize, lhs: *const f32, lhs_rs: usize, lhs_cs: usize, rhs: *const f32, rhs_rs: usize, rhs_cs: usize, alpha: f32, threads: usize) {
-    gemm_into(m, n, k, dst, dst_rs, false, lhs, lhs_rs, lhs_cs, rhs, rhs_rs, rhs_cs, alpha, threads)
+    gemm_f32(m, n, k, dst, dst_rs, false, lhs, lhs_rs, lhs_cs, rhs, rhs_rs, rhs_cs, alpha, threads)
 }
 
-/// [`mm`] adding to dst instead of overwriting it: dst += alpha * lhs rhs.
+/// [`mm`] in the given precision: f32, or operands rounded to bf16 with f32 sums
+/// ([`bf16_gemm`]).
 ///
 /// # Safety
 /// As for [`mm`].
 #[allow(clippy::too_many_arguments)]
-pub(crate) unsafe fn mm_add(m: usize, n: usize, k: usize, dst: *mut f32, dst_rs: usize, lhs: *const f32, lhs_rs: usize, lhs_cs: usize, rhs: *const f32, rhs_rs: usize, rhs_cs: usize, alpha: f32) {
-    gemm_into(m, n, k, dst, dst_rs, true, lhs, lhs_rs, lhs_cs, rhs, rhs_rs, rhs_cs, alpha, 1)
+pub(crate) unsafe fn mm_in(prec: Precision, m: usize, n: usize, k: usize, dst: *mut f32, dst_rs: usize, lhs: *const f32, lhs_rs: usize, lhs_cs: usize, rhs: *const f32, rhs_rs: usize, rhs_cs: usize, alpha: f32, threads: usize) {
+    match prec {
+        Precision::F32 => gemm_f32(m, n, k, dst, dst_rs, false, lhs, lhs_rs, lhs_cs, rhs, rhs_rs, rhs_cs, alpha, threads),
+        Precision::Bf16 => bf16_gemm::gemm_bf16(m, n, k, dst, dst_rs, false, lhs, lhs_rs, lhs_cs, rhs, rhs_rs, rhs_cs, alpha, threads),
+    }
+}
+
+/// [`mm_in`] adding to dst instead of overwriting it: dst += alpha * lhs rhs, on the
+/// calling thread.
+///
+/// # Safety
+/// As for [`mm`].
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn mm_add_in(prec: Precision, m: usize, n: usize, k: usize, dst: *mut f32, dst_rs: usize, lhs: *const f32, lhs_rs: usize, lhs_cs: usize, rhs: *const f32, rhs_rs: usize, rhs_cs: usize, alpha: f32) {
+    match prec {
+        Precision::F32 => gemm_f32(m, n, k, dst, dst_rs, true, lhs, lhs_rs, lhs_cs, rhs, rhs_rs, rhs_cs, alpha, 1),
+        Precision::Bf16 => bf16_gemm::gemm_bf16(m, n, k, dst, dst_rs, true, lhs, lhs_rs, lhs_cs, rhs, rhs_rs, rhs_cs, alpha, 1),
+    }
 }
 
 /// dst = (dst when `add`) + alpha * lhs rhs through the gemm crate (see [`mm`]).
 #[allow(clippy::too_many_arguments)]
-unsafe fn gemm_into(m: usize, n: usize, k: usize, dst: *mut f32, dst_rs: usize, add: bool, lhs: *const f32, lhs_rs: usize, lhs_cs: usize, rhs: *const f32, rhs_rs: usize, rhs_cs: usize, alpha: f32, threads: usize) {
+pub(crate) unsafe fn gemm_f32(m: usize, n: usize, k: usize, dst: *mut f32, dst_rs: usize, add: bool, lhs: *const f32, lhs_rs: usize, lhs_cs: usize, rhs: *const f32, rhs_rs: usize, rhs_cs: usize, alpha: f32, threads: usize) {
     let par = if threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
     let keep = if add { 1.0 } else { 0.0 };
     gemm::gemm(m, n, k, dst, 1, dst_rs as isize, add, lhs, lhs_cs as isize, lhs_rs as isize, rhs, rhs_cs as isize, rhs_rs as isize, keep, alpha, false, false, false, par)

@@ -22,7 +22,7 @@ use crate::error::Result;
 use crate::grad_sink::GradSink;
 use crate::kernels::expert_matmul::hand_over;
 use crate::kernels::transpose::{padded_stride, transpose};
-use crate::kernels::{contiguous_f32, mm, mm_add, swiglu, with_f32, written_by};
+use crate::kernels::{contiguous_f32, mm_add_in, mm_in, swiglu, with_f32, written_by, Precision};
 
 const NAME: &str = "swiglu experts";
 
@@ -57,6 +57,7 @@ struct SwiGluExperts {
     /// How much of the gate-output loss's gradient reaches x (the seed's 0.1).
     alpha: f32,
     state: SwiGluState,
+    prec: Precision,
 }
 
 fn dims(lx: &[usize], lg: &[usize], lu: &[usize]) -> candle_core::Result<(usize, usize, usize, usize)> {
@@ -84,8 +85,8 @@ impl CustomOp3 for SwiGluExperts {
                         let (og, ou, oh) = (&og, &ou, &oh);
                         let xp = x.as_ptr().add(j * m * c);
                         let (gj, uj) = (og.0.add(j * m * i), ou.0.add(j * m * i));
-                        mm(m, i, c, gj, i, xp, c, 1, wg.as_ptr().add(j * c * i), i, 1, 1.0, 1);
-                        mm(m, i, c, uj, i, xp, c, 1, wu.as_ptr().add(j * c * i), i, 1, 1.0, 1);
+                        mm_in(self.prec, m, i, c, gj, i, xp, c, 1, wg.as_ptr().add(j * c * i), i, 1, 1.0, 1);
+                        mm_in(self.prec, m, i, c, uj, i, xp, c, 1, wu.as_ptr().add(j * c * i), i, 1, 1.0, 1);
                         let (gs, us) = (std::slice::from_raw_parts(gj, m * i), std::slice::from_raw_parts(uj, m * i));
                         swiglu::forward_into(gs, us, std::slice::from_raw_parts_mut(oh.0.add(j * m * i), m * i));
                     });
@@ -134,15 +135,21 @@ impl CustomOp3 for SwiGluExperts {
                                         let xp = xs.as_ptr().add(j * m * c);
                                         let dxj = ox.0.add(j * m * c);
                                         // dx = dg w_gate^T + du w_up^T: each weight [C, I] transposed into the scratch first.
-                                        wt.resize(i * ld, 0.0);
-                                        transpose(c, i, &wgs[j * c * i..(j + 1) * c * i], i, wt, ld);
-                                        mm(m, c, i, dxj, c, dg.as_ptr(), i, 1, wt.as_ptr(), ld, 1, 1.0, 1);
-                                        transpose(c, i, &wus[j * c * i..(j + 1) * c * i], i, wt, ld);
-                                        mm_add(m, c, i, dxj, c, du.as_ptr(), i, 1, wt.as_ptr(), ld, 1, 1.0);
+                                        // (The bf16 kernel packs the transposes itself.)
+                                        if self.prec == Precision::F32 {
+                                            wt.resize(i * ld, 0.0);
+                                            transpose(c, i, &wgs[j * c * i..(j + 1) * c * i], i, wt, ld);
+                                            mm_in(self.prec, m, c, i, dxj, c, dg.as_ptr(), i, 1, wt.as_ptr(), ld, 1, 1.0, 1);
+                                            transpose(c, i, &wus[j * c * i..(j + 1) * c * i], i, wt, ld);
+                                            mm_add_in(self.prec, m, c, i, dxj, c, du.as_ptr(), i, 1, wt.as_ptr(), ld, 1, 1.0);
+                                        } else {
+                                            mm_in(self.prec, m, c, i, dxj, c, dg.as_ptr(), i, 1, wgs.as_ptr().add(j * c * i), 1, i, 1.0, 1);
+                                            mm_add_in(self.prec, m, c, i, dxj, c, du.as_ptr(), i, 1, wus.as_ptr().add(j * c * i), 1, i, 1.0);
+                                        }
                                         // dw = x^T d: [C x m] [m x I]
                                         let dgw = dgw.as_deref().unwrap_or(&dg);
-                                        mm(c, i, m, og.0.add(j * c * i), i, xp, 1, c, dgw.as_ptr(), i, 1, 1.0, 1);
-                                        mm(c, i, m, ou.0.add(j * c * i), i, xp, 1, c, du.as_ptr(), i, 1, 1.0, 1);
+                                        mm_in(self.prec, c, i, m, og.0.add(j * c * i), i, xp, 1, c, dgw.as_ptr(), i, 1, 1.0, 1);
+                                        mm_in(self.prec, c, i, m, ou.0.add(j * c * i), i, xp, 1, c, du.as_ptr(), i, 1, 1.0, 1);
                                     });
                                 });
                             });
@@ -162,9 +169,9 @@ impl CustomOp3 for SwiGluExperts {
 /// a backward for all three (the weights' gradients into `sink` when given and the weights
 /// are contiguous). `state` links it to the layer's [`gate_output_loss`], whose gradient
 /// reaches x scaled by `alpha`.
-pub fn swiglu_experts(x: &Tensor, w_gate: &Tensor, w_up: &Tensor, sink: Option<&GradSink>, state: &SwiGluState, alpha: f32) -> Result<Tensor> {
+pub fn swiglu_experts(x: &Tensor, w_gate: &Tensor, w_up: &Tensor, sink: Option<&GradSink>, state: &SwiGluState, alpha: f32, prec: Precision) -> Result<Tensor> {
     let sink = sink.filter(|_| w_gate.is_contiguous() && w_up.is_contiguous()).cloned();
-    Ok(x.contiguous()?.apply_op3(&w_gate.contiguous()?, &w_up.contiguous()?, SwiGluExperts { sink, alpha, state: state.clone() })?)
+    Ok(x.contiguous()?.apply_op3(&w_gate.contiguous()?, &w_up.contiguous()?, SwiGluExperts { sink, alpha, state: state.clone(), prec })?)
 }
 
 struct GateOutputLoss {

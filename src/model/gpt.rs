@@ -13,6 +13,7 @@ use rand::{rngs::StdRng, SeedableRng};
 use crate::config::{Activation, GPTConfig, NormType};
 use crate::error::{input_err, Result};
 use crate::kernels::attention::{self, CausalMask};
+use crate::kernels::Precision;
 use crate::grad_sink::GradSink;
 use crate::moe::{MoeCtx, MoeLayer, MoeStats, Routing};
 use crate::moe_parallel::ExpertShard;
@@ -55,8 +56,8 @@ impl Linear {
     fn load(p: &ParamStore, prefix: &str) -> Result<Self> {
         Ok(Linear { w: p.mat(&format!("{prefix}.weight"))?, b: opt(p, &format!("{prefix}.bias"))? })
     }
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.w.linear(x, self.b.as_ref())
+    fn forward(&self, x: &Tensor, prec: Precision) -> Result<Tensor> {
+        self.w.linear_in(x, self.b.as_ref(), prec)
     }
     fn detached(&self) -> Self {
         Linear { w: self.w.detached(), b: self.b.as_ref().map(Tensor::detach) }
@@ -169,6 +170,8 @@ struct Ctx<'a> {
     sink: Option<&'a GradSink>,
     /// The KV cache's [`KvCache::with_capacity`].
     kv_reserve: usize,
+    /// The matrix products' precision ([`GPT::set_precision`]).
+    prec: Precision,
 }
 
 struct CausalSelfAttention {
@@ -192,7 +195,7 @@ impl CausalSelfAttention {
     /// (or gradients are tracked through a KV cache); candle's composite ops otherwise.
     fn forward(&self, x: &Tensor, mask: &Mask, cache: Option<&mut Option<LayerKv>>, ctx: &mut Ctx) -> Result<Tensor> {
         let (_, _, c) = x.dims3()?;
-        let mut qkv = self.c_attn.forward(x)?;
+        let mut qkv = self.c_attn.forward(x, ctx.prec)?;
         if self.qk_norm {
             qkv = nn::qk_norm(&qkv, self.n_head)?;
         }
@@ -222,7 +225,7 @@ impl CausalSelfAttention {
                 }
             }
         };
-        let mut y = self.c_proj.forward(&y)?;
+        let mut y = self.c_proj.forward(&y, ctx.prec)?;
         if ctx.training && ctx.cfg.dropout > 0.0 {
             y = nn::dropout(&y, ctx.cfg.dropout, ctx.rng)?;
         }
@@ -282,7 +285,7 @@ impl Block {
         let h = self.ln_2.forward(&x)?;
         let y = match &self.mlp {
             Mlp::Dense { c_fc, c_proj, act } => {
-                let y = c_proj.forward(&nn::activation(&c_fc.forward(&h)?, *act)?)?;
+                let y = c_proj.forward(&nn::activation(&c_fc.forward(&h, ctx.prec)?, *act)?, ctx.prec)?;
                 if ctx.training && ctx.cfg.dropout > 0.0 {
                     nn::dropout(&y, ctx.cfg.dropout, ctx.rng)?
                 } else {
@@ -290,7 +293,7 @@ impl Block {
                 }
             }
             Mlp::Moe(layer) => {
-                let mut mctx = MoeCtx { cfg: ctx.cfg, training: ctx.training, routing: ctx.routing, rng: Some(&mut *ctx.rng), sink: ctx.sink };
+                let mut mctx = MoeCtx { cfg: ctx.cfg, training: ctx.training, routing: ctx.routing, rng: Some(&mut *ctx.rng), sink: ctx.sink, prec: ctx.prec };
                 let out = layer.forward(&h, &mut mctx)?;
                 let l = &mut moe.losses;
                 for (acc, term) in [
@@ -366,6 +369,9 @@ pub struct GPT {
     rng: Mutex<StdRng>,
     /// Expert-parallel training: this rank holds only its share of the experts.
     shard: Option<Arc<ExpertShard>>,
+    /// How the forward and backward passes on the trainable weights compute their matrix
+    /// products (decoding on the inference weights is not affected).
+    precision: Precision,
 }
 
 /// Mean cross-entropy through a quantized output layer, 256 rows of logits at a time (no
@@ -496,7 +502,23 @@ impl GPT {
             routing: Routing::Capacity,
             rng: Mutex::new(StdRng::seed_from_u64(0)),
             shard,
+            precision: Precision::F32,
         })
+    }
+
+    /// How forward and backward passes on the trainable weights compute their matrix
+    /// products: [`Precision::F32`] (the default), or [`Precision::Bf16`] - mixed precision as
+    /// nanoGPT's `dtype = 'bfloat16'` (autocast): the linear layers', experts' and output
+    /// layer's products round their operands to bf16 and sum in f32; weights, gradients,
+    /// optimizer state, attention, norms, the router, softmax and losses stay f32. Runs on AMX
+    /// tiles where the CPU has them ([`crate::kernels::bf16_gemm::amx_available`]); elsewhere
+    /// the same rounding with f32 products (same numbers, slower). Decoding is not affected.
+    pub fn set_precision(&mut self, precision: Precision) {
+        self.precision = precision;
+    }
+
+    pub fn precision(&self) -> Precision {
+        self.precision
     }
 
     /// This rank's share of the experts, when training expert-parallel.
@@ -675,7 +697,10 @@ impl GPT {
 
         let mut rng = self.rng.lock().unwrap_or_else(|e| e.into_inner());
         let kv_reserve = cache.as_ref().map_or(0, |c| c.reserve);
-        let mut ctx = Ctx { cfg: &self.config, training: self.training, routing: self.routing, rng: &mut rng, sink, kv_reserve };
+        // Mixed precision applies to the passes on the trainable weights (training and its
+        // evaluations, as nanoGPT's autocast context), not to decoding on `frozen`.
+        let prec = if std::ptr::eq(net, &self.net) { self.precision } else { Precision::F32 };
+        let mut ctx = Ctx { cfg: &self.config, training: self.training, routing: self.routing, rng: &mut rng, sink, kv_reserve, prec };
         if ctx.training && self.config.dropout > 0.0 {
             x = nn::dropout(&x, self.config.dropout, ctx.rng)?;
         }
@@ -810,7 +835,7 @@ impl GPT {
         let flat: Vec<Option<u32>> = tg.into_iter().flatten().collect();
         let h = h.reshape((b * t, c))?;
         let ntp = match &self.net.wte {
-            Mat::Dense(wte) => nn::linear_cross_entropy(&h, wte, &flat)?,
+            Mat::Dense(wte) => nn::linear_cross_entropy(&h, wte, &flat, self.precision)?,
             quant => quantized_cross_entropy(&h, quant, &flat)?,
         };
         let (loss, losses) = self.total_loss(ntp, &moe)?;

@@ -16,6 +16,7 @@
 //! and expert outputs are scattered back with `index_add`, so memory is linear in tokens
 //! (nanoMoE's reference builds a dense one-hot [tokens, n_exp, capacity] tensor instead).
 
+use crate::kernels::Precision;
 use candle_core::{DType, Tensor};
 use rand::rngs::StdRng;
 use rand_distr::{Distribution, StandardNormal};
@@ -184,6 +185,8 @@ pub struct MoeCtx<'a> {
     pub rng: Option<&'a mut StdRng>,
     /// Where the experts' weight gradients go (see [`GradSink`]); None: candle's store.
     pub sink: Option<&'a GradSink>,
+    /// The experts' products: f32, or bf16 with f32 sums (mixed-precision training).
+    pub prec: Precision,
 }
 
 impl MoeLayer {
@@ -369,19 +372,19 @@ impl MoeLayer {
         let (c_fc, c_proj) = (self.c_fc.dense()?, self.c_proj.dense()?);
         let h = match &self.gate_proj {
             Some(gate_proj) => {
-                let (h, loss) = swiglu_experts(xe, gate_proj.dense()?, c_fc, ctx.sink, ctx.cfg.use_gate_output_loss)?;
+                let (h, loss) = swiglu_experts(xe, gate_proj.dense()?, c_fc, ctx.sink, ctx.cfg.use_gate_output_loss, ctx.prec)?;
                 *gate_output_loss = loss;
                 h
             }
             None => {
-                let mut h = nn::expert_matmul(&xe, c_fc, ctx.sink)?;
+                let mut h = nn::expert_matmul(&xe, c_fc, ctx.sink, ctx.prec)?;
                 if let Some(bias) = &self.fc_bias {
                     h = nn::add_bias(&h, bias)?;
                 }
                 nn::activation(&h, self.act)?
             }
         };
-        let mut ye = nn::expert_matmul(&h, c_proj, ctx.sink)?;
+        let mut ye = nn::expert_matmul(&h, c_proj, ctx.sink, ctx.prec)?;
         if let Some(bias) = &self.proj_bias {
             ye = nn::add_bias(&ye, bias)?;
         }
@@ -505,22 +508,22 @@ impl MoeLayer {
 /// (xe w_up), and with `gate_loss` its gate-output loss on xe w_gate. f32 CPU tensors take
 /// the fused op (one product pass forward and one backward, the loss's gradient joined to
 /// it: `kernels::swiglu_experts`); others the separate products.
-pub(crate) fn swiglu_experts(xe: &Tensor, w_gate: &Tensor, w_up: &Tensor, sink: Option<&GradSink>, gate_loss: bool) -> Result<(Tensor, Option<Tensor>)> {
+pub(crate) fn swiglu_experts(xe: &Tensor, w_gate: &Tensor, w_up: &Tensor, sink: Option<&GradSink>, gate_loss: bool, prec: Precision) -> Result<(Tensor, Option<Tensor>)> {
     use crate::kernels::swiglu_experts as fused;
     if [xe, w_gate, w_up].iter().all(|t| t.dtype() == DType::F32 && t.device().is_cpu()) {
         let state = fused::SwiGluState::new();
-        let h = fused::swiglu_experts(xe, w_gate, w_up, sink, &state, 0.1)?;
+        let h = fused::swiglu_experts(xe, w_gate, w_up, sink, &state, 0.1, prec)?;
         let loss = if gate_loss { Some(fused::gate_output_loss(&h, &state)?) } else { None };
         return Ok((h, loss));
     }
-    swiglu_experts_composite(xe, w_gate, w_up, sink, gate_loss)
+    swiglu_experts_composite(xe, w_gate, w_up, sink, gate_loss, prec)
 }
 
 /// [`swiglu_experts`] from separate ops (the fused op's reference).
-pub(crate) fn swiglu_experts_composite(xe: &Tensor, w_gate: &Tensor, w_up: &Tensor, sink: Option<&GradSink>, gate_loss: bool) -> Result<(Tensor, Option<Tensor>)> {
-    let g = nn::expert_matmul(xe, w_gate, sink)?;
-    let loss = if gate_loss { Some(gate_output_loss_of(&g, xe, w_gate, sink)?) } else { None };
-    Ok((nn::swiglu(&g, &nn::expert_matmul(xe, w_up, sink)?)?, loss))
+pub(crate) fn swiglu_experts_composite(xe: &Tensor, w_gate: &Tensor, w_up: &Tensor, sink: Option<&GradSink>, gate_loss: bool, prec: Precision) -> Result<(Tensor, Option<Tensor>)> {
+    let g = nn::expert_matmul(xe, w_gate, sink, prec)?;
+    let loss = if gate_loss { Some(gate_output_loss_of(&g, xe, w_gate, sink, prec)?) } else { None };
+    Ok((nn::swiglu(&g, &nn::expert_matmul(xe, w_up, sink, prec)?)?, loss))
 }
 
 /// One product per active expert `active[i]` on its rows `xs[i]` (rows of length k).
@@ -532,8 +535,8 @@ fn expert_jobs<'a>(w: &'a Mat, active: &[usize], xs: &'a [Vec<f32>], k: usize) -
 /// features, then over the rows of the [E, cap] batch whose value is not zero (padding
 /// slots are zero rows). `g` is the layer's gate product x gate_proj, reused: the seed
 /// computes it a second time through the gradient scaler.
-fn gate_output_loss_of(g: &Tensor, xe: &Tensor, gate_proj: &Tensor, sink: Option<&GradSink>) -> Result<Tensor> {
-    let g = nn::gate_loss_tap(g, xe, gate_proj, 0.1, sink)?;
+fn gate_output_loss_of(g: &Tensor, xe: &Tensor, gate_proj: &Tensor, sink: Option<&GradSink>, prec: Precision) -> Result<Tensor> {
+    let g = nn::gate_loss_tap(g, xe, gate_proj, 0.1, sink, prec)?;
     let rows = g.sqr()?.mean_keepdim(2)?; // [E, cap, 1]
     let host: Vec<f32> = rows.flatten_all()?.to_vec1()?;
     let kept = host.iter().filter(|&&v| v > 0.0).count();
@@ -674,8 +677,8 @@ mod tests {
                 }
                 o
             };
-            let (hf, lf) = swiglu_experts(&x, &wg, &wu, None, gate_loss).unwrap();
-            let (hc, lc) = swiglu_experts_composite(&x, &wg, &wu, None, gate_loss).unwrap();
+            let (hf, lf) = swiglu_experts(&x, &wg, &wu, None, gate_loss, Precision::F32).unwrap();
+            let (hc, lc) = swiglu_experts_composite(&x, &wg, &wu, None, gate_loss, Precision::F32).unwrap();
             assert!(max(&hf, &hc) < 1e-5);
             if gate_loss {
                 let (a, b) = (lf.as_ref().unwrap().to_scalar::<f32>().unwrap(), lc.as_ref().unwrap().to_scalar::<f32>().unwrap());
@@ -689,7 +692,7 @@ mod tests {
             }
             // Through a sink: the weights' gradients deposited, the same numbers.
             let sink = GradSink::new();
-            let (hs, ls) = swiglu_experts(&x, &wg, &wu, Some(&sink), gate_loss).unwrap();
+            let (hs, ls) = swiglu_experts(&x, &wg, &wu, Some(&sink), gate_loss, Precision::F32).unwrap();
             let gs = sink.backward(&objective(&hs, &ls)).unwrap();
             for v in [&x, &wg, &wu] {
                 assert_eq!(max(gf.get(v).unwrap(), gs.get(v).unwrap()), 0.0);

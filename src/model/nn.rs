@@ -5,6 +5,7 @@
 //! candle-nn's fused `LayerNorm`, `ops::softmax_last_dim`, `ops::layer_norm` and `sdpa`
 //! have no backward and silently drop gradients, so they are never used here.
 
+use crate::kernels::Precision;
 use candle_core::{DType, Tensor, D};
 use rand::Rng;
 
@@ -16,6 +17,19 @@ use crate::error::Result;
 /// A few rows (decoding) of an f32 CPU `x` go through the weight-streaming kernel; `w` may
 /// be stored in another dtype than `x` (bf16 inference weights), products stay in x's dtype.
 pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+    linear_in(x, w, b, Precision::F32)
+}
+
+/// [`linear`] with the products in the given precision: with bf16 an f32 CPU product always
+/// takes the fused op (its forward and both backward products round their operands to bf16).
+pub fn linear_in(x: &Tensor, w: &Tensor, b: Option<&Tensor>, prec: Precision) -> Result<Tensor> {
+    if prec == Precision::Bf16 && x.dtype() == DType::F32 && w.dtype() == DType::F32 && x.device().is_cpu() && x.elem_count() > 0 {
+        let y = crate::kernels::linear::linear_in(x, w, prec)?;
+        return match b {
+            Some(b) => add_bias(&y, b),
+            None => Ok(y),
+        };
+    }
     let dims = x.dims();
     let many_rows = x.elem_count() / dims[dims.len() - 1].max(1) > crate::kernels::matvec::MAX_ROWS;
     if many_rows && x.dtype() == DType::F32 && w.dtype() == DType::F32 && x.device().is_cpu() && x.elem_count() > 0 {
@@ -195,9 +209,9 @@ pub fn add_bias(x: &Tensor, b: &Tensor) -> Result<Tensor> {
 
 /// The experts' batched product `x [E, cap, K] @ w [E, K, N]`: expert-parallel kernel for
 /// f32 CPU tensors (w's gradient into `sink` when given), candle's batched matmul otherwise.
-pub fn expert_matmul(x: &Tensor, w: &Tensor, sink: Option<&crate::grad_sink::GradSink>) -> Result<Tensor> {
+pub fn expert_matmul(x: &Tensor, w: &Tensor, sink: Option<&crate::grad_sink::GradSink>, prec: Precision) -> Result<Tensor> {
     if x.dtype() == DType::F32 && w.dtype() == DType::F32 && x.device().is_cpu() {
-        return crate::kernels::expert_matmul::expert_matmul(x, w, sink);
+        return crate::kernels::expert_matmul::expert_matmul_in(x, w, sink, prec);
     }
     Ok(x.matmul(&w.to_dtype(x.dtype())?)?)
 }
@@ -205,11 +219,11 @@ pub fn expert_matmul(x: &Tensor, w: &Tensor, sink: Option<&crate::grad_sink::Gra
 /// `g = expert_matmul(x, w)` as `expert_matmul(scale_grad(x, alpha), w)` would give it:
 /// the same values, x's gradient from a loss on it scaled by `alpha`, w's in full - without
 /// a second product on f32 CPU tensors.
-pub fn gate_loss_tap(g: &Tensor, x: &Tensor, w: &Tensor, alpha: f32, sink: Option<&crate::grad_sink::GradSink>) -> Result<Tensor> {
+pub fn gate_loss_tap(g: &Tensor, x: &Tensor, w: &Tensor, alpha: f32, sink: Option<&crate::grad_sink::GradSink>, prec: Precision) -> Result<Tensor> {
     if g.dtype() == DType::F32 && x.dtype() == DType::F32 && w.dtype() == DType::F32 && x.device().is_cpu() {
-        return crate::kernels::expert_matmul::gate_loss_tap(g, x, w, alpha, sink);
+        return crate::kernels::expert_matmul::gate_loss_tap(g, x, w, alpha, sink, prec);
     }
-    expert_matmul(&scale_grad(x, alpha as f64)?, w, sink)
+    expert_matmul(&scale_grad(x, alpha as f64)?, w, sink, prec)
 }
 
 /// Attention scores of masked positions are replaced by this (not -inf: a fully masked
@@ -270,11 +284,11 @@ pub fn cross_entropy(logits: &Tensor, targets: &[Option<u32>]) -> Result<Option<
 /// Mean cross-entropy of the logits `h [N, C] @ w^T` (w [V, C]: the tied output embedding)
 /// without materialising them for the caller: the fused kernel for f32 CPU tensors,
 /// [`linear`] + [`cross_entropy`] otherwise.
-pub fn linear_cross_entropy(h: &Tensor, w: &Tensor, targets: &[Option<u32>]) -> Result<Option<Tensor>> {
+pub fn linear_cross_entropy(h: &Tensor, w: &Tensor, targets: &[Option<u32>], prec: Precision) -> Result<Option<Tensor>> {
     if h.dtype() == DType::F32 && w.dtype() == DType::F32 && h.device().is_cpu() {
-        return crate::kernels::linear_cross_entropy::linear_cross_entropy(h, w, targets);
+        return crate::kernels::linear_cross_entropy::linear_cross_entropy_in(h, w, targets, prec);
     }
-    cross_entropy(&linear(h, w, None)?, targets)
+    cross_entropy(&linear_in(h, w, None, prec)?, targets)
 }
 
 /// Cross-entropy from composite candle ops (any dtype or device; the reference of the

@@ -143,8 +143,13 @@ impl Mat {
 
     /// `x @ w^T + b` for a linear weight [N, K]; x [.., K].
     pub fn linear(&self, x: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+        self.linear_in(x, b, crate::kernels::Precision::F32)
+    }
+
+    /// [`Mat::linear`] with dense products in the given precision (training).
+    pub fn linear_in(&self, x: &Tensor, b: Option<&Tensor>, prec: crate::kernels::Precision) -> Result<Tensor> {
         match self {
-            Mat::Dense(w) | Mat::DenseNk(w) => nn::linear(x, w, b),
+            Mat::Dense(w) | Mat::DenseNk(w) => nn::linear_in(x, w, b, prec),
             Mat::Quant(q) => {
                 let y = quant_product(x, q, 0)?;
                 match b {

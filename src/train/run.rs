@@ -478,6 +478,7 @@ fn train_on_pool(resolved: &Resolved, comm_arc: &Arc<dyn Comm>) -> Result<Outcom
         None
     };
     let mut log = Log { bar, metrics };
+    model.set_precision(crate::kernels::Precision::parse(&s.dtype)?);
     log.line(&format!(
         "training {} ({} params, {} active) on {} ({} train / {} val tokens), {} tokens per step, {} steps",
         if model.config.is_moe() { format!("an MoE GPT with {} experts, top-{}", model.config.n_exp, model.config.moe_top_k) } else { "a dense GPT".to_string() },
@@ -489,6 +490,13 @@ fn train_on_pool(resolved: &Resolved, comm_arc: &Arc<dyn Comm>) -> Result<Outcom
         tokens_per_iter,
         s.max_iters
     ));
+    if model.precision() == crate::kernels::Precision::Bf16 {
+        log.line(if crate::kernels::bf16_gemm::amx_available() {
+            "dtype bfloat16: the matrix products round their operands to bf16 and sum in f32, on AMX tiles"
+        } else {
+            "dtype bfloat16: this CPU has no AMX tiles (or the kernel refused them): the products are emulated in f32 on bf16-rounded operands, slower than float32"
+        });
+    }
     if ep {
         log.line(&format!(
             "expert parallel over {ranks} processes: each holds {} of every MoE layer's {} experts and takes {} rows of every micro batch",

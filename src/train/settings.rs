@@ -57,6 +57,10 @@ pub struct TrainSettings {
     pub peak_flops: f64,
     /// Threads for the matrix kernels; 0 = all cores.
     pub threads: usize,
+    /// The matrix products' precision, nanoGPT's setting: "float32", or "bfloat16" - mixed
+    /// precision (operands rounded to bf16, f32 sums; weights, gradients and AdamW's state
+    /// stay f32), on AMX tiles where the CPU has them, emulated (slower) elsewhere.
+    pub dtype: String,
     // distributed (under mpirun; see the README)
     /// Seconds a rank waits in a collective for the others before it ends the whole job
     /// (a rank died or hangs); 0 waits forever.
@@ -99,6 +103,7 @@ impl Default for TrainSettings {
             seed: 1337,
             peak_flops: 2e11,
             threads: 0,
+            dtype: "float32".into(),
             collective_timeout: 600.0,
             expert_parallel: false,
             overlap_grad_reduce: "auto".into(),
@@ -274,6 +279,9 @@ impl TrainSettings {
         }
         if !(self.collective_timeout >= 0.0) || !self.collective_timeout.is_finite() {
             return bad(format!("collective_timeout must be a number of seconds >= 0, got {}", self.collective_timeout));
+        }
+        if let Err(Error::Input(m)) = crate::kernels::Precision::parse(&self.dtype) {
+            return bad(m);
         }
         if !["auto", "on", "off"].contains(&self.overlap_grad_reduce.as_str()) {
             return bad(format!("overlap_grad_reduce must be auto, on or off, got {:?}", self.overlap_grad_reduce));

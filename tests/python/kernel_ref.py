@@ -27,8 +27,30 @@ def attention(qkv, n_head, pad):
     return (att @ v).transpose(1, 2).reshape(b, t, c)
 
 
+def bf16(t):
+    """t rounded to bf16 (nearest, ties to even), in its own dtype."""
+    return t.to(torch.bfloat16).to(t.dtype)
+
+
+class Bf16Matmul(torch.autograd.Function):
+    """a @ b, and both backward products, on operands rounded to bf16 with exact sums: the
+    mixed-precision training products (nanomoe's --dtype bfloat16)."""
+
+    @staticmethod
+    def forward(ctx, a, b):
+        ctx.save_for_backward(a, b)
+        return bf16(a) @ bf16(b)
+
+    @staticmethod
+    def backward(ctx, g):
+        a, b = ctx.saved_tensors
+        g = bf16(g)
+        return g @ bf16(b).transpose(-1, -2), bf16(a).transpose(-1, -2) @ g
+
+
 def run(case, t):
     kind = case["kind"]
+    mm = Bf16Matmul.apply if case.get("bf16") else torch.matmul
     if kind == "layer_norm":
         return F.layer_norm(t["x"], t["x"].shape[-1:], t["w"], t["b"], case["eps"])
     if kind == "rms_norm":
@@ -53,11 +75,11 @@ def run(case, t):
     if kind == "cross_entropy":
         return F.cross_entropy(t["logits"], t["targets"], ignore_index=-1)
     if kind == "linear_cross_entropy":
-        return F.cross_entropy(t["h"] @ t["w"].T, t["targets"], ignore_index=-1)
+        return F.cross_entropy(mm(t["h"], t["w"].T), t["targets"], ignore_index=-1)
     if kind == "bias":
         return t["x"] + t["b"]
     if kind == "expert_matmul":
-        return torch.bmm(t["x"], t["w"])
+        return mm(t["x"], t["w"])
     if kind == "gate_loss_tap":  # the seed's two products: plain, and through GradientScaler(0.1)
         x, w = t["x"], t["w"]
         scaled = x * 0.1 + (x * 0.9).detach()
@@ -71,7 +93,7 @@ def run(case, t):
         loss = rows[kept].sum() / kept.sum()
         return torch.cat([h.flatten(), loss.reshape(1)])
     if kind == "linear":
-        return t["x"] @ t["w"].T
+        return mm(t["x"], t["w"].T)
     if kind == "linear_nk":
         return t["x"] @ t["w"].T
     if kind == "matmul_kn":

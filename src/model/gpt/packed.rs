@@ -9,6 +9,7 @@
 //! therefore decodes to the same bits alone or in a full batch, and the same as
 //! [`GPT::forward_step`] on it alone: greedy output does not depend on who else is served.
 
+use crate::kernels::Precision;
 use candle_core::{DType, Tensor};
 
 use super::{attention, CausalMask, Ctx, KvCache, LayerKv, MoeTotals, GPT};
@@ -60,14 +61,14 @@ impl GPT {
         let mut x = (tok + pe)?.reshape((1, n, cfg.n_embd))?;
 
         let mut rng = self.rng.lock().unwrap_or_else(|e| e.into_inner());
-        let mut ctx = Ctx { cfg, training: false, routing: self.routing, rng: &mut rng, sink: None, kv_reserve: 0 };
+        let mut ctx = Ctx { cfg, training: false, routing: self.routing, rng: &mut rng, sink: None, kv_reserve: 0, prec: Precision::F32 };
         let mut moe = MoeTotals::default();
         for s in seqs.iter_mut() {
             s.cache.layers.resize_with(net.blocks.len(), || None);
         }
         let c = cfg.n_embd;
         for (li, block) in net.blocks.iter().enumerate() {
-            let mut qkv = block.attn.c_attn.forward(&block.ln_1.forward(&x)?)?;
+            let mut qkv = block.attn.c_attn.forward(&block.ln_1.forward(&x)?, Precision::F32)?;
             if block.attn.qk_norm {
                 qkv = nn::qk_norm(&qkv, block.attn.n_head)?;
             }
@@ -86,7 +87,7 @@ impl GPT {
                 off += t;
             }
             let y = if ys.len() == 1 { ys.pop().expect("one sequence") } else { Tensor::cat(&ys, 1)? };
-            let x1 = (&x + block.attn.c_proj.forward(&y)?)?;
+            let x1 = (&x + block.attn.c_proj.forward(&y, Precision::F32)?)?;
             x = block.mlp_residual(x1, &mut ctx, &mut moe)?;
         }
         let h = net.ln_f.forward(&x)?.reshape((n, c))?;

@@ -1,0 +1,552 @@
+//! Matrix products in bf16 with f32 sums: the mixed-precision training path (`--dtype
+//! bf16`, as nanoGPT's `dtype = 'bfloat16'` runs its products under autocast). Operands are
+//! f32 (the master weights and f32 activations) rounded to bf16 (nearest, ties to even) as
+//! they are packed; every product of two bf16 values is exact in f32 and the sums are f32.
+//!
+//! On CPUs with AMX (Intel Sapphire Rapids and later: `amx-tile` + `amx-bf16`, and Linux's
+//! permission for the tile state) the products run on the tile unit: `tdpbf16ps` multiplies
+//! a 16 x 32 bf16 tile by a 32 x 16 one into 16 x 16 f32 sums, 16 K FLOPs an instruction.
+//! The kernel keeps 2 x 2 sum tiles (32 x 32 of the output) and streams two A tiles (rows,
+//! 32 k each) and two B tiles (k-pairs x 16 columns, "VNNI" order: the two k values of a
+//! column side by side) through them; B is packed once per product, blocked so that a
+//! 512 x 512 block stays in L2 while the row blocks of A pass by.
+//!
+//! Elsewhere the same rounding is applied and the products run through the f32 gemm: the
+//! same numbers up to the order of the f32 sums, at f32 speed (slower, for the rounding).
+
+use std::sync::OnceLock;
+
+use rayon::prelude::*;
+
+use crate::kernels::math::multiversion;
+
+/// How a training step's matrix products compute.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Precision {
+    /// f32 operands and sums.
+    #[default]
+    F32,
+    /// Operands rounded to bf16, f32 sums (mixed precision; weights stay f32).
+    Bf16,
+}
+
+impl Precision {
+    /// `float32` / `f32` or `bfloat16` / `bf16` (nanoGPT's `dtype` values and ours).
+    pub fn parse(s: &str) -> crate::error::Result<Self> {
+        match s {
+            "float32" | "f32" => Ok(Precision::F32),
+            "bfloat16" | "bf16" => Ok(Precision::Bf16),
+            "float16" | "f16" => Err(crate::error::Error::Input(
+                "dtype float16 is not supported for training (it needs loss scaling); use bfloat16 or float32".into(),
+            )),
+            other => Err(crate::error::Error::Input(format!("unknown dtype {other:?} (expected float32 or bfloat16)"))),
+        }
+    }
+    pub fn name(self) -> &'static str {
+        match self {
+            Precision::F32 => "float32",
+            Precision::Bf16 => "bfloat16",
+        }
+    }
+}
+
+/// Whether bf16 products run on AMX tiles here (checked once: CPUID, then Linux's
+/// `arch_prctl(ARCH_REQ_XCOMP_PERM, XTILEDATA)`, which a process must ask before its
+/// threads may touch the tile registers).
+pub fn amx_available() -> bool {
+    static AMX: OnceLock<bool> = OnceLock::new();
+    *AMX.get_or_init(detect_amx)
+}
+
+fn detect_amx() -> bool {
+    #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+    {
+        if core::arch::x86_64::__cpuid(0).eax < 7 {
+            return false;
+        }
+        let l7 = core::arch::x86_64::__cpuid_count(7, 0);
+        let (bf16, tile) = ((l7.edx >> 22) & 1 == 1, (l7.edx >> 24) & 1 == 1);
+        if !(bf16 && tile) {
+            return false;
+        }
+        const ARCH_REQ_XCOMP_PERM: libc::c_long = 0x1023;
+        const XFEATURE_XTILEDATA: libc::c_long = 18;
+        // SAFETY: a plain syscall with integer arguments; failure is reported by its result.
+        let rc = unsafe { libc::syscall(libc::SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) };
+        rc == 0
+    }
+    #[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
+    false
+}
+
+/// f32 -> bf16 bits, rounding to nearest with ties to even (NaN stays a quiet NaN).
+/// Branch-free, so that loops over it vectorize.
+#[inline(always)]
+pub fn to_bf16(x: f32) -> u16 {
+    let b = x.to_bits();
+    let rounded = b.wrapping_add(0x7fff + ((b >> 16) & 1)) >> 16;
+    let nan = (b & 0x7fff_ffff) > 0x7f80_0000;
+    (if nan { (b >> 16) | 0x40 } else { rounded }) as u16
+}
+
+#[inline(always)]
+fn convert_body(src: &[f32], dst: &mut [u16]) {
+    for (d, &s) in dst.iter_mut().zip(src) {
+        *d = to_bf16(s);
+    }
+}
+multiversion!(fn convert(src: &[f32], dst: &mut [u16]) => convert_body);
+
+/// Two rows of B (k values 2p and 2p + 1) into one k-pair row of a panel: per column, the
+/// two values side by side (little-endian: the even k in the low half).
+#[inline(always)]
+fn interleave_body(r0: &[f32], r1: &[f32], dst: &mut [u32]) {
+    for ((d, &a), &b) in dst.iter_mut().zip(r0).zip(r1) {
+        *d = to_bf16(a) as u32 | (to_bf16(b) as u32) << 16;
+    }
+}
+multiversion!(fn interleave(r0: &[f32], r1: &[f32], dst: &mut [u32]) => interleave_body);
+
+/// Up to 16 rows of a transposed operand (`src[c * cs + r]` is row r's k = c) into rows of
+/// `kp` bf16: 32 k at a time through a 16 x 32 tile in L1 (the scattered 2-byte stores stay
+/// in one kilobyte), then 64-byte row segments out.
+#[inline(always)]
+fn transpose16_body(src: &[f32], cs: usize, nr: usize, k: usize, kp: usize, rows: &mut [u16]) {
+    let mut tile = [[0u16; 32]; 16];
+    for c0 in (0..k).step_by(32) {
+        let w = 32.min(k - c0);
+        for c in 0..w {
+            let col = &src[(c0 + c) * cs..(c0 + c) * cs + nr];
+            for (r, &v) in col.iter().enumerate() {
+                tile[r][c] = to_bf16(v);
+            }
+        }
+        for (r, t) in tile[..nr].iter().enumerate() {
+            rows[r * kp + c0..r * kp + c0 + w].copy_from_slice(&t[..w]);
+        }
+    }
+}
+multiversion!(fn transpose16(src: &[f32], cs: usize, nr: usize, k: usize, kp: usize, rows: &mut [u16]) => transpose16_body);
+
+/// x rounded to the nearest bf16, as f32.
+#[inline(always)]
+pub fn round_bf16(x: f32) -> f32 {
+    f32::from_bits((to_bf16(x) as u32) << 16)
+}
+
+/// Rows and columns of the output a 2 x 2 tile group covers; the padding unit of M, N and K.
+const T: usize = 32;
+/// k per pass over a block of B (512 k x 512 columns x 2 bytes = 512 KiB stays in L2).
+const KC: usize = 512;
+/// Columns of a task.
+const NT: usize = 512;
+/// Rows of a task, at most.
+const MT: usize = 256;
+
+/// An operand in memory: element (r, c) at `p + r * rs + c * cs`.
+#[derive(Clone, Copy)]
+struct Src {
+    p: *const f32,
+    rs: usize,
+    cs: usize,
+}
+unsafe impl Send for Src {}
+unsafe impl Sync for Src {}
+
+/// The output: element (r, c) at `p + r * rs + c * cs`.
+#[derive(Clone, Copy)]
+struct Dst {
+    p: *mut f32,
+    rs: usize,
+    cs: usize,
+}
+unsafe impl Send for Dst {}
+unsafe impl Sync for Dst {}
+
+/// A [rows, k] row-major bf16 copy of `a` ([m, k]), zero-padded to `mp` rows and `kp` columns.
+fn pack_a(a: Src, m: usize, k: usize, mp: usize, kp: usize, par: bool) -> Vec<u16> {
+    let mut out = vec![0u16; mp * kp];
+    let fill = |(i0, rows): (usize, &mut [u16])| {
+        let a: Src = a; // captured whole (Send + Sync), not its raw-pointer field
+        let i0 = i0 * 16;
+        let nr = 16.min(m.saturating_sub(i0));
+        // SAFETY (all reads): rows < m and columns < k are inside the operand.
+        if a.cs == 1 {
+            for r in 0..nr {
+                let src = unsafe { std::slice::from_raw_parts(a.p.add((i0 + r) * a.rs), k) };
+                convert(src, &mut rows[r * kp..r * kp + k]);
+            }
+        } else if a.rs == 1 {
+            // A transpose: the 16 rows' values of one k are contiguous.
+            let src = unsafe { std::slice::from_raw_parts(a.p.add(i0), (k - 1) * a.cs + nr) };
+            transpose16(src, a.cs, nr, k, kp, rows);
+        } else {
+            for r in 0..nr {
+                for c in 0..k {
+                    rows[r * kp + c] = to_bf16(unsafe { *a.p.add((i0 + r) * a.rs + c * a.cs) });
+                }
+            }
+        }
+    };
+    if par {
+        out.par_chunks_mut(16 * kp).enumerate().for_each(fill);
+    } else {
+        out.chunks_mut(16 * kp).enumerate().for_each(fill);
+    }
+    out
+}
+
+/// b ([k, n]) in panels of 16 columns, each [kp / 2][16] u32: the two k values of a column
+/// side by side (the layout `tdpbf16ps` reads); zero-padded to `np` columns and `kp` rows.
+fn pack_b(b: Src, k: usize, n: usize, np: usize, kp: usize, par: bool) -> Vec<u32> {
+    let panel = kp / 2 * 16; // u32 per panel
+    let mut out = vec![0u32; np / 16 * panel];
+    let fill = |(j, dst): (usize, &mut [u32])| {
+        let b: Src = b;
+        let c0 = j * 16;
+        let nc = 16.min(n.saturating_sub(c0));
+        let zeros = [0f32; 16];
+        // SAFETY (all reads): rows < k and columns < n are inside the operand.
+        if b.cs == 1 {
+            // Rows contiguous: pairs of rows interleaved, 16 columns at a time.
+            for p in 0..k.div_ceil(2) {
+                let r0 = unsafe { std::slice::from_raw_parts(b.p.add(2 * p * b.rs + c0), nc) };
+                let r1 = if 2 * p + 1 < k { unsafe { std::slice::from_raw_parts(b.p.add((2 * p + 1) * b.rs + c0), nc) } } else { &zeros[..nc] };
+                interleave(r0, r1, &mut dst[p * 16..p * 16 + nc]);
+            }
+        } else if b.rs == 1 {
+            // Columns contiguous (a transposed weight): a column converted in order is
+            // already its k-pairs, one u32 each; they go to every 16th u32.
+            let mut col = vec![0u16; k.div_ceil(2) * 2];
+            for c in 0..nc {
+                let src = unsafe { std::slice::from_raw_parts(b.p.add((c0 + c) * b.cs), k) };
+                convert(src, &mut col[..k]);
+                for (p, pair) in col.chunks_exact(2).enumerate() {
+                    dst[p * 16 + c] = pair[0] as u32 | (pair[1] as u32) << 16;
+                }
+            }
+        } else {
+            for kk in 0..k {
+                for c in 0..nc {
+                    let v = to_bf16(unsafe { *b.p.add(kk * b.rs + (c0 + c) * b.cs) }) as u32;
+                    dst[(kk / 2) * 16 + c] |= v << (16 * (kk & 1));
+                }
+            }
+        }
+    };
+    if par {
+        out.par_chunks_mut(panel).enumerate().for_each(fill);
+    } else {
+        out.chunks_mut(panel).enumerate().for_each(fill);
+    }
+    out
+}
+
+/// dst = (dst when `add`) + alpha * lhs rhs, lhs [m, k] and rhs [k, n] rounded to bf16, f32
+/// sums; the arguments are those of `kernels::mm` (strides in elements, dst row stride
+/// `dst_rs`; `threads` 1 runs on the calling thread).
+///
+/// # Safety
+/// As for `kernels::mm`: the pointers cover every element the sizes and strides address,
+/// dst does not overlap the operands, and no other thread touches them meanwhile.
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn gemm_bf16(m: usize, n: usize, k: usize, dst: *mut f32, dst_rs: usize, add: bool, lhs: *const f32, lhs_rs: usize, lhs_cs: usize, rhs: *const f32, rhs_rs: usize, rhs_cs: usize, alpha: f32, threads: usize) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        for r in 0..m {
+            for c in 0..n {
+                let d = dst.add(r * dst_rs + c);
+                *d = if add { *d } else { 0.0 };
+            }
+        }
+        return;
+    }
+    let (a, b) = (Src { p: lhs, rs: lhs_rs, cs: lhs_cs }, Src { p: rhs, rs: rhs_rs, cs: rhs_cs });
+    if amx_available() {
+        if lhs_cs != 1 && rhs_cs == 1 && n < m {
+            // A transposed lhs (a weight gradient: dy^T x, D^T h) is packed by a transpose,
+            // a row-major rhs by a cheap interleave. C^T = rhs^T lhs^T swaps the roles, so the
+            // smaller operand is the one transposed (for the output layer's dw = D^T h: h,
+            // 256 wide, instead of the [tokens, 50257] D), and C^T is written transposed.
+            let (at, bt) = (Src { p: rhs, rs: rhs_cs, cs: rhs_rs }, Src { p: lhs, rs: lhs_cs, cs: lhs_rs });
+            amx::gemm(n, m, k, Dst { p: dst, rs: 1, cs: dst_rs }, add, at, bt, alpha, threads);
+        } else {
+            amx::gemm(m, n, k, Dst { p: dst, rs: dst_rs, cs: 1 }, add, a, b, alpha, threads);
+        }
+    } else {
+        emulated(m, n, k, dst, dst_rs, add, a, b, alpha, threads);
+    }
+}
+
+/// The rounding, then the f32 gemm on the rounded copies.
+#[allow(clippy::too_many_arguments)]
+unsafe fn emulated(m: usize, n: usize, k: usize, dst: *mut f32, dst_rs: usize, add: bool, a: Src, b: Src, alpha: f32, threads: usize) {
+    let round = |s: Src, rows: usize, cols: usize| -> Vec<f32> {
+        let mut v = vec![0f32; rows * cols];
+        for r in 0..rows {
+            for c in 0..cols {
+                v[r * cols + c] = round_bf16(*s.p.add(r * s.rs + c * s.cs));
+            }
+        }
+        v
+    };
+    let (ar, br) = (round(a, m, k), round(b, k, n));
+    super::gemm_f32(m, n, k, dst, dst_rs, add, ar.as_ptr(), k, 1, br.as_ptr(), n, 1, alpha, threads);
+}
+
+/// Both paths without the dispatch, for the parity tests: (AMX ran, result of the tiles).
+#[cfg(test)]
+pub(crate) fn both_paths(m: usize, n: usize, k: usize, a: &[f32], b: &[f32]) -> (Option<Vec<f32>>, Vec<f32>) {
+    let (sa, sb) = (Src { p: a.as_ptr(), rs: k, cs: 1 }, Src { p: b.as_ptr(), rs: n, cs: 1 });
+    let mut e = vec![0f32; m * n];
+    unsafe { emulated(m, n, k, e.as_mut_ptr(), n, false, sa, sb, 1.0, 1) };
+    let t = amx_available().then(|| {
+        let mut t = vec![0f32; m * n];
+        unsafe { amx::gemm(m, n, k, Dst { p: t.as_mut_ptr(), rs: n, cs: 1 }, false, sa, sb, 1.0, 2) };
+        t
+    });
+    (t, e)
+}
+
+#[cfg(target_arch = "x86_64")]
+mod amx {
+    use super::*;
+    use std::arch::asm;
+
+    /// The tile configuration (palette 1): tmm0-3 sums (16 rows x 16 f32), tmm4-5 A (16 rows
+    /// x 32 bf16), tmm6-7 B (16 k-pairs x 16 columns x 2 bf16); every tile 16 x 64 bytes.
+    #[repr(C, align(64))]
+    struct TileConfig {
+        palette: u8,
+        start_row: u8,
+        reserved: [u8; 14],
+        colsb: [u16; 16],
+        rows: [u8; 16],
+    }
+
+    const CONFIG: TileConfig = TileConfig {
+        palette: 1,
+        start_row: 0,
+        reserved: [0; 14],
+        colsb: [64, 64, 64, 64, 64, 64, 64, 64, 0, 0, 0, 0, 0, 0, 0, 0],
+        rows: [16, 16, 16, 16, 16, 16, 16, 16, 0, 0, 0, 0, 0, 0, 0, 0],
+    };
+
+    macro_rules! tile_load {
+        ($t:literal, $p:expr, $stride:expr) => {
+            asm!(concat!("tileloadd tmm", $t, ", [{p} + {s}*1]"), p = in(reg) $p, s = in(reg) $stride, options(nostack, readonly))
+        };
+    }
+    macro_rules! tile_store {
+        ($t:literal, $p:expr, $stride:expr) => {
+            asm!(concat!("tilestored [{p} + {s}*1], tmm", $t), p = in(reg) $p, s = in(reg) $stride, options(nostack))
+        };
+    }
+
+    /// One task: rows [r0, r1) x columns [c0, c1) of the padded output, summed into `c`
+    /// ([r1 - r0, c1 - c0] f32, row-major).
+    unsafe fn task(a: &[u16], b: &[u16], kp: usize, r0: usize, r1: usize, c0: usize, c1: usize, c: &mut [f32]) {
+        let cols = c1 - c0;
+        let cs = cols * 4; // bytes per row of the sums
+        let a_stride = kp * 2;
+        asm!("ldtilecfg [{}]", in(reg) &CONFIG as *const TileConfig, options(nostack, readonly));
+        for k0 in (0..kp).step_by(KC) {
+            let k1 = (k0 + KC).min(kp);
+            for i in (r0..r1).step_by(T) {
+                let a0 = a.as_ptr().add(i * kp);
+                let a1 = a0.add(16 * kp);
+                for j in (c0..c1).step_by(T) {
+                    let cp = c.as_mut_ptr().add((i - r0) * cols + (j - c0));
+                    let (c01, c10, c11) = (cp.add(16), cp.add(16 * cols), cp.add(16 * cols + 16));
+                    if k0 == 0 {
+                        asm!("tilezero tmm0", "tilezero tmm1", "tilezero tmm2", "tilezero tmm3", options(nostack, nomem));
+                    } else {
+                        tile_load!("0", cp, cs);
+                        tile_load!("1", c01, cs);
+                        tile_load!("2", c10, cs);
+                        tile_load!("3", c11, cs);
+                    }
+                    let b0 = b.as_ptr().add(j / 16 * kp * 16);
+                    let b1 = b0.add(kp * 16);
+                    for kk in (k0..k1).step_by(T) {
+                        tile_load!("4", a0.add(kk), a_stride);
+                        tile_load!("5", a1.add(kk), a_stride);
+                        tile_load!("6", b0.add(kk * 16), 64usize);
+                        tile_load!("7", b1.add(kk * 16), 64usize);
+                        asm!(
+                            "tdpbf16ps tmm0, tmm4, tmm6",
+                            "tdpbf16ps tmm1, tmm4, tmm7",
+                            "tdpbf16ps tmm2, tmm5, tmm6",
+                            "tdpbf16ps tmm3, tmm5, tmm7",
+                            options(nostack, nomem)
+                        );
+                    }
+                    tile_store!("0", cp, cs);
+                    tile_store!("1", c01, cs);
+                    tile_store!("2", c10, cs);
+                    tile_store!("3", c11, cs);
+                }
+            }
+        }
+        asm!("tilerelease", options(nostack, nomem));
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub(super) unsafe fn gemm(m: usize, n: usize, k: usize, dst: Dst, add: bool, a: Src, b: Src, alpha: f32, threads: usize) {
+        let (mp, np, kp) = (m.div_ceil(T) * T, n.div_ceil(T) * T, k.div_ceil(T) * T);
+        let par = threads > 1;
+        let (ap, bp) = if par { rayon::join(|| pack_a(a, m, k, mp, kp, true), || pack_b(b, k, n, np, kp, true)) } else { (pack_a(a, m, k, mp, kp, false), pack_b(b, k, n, np, kp, false)) };
+        // Tasks: column blocks of NT, row blocks sized so that every thread gets ~2 tasks.
+        let nt = NT.min(np);
+        let ncol = np.div_ceil(nt);
+        let want_rows = (2 * threads).div_ceil(ncol).max(1);
+        let mt = (mp.div_ceil(want_rows).div_ceil(T) * T).clamp(T, MT);
+        let nrow = mp.div_ceil(mt);
+        let run = |t: usize| {
+            let dst: Dst = dst;
+            let (ri, ci) = (t / ncol, t % ncol);
+            let (r0, c0) = (ri * mt, ci * nt);
+            let (r1, c1) = ((r0 + mt).min(mp), (c0 + nt).min(np));
+            let mut c = vec![0f32; (r1 - r0) * (c1 - c0)];
+            // The panels' bytes as bf16 (little-endian: each u32's even k first).
+            // SAFETY: the same memory, u16's alignment divides u32's.
+            let bp16 = unsafe { std::slice::from_raw_parts(bp.as_ptr().cast::<u16>(), bp.len() * 2) };
+            task(&ap, bp16, kp, r0, r1, c0, c1, &mut c);
+            let cols = c1 - c0;
+            for r in r0..r1.min(m) {
+                let src = &c[(r - r0) * cols..(r - r0) * cols + (c1.min(n) - c0)];
+                if dst.cs == 1 {
+                    let d = std::slice::from_raw_parts_mut(dst.p.add(r * dst.rs + c0), src.len());
+                    if add {
+                        d.iter_mut().zip(src).for_each(|(d, s)| *d += alpha * s);
+                    } else {
+                        d.iter_mut().zip(src).for_each(|(d, s)| *d = alpha * s);
+                    }
+                } else {
+                    for (j, s) in src.iter().enumerate() {
+                        let d = dst.p.add(r * dst.rs + (c0 + j) * dst.cs);
+                        *d = if add { *d + alpha * s } else { alpha * s };
+                    }
+                }
+            }
+        };
+        if par {
+            (0..nrow * ncol).into_par_iter().for_each(run);
+        } else {
+            (0..nrow * ncol).for_each(run);
+        }
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+mod amx {
+    use super::*;
+    #[allow(clippy::too_many_arguments)]
+    pub(super) unsafe fn gemm(m: usize, n: usize, k: usize, dst: Dst, add: bool, a: Src, b: Src, alpha: f32, threads: usize) {
+        debug_assert_eq!(dst.cs, 1);
+        emulated(m, n, k, dst.p, dst.rs, add, a, b, alpha, threads)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rand(n: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed;
+        (0..n)
+            .map(|_| {
+                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+            })
+            .collect()
+    }
+
+    #[test]
+    fn rounding_is_to_nearest_even() {
+        assert_eq!(to_bf16(1.0), 0x3f80);
+        // 1 + 2^-8 lies halfway between 1 and 1 + 2^-7: ties go to the even mantissa (1.0).
+        assert_eq!(to_bf16(1.0 + 1.0 / 256.0), 0x3f80);
+        // 1 + 3 * 2^-8 is halfway between 1 + 2^-7 (odd) and 1 + 2^-6 (even).
+        assert_eq!(to_bf16(1.0 + 3.0 / 256.0), 0x3f82);
+        assert_eq!(to_bf16(1.0 + 1.0 / 256.0 + 1.0 / 65536.0), 0x3f81);
+        assert_eq!(to_bf16(-2.5), 0xc020);
+        assert!(round_bf16(f32::NAN).is_nan());
+        assert_eq!(round_bf16(f32::INFINITY), f32::INFINITY);
+        assert_eq!(round_bf16(f32::MAX), f32::INFINITY);
+        // Every bf16 value survives the round trip.
+        for bits in (0u32..=0xffff).step_by(7) {
+            let x = f32::from_bits(bits << 16);
+            if !x.is_nan() {
+                assert_eq!(to_bf16(x), bits as u16);
+            }
+        }
+    }
+
+    /// The tiles against the rounded f32 product, on shapes with every kind of edge (m, n, k
+    /// not multiples of 16 or 32, k past one KC pass, more than one task).
+    #[test]
+    fn tiles_equal_the_rounded_f32_product() {
+        if !amx_available() {
+            eprintln!("skipped: this CPU (or kernel) gives no AMX tiles; the emulated path is what runs");
+            return;
+        }
+        for &(m, n, k) in &[(1, 1, 1), (5, 7, 3), (32, 32, 32), (33, 17, 65), (300, 600, 1100), (64, 1000, 40), (2, 50, 700)] {
+            let (a, b) = (rand(m * k, 1 + m as u64), rand(k * n, 2 + n as u64));
+            let (t, e) = both_paths(m, n, k, &a, &b);
+            let t = t.expect("AMX available");
+            for (i, (x, y)) in t.iter().zip(&e).enumerate() {
+                let tol = 1e-5 * (k as f32).sqrt().max(1.0);
+                assert!((x - y).abs() <= tol, "({m}, {n}, {k}) element {i}: tiles {x} against {y}");
+            }
+        }
+    }
+
+    /// Strided operands (transposes), alpha and accumulation into dst, through the dispatch.
+    #[test]
+    fn strides_alpha_and_add() {
+        let (m, n, k) = (37, 45, 70);
+        let (at, bt) = (rand(k * m, 3), rand(n * k, 4)); // a^T [k, m], b^T [n, k]
+        let mut want = vec![0f32; m * n];
+        for i in 0..m {
+            for j in 0..n {
+                let s: f64 = (0..k).map(|p| round_bf16(at[p * m + i]) as f64 * round_bf16(bt[j * k + p]) as f64).sum();
+                want[i * n + j] = 0.5 + 2.0 * s as f32;
+            }
+        }
+        for threads in [1, 2] {
+            let mut d = vec![0.5f32; m * (n + 3)];
+            unsafe { gemm_bf16(m, n, k, d.as_mut_ptr(), n + 3, true, at.as_ptr(), 1, m, bt.as_ptr(), 1, k, 2.0, threads) };
+            for i in 0..m {
+                for j in 0..n {
+                    assert!((d[i * (n + 3) + j] - want[i * n + j]).abs() < 1e-4, "({i}, {j}) threads {threads}");
+                }
+                assert!(d[i * (n + 3) + n..(i + 1) * (n + 3)].iter().all(|&v| v == 0.5), "row {i}'s padding was written");
+            }
+        }
+    }
+
+    /// A transposed lhs with a row-major rhs and fewer columns than rows (a weight gradient
+    /// dy^T x): computed as C^T = rhs^T lhs^T and written transposed.
+    #[test]
+    fn weight_gradient_shape_is_computed_transposed() {
+        let (m, n, k) = (300, 40, 129);
+        let (at, b) = (rand(k * m, 5), rand(k * n, 6)); // lhs^T [k, m] (dy), rhs [k, n] (x)
+        let mut want = vec![0f32; m * n];
+        for i in 0..m {
+            for j in 0..n {
+                let s: f64 = (0..k).map(|p| round_bf16(at[p * m + i]) as f64 * round_bf16(b[p * n + j]) as f64).sum();
+                want[i * n + j] = -1.0 + 0.5 * s as f32;
+            }
+        }
+        for threads in [1, 2] {
+            let mut d = vec![-1f32; m * n];
+            unsafe { gemm_bf16(m, n, k, d.as_mut_ptr(), n, true, at.as_ptr(), 1, m, b.as_ptr(), n, 1, 0.5, threads) };
+            for (i, (x, y)) in d.iter().zip(&want).enumerate() {
+                assert!((x - y).abs() < 1e-4, "element {i}: {x} against {y} (threads {threads})");
+            }
+        }
+    }
+}
