@@ -202,7 +202,8 @@ class MOELayer(nn.Module):
             if tok.numel() == 0:
                 continue
             out = self.experts.expert(e, xf[tok])
-            y = y.index_add(0, tok, out * probs[tok, choice].unsqueeze(-1).to(out.dtype))
+            # (.to(y.dtype): under autocast the experts' products come back in bf16/f16.)
+            y = y.index_add(0, tok, (out * probs[tok, choice].unsqueeze(-1).to(out.dtype)).to(y.dtype))
             if seed and c.use_gate_output_loss:
                 gate_rows.append(self.experts.gate_output(e, xf[tok]))
         extra = {}

@@ -138,3 +138,19 @@ def test_generate_past_block_size_crops_like_nanomoe(tmp_path):
     assert len(cached) == 30
     assert rust_generate(d, prompt, 30) == cached
     assert rust_generate(d, prompt, 30, "--no-cache") == uncached == cached
+
+
+def test_remote_code_trains_under_bf16_autocast(tmp_path):
+    """nanoGPT's dtype='bfloat16' runs the forward under torch.autocast: the experts' products
+    come back in bf16 and are combined into the f32 output (this raised before)."""
+    d = tmp_path / "m"
+    run("new", "--config", json.dumps(CONFIGS["stride2-top1-nobias"]), "--out", d, "--seed", "3")
+    m = load_py(d).train()
+    ids, lab = torch.tensor(IDS), torch.tensor(LABELS)
+    full = m(ids, labels=lab).loss.item()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = m(ids, labels=lab)
+    out.loss.backward()
+    assert abs(out.loss.item() - full) <= 0.05 * abs(full), (out.loss.item(), full)
+    grads = [p.grad for p in m.parameters() if p.requires_grad]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
