@@ -25,7 +25,10 @@ pub fn exp(x: f32) -> f32 {
     let p = p * r + 1.666_666_5e-1;
     let p = p * r + 0.5;
     let e = p * r * r + r + 1.0;
-    e * f32::from_bits(((n as i32 + 127) as u32) << 23)
+    // 2^n from the bits of n + 127 + 2^23, whose low mantissa bits hold the integer n + 127
+    // (1..=254 here): shifted by 23 they are the exponent field. Integer-only, so it stays
+    // in vector registers (`n as i32` saturates and handles NaN, which LLVM did lane by lane).
+    e * f32::from_bits((n + (127.0 + 8_388_608.0)).to_bits() << 23)
 }
 
 /// tanh(x) = sign(x) (1 - e^{-2|x|}) / (1 + e^{-2|x|}).
