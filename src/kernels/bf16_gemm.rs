@@ -97,15 +97,21 @@ fn convert_body(src: &[f32], dst: &mut [u16]) {
 }
 multiversion!(fn convert(src: &[f32], dst: &mut [u16]) => convert_body);
 
-/// Two rows of B (k values 2p and 2p + 1) into one k-pair row of a panel: per column, the
-/// two values side by side (little-endian: the even k in the low half).
+/// One panel (columns c0..c0 + nc, nc <= 16) of a row-major B (`src[r * rs + c]`, the
+/// slice starting at column c0): rows 2p and 2p + 1 side by side per column, `dst[p * 16 + c]`
+/// (little-endian: the even k in the low half). One dispatch per panel, 16 columns a step.
 #[inline(always)]
-fn interleave_body(r0: &[f32], r1: &[f32], dst: &mut [u32]) {
-    for ((d, &a), &b) in dst.iter_mut().zip(r0).zip(r1) {
-        *d = to_bf16(a) as u32 | (to_bf16(b) as u32) << 16;
+fn interleave_body(src: &[f32], rs: usize, k: usize, nc: usize, dst: &mut [u32]) {
+    let zeros = [0f32; 16];
+    for p in 0..k.div_ceil(2) {
+        let r0 = &src[2 * p * rs..2 * p * rs + nc];
+        let r1 = if 2 * p + 1 < k { &src[(2 * p + 1) * rs..(2 * p + 1) * rs + nc] } else { &zeros[..nc] };
+        for ((d, &a), &b) in dst[p * 16..p * 16 + nc].iter_mut().zip(r0).zip(r1) {
+            *d = to_bf16(a) as u32 | (to_bf16(b) as u32) << 16;
+        }
     }
 }
-multiversion!(fn interleave(r0: &[f32], r1: &[f32], dst: &mut [u32]) => interleave_body);
+multiversion!(fn interleave(src: &[f32], rs: usize, k: usize, nc: usize, dst: &mut [u32]) => interleave_body);
 
 /// Up to 16 rows of a transposed operand (`src[c * cs + r]` is row r's k = c) into rows of
 /// `kp` bf16: 32 k at a time through a 16 x 32 tile in L1 (the scattered 2-byte stores stay
@@ -170,6 +176,9 @@ fn pack_a(a: Src, m: usize, k: usize, mp: usize, kp: usize, par: bool) -> Vec<u1
         let a: Src = a; // captured whole (Send + Sync), not its raw-pointer field
         let i0 = i0 * 16;
         let nr = 16.min(m.saturating_sub(i0));
+        if nr == 0 {
+            return; // padding rows: zeros
+        }
         // SAFETY (all reads): rows < m and columns < k are inside the operand.
         if a.cs == 1 {
             for r in 0..nr {
@@ -205,15 +214,14 @@ fn pack_b(b: Src, k: usize, n: usize, np: usize, kp: usize, par: bool) -> Vec<u3
         let b: Src = b;
         let c0 = j * 16;
         let nc = 16.min(n.saturating_sub(c0));
-        let zeros = [0f32; 16];
+        if nc == 0 {
+            return; // a padding panel: zeros
+        }
         // SAFETY (all reads): rows < k and columns < n are inside the operand.
         if b.cs == 1 {
             // Rows contiguous: pairs of rows interleaved, 16 columns at a time.
-            for p in 0..k.div_ceil(2) {
-                let r0 = unsafe { std::slice::from_raw_parts(b.p.add(2 * p * b.rs + c0), nc) };
-                let r1 = if 2 * p + 1 < k { unsafe { std::slice::from_raw_parts(b.p.add((2 * p + 1) * b.rs + c0), nc) } } else { &zeros[..nc] };
-                interleave(r0, r1, &mut dst[p * 16..p * 16 + nc]);
-            }
+            let src = unsafe { std::slice::from_raw_parts(b.p.add(c0), (k - 1) * b.rs + nc) };
+            interleave(src, b.rs, k, nc, dst);
         } else if b.rs == 1 {
             // Columns contiguous (a transposed weight): a column converted in order is
             // already its k-pairs, one u32 each; they go to every 16th u32.
