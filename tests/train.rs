@@ -351,3 +351,26 @@ fn trained_models_generate_text_from_prompts() {
     assert_eq!(code, 0, "{e}");
     assert!(ev.starts_with("val loss "), "{ev}");
 }
+
+#[test]
+fn bf16_mixed_precision_tracks_float32_and_bad_dtypes_are_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let f = run(&tmp.path().join("f32"), &["--dropout=0.0"]);
+    let b = run(&tmp.path().join("bf16"), &["--dropout=0.0", "--dtype=bfloat16"]);
+    assert_eq!(f.train_losses.len(), b.train_losses.len());
+    assert_ne!(f.train_losses, b.train_losses, "dtype=bfloat16 changed nothing");
+    for ((i, lf), (j, lb)) in f.train_losses.iter().zip(&b.train_losses) {
+        assert_eq!(i, j);
+        // bf16 operands carry 8 bits of mantissa: the losses drift apart, slowly.
+        assert!((lf - lb).abs() <= 0.02 * lf.abs(), "step {i}: float32 {lf}, bfloat16 {lb}");
+    }
+    let (fv, bv) = (f.best_val_loss.unwrap(), b.best_val_loss.unwrap());
+    assert!((fv - bv).abs() <= 0.02 * fv, "best val loss {fv} against {bv}");
+    for (dtype, want) in [
+        ("float16", "dtype float16 is not supported for training (it needs loss scaling); use bfloat16 or float32"),
+        ("int8", "unknown dtype \"int8\" (expected float32 or bfloat16)"),
+    ] {
+        let e = Resolved::resolve(None, &args(&tmp.path().join("x"), &[&format!("--dtype={dtype}")])).unwrap_err().to_string();
+        assert!(e.contains(want), "{e}");
+    }
+}
