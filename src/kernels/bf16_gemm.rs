@@ -8,8 +8,9 @@
 //! a 16 x 32 bf16 tile by a 32 x 16 one into 16 x 16 f32 sums, 16 K FLOPs an instruction.
 //! The kernel keeps 2 x 2 sum tiles (32 x 32 of the output) and streams two A tiles (rows,
 //! 32 k each) and two B tiles (k-pairs x 16 columns, "VNNI" order: the two k values of a
-//! column side by side) through them; B is packed once per product, blocked so that a
-//! 512 x 512 block stays in L2 while the row blocks of A pass by.
+//! column side by side) through them, k in passes of 512 with the partial sums kept in the
+//! output itself where it can take them. B is packed once per product; a pass's block of
+//! it (512 k x 512 columns) stays in L2 while the task's row blocks pass by.
 //!
 //! Elsewhere the same rounding is applied and the products run through the f32 gemm: the
 //! same numbers up to the order of the f32 sums, at f32 speed (slower, for the rounding).
@@ -97,21 +98,37 @@ fn convert_body(src: &[f32], dst: &mut [u16]) {
 }
 multiversion!(fn convert(src: &[f32], dst: &mut [u16]) => convert_body);
 
-/// One panel (columns c0..c0 + nc, nc <= 16) of a row-major B (`src[r * rs + c]`, the
-/// slice starting at column c0): rows 2p and 2p + 1 side by side per column, `dst[p * 16 + c]`
-/// (little-endian: the even k in the low half). One dispatch per panel, 16 columns a step.
+/// Rows 2p and 2p + 1 of a row-major B (`r1` empty past the last row) into every panel's
+/// k-pair row p: column c goes to u32 `(c / 16) * panel + p * 16 + c % 16` of `out`, the
+/// two values side by side (little-endian: the even k in the low half). The rows are read
+/// once, front to back; one dispatch per pair of rows.
 #[inline(always)]
-fn interleave_body(src: &[f32], rs: usize, k: usize, nc: usize, dst: &mut [u32]) {
-    let zeros = [0f32; 16];
-    for p in 0..k.div_ceil(2) {
-        let r0 = &src[2 * p * rs..2 * p * rs + nc];
-        let r1 = if 2 * p + 1 < k { &src[(2 * p + 1) * rs..(2 * p + 1) * rs + nc] } else { &zeros[..nc] };
-        for ((d, &a), &b) in dst[p * 16..p * 16 + nc].iter_mut().zip(r0).zip(r1) {
-            *d = to_bf16(a) as u32 | (to_bf16(b) as u32) << 16;
+fn interleave_body(r0: &[f32], r1: &[f32], out: U32Out, panel: usize, p: usize) {
+    let n = r0.len();
+    for (j, c0) in (0..n).step_by(16).enumerate() {
+        let nc = 16.min(n - c0);
+        let mut v = [0u32; 16];
+        if r1.is_empty() {
+            for (d, &a) in v.iter_mut().zip(&r0[c0..c0 + nc]) {
+                *d = to_bf16(a) as u32;
+            }
+        } else {
+            for ((d, &a), &b) in v.iter_mut().zip(&r0[c0..c0 + nc]).zip(&r1[c0..c0 + nc]) {
+                *d = to_bf16(a) as u32 | (to_bf16(b) as u32) << 16;
+            }
         }
+        // SAFETY: inside the packed buffer (the caller sized it for every panel and pair);
+        // the pairs of different tasks are different u32s.
+        unsafe { std::ptr::copy_nonoverlapping(v.as_ptr(), out.0.add(j * panel + p * 16), nc) };
     }
 }
-multiversion!(fn interleave(src: &[f32], rs: usize, k: usize, nc: usize, dst: &mut [u32]) => interleave_body);
+multiversion!(fn interleave(r0: &[f32], r1: &[f32], out: U32Out, panel: usize, p: usize) => interleave_body);
+
+/// The packed buffer that tasks writing different k-pairs share.
+#[derive(Clone, Copy)]
+struct U32Out(*mut u32);
+unsafe impl Send for U32Out {}
+unsafe impl Sync for U32Out {}
 
 /// Up to 16 rows of a transposed operand (`src[c * cs + r]` is row r's k = c) into rows of
 /// `kp` bf16: 32 k at a time through a 16 x 32 tile in L1 (the scattered 2-byte stores stay
@@ -142,7 +159,7 @@ pub fn round_bf16(x: f32) -> f32 {
 
 /// Rows and columns of the output a 2 x 2 tile group covers; the padding unit of M, N and K.
 const T: usize = 32;
-/// k per pass over a block of B (512 k x 512 columns x 2 bytes = 512 KiB stays in L2).
+/// k per pass over a task's block of B (a 32-row block of A, 32 x KC bf16, stays in L1).
 const KC: usize = 512;
 /// Columns of a task.
 const NT: usize = 512;
@@ -210,6 +227,24 @@ fn pack_a(a: Src, m: usize, k: usize, mp: usize, kp: usize, par: bool) -> Vec<u1
 fn pack_b(b: Src, k: usize, n: usize, np: usize, kp: usize, par: bool) -> Vec<u32> {
     let panel = kp / 2 * 16; // u32 per panel
     let mut out = vec![0u32; np / 16 * panel];
+    if b.cs == 1 {
+        // Rows contiguous (activations, weights in a backward product): each pair of rows
+        // read once into all panels.
+        let o = U32Out(out.as_mut_ptr());
+        let pair = |p: usize| {
+            let (b, o): (Src, U32Out) = (b, o);
+            // SAFETY: rows < k, columns < n are inside the operand.
+            let r0 = unsafe { std::slice::from_raw_parts(b.p.add(2 * p * b.rs), n) };
+            let r1 = if 2 * p + 1 < k { unsafe { std::slice::from_raw_parts(b.p.add((2 * p + 1) * b.rs), n) } } else { &[] };
+            interleave(r0, r1, o, panel, p);
+        };
+        if par {
+            (0..k.div_ceil(2)).into_par_iter().with_min_len(8).for_each(pair);
+        } else {
+            (0..k.div_ceil(2)).for_each(pair);
+        }
+        return out;
+    }
     let fill = |(j, dst): (usize, &mut [u32])| {
         let b: Src = b;
         let c0 = j * 16;
@@ -218,11 +253,7 @@ fn pack_b(b: Src, k: usize, n: usize, np: usize, kp: usize, par: bool) -> Vec<u3
             return; // a padding panel: zeros
         }
         // SAFETY (all reads): rows < k and columns < n are inside the operand.
-        if b.cs == 1 {
-            // Rows contiguous: pairs of rows interleaved, 16 columns at a time.
-            let src = unsafe { std::slice::from_raw_parts(b.p.add(c0), (k - 1) * b.rs + nc) };
-            interleave(src, b.rs, k, nc, dst);
-        } else if b.rs == 1 {
+        if b.rs == 1 {
             // Columns contiguous (a transposed weight): a column converted in order is
             // already its k-pairs, one u32 each; they go to every 16th u32.
             let mut col = vec![0u16; k.div_ceil(2) * 2];
@@ -353,12 +384,25 @@ mod amx {
         };
     }
 
-    /// One task: rows [r0, r1) x columns [c0, c1) of the padded output, summed into `c`
-    /// ([r1 - r0, c1 - c0] f32, row-major).
-    unsafe fn task(a: &[u16], b: &[u16], kp: usize, r0: usize, r1: usize, c0: usize, c1: usize, c: &mut [f32]) {
-        let cols = c1 - c0;
-        let cs = cols * 4; // bytes per row of the sums
+    /// One task: rows [r0, r1) x columns [c0, c1) of the padded output (multiples of 32),
+    /// k in passes of KC (the A block of a pass, 32 x KC bf16, stays in L1 across the
+    /// task's columns). A 32 x 32 block lying inside [m, n] of a plain dst (row-major, alpha
+    /// 1, overwritten) keeps its partial sums in dst itself between passes; any other block
+    /// (edges, alpha, accumulation, a transposed dst) in a scratch of the task's size that is
+    /// never read before the tiles write it, and goes to dst at the end.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn task(a: &[u16], b: &[u16], kp: usize, (r0, r1): (usize, usize), (c0, c1): (usize, usize), m: usize, n: usize, dst: Dst, add: bool, alpha: f32) {
         let a_stride = kp * 2;
+        let cols = c1 - c0;
+        let plain = dst.cs == 1 && !add && alpha == 1.0;
+        let direct = |i: usize, j: usize| plain && i + T <= m && j + T <= n;
+        let mut scratch: Vec<f32> = Vec::new();
+        let sp = if (r0..r1).step_by(T).any(|i| (c0..c1).step_by(T).any(|j| !direct(i, j))) {
+            scratch.reserve_exact((r1 - r0) * cols);
+            scratch.as_mut_ptr() // written by the tiles before anything reads it
+        } else {
+            std::ptr::null_mut()
+        };
         asm!("ldtilecfg [{}]", in(reg) &CONFIG as *const TileConfig, options(nostack, readonly));
         for k0 in (0..kp).step_by(KC) {
             let k1 = (k0 + KC).min(kp);
@@ -366,15 +410,15 @@ mod amx {
                 let a0 = a.as_ptr().add(i * kp);
                 let a1 = a0.add(16 * kp);
                 for j in (c0..c1).step_by(T) {
-                    let cp = c.as_mut_ptr().add((i - r0) * cols + (j - c0));
-                    let (c01, c10, c11) = (cp.add(16), cp.add(16 * cols), cp.add(16 * cols + 16));
+                    let (cp, row) = if direct(i, j) { (dst.p.add(i * dst.rs + j), dst.rs) } else { (sp.add((i - r0) * cols + (j - c0)), cols) };
+                    let cs = row * 4;
                     if k0 == 0 {
                         asm!("tilezero tmm0", "tilezero tmm1", "tilezero tmm2", "tilezero tmm3", options(nostack, nomem));
                     } else {
                         tile_load!("0", cp, cs);
-                        tile_load!("1", c01, cs);
-                        tile_load!("2", c10, cs);
-                        tile_load!("3", c11, cs);
+                        tile_load!("1", cp.add(16), cs);
+                        tile_load!("2", cp.add(16 * row), cs);
+                        tile_load!("3", cp.add(16 * row + 16), cs);
                     }
                     let b0 = b.as_ptr().add(j / 16 * kp * 16);
                     let b1 = b0.add(kp * 16);
@@ -392,13 +436,30 @@ mod amx {
                         );
                     }
                     tile_store!("0", cp, cs);
-                    tile_store!("1", c01, cs);
-                    tile_store!("2", c10, cs);
-                    tile_store!("3", c11, cs);
+                    tile_store!("1", cp.add(16), cs);
+                    tile_store!("2", cp.add(16 * row), cs);
+                    tile_store!("3", cp.add(16 * row + 16), cs);
                 }
             }
         }
         asm!("tilerelease", options(nostack, nomem));
+        if sp.is_null() {
+            return;
+        }
+        for i in (r0..r1).step_by(T) {
+            for j in (c0..c1).step_by(T) {
+                if direct(i, j) {
+                    continue;
+                }
+                for r in i..(i + T).min(m) {
+                    for c in j..(j + T).min(n) {
+                        let d = dst.p.add(r * dst.rs + c * dst.cs);
+                        let v = alpha * *sp.add((r - r0) * cols + (c - c0));
+                        *d = if add { *d + v } else { v };
+                    }
+                }
+            }
+        }
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -406,7 +467,12 @@ mod amx {
         let (mp, np, kp) = (m.div_ceil(T) * T, n.div_ceil(T) * T, k.div_ceil(T) * T);
         let par = threads > 1;
         let (ap, bp) = if par { rayon::join(|| pack_a(a, m, k, mp, kp, true), || pack_b(b, k, n, np, kp, true)) } else { (pack_a(a, m, k, mp, kp, false), pack_b(b, k, n, np, kp, false)) };
-        // Tasks: column blocks of NT, row blocks sized so that every thread gets ~2 tasks.
+        // The panels' bytes as bf16 (little-endian: each u32's even k first).
+        // SAFETY: the same memory, u16's alignment divides u32's.
+        let bp = std::slice::from_raw_parts(bp.as_ptr().cast::<u16>(), bp.len() * 2);
+        // Tasks: column blocks of NT (a pass's panels, KC x NT bf16 = 512 KiB, stay in L2
+        // while the task's row blocks pass by), row blocks sized so that every thread gets
+        // ~2 tasks.
         let nt = NT.min(np);
         let ncol = np.div_ceil(nt);
         let want_rows = (2 * threads).div_ceil(ncol).max(1);
@@ -414,31 +480,8 @@ mod amx {
         let nrow = mp.div_ceil(mt);
         let run = |t: usize| {
             let dst: Dst = dst;
-            let (ri, ci) = (t / ncol, t % ncol);
-            let (r0, c0) = (ri * mt, ci * nt);
-            let (r1, c1) = ((r0 + mt).min(mp), (c0 + nt).min(np));
-            let mut c = vec![0f32; (r1 - r0) * (c1 - c0)];
-            // The panels' bytes as bf16 (little-endian: each u32's even k first).
-            // SAFETY: the same memory, u16's alignment divides u32's.
-            let bp16 = unsafe { std::slice::from_raw_parts(bp.as_ptr().cast::<u16>(), bp.len() * 2) };
-            task(&ap, bp16, kp, r0, r1, c0, c1, &mut c);
-            let cols = c1 - c0;
-            for r in r0..r1.min(m) {
-                let src = &c[(r - r0) * cols..(r - r0) * cols + (c1.min(n) - c0)];
-                if dst.cs == 1 {
-                    let d = std::slice::from_raw_parts_mut(dst.p.add(r * dst.rs + c0), src.len());
-                    if add {
-                        d.iter_mut().zip(src).for_each(|(d, s)| *d += alpha * s);
-                    } else {
-                        d.iter_mut().zip(src).for_each(|(d, s)| *d = alpha * s);
-                    }
-                } else {
-                    for (j, s) in src.iter().enumerate() {
-                        let d = dst.p.add(r * dst.rs + (c0 + j) * dst.cs);
-                        *d = if add { *d + alpha * s } else { alpha * s };
-                    }
-                }
-            }
+            let (r0, c0) = (t / ncol * mt, t % ncol * nt);
+            task(&ap, bp, kp, (r0, (r0 + mt).min(mp)), (c0, (c0 + nt).min(np)), m, n, dst, add, alpha);
         };
         if par {
             (0..nrow * ncol).into_par_iter().for_each(run);
