@@ -53,13 +53,17 @@ impl Precision {
 
 /// Whether bf16 products run on AMX tiles here (checked once: CPUID, then Linux's
 /// `arch_prctl(ARCH_REQ_XCOMP_PERM, XTILEDATA)`, which a process must ask before its
-/// threads may touch the tile registers).
+/// threads may touch the tile registers). `NANOMOE_NO_AMX=1` in the environment turns
+/// them off (the emulated path runs instead).
 pub fn amx_available() -> bool {
     static AMX: OnceLock<bool> = OnceLock::new();
     *AMX.get_or_init(detect_amx)
 }
 
 fn detect_amx() -> bool {
+    if std::env::var_os("NANOMOE_NO_AMX").is_some_and(|v| !v.is_empty() && v != "0") {
+        return false; // the emulated path on an AMX machine (its tests, comparisons)
+    }
     #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
     {
         if core::arch::x86_64::__cpuid(0).eax < 7 {
