@@ -130,10 +130,10 @@ def llama_bench_bin():
     return str(Path(b) / "llama-bench") if (Path(b) / "llama-bench").is_file() else None
 
 
-def llama_bench(gguf, reps, prompt=0, gen=0):
+def llama_bench(gguf, reps, prompt=0, gen=0, extra=()):
     """llama-bench on a GGUF file in the result format of `nanomoe bench`, and its peak RSS."""
     cmd = [llama_bench_bin(), "-m", gguf, "-p", str(prompt), "-n", str(gen), "-t", str(torch.get_num_threads()),
-           "-r", str(reps), "-o", "json"]
+           "-r", str(reps), "-o", "json", *extra]
     out, rss = run_measured(cmd)
     times = [ns / 1e9 for ns in json.loads(out)[0]["samples_ns"]]
     n = prompt or gen
@@ -264,23 +264,28 @@ def main():
                     # Bytes a token reads: the file less the position embedding rows (one is read).
                     size = os.path.getsize(f) - 1024 * 768 * (2 if dtype in ("f16", "bf16") else 4)
                     def against_llama(label, ours, **kind):
-                        """A row against llama-bench; a llama-bench that fails (it died of SIGILL in
-                        q8_0 prompt processing on one AMX machine) is reported, not fatal."""
+                        """A row against llama-bench. Where llama-bench dies (its repacked q8_0 / q4_0
+                        prompt path did, SIGILL or SIGSEGV, on an AMX machine) it runs again without
+                        weight repacking (`--repack 0`), and the row says so."""
                         try:
-                            return ours, llama_bench(f, reps, **kind)
+                            return label, ours, llama_bench(f, reps, **kind)
+                        except SystemExit as e:
+                            print("%s: llama-bench failed, again with --repack 0: %s" % (label, str(e)[-200:].strip()), file=sys.stderr)
+                        try:
+                            return label + " (llama.cpp --repack 0)", ours, llama_bench(f, reps, extra=("--repack", "0"), **kind)
                         except SystemExit as e:
                             print("%s: llama-bench failed, row left out: %s" % (label, str(e)[-200:].strip()), file=sys.stderr)
                             return None
 
                     label = "gguf decode gpt2-124m %s vs llama.cpp (batch 1, 128 tokens; GGUF %.0f MiB)" % (dtype, os.path.getsize(f) / 2**20)
-                    pair = against_llama(label, timed([BIN, "bench", "decode", f, *args]), gen=128)
-                    if pair:
-                        rows.append((label, *pair, ("bytes", size, size)))
+                    row = against_llama(label, timed([BIN, "bench", "decode", f, *args]), gen=128)
+                    if row:
+                        rows.append((*row, ("bytes", size, size)))
                     if dtype in ("f32", "q8_0", "q4_0"):
                         label = "gguf prefill gpt2-124m %s 1x512 vs llama.cpp" % dtype
-                        pair = against_llama(label, timed([BIN, "bench", "prefill", f, "--tokens", "512", "--repeats", str(reps)]), prompt=512)
-                        if pair:
-                            rows.append((label, *pair, ("flops", prefill_flops_per_token(gpt2, 512))))
+                        row = against_llama(label, timed([BIN, "bench", "prefill", f, "--tokens", "512", "--repeats", str(reps)]), prompt=512)
+                        if row:
+                            rows.append((*row, ("flops", prefill_flops_per_token(gpt2, 512))))
                     fm = str(Path(tmp) / ("nano-moe-%s.gguf" % dtype))
                     subprocess.run([BIN, "convert", moe, "--out", fm, "--dtype", dtype], check=True, capture_output=True)
                     alone.append(("gguf decode nano-moe 6x384 (8 experts, top-2) %s (batch 1, 128 tokens)" % dtype,
