@@ -7,7 +7,8 @@
 //!   [`moe`] (router, capacity, dispatch, experts, losses), [`gpt`] (blocks, forward passes,
 //!   KV cache), [`generate`].
 //! - [`kernels`]: fused CPU kernels (candle custom ops with a backward pass; the decoding
-//!   products in f32/bf16/f16 and, `qmatvec`, on quantized blocks).
+//!   products in f32/bf16/f16 and, `qmatvec`, on quantized blocks; `bf16_gemm`, the
+//!   mixed-precision training products, on AMX tiles where the CPU has them).
 //! - [`quant`]: GGML's q8_0 / q4_0 block formats; [`weight`] (`WeightFormat`, a weight as
 //!   a tensor or quantized blocks); [`gguf`]: GGUF files read and written (llama.cpp's
 //!   `gpt2` architecture, or `nanomoe`).
