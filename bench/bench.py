@@ -141,6 +141,21 @@ def llama_bench(gguf, reps, prompt=0, gen=0, extra=()):
             "tokens_per_sec": n / median(times)}, rss
 
 
+def against_llama(label, ours, gguf, reps, **kind):
+    """(label, ours, llama-bench's result) for a row against llama.cpp. Where llama-bench dies
+    (its repacked q8_0 / q4_0 prompt path did, SIGILL or SIGSEGV, on an AMX machine) it runs
+    again without weight repacking (`--repack 0`), and the label says so; None if that dies too."""
+    try:
+        return label, ours, llama_bench(gguf, reps, **kind)
+    except SystemExit as e:
+        print("%s: llama-bench failed, again with --repack 0: %s" % (label, str(e)[-200:].strip()), file=sys.stderr)
+    try:
+        return label + " (llama.cpp --repack 0)", ours, llama_bench(gguf, reps, extra=("--repack", "0"), **kind)
+    except SystemExit as e:
+        print("%s: llama-bench failed, row left out: %s" % (label, str(e)[-200:].strip()), file=sys.stderr)
+        return None
+
+
 def new_model(tmp, name, conf):
     d = Path(tmp) / name
     if not d.exists():
@@ -191,9 +206,8 @@ def main():
                     # issue's bar) and against PyTorch under CPU autocast bf16.
                     half = timed([BIN, "bench", "train", model, "--inputs", inputs, "--dtype", "bfloat16"])
                     auto = timed(REF + ["train", "--autocast-bf16", "--model", model, "--inputs", inputs])
-                    work16 = ("flops_bf16", work[1])
                     rows.append((name + " bf16 vs PyTorch eager f32", half, ref, ("flops_bf16_vs_f32", work[1])))
-                    rows.append((name + " bf16 vs PyTorch autocast bf16", half, auto, work16))
+                    rows.append((name + " bf16 vs PyTorch autocast bf16", half, auto, ("flops_bf16", work[1])))
         if "decode" in only or "prefill" in only:
             gpt2 = new_model(tmp, "gpt2-124m", {"n_layer": 12, "n_head": 12, "n_embd": 768, "vocab_size": 50257, "block_size": 1024})
             if "decode" in only:
@@ -263,27 +277,13 @@ def main():
                     subprocess.run([BIN, "convert", gpt2, "--out", f, "--dtype", dtype], check=True, capture_output=True)
                     # Bytes a token reads: the file less the position embedding rows (one is read).
                     size = os.path.getsize(f) - 1024 * 768 * (2 if dtype in ("f16", "bf16") else 4)
-                    def against_llama(label, ours, **kind):
-                        """A row against llama-bench. Where llama-bench dies (its repacked q8_0 / q4_0
-                        prompt path did, SIGILL or SIGSEGV, on an AMX machine) it runs again without
-                        weight repacking (`--repack 0`), and the row says so."""
-                        try:
-                            return label, ours, llama_bench(f, reps, **kind)
-                        except SystemExit as e:
-                            print("%s: llama-bench failed, again with --repack 0: %s" % (label, str(e)[-200:].strip()), file=sys.stderr)
-                        try:
-                            return label + " (llama.cpp --repack 0)", ours, llama_bench(f, reps, extra=("--repack", "0"), **kind)
-                        except SystemExit as e:
-                            print("%s: llama-bench failed, row left out: %s" % (label, str(e)[-200:].strip()), file=sys.stderr)
-                            return None
-
                     label = "gguf decode gpt2-124m %s vs llama.cpp (batch 1, 128 tokens; GGUF %.0f MiB)" % (dtype, os.path.getsize(f) / 2**20)
-                    row = against_llama(label, timed([BIN, "bench", "decode", f, *args]), gen=128)
+                    row = against_llama(label, timed([BIN, "bench", "decode", f, *args]), f, reps, gen=128)
                     if row:
                         rows.append((*row, ("bytes", size, size)))
                     if dtype in ("f32", "q8_0", "q4_0"):
                         label = "gguf prefill gpt2-124m %s 1x512 vs llama.cpp" % dtype
-                        row = against_llama(label, timed([BIN, "bench", "prefill", f, "--tokens", "512", "--repeats", str(reps)]), prompt=512)
+                        row = against_llama(label, timed([BIN, "bench", "prefill", f, "--tokens", "512", "--repeats", str(reps)]), f, reps, prompt=512)
                         if row:
                             rows.append((*row, ("flops", prefill_flops_per_token(gpt2, 512))))
                     fm = str(Path(tmp) / ("nano-moe-%s.gguf" % dtype))

@@ -43,12 +43,6 @@ impl Precision {
             other => Err(crate::error::Error::Input(format!("unknown dtype {other:?} (expected float32 or bfloat16)"))),
         }
     }
-    pub fn name(self) -> &'static str {
-        match self {
-            Precision::F32 => "float32",
-            Precision::Bf16 => "bfloat16",
-        }
-    }
 }
 
 /// Whether bf16 products run on AMX tiles here (checked once: CPUID, then Linux's
@@ -179,6 +173,13 @@ struct Src {
 }
 unsafe impl Send for Src {}
 unsafe impl Sync for Src {}
+
+impl Src {
+    /// The same memory read as the transposed matrix.
+    fn t(self) -> Src {
+        Src { p: self.p, rs: self.cs, cs: self.rs }
+    }
+}
 
 /// The output: element (r, c) at `p + r * rs + c * cs`.
 #[derive(Clone, Copy)]
@@ -313,8 +314,7 @@ pub(crate) unsafe fn gemm_bf16(m: usize, n: usize, k: usize, dst: *mut f32, dst_
             // a row-major rhs by a cheap interleave. C^T = rhs^T lhs^T swaps the roles, so the
             // smaller operand is the one transposed (for the output layer's dw = D^T h: h,
             // 256 wide, instead of the [tokens, 50257] D), and C^T is written transposed.
-            let (at, bt) = (Src { p: rhs, rs: rhs_cs, cs: rhs_rs }, Src { p: lhs, rs: lhs_cs, cs: lhs_rs });
-            amx::gemm(n, m, k, Dst { p: dst, rs: 1, cs: dst_rs }, add, at, bt, alpha, threads);
+            amx::gemm(n, m, k, Dst { p: dst, rs: 1, cs: dst_rs }, add, b.t(), a.t(), alpha, threads);
         } else {
             amx::gemm(m, n, k, Dst { p: dst, rs: dst_rs, cs: 1 }, add, a, b, alpha, threads);
         }

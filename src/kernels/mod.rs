@@ -105,10 +105,7 @@ pub(crate) unsafe fn mm(m: usize, n: usize, k: usize, dst: *mut f32, dst_rs: usi
 /// As for [`mm`].
 #[allow(clippy::too_many_arguments)]
 pub(crate) unsafe fn mm_in(prec: Precision, m: usize, n: usize, k: usize, dst: *mut f32, dst_rs: usize, lhs: *const f32, lhs_rs: usize, lhs_cs: usize, rhs: *const f32, rhs_rs: usize, rhs_cs: usize, alpha: f32, threads: usize) {
-    match prec {
-        Precision::F32 => gemm_f32(m, n, k, dst, dst_rs, false, lhs, lhs_rs, lhs_cs, rhs, rhs_rs, rhs_cs, alpha, threads),
-        Precision::Bf16 => bf16_gemm::gemm_bf16(m, n, k, dst, dst_rs, false, lhs, lhs_rs, lhs_cs, rhs, rhs_rs, rhs_cs, alpha, threads),
-    }
+    gemm_in(prec, m, n, k, dst, dst_rs, false, lhs, lhs_rs, lhs_cs, rhs, rhs_rs, rhs_cs, alpha, threads)
 }
 
 /// [`mm_in`] adding to dst instead of overwriting it: dst += alpha * lhs rhs, on the
@@ -118,10 +115,17 @@ pub(crate) unsafe fn mm_in(prec: Precision, m: usize, n: usize, k: usize, dst: *
 /// As for [`mm`].
 #[allow(clippy::too_many_arguments)]
 pub(crate) unsafe fn mm_add_in(prec: Precision, m: usize, n: usize, k: usize, dst: *mut f32, dst_rs: usize, lhs: *const f32, lhs_rs: usize, lhs_cs: usize, rhs: *const f32, rhs_rs: usize, rhs_cs: usize, alpha: f32) {
-    match prec {
-        Precision::F32 => gemm_f32(m, n, k, dst, dst_rs, true, lhs, lhs_rs, lhs_cs, rhs, rhs_rs, rhs_cs, alpha, 1),
-        Precision::Bf16 => bf16_gemm::gemm_bf16(m, n, k, dst, dst_rs, true, lhs, lhs_rs, lhs_cs, rhs, rhs_rs, rhs_cs, alpha, 1),
-    }
+    gemm_in(prec, m, n, k, dst, dst_rs, true, lhs, lhs_rs, lhs_cs, rhs, rhs_rs, rhs_cs, alpha, 1)
+}
+
+/// dst = (dst when `add`) + alpha * lhs rhs in `prec`: the gemm crate or [`bf16_gemm`].
+#[allow(clippy::too_many_arguments)]
+unsafe fn gemm_in(prec: Precision, m: usize, n: usize, k: usize, dst: *mut f32, dst_rs: usize, add: bool, lhs: *const f32, lhs_rs: usize, lhs_cs: usize, rhs: *const f32, rhs_rs: usize, rhs_cs: usize, alpha: f32, threads: usize) {
+    let product = match prec {
+        Precision::F32 => gemm_f32,
+        Precision::Bf16 => bf16_gemm::gemm_bf16,
+    };
+    product(m, n, k, dst, dst_rs, add, lhs, lhs_rs, lhs_cs, rhs, rhs_rs, rhs_cs, alpha, threads)
 }
 
 /// dst = (dst when `add`) + alpha * lhs rhs through the gemm crate (see [`mm`]).

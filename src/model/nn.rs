@@ -23,17 +23,11 @@ pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
 /// [`linear`] with the products in the given precision: with bf16 an f32 CPU product always
 /// takes the fused op (its forward and both backward products round their operands to bf16).
 pub fn linear_in(x: &Tensor, w: &Tensor, b: Option<&Tensor>, prec: Precision) -> Result<Tensor> {
-    if prec == Precision::Bf16 && x.dtype() == DType::F32 && w.dtype() == DType::F32 && x.device().is_cpu() && x.elem_count() > 0 {
-        let y = crate::kernels::linear::linear_in(x, w, prec)?;
-        return match b {
-            Some(b) => add_bias(&y, b),
-            None => Ok(y),
-        };
-    }
     let dims = x.dims();
     let many_rows = x.elem_count() / dims[dims.len() - 1].max(1) > crate::kernels::matvec::MAX_ROWS;
-    if many_rows && x.dtype() == DType::F32 && w.dtype() == DType::F32 && x.device().is_cpu() && x.elem_count() > 0 {
-        let y = crate::kernels::linear::linear(x, w)?;
+    // A few f32 rows go to the weight-streaming kernel, unless the products must be bf16.
+    if (many_rows || prec == Precision::Bf16) && x.dtype() == DType::F32 && w.dtype() == DType::F32 && x.device().is_cpu() && x.elem_count() > 0 {
+        let y = crate::kernels::linear::linear_in(x, w, prec)?;
         return match b {
             Some(b) => add_bias(&y, b),
             None => Ok(y),
