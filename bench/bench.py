@@ -179,7 +179,7 @@ def main():
     machine = machine_info()
     ours_ceil, _ = timed([BIN, "bench", "ceilings", "--repeats", str(reps + 4)])
     ceilings = {"gemm_sgemm_gflops": ours_ceil["sgemm_gflops"], "torch_sgemm_gflops": torch_sgemm_gflops(repeats=reps + 4),
-                "read_gbs": ours_ceil["read_gbs"], "bf16_gemm_gflops": ours_ceil["bf16_gemm_gflops"], "bf16_amx": ours_ceil["bf16_amx"],
+                "read_gbs": ours_ceil["read_gbs"], "bf16_gemm_gflops": ours_ceil["bf16_gemm_gflops"], "bf16_unit": ours_ceil["bf16_unit"],
                 "torch_bf16_gemm_gflops": torch_sgemm_gflops(repeats=reps + 4, dtype=torch.bfloat16)}
     with tempfile.TemporaryDirectory() as tmp:
         if "train" in only:
@@ -354,7 +354,7 @@ def main():
     print("ceilings: f32 sgemm 2048^3 %s GFLOP/s with gemm (nanomoe), %s with PyTorch; bf16 products 2048^3 %s GFLOP/s "
           "with nanomoe's bf16 kernel (%s), %s with PyTorch; read bandwidth %s GB/s\n" % (
         spread(ceilings["gemm_sgemm_gflops"]), spread(ceilings["torch_sgemm_gflops"]), spread(ceilings["bf16_gemm_gflops"]),
-        "AMX" if ceilings["bf16_amx"] else "emulated: no AMX", spread(ceilings["torch_bf16_gemm_gflops"]), spread(ceilings["read_gbs"])))
+        ceilings["bf16_unit"], spread(ceilings["torch_bf16_gemm_gflops"]), spread(ceilings["read_gbs"])))
     print("| case | nanomoe tok/s (median, min-max s) | reference tok/s | ratio | share of ceiling (ours / ref) | peak RSS MiB (ours / ref) |")
     print("|---|---|---|---|---|---|")
     for r in out:

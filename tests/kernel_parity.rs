@@ -101,8 +101,8 @@ fn cases() -> Vec<Case> {
     let y = linear::linear(&x, &w).unwrap();
     out.push(case("linear", "linear", json!({}), vec![("x", x), ("w", w)], vec![], y));
 
-    // The mixed-precision products (operands rounded to bf16, f32 sums), on AMX tiles where
-    // the CPU has them: the linear layer (sizes past one 32-wide tile in every dimension),
+    // The mixed-precision products (operands rounded to bf16, f32 sums), on the unit this CPU
+    // has (AMX, AVX512-BF16 or emulated): the linear layer (sizes past one 32-wide tile in every dimension),
     // the output layer with the loss (its weight gradient runs transposed), the experts.
     let bf16 = nanomoe::kernels::Precision::Bf16;
     let (x, w) = (rand_var(&mut rng, &[3, 25, 70], 1.0), rand_var(&mut rng, &[41, 70], 1.0));

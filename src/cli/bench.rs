@@ -185,7 +185,7 @@ pub fn run(b: Bench, model_dir: impl Fn(&Path) -> Result<PathBuf>) -> Result<()>
             let bf16 = nanomoe::kernels::ceiling::gemm_gflops(n, repeats, nanomoe::kernels::Precision::Bf16);
             let read = nanomoe::kernels::ceiling::read_bandwidth_gbs(mib << 20, repeats);
             println!("{}", json!({"case": "ceilings", "threads": rayon::current_num_threads(), "sgemm_n": n, "sgemm_gflops": sgemm,
-                "bf16_gemm_gflops": bf16, "bf16_amx": nanomoe::kernels::bf16_gemm::amx_available(), "read_mib": mib, "read_gbs": read}));
+                "bf16_gemm_gflops": bf16, "bf16_unit": nanomoe::kernels::bf16_gemm::bf16_unit().name(), "read_mib": mib, "read_gbs": read}));
             Ok(())
         }
         Bench::MoeLayer { experts, top_k, tokens, n_embd, repeats } => {

@@ -3,17 +3,23 @@
 //! f32 (the master weights and f32 activations) rounded to bf16 (nearest, ties to even) as
 //! they are packed; every product of two bf16 values is exact in f32 and the sums are f32.
 //!
-//! On CPUs with AMX (Intel Sapphire Rapids and later: `amx-tile` + `amx-bf16`, and Linux's
-//! permission for the tile state) the products run on the tile unit: `tdpbf16ps` multiplies
-//! a 16 x 32 bf16 tile by a 32 x 16 one into 16 x 16 f32 sums, 16 K FLOPs an instruction.
-//! The kernel keeps 2 x 2 sum tiles (32 x 32 of the output) and streams two A tiles (rows,
-//! 32 k each) and two B tiles (k-pairs x 16 columns, "VNNI" order: the two k values of a
-//! column side by side) through them, k in passes of 512 with the partial sums kept in the
-//! output itself where it can take them. B is packed once per product; a pass's block of
-//! it (512 k x 512 columns) stays in L2 while the task's row blocks pass by.
+//! Three units compute them, the best the CPU has chosen once at run time ([`bf16_unit`]):
+//! - AMX (Intel Sapphire Rapids and later: `amx-tile` + `amx-bf16`, and Linux's permission
+//!   for the tile state): `tdpbf16ps` multiplies a 16 x 32 bf16 tile by a 32 x 16 one into
+//!   16 x 16 f32 sums, 16 K FLOPs an instruction. The kernel keeps 2 x 2 sum tiles (32 x 32
+//!   of the output) and streams two A tiles (rows, 32 k each) and two B tiles (k-pairs x 16
+//!   columns, "VNNI" order: the two k values of a column side by side) through them.
+//! - AVX512-BF16 (AMD Zen 4 and later, Intel Cooper Lake and later): `vdpbf16ps` adds the
+//!   products of 16 k-pairs into 16 f32 sums, twice an f32 FMA's work. The micro-kernel
+//!   keeps 8 rows x 32 columns of sums in registers, broadcasts one k-pair of each A row
+//!   and reads the same packed B panels as the tiles.
+//! - Elsewhere (or with `NANOMOE_BF16_UNIT=emulated`) the same rounding is applied and the
+//!   products run through the f32 gemm: the same numbers up to the order of the f32 sums,
+//!   at f32 speed (slower, for the rounding).
 //!
-//! Elsewhere the same rounding is applied and the products run through the f32 gemm: the
-//! same numbers up to the order of the f32 sums, at f32 speed (slower, for the rounding).
+//! Both hardware units share the packing (A row-major bf16, B in 16-column panels of
+//! k-pairs, packed once per product) and the task split (column blocks of 512, row blocks
+//! of up to 256, k in passes sized to the unit's cache).
 
 use std::sync::OnceLock;
 
@@ -45,19 +51,69 @@ impl Precision {
     }
 }
 
-/// Whether bf16 products run on AMX tiles here (checked once: CPUID, then Linux's
-/// `arch_prctl(ARCH_REQ_XCOMP_PERM, XTILEDATA)`, which a process must ask before its
-/// threads may touch the tile registers). `NANOMOE_NO_AMX=1` in the environment turns
-/// them off (the emulated path runs instead).
-pub fn amx_available() -> bool {
-    static AMX: OnceLock<bool> = OnceLock::new();
-    *AMX.get_or_init(detect_amx)
+/// Which unit computes the bf16 products on this machine, best first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Bf16Unit {
+    /// AMX tiles (`tdpbf16ps`).
+    Amx,
+    /// AVX-512 with the BF16 extension (`vdpbf16ps`).
+    Avx512Bf16,
+    /// The f32 gemm on bf16-rounded operands.
+    Emulated,
 }
 
-fn detect_amx() -> bool {
-    if std::env::var_os("NANOMOE_NO_AMX").is_some_and(|v| !v.is_empty() && v != "0") {
-        return false; // the emulated path on an AMX machine (its tests, comparisons)
+impl Bf16Unit {
+    /// The name the training log, `bench ceilings` and `NANOMOE_BF16_UNIT` use.
+    pub fn name(self) -> &'static str {
+        match self {
+            Bf16Unit::Amx => "amx",
+            Bf16Unit::Avx512Bf16 => "avx512-bf16",
+            Bf16Unit::Emulated => "emulated",
+        }
     }
+
+    /// Every unit this CPU (and kernel) can run, best first; `Emulated` always.
+    pub fn available() -> Vec<Bf16Unit> {
+        let mut v = Vec::new();
+        if detect_amx() {
+            v.push(Bf16Unit::Amx);
+        }
+        if detect_avx512_bf16() {
+            v.push(Bf16Unit::Avx512Bf16);
+        }
+        v.push(Bf16Unit::Emulated);
+        v
+    }
+}
+
+/// The unit bf16 products run on here, chosen once: the best available, or the best at or
+/// below the one `NANOMOE_BF16_UNIT` (`amx`, `avx512-bf16`, `emulated`) names, which lets
+/// one machine run and compare the slower paths.
+pub fn bf16_unit() -> Bf16Unit {
+    static UNIT: OnceLock<Bf16Unit> = OnceLock::new();
+    *UNIT.get_or_init(|| {
+        let cap = match std::env::var("NANOMOE_BF16_UNIT").as_deref() {
+            Ok("avx512-bf16") => Bf16Unit::Avx512Bf16,
+            Ok("emulated") => Bf16Unit::Emulated,
+            _ => Bf16Unit::Amx,
+        };
+        Bf16Unit::available().into_iter().find(|&u| u >= cap).unwrap_or(Bf16Unit::Emulated)
+    })
+}
+
+fn detect_avx512_bf16() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx512f") && std::arch::is_x86_feature_detected!("avx512bf16")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
+/// AMX with BF16: CPUID, then Linux's `arch_prctl(ARCH_REQ_XCOMP_PERM, XTILEDATA)`, which a
+/// process must ask before its threads may touch the tile registers (asking again is
+/// harmless).
+fn detect_amx() -> bool {
     #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
     {
         if core::arch::x86_64::__cpuid(0).eax < 7 {
@@ -157,8 +213,6 @@ pub fn round_bf16(x: f32) -> f32 {
 
 /// Rows and columns of the output a 2 x 2 tile group covers; the padding unit of M, N and K.
 const T: usize = 32;
-/// k per pass over a task's block of B (a 32-row block of A, 32 x KC bf16, stays in L1).
-const KC: usize = 512;
 /// Columns of a task.
 const NT: usize = 512;
 /// Rows of a task, at most.
@@ -307,19 +361,23 @@ pub(crate) unsafe fn gemm_bf16(m: usize, n: usize, k: usize, dst: *mut f32, dst_
         }
         return;
     }
+    gemm_on(bf16_unit(), m, n, k, dst, dst_rs, add, lhs, lhs_rs, lhs_cs, rhs, rhs_rs, rhs_cs, alpha, threads)
+}
+
+/// [`gemm_bf16`] on a given unit (one that [`Bf16Unit::available`] lists), k > 0.
+#[allow(clippy::too_many_arguments)]
+unsafe fn gemm_on(unit: Bf16Unit, m: usize, n: usize, k: usize, dst: *mut f32, dst_rs: usize, add: bool, lhs: *const f32, lhs_rs: usize, lhs_cs: usize, rhs: *const f32, rhs_rs: usize, rhs_cs: usize, alpha: f32, threads: usize) {
     let (a, b) = (Src { p: lhs, rs: lhs_rs, cs: lhs_cs }, Src { p: rhs, rs: rhs_rs, cs: rhs_cs });
-    if amx_available() {
-        if lhs_cs != 1 && rhs_cs == 1 && n < m {
+    match unit {
+        Bf16Unit::Emulated => emulated(m, n, k, dst, dst_rs, add, a, b, alpha, threads),
+        unit if lhs_cs != 1 && rhs_cs == 1 && n < m => {
             // A transposed lhs (a weight gradient: dy^T x, D^T h) is packed by a transpose,
             // a row-major rhs by a cheap interleave. C^T = rhs^T lhs^T swaps the roles, so the
             // smaller operand is the one transposed (for the output layer's dw = D^T h: h,
             // 256 wide, instead of the [tokens, 50257] D), and C^T is written transposed.
-            amx::gemm(n, m, k, Dst { p: dst, rs: 1, cs: dst_rs }, add, b.t(), a.t(), alpha, threads);
-        } else {
-            amx::gemm(m, n, k, Dst { p: dst, rs: dst_rs, cs: 1 }, add, a, b, alpha, threads);
+            tiled(unit, n, m, k, Dst { p: dst, rs: 1, cs: dst_rs }, add, b.t(), a.t(), alpha, threads)
         }
-    } else {
-        emulated(m, n, k, dst, dst_rs, add, a, b, alpha, threads);
+        unit => tiled(unit, m, n, k, Dst { p: dst, rs: dst_rs, cs: 1 }, add, a, b, alpha, threads),
     }
 }
 
@@ -339,24 +397,135 @@ unsafe fn emulated(m: usize, n: usize, k: usize, dst: *mut f32, dst_rs: usize, a
     super::gemm_f32(m, n, k, dst, dst_rs, add, ar.as_ptr(), k, 1, br.as_ptr(), n, 1, alpha, threads);
 }
 
-/// Both paths without the dispatch, for the parity tests: (AMX ran, result of the tiles).
+/// The product of row-major a [m, k] and b [k, n] on one unit, without the dispatch (for the
+/// parity tests), on `threads` threads.
 #[cfg(test)]
-pub(crate) fn both_paths(m: usize, n: usize, k: usize, a: &[f32], b: &[f32]) -> (Option<Vec<f32>>, Vec<f32>) {
+pub(crate) fn product_on(unit: Bf16Unit, m: usize, n: usize, k: usize, a: &[f32], b: &[f32], threads: usize) -> Vec<f32> {
+    assert!(a.len() >= m * k && b.len() >= k * n && k > 0);
     let (sa, sb) = (Src { p: a.as_ptr(), rs: k, cs: 1 }, Src { p: b.as_ptr(), rs: n, cs: 1 });
-    let mut e = vec![0f32; m * n];
-    unsafe { emulated(m, n, k, e.as_mut_ptr(), n, false, sa, sb, 1.0, 1) };
-    let t = amx_available().then(|| {
-        let mut t = vec![0f32; m * n];
-        unsafe { amx::gemm(m, n, k, Dst { p: t.as_mut_ptr(), rs: n, cs: 1 }, false, sa, sb, 1.0, 2) };
-        t
-    });
-    (t, e)
+    let mut out = vec![0f32; m * n];
+    // SAFETY: the operands and the output cover the sizes (checked above).
+    unsafe {
+        match unit {
+            Bf16Unit::Emulated => emulated(m, n, k, out.as_mut_ptr(), n, false, sa, sb, 1.0, threads),
+            unit => tiled(unit, m, n, k, Dst { p: out.as_mut_ptr(), rs: n, cs: 1 }, false, sa, sb, 1.0, threads),
+        }
+    }
+    out
+}
+
+/// Packs both operands, then runs the unit's tasks: column blocks of NT (a pass's panels,
+/// KC x NT bf16, stay in L2 while the task's row blocks pass by), row blocks sized so that
+/// every thread gets ~2 tasks.
+#[allow(clippy::too_many_arguments)]
+unsafe fn tiled(unit: Bf16Unit, m: usize, n: usize, k: usize, dst: Dst, add: bool, a: Src, b: Src, alpha: f32, threads: usize) {
+    let (mp, np, kp) = (m.div_ceil(T) * T, n.div_ceil(T) * T, k.div_ceil(T) * T);
+    let par = threads > 1;
+    let (ap, bp) = if par { rayon::join(|| pack_a(a, m, k, mp, kp, true), || pack_b(b, k, n, np, kp, true)) } else { (pack_a(a, m, k, mp, kp, false), pack_b(b, k, n, np, kp, false)) };
+    // The panels' bytes as bf16 (little-endian: each u32's even k first).
+    // SAFETY: the same memory, u16's alignment divides u32's.
+    let bp = std::slice::from_raw_parts(bp.as_ptr().cast::<u16>(), bp.len() * 2);
+    let nt = NT.min(np);
+    let ncol = np.div_ceil(nt);
+    let want_rows = (2 * threads).div_ceil(ncol).max(1);
+    let mt = (mp.div_ceil(want_rows).div_ceil(T) * T).clamp(T, MT);
+    let nrow = mp.div_ceil(mt);
+    let run = |t: usize| {
+        let dst: Dst = dst;
+        let (r0, c0) = (t / ncol * mt, t % ncol * nt);
+        let block = Block { a: &ap, b: bp, kp, rows: (r0, (r0 + mt).min(mp)), cols: (c0, (c0 + nt).min(np)), m, n, dst, add, alpha };
+        match unit {
+            Bf16Unit::Amx => amx::task(&block),
+            _ => dp::task(&block),
+        }
+    };
+    if par {
+        (0..nrow * ncol).into_par_iter().for_each(run);
+    } else {
+        (0..nrow * ncol).for_each(run);
+    }
+}
+
+/// One task of [`tiled`]: rows `rows` x columns `cols` of the padded output (multiples of
+/// 32) from the packed operands, written to `dst` (the first m x n) as alpha * sum, added
+/// when `add`.
+struct Block<'a> {
+    a: &'a [u16],
+    b: &'a [u16],
+    kp: usize,
+    rows: (usize, usize),
+    cols: (usize, usize),
+    m: usize,
+    n: usize,
+    dst: Dst,
+    add: bool,
+    alpha: f32,
+}
+
+impl Block<'_> {
+    /// Whether the 32 x 32 block at (i, j) keeps its partial sums in dst itself between
+    /// k passes: it lies inside [m, n] of a plain dst (row-major, alpha 1, overwritten).
+    fn direct(&self, i: usize, j: usize) -> bool {
+        self.dst.cs == 1 && !self.add && self.alpha == 1.0 && i + T <= self.m && j + T <= self.n
+    }
+
+    /// A scratch of the task's size for the blocks that are not direct (edges, alpha,
+    /// accumulation, a transposed dst), or none when every block is direct. The units
+    /// write it before anything reads it.
+    fn scratch(&self) -> Vec<f32> {
+        let ((r0, r1), (c0, c1)) = (self.rows, self.cols);
+        let mut v = Vec::new();
+        if (r0..r1).step_by(T).any(|i| (c0..c1).step_by(T).any(|j| !self.direct(i, j))) {
+            v.reserve_exact((r1 - r0) * (c1 - c0));
+        }
+        v
+    }
+
+    /// Where row `i` (of the 32-row block at `ib`), column `j` of the sums lives, and its
+    /// row stride: dst for a direct block, the scratch otherwise.
+    fn sums(&self, scratch: *mut f32, ib: usize, i: usize, j: usize) -> (*mut f32, usize) {
+        if self.direct(ib, j) {
+            // SAFETY: inside dst (the block lies inside [m, n]).
+            (unsafe { self.dst.p.add(i * self.dst.rs + j) }, self.dst.rs)
+        } else {
+            let cols = self.cols.1 - self.cols.0;
+            // SAFETY: inside the scratch (the task's rows and columns).
+            (unsafe { scratch.add((i - self.rows.0) * cols + (j - self.cols.0)) }, cols)
+        }
+    }
+
+    /// The scratch's blocks to dst, with alpha and the accumulation.
+    ///
+    /// # Safety
+    /// `scratch` was written for every block that is not direct.
+    unsafe fn finish(&self, scratch: *const f32) {
+        let ((r0, r1), (c0, c1)) = (self.rows, self.cols);
+        let cols = c1 - c0;
+        for i in (r0..r1).step_by(T) {
+            for j in (c0..c1).step_by(T) {
+                if self.direct(i, j) {
+                    continue;
+                }
+                for r in i..(i + T).min(self.m) {
+                    for c in j..(j + T).min(self.n) {
+                        let d = self.dst.p.add(r * self.dst.rs + c * self.dst.cs);
+                        let v = self.alpha * *scratch.add((r - r0) * cols + (c - c0));
+                        *d = if self.add { *d + v } else { v };
+                    }
+                }
+            }
+        }
+    }
 }
 
 #[cfg(target_arch = "x86_64")]
 mod amx {
     use super::*;
     use std::arch::asm;
+
+    /// k per pass over a task's block of B (a 32-row block of A, 32 x KC bf16, stays in L1
+    /// across the task's columns; the pass's panels, KC x 512 bf16, in L2).
+    const KC: usize = 512;
 
     /// The tile configuration (palette 1): tmm0-3 sums (16 rows x 16 f32), tmm4-5 A (16 rows
     /// x 32 bf16), tmm6-7 B (16 k-pairs x 16 columns x 2 bf16); every tile 16 x 64 bytes.
@@ -388,33 +557,25 @@ mod amx {
         };
     }
 
-    /// One task: rows [r0, r1) x columns [c0, c1) of the padded output (multiples of 32),
-    /// k in passes of KC (the A block of a pass, 32 x KC bf16, stays in L1 across the
-    /// task's columns). A 32 x 32 block lying inside [m, n] of a plain dst (row-major, alpha
-    /// 1, overwritten) keeps its partial sums in dst itself between passes; any other block
-    /// (edges, alpha, accumulation, a transposed dst) in a scratch of the task's size that is
-    /// never read before the tiles write it, and goes to dst at the end.
-    #[allow(clippy::too_many_arguments)]
-    unsafe fn task(a: &[u16], b: &[u16], kp: usize, (r0, r1): (usize, usize), (c0, c1): (usize, usize), m: usize, n: usize, dst: Dst, add: bool, alpha: f32) {
+    /// One task on the tiles: for each k pass, each 32-row block of A against every 32-column
+    /// block of the task.
+    ///
+    /// # Safety
+    /// AMX is available ([`detect_amx`]) and the block's buffers are those [`tiled`] packed.
+    pub(super) unsafe fn task(t: &Block) {
+        let kp = t.kp;
         let a_stride = kp * 2;
-        let cols = c1 - c0;
-        let plain = dst.cs == 1 && !add && alpha == 1.0;
-        let direct = |i: usize, j: usize| plain && i + T <= m && j + T <= n;
-        let mut scratch: Vec<f32> = Vec::new();
-        let sp = if (r0..r1).step_by(T).any(|i| (c0..c1).step_by(T).any(|j| !direct(i, j))) {
-            scratch.reserve_exact((r1 - r0) * cols);
-            scratch.as_mut_ptr() // written by the tiles before anything reads it
-        } else {
-            std::ptr::null_mut()
-        };
+        let ((r0, r1), (c0, c1)) = (t.rows, t.cols);
+        let mut scratch = t.scratch();
+        let sp = scratch.as_mut_ptr();
         asm!("ldtilecfg [{}]", in(reg) &CONFIG as *const TileConfig, options(nostack, readonly));
         for k0 in (0..kp).step_by(KC) {
             let k1 = (k0 + KC).min(kp);
             for i in (r0..r1).step_by(T) {
-                let a0 = a.as_ptr().add(i * kp);
+                let a0 = t.a.as_ptr().add(i * kp);
                 let a1 = a0.add(16 * kp);
                 for j in (c0..c1).step_by(T) {
-                    let (cp, row) = if direct(i, j) { (dst.p.add(i * dst.rs + j), dst.rs) } else { (sp.add((i - r0) * cols + (j - c0)), cols) };
+                    let (cp, row) = t.sums(sp, i, i, j);
                     let cs = row * 4;
                     if k0 == 0 {
                         asm!("tilezero tmm0", "tilezero tmm1", "tilezero tmm2", "tilezero tmm3", options(nostack, nomem));
@@ -424,7 +585,7 @@ mod amx {
                         tile_load!("2", cp.add(16 * row), cs);
                         tile_load!("3", cp.add(16 * row + 16), cs);
                     }
-                    let b0 = b.as_ptr().add(j / 16 * kp * 16);
+                    let b0 = t.b.as_ptr().add(j / 16 * kp * 16);
                     let b1 = b0.add(kp * 16);
                     for kk in (k0..k1).step_by(T) {
                         tile_load!("4", a0.add(kk), a_stride);
@@ -447,61 +608,89 @@ mod amx {
             }
         }
         asm!("tilerelease", options(nostack, nomem));
-        if sp.is_null() {
-            return;
-        }
-        for i in (r0..r1).step_by(T) {
+        t.finish(sp);
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod dp {
+    use super::*;
+    use std::arch::x86_64::*;
+
+    /// k per pass: a 32-column micro-panel of B (KC / 2 pairs x 2 panels x 64 bytes = 16 KiB)
+    /// stays in L1 while the task's rows pass by; the task's A block (256 x KC bf16) in L2.
+    const KC: usize = 256;
+    /// Rows of the micro-kernel: 8 rows x 2 vectors of 16 sums = 16 of the 32 registers.
+    const MR: usize = 8;
+
+    /// One task with `vdpbf16ps`: for each k pass and 32-column micro-panel of B, every
+    /// 8-row strip of A.
+    ///
+    /// # Safety
+    /// AVX-512 F and BF16 are available and the block's buffers are those [`tiled`] packed.
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    pub(super) unsafe fn task(t: &Block) {
+        let kp = t.kp;
+        let ((r0, r1), (c0, c1)) = (t.rows, t.cols);
+        let mut scratch = t.scratch();
+        let sp = scratch.as_mut_ptr();
+        for k0 in (0..kp).step_by(KC) {
+            let pairs = (KC.min(kp - k0)) / 2;
             for j in (c0..c1).step_by(T) {
-                if direct(i, j) {
-                    continue;
-                }
-                for r in i..(i + T).min(m) {
-                    for c in j..(j + T).min(n) {
-                        let d = dst.p.add(r * dst.rs + c * dst.cs);
-                        let v = alpha * *sp.add((r - r0) * cols + (c - c0));
-                        *d = if add { *d + v } else { v };
-                    }
+                // Panel j / 16 is [kp / 2] pairs x 16 columns, 64 bytes a pair.
+                let b0 = t.b.as_ptr().add(j / 16 * kp * 16 + k0 * 16);
+                let b1 = b0.add(kp * 16);
+                for i in (r0..r1).step_by(MR) {
+                    let (cp, row) = t.sums(sp, i - (i - r0) % T, i, j);
+                    micro(t.a.as_ptr().add(i * kp + k0), kp, b0, b1, pairs, cp, row, k0 == 0);
                 }
             }
         }
+        t.finish(sp);
     }
 
+    /// Sums of 8 rows x 32 columns at `c` (row stride `row`): zeroed (`fresh`) or loaded,
+    /// plus `pairs` k-pairs of A's rows (at `a`, row stride `kp` bf16) against the two
+    /// panels' pairs (`b0`, `b1`, 16 columns each), stored back.
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    #[inline]
     #[allow(clippy::too_many_arguments)]
-    pub(super) unsafe fn gemm(m: usize, n: usize, k: usize, dst: Dst, add: bool, a: Src, b: Src, alpha: f32, threads: usize) {
-        let (mp, np, kp) = (m.div_ceil(T) * T, n.div_ceil(T) * T, k.div_ceil(T) * T);
-        let par = threads > 1;
-        let (ap, bp) = if par { rayon::join(|| pack_a(a, m, k, mp, kp, true), || pack_b(b, k, n, np, kp, true)) } else { (pack_a(a, m, k, mp, kp, false), pack_b(b, k, n, np, kp, false)) };
-        // The panels' bytes as bf16 (little-endian: each u32's even k first).
-        // SAFETY: the same memory, u16's alignment divides u32's.
-        let bp = std::slice::from_raw_parts(bp.as_ptr().cast::<u16>(), bp.len() * 2);
-        // Tasks: column blocks of NT (a pass's panels, KC x NT bf16 = 512 KiB, stay in L2
-        // while the task's row blocks pass by), row blocks sized so that every thread gets
-        // ~2 tasks.
-        let nt = NT.min(np);
-        let ncol = np.div_ceil(nt);
-        let want_rows = (2 * threads).div_ceil(ncol).max(1);
-        let mt = (mp.div_ceil(want_rows).div_ceil(T) * T).clamp(T, MT);
-        let nrow = mp.div_ceil(mt);
-        let run = |t: usize| {
-            let dst: Dst = dst;
-            let (r0, c0) = (t / ncol * mt, t % ncol * nt);
-            task(&ap, bp, kp, (r0, (r0 + mt).min(mp)), (c0, (c0 + nt).min(np)), m, n, dst, add, alpha);
-        };
-        if par {
-            (0..nrow * ncol).into_par_iter().for_each(run);
-        } else {
-            (0..nrow * ncol).for_each(run);
+    unsafe fn micro(a: *const u16, kp: usize, b0: *const u16, b1: *const u16, pairs: usize, c: *mut f32, row: usize, fresh: bool) {
+        let mut acc = [[_mm512_setzero_ps(); 2]; MR];
+        if !fresh {
+            for (r, s) in acc.iter_mut().enumerate() {
+                s[0] = _mm512_loadu_ps(c.add(r * row));
+                s[1] = _mm512_loadu_ps(c.add(r * row + 16));
+            }
+        }
+        for p in 0..pairs {
+            let x0: __m512bh = std::mem::transmute(_mm512_loadu_si512(b0.add(p * 32).cast()));
+            let x1: __m512bh = std::mem::transmute(_mm512_loadu_si512(b1.add(p * 32).cast()));
+            for (r, s) in acc.iter_mut().enumerate() {
+                // Row r's k-pair p, in every lane (a broadcast operand of the instruction).
+                let pair = a.add(r * kp + 2 * p).cast::<i32>().read_unaligned();
+                let y: __m512bh = std::mem::transmute(_mm512_set1_epi32(pair));
+                s[0] = _mm512_dpbf16_ps(s[0], x0, y);
+                s[1] = _mm512_dpbf16_ps(s[1], x1, y);
+            }
+        }
+        for (r, s) in acc.iter().enumerate() {
+            _mm512_storeu_ps(c.add(r * row), s[0]);
+            _mm512_storeu_ps(c.add(r * row + 16), s[1]);
         }
     }
 }
 
 #[cfg(not(target_arch = "x86_64"))]
 mod amx {
-    use super::*;
-    #[allow(clippy::too_many_arguments)]
-    pub(super) unsafe fn gemm(m: usize, n: usize, k: usize, dst: Dst, add: bool, a: Src, b: Src, alpha: f32, threads: usize) {
-        debug_assert_eq!(dst.cs, 1);
-        emulated(m, n, k, dst.p, dst.rs, add, a, b, alpha, threads)
+    pub(super) unsafe fn task(_: &super::Block) {
+        unreachable!("no AMX off x86_64")
+    }
+}
+#[cfg(not(target_arch = "x86_64"))]
+mod dp {
+    pub(super) unsafe fn task(_: &super::Block) {
+        unreachable!("no AVX-512 off x86_64")
     }
 }
 
@@ -543,18 +732,23 @@ mod tests {
     /// The tiles against the rounded f32 product, on shapes with every kind of edge (m, n, k
     /// not multiples of 16 or 32, k past one KC pass, more than one task).
     #[test]
-    fn tiles_equal_the_rounded_f32_product() {
-        if !amx_available() {
-            eprintln!("skipped: this CPU (or kernel) gives no AMX tiles; the emulated path is what runs");
+    fn units_equal_the_rounded_f32_product() {
+        let units = Bf16Unit::available();
+        if units.len() == 1 {
+            eprintln!("skipped: this CPU (or kernel) has neither AMX nor AVX512-BF16; the emulated path is what runs");
             return;
         }
         for &(m, n, k) in &[(1, 1, 1), (5, 7, 3), (32, 32, 32), (33, 17, 65), (300, 600, 1100), (64, 1000, 40), (2, 50, 700)] {
             let (a, b) = (rand(m * k, 1 + m as u64), rand(k * n, 2 + n as u64));
-            let (t, e) = both_paths(m, n, k, &a, &b);
-            let t = t.expect("AMX available");
-            for (i, (x, y)) in t.iter().zip(&e).enumerate() {
-                let tol = 1e-5 * (k as f32).sqrt().max(1.0);
-                assert!((x - y).abs() <= tol, "({m}, {n}, {k}) element {i}: tiles {x} against {y}");
+            let e = product_on(Bf16Unit::Emulated, m, n, k, &a, &b, 1);
+            for &unit in &units[..units.len() - 1] {
+                for threads in [1, 2] {
+                    let t = product_on(unit, m, n, k, &a, &b, threads);
+                    for (i, (x, y)) in t.iter().zip(&e).enumerate() {
+                        let tol = 1e-5 * (k as f32).sqrt().max(1.0);
+                        assert!((x - y).abs() <= tol, "{} ({m}, {n}, {k}) threads {threads} element {i}: {x} against {y}", unit.name());
+                    }
+                }
             }
         }
     }
@@ -571,14 +765,14 @@ mod tests {
                 want[i * n + j] = 0.5 + 2.0 * s as f32;
             }
         }
-        for threads in [1, 2] {
+        for (unit, threads) in Bf16Unit::available().into_iter().flat_map(|u| [(u, 1), (u, 2)]) {
             let mut d = vec![0.5f32; m * (n + 3)];
-            unsafe { gemm_bf16(m, n, k, d.as_mut_ptr(), n + 3, true, at.as_ptr(), 1, m, bt.as_ptr(), 1, k, 2.0, threads) };
+            unsafe { gemm_on(unit, m, n, k, d.as_mut_ptr(), n + 3, true, at.as_ptr(), 1, m, bt.as_ptr(), 1, k, 2.0, threads) };
             for i in 0..m {
                 for j in 0..n {
-                    assert!((d[i * (n + 3) + j] - want[i * n + j]).abs() < 1e-4, "({i}, {j}) threads {threads}");
+                    assert!((d[i * (n + 3) + j] - want[i * n + j]).abs() < 1e-4, "{} ({i}, {j}) threads {threads}", unit.name());
                 }
-                assert!(d[i * (n + 3) + n..(i + 1) * (n + 3)].iter().all(|&v| v == 0.5), "row {i}'s padding was written");
+                assert!(d[i * (n + 3) + n..(i + 1) * (n + 3)].iter().all(|&v| v == 0.5), "row {i}'s padding was written ({})", unit.name());
             }
         }
     }
@@ -596,11 +790,11 @@ mod tests {
                 want[i * n + j] = -1.0 + 0.5 * s as f32;
             }
         }
-        for threads in [1, 2] {
+        for (unit, threads) in Bf16Unit::available().into_iter().flat_map(|u| [(u, 1), (u, 2)]) {
             let mut d = vec![-1f32; m * n];
-            unsafe { gemm_bf16(m, n, k, d.as_mut_ptr(), n, true, at.as_ptr(), 1, m, b.as_ptr(), n, 1, 0.5, threads) };
+            unsafe { gemm_on(unit, m, n, k, d.as_mut_ptr(), n, true, at.as_ptr(), 1, m, b.as_ptr(), n, 1, 0.5, threads) };
             for (i, (x, y)) in d.iter().zip(&want).enumerate() {
-                assert!((x - y).abs() < 1e-4, "element {i}: {x} against {y} (threads {threads})");
+                assert!((x - y).abs() < 1e-4, "{} element {i}: {x} against {y} (threads {threads})", unit.name());
             }
         }
     }

@@ -18,7 +18,7 @@ pub fn sgemm_gflops(n: usize, repeats: usize) -> Vec<f64> {
 }
 
 /// [`sgemm_gflops`] for the given precision: with bf16, the mixed-precision training
-/// product (f32 operands rounded to bf16 as they are packed, f32 sums; AMX where present).
+/// product (f32 operands rounded to bf16 as they are packed, f32 sums; on [`crate::kernels::bf16_gemm::bf16_unit`]).
 pub fn gemm_gflops(n: usize, repeats: usize, prec: crate::kernels::Precision) -> Vec<f64> {
     let a: Vec<f32> = (0..n * n).map(|i| ((i % 97) as f32 - 48.0) / 97.0).collect();
     let b: Vec<f32> = (0..n * n).map(|i| ((i % 89) as f32 - 44.0) / 89.0).collect();

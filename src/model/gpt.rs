@@ -511,8 +511,8 @@ impl GPT {
     /// nanoGPT's `dtype = 'bfloat16'` (autocast): the linear layers', experts' and output
     /// layer's products round their operands to bf16 and sum in f32; weights, gradients,
     /// optimizer state, attention, norms, the router, softmax and losses stay f32. Runs on AMX
-    /// tiles where the CPU has them ([`crate::kernels::bf16_gemm::amx_available`]); elsewhere
-    /// the same rounding with f32 products (same numbers, slower). Decoding is not affected.
+    /// tiles or AVX512-BF16 where the CPU has them ([`crate::kernels::bf16_gemm::bf16_unit`]);
+    /// elsewhere the same rounding with f32 products (same numbers, slower). Decoding is not affected.
     pub fn set_precision(&mut self, precision: Precision) {
         self.precision = precision;
     }

@@ -491,10 +491,11 @@ fn train_on_pool(resolved: &Resolved, comm_arc: &Arc<dyn Comm>) -> Result<Outcom
         s.max_iters
     ));
     if model.precision() == crate::kernels::Precision::Bf16 {
-        log.line(if crate::kernels::bf16_gemm::amx_available() {
-            "dtype bfloat16: the matrix products round their operands to bf16 and sum in f32, on AMX tiles"
-        } else {
-            "dtype bfloat16: this CPU has no AMX tiles (or the kernel refused them): the products are emulated in f32 on bf16-rounded operands, slower than float32"
+        use crate::kernels::bf16_gemm::{bf16_unit, Bf16Unit};
+        log.line(match bf16_unit() {
+            Bf16Unit::Amx => "dtype bfloat16: the matrix products round their operands to bf16 and sum in f32, on AMX tiles",
+            Bf16Unit::Avx512Bf16 => "dtype bfloat16: the matrix products round their operands to bf16 and sum in f32, with AVX512-BF16",
+            Bf16Unit::Emulated => "dtype bfloat16: this CPU has neither AMX nor AVX512-BF16: the products are emulated in f32 on bf16-rounded operands, slower than float32",
         });
     }
     if ep {
