@@ -221,7 +221,7 @@ pub fn save(gpt: &GPT, path: &Path, format: WeightFormat, extras: &GgufExtras) -
     for name in names {
         let gname = gguf_name(&name).ok_or_else(|| Error::Msg(format!("no GGUF name for tensor {name}")))?;
         if let Some(q) = quantized.get(name.as_str()) {
-            tensors.push(OutTensor { name: gname, shape: q.shape.clone(), ty: GgmlType::Q(q.kind), data: q.data.to_vec() });
+            tensors.push(OutTensor { name: gname, shape: q.shape.clone(), ty: GgmlType::Q(q.kind), data: q.row_blocks().into_owned() });
             continue;
         }
         let t = match params.var(&name) {
@@ -476,7 +476,12 @@ fn load_file(file: &GgufFile, with_tokenizer: bool) -> Result<GgufModel> {
         let keep_quant = matches!(t.ty, GgmlType::Q(_)) && is_weight_matrix(ours, shape.len()) && !ours.contains(".router.") && ours != "transformer.wpe.weight";
         if let (true, GgmlType::Q(kind)) = (keep_quant, t.ty) {
             let (offset, len) = file.range(t);
-            let q = QTensor::new(kind, shape, QBytes::Mapped { map: file.map.clone(), offset, len })?;
+            // In this CPU's layout: grouped (a copy, after which the file's pages go), or
+            // read in place from the mapped file.
+            let q = QTensor::new(kind, shape, QBytes::Mapped { map: file.map.clone(), offset, len })?.for_this_cpu();
+            if q.grouped {
+                file.release_range(offset, len);
+            }
             quant.push((ours.clone(), q));
             continue;
         }

@@ -35,6 +35,7 @@ pub mod linear_cross_entropy;
 pub mod math;
 pub mod matvec;
 pub mod qgemm;
+pub mod qgroup;
 pub mod qmatvec;
 pub mod rms_norm;
 pub mod swiglu;

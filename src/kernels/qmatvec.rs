@@ -14,12 +14,14 @@ use candle_core::{DType, Tensor};
 use crate::error::{input_err, Result};
 use crate::quant::{QKind, QTensor, BLOCK};
 
-/// Activation rows quantized per block: `q` [m, k] bytes, `d` [m, k / 32] scales.
+/// Activation rows quantized per block: `q` [m, k] bytes, `d` [m, k / 32] scales, `s`
+/// [m, k / 32] each block's sum of `q` (what the grouped kernel's unsigned weights need).
 pub struct QActs {
     pub m: usize,
     pub k: usize,
     pub q: Vec<i8>,
     pub d: Vec<f32>,
+    pub s: Vec<i32>,
 }
 
 /// Quantizes activation rows (k a multiple of 32): d = amax / 127, q = round(x * 127 / amax),
@@ -38,7 +40,8 @@ pub fn quantize_acts(x: &[f32], m: usize, k: usize) -> QActs {
             *o = ((v * id + 12582912.0) - 12582912.0) as i8;
         }
     }
-    QActs { m, k, q, d }
+    let s = q.chunks(BLOCK).map(|b| b.iter().map(|&v| v as i32).sum()).collect();
+    QActs { m, k, q, d, s }
 }
 
 /// Dot products of R activation rows (from `r0`) with one weight row (portable version).
@@ -180,9 +183,18 @@ fn block_with<D: Dots>(d: &D, a: &QActs, w: &[u8], row_bytes: usize, n0: usize, 
 /// activations times weight rows n0..n0 + len.
 pub(crate) type BlockFn = fn(&QActs, &[u8], usize, usize, &mut [f32]);
 
-/// The block kernel [`product`] runs on this CPU for `kind`. Each output is summed the same
-/// way in any block.
-pub(crate) fn block_fn(kind: QKind) -> BlockFn {
+/// The block kernel [`product_q`] runs on this CPU for `kind`'s blocks in the row layout, or
+/// `grouped` (`quant::grouped`, which only CPUs with [`crate::kernels::qgroup::available`]
+/// are given). Each output is summed the same way in any block.
+pub(crate) fn block_fn(kind: QKind, grouped: bool) -> BlockFn {
+    if grouped {
+        // SAFETY: grouped tensors exist only where the kernel runs (`QTensor::for_this_cpu`;
+        // the tests check `available` first); the callers pass whole matrices.
+        return match kind {
+            QKind::Q8_0 => |a, w, rb, n0, out| unsafe { crate::kernels::qgroup::block(QKind::Q8_0, a, w, rb, n0, out, pick(QKind::Q8_0, false)) },
+            QKind::Q4_0 => |a, w, rb, n0, out| unsafe { crate::kernels::qgroup::block(QKind::Q4_0, a, w, rb, n0, out, pick(QKind::Q4_0, false)) },
+        };
+    }
     pick(kind, false)
 }
 
@@ -210,10 +222,24 @@ pub fn product(kind: QKind, x: &[f32], m: usize, k: usize, w: &[u8], n: usize, p
     super::by_column_blocks(m, n, 32, |n0, out| f(&a, w, rb, n0, out))
 }
 
+/// y [m, n] = x [m, k] times matrix `e` of `q` ([.., n, k]), in either layout, on this CPU's
+/// kernel. Panics on wrong sizes (the callers check them).
+pub fn product_q(q: &QTensor, e: usize, x: &[f32], m: usize) -> Vec<f32> {
+    let (k, n) = (q.cols(), q.rows());
+    assert!(x.len() == m * k && e < q.matrices(), "product_q: {m} rows of {} values against {:?}", x.len() / m.max(1), q.shape);
+    if !q.grouped {
+        return product(q.kind, x, m, k, q.matrix(e), n, false);
+    }
+    let a = quantize_acts(x, m, k);
+    let f = block_fn(q.kind, true);
+    let (rb, w) = (q.kind.row_bytes(k), q.matrix(e));
+    super::by_column_blocks(m, n, 32, |n0, out| f(&a, w, rb, n0, out))
+}
+
 /// `x [.., K] @ w^T` for matrix `e` of a quantized [.., N, K] weight: [.., N], f32, no
 /// gradient (quantized weights are for inference).
 pub fn qlinear(x: &Tensor, w: &QTensor, e: usize) -> Result<Tensor> {
-    qlinear_with(x, w, e, |xs, m, k, wb, n| product(w.kind, xs, m, k, wb, n, false))
+    qlinear_with(x, w, e, |xs, m, _, _, _| product_q(w, e, xs, m))
 }
 
 /// [`qlinear`] with another product `f(x, m, k, w, n)` of the same contract as [`product`].

@@ -246,7 +246,7 @@ impl ParamStore {
             let data: Vec<f32> = t.flatten_all()?.to_vec1()?;
             drop(t);
             nk.remove(&name);
-            quant.insert(name, Arc::new(QTensor::quantize(kind, &data, shape)?));
+            quant.insert(name, Arc::new(QTensor::quantize(kind, &data, shape)?.for_this_cpu()));
         }
         Ok(ParamStore { vars: kept, quant, nk, order })
     }

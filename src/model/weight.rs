@@ -73,8 +73,9 @@ impl From<QKind> for WeightFormat {
 /// Weight rows dequantized at a time for a prompt's product (at most 4096 x K f32).
 const DEQUANT_ROWS: usize = 4096;
 
-/// `x [.., K] @ w^T` for matrix `e` of a quantized weight. A few rows (decoding) take the
-/// integer kernel on 8-bit activations; more (prompts) the integer GEMM (`qgemm`) on the
+/// `x [.., K] @ w^T` for matrix `e` of a quantized weight. Grouped weights (CPUs with
+/// AVX-512 VNNI) take their kernel for any number of rows. Otherwise a few rows (decoding)
+/// take the integer kernel on 8-bit activations; more (prompts) the integer GEMM (`qgemm`) on the
 /// same 8-bit activations, or, on CPUs without AVX2, f32 products on the weights
 /// dequantized DEQUANT_ROWS rows at a time. Either way a given number of rows always takes
 /// the same path, so a sequence's result does not depend on what it is batched with.
@@ -82,7 +83,7 @@ fn quant_product(x: &Tensor, q: &QTensor, e: usize) -> Result<Tensor> {
     let dims = x.dims();
     let k = *dims.last().unwrap_or(&0);
     let m = x.elem_count() / k.max(1);
-    if m <= crate::kernels::matvec::MAX_ROWS || k != q.cols() || e >= q.matrices() {
+    if q.grouped || m <= crate::kernels::matvec::MAX_ROWS || k != q.cols() || e >= q.matrices() {
         return qmatvec::qlinear(x, q, e);
     }
     if qgemm::available() {
@@ -210,7 +211,7 @@ enum Rows<'a> {
     F32(&'a [f32]),
     BF16(&'a [half::bf16]),
     F16(&'a [half::f16]),
-    Quant(QKind, &'a [u8], qmatvec::QActs),
+    Quant(QKind, bool, &'a [u8], qmatvec::QActs),
 }
 
 impl Mat {
@@ -249,7 +250,7 @@ pub fn expert_products(jobs: &[ExpertJob], k: usize) -> Result<Option<Vec<Vec<f3
                 if q.cols() != k || j.e >= q.matrices() {
                     return Err(input_err!("expert products: {:?} matrix {} for rows of {k}", q.shape, j.e));
                 }
-                (Rows::Quant(q.kind, q.matrix(j.e), qmatvec::quantize_acts(j.x, j.m, k)), q.rows())
+                (Rows::Quant(q.kind, q.grouped, q.matrix(j.e), qmatvec::quantize_acts(j.x, j.m, k)), q.rows())
             }
             Mat::DenseNk(t) => {
                 let (e, n, kk) = t.dims3()?;
@@ -292,7 +293,7 @@ pub fn expert_products(jobs: &[ExpertJob], k: usize) -> Result<Option<Vec<Vec<f3
                 Rows::F32(w) => crate::kernels::matvec::block_nk_fn::<f32>()(j.x, j.m, k, w, n, n0, &mut out),
                 Rows::BF16(w) => crate::kernels::matvec::block_nk_fn::<half::bf16>()(j.x, j.m, k, w, n, n0, &mut out),
                 Rows::F16(w) => crate::kernels::matvec::block_nk_fn::<half::f16>()(j.x, j.m, k, w, n, n0, &mut out),
-                Rows::Quant(kind, w, acts) => qmatvec::block_fn(*kind)(acts, w, kind.row_bytes(k), n0, &mut out),
+                Rows::Quant(kind, grouped, w, acts) => qmatvec::block_fn(*kind, *grouped)(acts, w, kind.row_bytes(k), n0, &mut out),
             }
             out
         })

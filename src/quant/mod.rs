@@ -10,6 +10,8 @@
 //! file holds them - owned, or borrowed from the memory-mapped file - and the products read
 //! them in place (`kernels::qmatvec`).
 
+pub mod grouped;
+
 use std::ops::Deref;
 use std::sync::Arc;
 
@@ -173,12 +175,15 @@ impl Deref for QBytes {
 
 /// A quantized weight: `shape` [.., N, K] as stored (row-major, the blocks along the last
 /// dimension K, which is what a product sums over). A linear layer's weight is [N, K]
-/// (torch's [out, in]); a stack of expert matrices [E, N, K].
+/// (torch's [out, in]); a stack of expert matrices [E, N, K]. The blocks are in GGUF's row
+/// layout, or, when `grouped`, each matrix in the layout of [`grouped`] (the same bytes
+/// rearranged for the AVX-512 VNNI kernel: [`QTensor::for_this_cpu`]).
 #[derive(Clone)]
 pub struct QTensor {
     pub kind: QKind,
     pub shape: Vec<usize>,
     pub data: QBytes,
+    pub grouped: bool,
 }
 
 impl std::fmt::Debug for QTensor {
@@ -199,7 +204,48 @@ impl QTensor {
         if want != Some(data.len()) {
             return Err(input_err!("a {} tensor of shape {shape:?} needs {want:?} bytes, got {}", kind.name(), data.len()));
         }
-        Ok(QTensor { kind, shape, data })
+        Ok(QTensor { kind, shape, data, grouped: false })
+    }
+
+    /// The layout this CPU's kernels read best: grouped where the AVX-512 VNNI kernel runs
+    /// ([`crate::kernels::qgroup::available`]), else as it is. Grouping copies the blocks
+    /// into memory of their own (a mapped file's pages can then be dropped).
+    pub fn for_this_cpu(self) -> Self {
+        if self.grouped || !crate::kernels::qgroup::available() {
+            return self;
+        }
+        self.into_grouped()
+    }
+
+    /// The tensor with its matrices in the grouped layout.
+    pub fn into_grouped(self) -> Self {
+        if self.grouped {
+            return self;
+        }
+        use rayon::prelude::*;
+        let (n, nb) = (self.rows(), self.cols() / BLOCK);
+        let size = n * self.kind.row_bytes(self.cols());
+        let mut out = vec![0u8; self.data.len()];
+        if size > 0 {
+            out.par_chunks_mut(size).zip(self.data.par_chunks(size)).for_each(|(d, s)| grouped::group_matrix(self.kind, n, nb, s, d));
+        }
+        QTensor { kind: self.kind, shape: self.shape, data: QBytes::Owned(Arc::new(out)), grouped: true }
+    }
+
+    /// The blocks in GGUF's row layout (borrowed when they are in it already).
+    pub fn row_blocks(&self) -> std::borrow::Cow<'_, [u8]> {
+        if !self.grouped {
+            return std::borrow::Cow::Borrowed(&self.data);
+        }
+        let (n, nb) = (self.rows(), self.cols() / BLOCK);
+        let size = n * self.kind.row_bytes(self.cols());
+        let mut out = vec![0u8; self.data.len()];
+        if size > 0 {
+            for (d, s) in out.chunks_mut(size).zip(self.data.chunks(size)) {
+                grouped::ungroup_matrix(self.kind, n, nb, s, d);
+            }
+        }
+        std::borrow::Cow::Owned(out)
     }
 
     /// Quantizes f32 values of `shape` (rows along the last dimension).
@@ -240,6 +286,16 @@ impl QTensor {
     /// Row `r` of the tensor seen as [rows, K], dequantized.
     pub fn row(&self, r: usize, out: &mut [f32]) {
         let rb = self.kind.row_bytes(self.cols());
+        if self.grouped {
+            let (n, nb, bb) = (self.rows(), self.cols() / BLOCK, self.kind.block_bytes());
+            let m = self.matrix(r / n.max(1));
+            let mut blk = [0u8; 2 + BLOCK];
+            for (b, o) in out.chunks_mut(BLOCK).enumerate().take(nb) {
+                grouped::block_of(self.kind, n, nb, m, r % n, b, &mut blk[..bb]);
+                dequantize_block(self.kind, &blk[..bb], o);
+            }
+            return;
+        }
         let bytes = &self.data[r * rb..(r + 1) * rb];
         for (o, b) in out.chunks_mut(BLOCK).zip(bytes.chunks(self.kind.block_bytes())) {
             dequantize_block(self.kind, b, o);
@@ -248,7 +304,7 @@ impl QTensor {
 
     /// Every value, dequantized (row-major, `shape`).
     pub fn dequantize(&self) -> Vec<f32> {
-        dequantize(self.kind, &self.data)
+        dequantize(self.kind, &self.row_blocks())
     }
 }
 
