@@ -30,15 +30,19 @@ pub fn grouped_rows(n: usize) -> usize {
     n / GROUP * GROUP
 }
 
+/// Steps of a group-block: q8_0's 32 weights 4 at a time, q4_0's 16 nibble-pair bytes.
+fn steps(kind: QKind) -> usize {
+    match kind {
+        QKind::Q8_0 => BLOCK / 4,
+        QKind::Q4_0 => BLOCK / 8,
+    }
+}
+
 /// One block (row-layout bytes, `kind.block_bytes()` long) into row `j` of a group-block.
 fn put(kind: QKind, blk: &[u8], j: usize, dst: &mut [u8]) {
     dst[2 * j..2 * j + 2].copy_from_slice(&blk[..2]);
     let w = &blk[2..];
-    let steps = match kind {
-        QKind::Q8_0 => BLOCK / 4,
-        QKind::Q4_0 => BLOCK / 8,
-    };
-    for s in 0..steps {
+    for s in 0..steps(kind) {
         for t in 0..4 {
             let v = w[4 * s + t];
             dst[32 + s * STEP + j * 4 + t] = if kind == QKind::Q8_0 { v ^ 0x80 } else { v };
@@ -49,11 +53,7 @@ fn put(kind: QKind, blk: &[u8], j: usize, dst: &mut [u8]) {
 /// Row `j` of a group-block back into a row-layout block.
 fn get(kind: QKind, src: &[u8], j: usize, blk: &mut [u8]) {
     blk[..2].copy_from_slice(&src[2 * j..2 * j + 2]);
-    let steps = match kind {
-        QKind::Q8_0 => BLOCK / 4,
-        QKind::Q4_0 => BLOCK / 8,
-    };
-    for s in 0..steps {
+    for s in 0..steps(kind) {
         for t in 0..4 {
             let v = src[32 + s * STEP + j * 4 + t];
             blk[2 + 4 * s + t] = if kind == QKind::Q8_0 { v ^ 0x80 } else { v };
