@@ -476,8 +476,9 @@ pub(crate) fn block_nk_fn<W: Weight>() -> BlockFn<W> {
     pick::<W>(true)
 }
 
-/// The kernel for a weight layout: AVX2 + FMA + F16C intrinsics where the CPU has them
-/// (AVX-512 CPUs too), else the portable loops.
+/// The kernel for a weight layout: AVX2 + FMA + F16C intrinsics where the CPU has them -
+/// for [N, K] weights the build with AVX-512VL's 32 registers where it has those too (the
+/// same sums, bit for bit) - else the portable loops.
 fn pick<W: Weight>(w_nk: bool) -> BlockFn<W> {
     #[cfg(target_arch = "x86_64")]
     if super::has_avx2_fma_f16c() {
