@@ -434,9 +434,26 @@ fn every_parameter_gets_a_gradient_in_eval_mode_too() {
 
 #[test]
 fn grad_sink_gives_the_same_gradients_as_candles_backward() {
-    // The training path hands the experts' weight gradients over through a GradSink; every
-    // parameter's gradient must equal the one candle's own backward computes, bit for bit.
-    for cfg in [moe_cfg(), GPTConfig { bias: false, moe_top_k: 1, stride: 1, ..moe_cfg() }] {
+    // The training path hands the experts' weight gradients over through a GradSink, and
+    // runs each block's residual branches as one chain node (kernels::residual) whose weights'
+    // gradients go there too; every parameter's gradient must equal the one candle's own
+    // backward computes op by op, bit for bit.
+    let seed_arch = GPTConfig {
+        norm_type: nanomoe::config::NormType::RmsNorm,
+        qk_norm: true,
+        activation_function: "relu2".into(),
+        bias: false,
+        ..moe_cfg()
+    };
+    let configs = [
+        moe_cfg(),
+        GPTConfig { bias: false, moe_top_k: 1, stride: 1, ..moe_cfg() },
+        dense_cfg(),
+        GPTConfig { bias: false, activation_function: "gelu".into(), ..dense_cfg() },
+        seed_arch.clone(),
+        GPTConfig { n_exp: 1, ..seed_arch },
+    ];
+    for cfg in configs {
         let mut m = GPT::new_seeded(&cfg, 5, &Device::Cpu).unwrap();
         m.train();
         let x = ids(&[&(0..24).collect::<Vec<u32>>(), &(24..48).collect::<Vec<u32>>()]);
@@ -455,12 +472,21 @@ fn grad_sink_gives_the_same_gradients_as_candles_backward() {
             assert_eq!(a.flatten_all().unwrap().to_vec1::<f32>().unwrap(), b.flatten_all().unwrap().to_vec1::<f32>().unwrap(), "{name}");
             experts += usize::from(name.contains(".experts.c_"));
         }
-        assert!(experts >= 2, "no expert weights in {cfg:?}");
-        // The contract: a plain backward of a sink graph leaves the expert weights out.
+        assert!(experts >= 2 || cfg.n_exp <= 1, "no expert weights in {cfg:?}");
+        // The contract: a plain backward of a sink graph leaves the sink's weights out (the
+        // experts', and every weight inside a block's branches); embeddings, the final norm
+        // and the routers stay candle's.
         let (loss, _, _) = m.forward_loss_with_sink(&x, &y, &sink).unwrap();
         let bare = loss.unwrap().backward().unwrap();
+        let names: Vec<String> = m.params().iter().map(|(n, _)| n.to_string()).collect();
         for (name, var) in m.params().iter() {
-            assert_eq!(bare.get(var).is_none(), name.contains(".experts.c_"), "{name}");
+            let block = name.strip_prefix("transformer.h.").and_then(|r| r.split('.').next());
+            let moe_block = block.is_some_and(|i| names.iter().any(|n| n.starts_with(&format!("transformer.h.{i}.mlp.router."))));
+            let in_sink = name.contains(".experts.c_")
+                || name.contains(".ln_1.")
+                || name.contains(".attn.")
+                || (block.is_some() && !moe_block && (name.contains(".ln_2.") || name.contains(".mlp.")));
+            assert_eq!(bare.get(var).is_none(), in_sink, "{name}");
         }
     }
 }

@@ -127,7 +127,7 @@ multiversion!(fn softmax_grad_rows(ds: &mut [f32], p: &[f32], b: usize, d: Dims,
 #[allow(clippy::too_many_arguments)]
 fn forward(qd: &[f32], q: View, kd: &[f32], k: View, vd: &[f32], v: View, d: Dims, mask: &CausalMask, scale: f32) -> (Vec<f32>, Vec<f32>) {
     let c = d.h * d.hd;
-    let mut y = vec![0f32; d.b * d.tq * c];
+    let mut y = crate::kernels::for_overwrite(d.b * d.tq * c);
     let mut lse = vec![0f32; d.b * d.h * d.tq];
     let yp = Out(y.as_mut_ptr());
     lse.par_chunks_mut(d.tq).enumerate().for_each(|(task, lse)| {
@@ -199,7 +199,7 @@ impl CustomOp1 for CausalAttention {
                 None => forward(x, q, x, k, x, v, d, &self.mask, scale).1,
             };
             with_f32(grad, NAME, |dy| {
-                let mut dx = vec![0f32; x.len()];
+                let mut dx = crate::kernels::for_overwrite(x.len());
                 let dp_out = Out(dx.as_mut_ptr());
                 (0..d.b * d.h).into_par_iter().for_each(|task| {
                     let (b, h) = (task / d.h, task % d.h);
@@ -235,6 +235,11 @@ impl CustomOp1 for CausalAttention {
 /// into y [B, T, C], with a backward pass.
 pub fn causal_attention(qkv: &Tensor, n_head: usize, mask: CausalMask) -> Result<Tensor> {
     Ok(qkv.contiguous()?.apply_op1(CausalAttention { n_head, mask, lse: Mutex::new(None) })?)
+}
+
+/// [`causal_attention`] as a stage of a residual chain (`kernels::residual`).
+pub(crate) fn stage(n_head: usize, mask: CausalMask) -> crate::kernels::residual::Stage {
+    crate::kernels::residual::Stage::Op1(Box::new(CausalAttention { n_head, mask, lse: Mutex::new(None) }))
 }
 
 /// Attention of new queries q [B, tq, C] over the first `tk` positions of cached keys and

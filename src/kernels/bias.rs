@@ -58,6 +58,11 @@ impl CustomOp2 for AddBias {
     }
 }
 
+/// [`add_bias`] as a stage of a residual chain (`kernels::residual`).
+pub(crate) fn stage(b: &Tensor) -> crate::kernels::residual::Stage {
+    crate::kernels::residual::Stage::Op2(Box::new(AddBias), b.clone())
+}
+
 /// x + b for f32 CPU tensors, b one row of x's last dimension per group of leading rows.
 pub fn add_bias(x: &Tensor, b: &Tensor) -> Result<Tensor> {
     Ok(x.contiguous()?.apply_op2(&b.contiguous()?, AddBias)?)

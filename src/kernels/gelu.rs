@@ -106,7 +106,7 @@ impl CustomOp1 for Gelu {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let x = contiguous_f32(s, l, NAME)?;
         let m = mode(self.0);
-        let mut y = vec![0f32; x.len()];
+        let mut y = crate::kernels::for_overwrite(x.len());
         y.par_chunks_mut(CHUNK).zip(x.par_chunks(CHUNK)).for_each(|(o, i)| forward_slice(i, o, m));
         Ok((CpuStorage::F32(y), l.shape().clone()))
     }
@@ -122,10 +122,15 @@ impl CustomOp2 for GeluBackward {
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let (x, dy) = (contiguous_f32(s1, l1, NAME)?, contiguous_f32(s2, l2, NAME)?);
         let m = mode(self.0);
-        let mut dx = vec![0f32; x.len()];
+        let mut dx = crate::kernels::for_overwrite(x.len());
         dx.par_chunks_mut(CHUNK).zip(x.par_chunks(CHUNK).zip(dy.par_chunks(CHUNK))).for_each(|(o, (i, g))| backward_slice(i, g, o, m));
         Ok((CpuStorage::F32(dx), l1.shape().clone()))
     }
+}
+
+/// [`fused_gelu`] as a stage of a residual chain (`kernels::residual`).
+pub(crate) fn stage(act: Activation) -> crate::kernels::residual::Stage {
+    crate::kernels::residual::Stage::Op1(Box::new(Gelu(act)))
 }
 
 /// GELU or ReLU^2 of an f32 CPU tensor in one pass (backward in one pass too).

@@ -82,7 +82,7 @@ impl CustomOp2 for LayerNormOp {
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let (x, w) = (contiguous_f32(s1, l1, NAME)?, contiguous_f32(s2, l2, NAME)?);
         let c = w.len();
-        let mut y = vec![0f32; x.len()];
+        let mut y = crate::kernels::for_overwrite(x.len());
         y.par_chunks_mut(c).zip(x.par_chunks(c)).for_each(|(out, row)| forward_row(row, w, self.eps, out));
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
@@ -93,7 +93,7 @@ impl CustomOp2 for LayerNormOp {
             with_f32(w, NAME, |ws| {
                 with_f32(dy, NAME, |dys| {
                     let c = ws.len();
-                    let mut dx = vec![0f32; xs.len()];
+                    let mut dx = crate::kernels::for_overwrite(xs.len());
                     // dw is summed over fixed blocks of rows, then over the blocks in order:
                     // the same bits whatever the thread count or scheduling (exact resume).
                     const ROWS: usize = 64;
@@ -125,7 +125,14 @@ impl CustomOp2 for LayerNormOp {
 pub fn fused_layer_norm(x: &Tensor, w: &Tensor, b: Option<&Tensor>, eps: f64) -> Result<Tensor> {
     let y = x.contiguous()?.apply_op2(&w.contiguous()?, LayerNormOp { eps: eps as f32 })?;
     Ok(match b {
-        Some(b) => y.broadcast_add(b)?,
+        Some(b) => crate::kernels::bias::add_bias(&y, b)?,
         None => y,
     })
+}
+
+/// [`fused_layer_norm`] as stages of a residual chain (`kernels::residual`).
+pub(crate) fn stages(w: &Tensor, b: Option<&Tensor>, eps: f64) -> Vec<crate::kernels::residual::Stage> {
+    let mut s = vec![crate::kernels::residual::Stage::Op2(Box::new(LayerNormOp { eps: eps as f32 }), w.clone())];
+    s.extend(b.map(crate::kernels::bias::stage));
+    s
 }

@@ -63,6 +63,13 @@ impl CustomOp2 for Linear {
     }
 }
 
+/// x w^T (+ b) in `prec` as stages of a residual chain (`kernels::residual`).
+pub(crate) fn stages(w: &Tensor, b: Option<&Tensor>, prec: Precision) -> Vec<crate::kernels::residual::Stage> {
+    let mut s = vec![crate::kernels::residual::Stage::Op2(Box::new(Linear { prec }), w.clone())];
+    s.extend(b.map(crate::kernels::bias::stage));
+    s
+}
+
 /// x [..., K] @ w^T for f32 CPU tensors, w [N, K]; y [..., N].
 pub fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     linear_in(x, w, Precision::F32)

@@ -82,14 +82,14 @@ multiversion!(fn forward_row(row: &[f32], w: Option<&[f32]>, eps: f32, out: &mut
 multiversion!(fn backward_row(row: &[f32], drow: &[f32], w: Option<&[f32]>, eps: f32, out: &mut [f32], acc: &mut [f32]) => backward_row_body);
 
 fn forward(x: &[f32], w: Option<&[f32]>, c: usize, eps: f32) -> Vec<f32> {
-    let mut y = vec![0f32; x.len()];
+    let mut y = crate::kernels::for_overwrite(x.len());
     y.par_chunks_mut(c).zip(x.par_chunks(c)).for_each(|(out, row)| forward_row(row, w, eps, out));
     y
 }
 
 /// (dx, dw): dw summed over fixed blocks of rows, then over the blocks in order.
 fn backward(x: &[f32], dy: &[f32], w: Option<&[f32]>, c: usize, eps: f32) -> (Vec<f32>, Vec<f32>) {
-    let mut dx = vec![0f32; x.len()];
+    let mut dx = crate::kernels::for_overwrite(x.len());
     let partial: Vec<Vec<f32>> = dx
         .par_chunks_mut(c * ROWS)
         .zip(x.par_chunks(c * ROWS))
@@ -176,7 +176,7 @@ struct QkNormOp {
 impl QkNormOp {
     fn rows(&self, x: &[f32], f: impl Fn(&[f32], &mut [f32]) + Sync + Send) -> Vec<f32> {
         let (c3, hd) = (3 * self.c, self.head_dim);
-        let mut y = vec![0f32; x.len()];
+        let mut y = crate::kernels::for_overwrite(x.len());
         y.par_chunks_mut(c3).zip(x.par_chunks(c3)).for_each(|(out, row)| {
             for (o, r) in out[..2 * self.c].chunks_mut(hd).zip(row[..2 * self.c].chunks(hd)) {
                 f(r, o);
@@ -202,7 +202,7 @@ impl CustomOp1 for QkNormOp {
         let (c3, c, hd, eps) = (3 * self.c, self.c, self.head_dim, self.eps);
         let dx = with_f32(x, NAME, |xs| {
             with_f32(dy, NAME, |dys| {
-                let mut dx = vec![0f32; xs.len()];
+                let mut dx = crate::kernels::for_overwrite(xs.len());
                 dx.par_chunks_mut(c3).zip(xs.par_chunks(c3).zip(dys.par_chunks(c3))).for_each(|(out, (row, drow))| {
                     for ((o, r), d) in out[..2 * c].chunks_mut(hd).zip(row[..2 * c].chunks(hd)).zip(drow[..2 * c].chunks(hd)) {
                         backward_row(r, d, None, eps, o, &mut []);
@@ -214,6 +214,16 @@ impl CustomOp1 for QkNormOp {
         })?;
         Ok(Some(Tensor::from_vec(dx, x.shape(), x.device())?))
     }
+}
+
+/// [`fused_rms_norm`] with a weight, as a stage of a residual chain (`kernels::residual`).
+pub(crate) fn stage(w: &Tensor, eps: f64) -> crate::kernels::residual::Stage {
+    crate::kernels::residual::Stage::Op2(Box::new(RmsNormOp { eps: eps as f32 }), w.clone())
+}
+
+/// [`fused_qk_norm`] on a qkv tensor of width 3 `c`, as a stage of a residual chain.
+pub(crate) fn qk_stage(c: usize, head_dim: usize, eps: f64) -> crate::kernels::residual::Stage {
+    crate::kernels::residual::Stage::Op1(Box::new(QkNormOp { eps: eps as f32, c, head_dim }))
 }
 
 /// QK-norm of an f32 CPU qkv tensor [.., 3C] with heads of `head_dim`.

@@ -13,7 +13,8 @@ use rand::{rngs::StdRng, SeedableRng};
 use crate::config::{Activation, GPTConfig, NormType};
 use crate::error::{input_err, Result};
 use crate::kernels::attention::{self, CausalMask};
-use crate::kernels::Precision;
+use crate::kernels::residual::Stage;
+use crate::kernels::{self, Precision};
 use crate::grad_sink::GradSink;
 use crate::moe::{MoeCtx, MoeLayer, MoeStats, Routing};
 use crate::moe_parallel::ExpertShard;
@@ -45,6 +46,16 @@ impl Norm {
     fn detached(&self) -> Self {
         Norm { w: self.w.detach(), b: self.b.as_ref().map(Tensor::detach), eps: self.eps, kind: self.kind }
     }
+    /// The norm as stages of a residual chain, when its tensors are f32.
+    fn stages(&self) -> Option<Vec<Stage>> {
+        if self.w.dtype() != DType::F32 || self.b.as_ref().is_some_and(|b| b.dtype() != DType::F32) {
+            return None;
+        }
+        Some(match self.kind {
+            NormType::LayerNorm => kernels::layer_norm::stages(&self.w, self.b.as_ref(), self.eps),
+            NormType::RmsNorm => vec![kernels::rms_norm::stage(&self.w, self.eps)],
+        })
+    }
 }
 
 struct Linear {
@@ -61,6 +72,15 @@ impl Linear {
     }
     fn detached(&self) -> Self {
         Linear { w: self.w.detached(), b: self.b.as_ref().map(Tensor::detach) }
+    }
+    /// The layer as stages of a residual chain, when its weights are f32 [out, in] tensors.
+    fn stages(&self, prec: Precision) -> Option<Vec<Stage>> {
+        match (&self.w, &self.b) {
+            (Mat::Dense(w), b) if w.dtype() == DType::F32 && b.as_ref().is_none_or(|b| b.dtype() == DType::F32) => {
+                Some(kernels::linear::stages(w, b.as_ref(), prec))
+            }
+            _ => None,
+        }
     }
 }
 
@@ -254,6 +274,15 @@ fn add(acc: &mut Option<Tensor>, x: Tensor) -> Result<()> {
     Ok(())
 }
 
+/// The gradient sink a block's residual branches deposit their weights' gradients in when
+/// they run as one chain node each (`kernels::residual`): passes that will go through
+/// [`GradSink::backward`], on f32 CPU activations, without dropout (which the chains leave
+/// out). None: the branches run op by op.
+fn chain_sink<'a>(x: &Tensor, ctx: &Ctx<'a>) -> Option<&'a GradSink> {
+    let dropout = ctx.training && ctx.cfg.dropout > 0.0;
+    (x.dtype() == DType::F32 && x.device().is_cpu() && !dropout).then_some(ctx.sink).flatten()
+}
+
 struct Block {
     ln_1: Norm,
     attn: CausalSelfAttention,
@@ -276,12 +305,48 @@ impl Block {
     }
 
     fn forward(&self, x: &Tensor, mask: &Mask, cache: Option<&mut Option<LayerKv>>, ctx: &mut Ctx, moe: &mut MoeTotals) -> Result<Tensor> {
-        let x = (x + self.attn.forward(&self.ln_1.forward(x)?, mask, cache, ctx)?)?;
+        let chained = match (cache.is_none(), chain_sink(x, ctx)) {
+            (true, Some(sink)) => self.attn_stages(mask, ctx.prec).map(|s| (s, sink)),
+            _ => None,
+        };
+        let x = match chained {
+            Some((stages, sink)) => kernels::residual::residual(x, stages, sink)?,
+            None => (x + self.attn.forward(&self.ln_1.forward(x)?, mask, cache, ctx)?)?,
+        };
         self.mlp_residual(x, ctx, moe)
+    }
+
+    /// ln_1, c_attn, QK-norm, attention and c_proj as a residual chain's stages (f32 weights).
+    fn attn_stages(&self, mask: &Mask, prec: Precision) -> Option<Vec<Stage>> {
+        let a = &self.attn;
+        let c = a.c_proj.w.dense().ok()?.dim(0).ok()?;
+        let mut s = self.ln_1.stages()?;
+        s.extend(a.c_attn.stages(prec)?);
+        if a.qk_norm {
+            s.push(kernels::rms_norm::qk_stage(c, c / a.n_head, nn::QK_NORM_EPS));
+        }
+        s.push(kernels::attention::stage(a.n_head, mask.causal.clone()));
+        s.extend(a.c_proj.stages(prec)?);
+        Some(s)
+    }
+
+    /// ln_2, c_fc, the activation and c_proj of a dense MLP as a residual chain's stages.
+    fn mlp_stages(&self, prec: Precision) -> Option<Vec<Stage>> {
+        let Mlp::Dense { c_fc, c_proj, act } = &self.mlp else { return None };
+        let mut s = self.ln_2.stages()?;
+        s.extend(c_fc.stages(prec)?);
+        s.push(kernels::gelu::stage(*act));
+        s.extend(c_proj.stages(prec)?);
+        Some(s)
     }
 
     /// x + mlp(ln_2(x)): the second half of a block.
     fn mlp_residual(&self, x: Tensor, ctx: &mut Ctx, moe: &mut MoeTotals) -> Result<Tensor> {
+        if let Some(sink) = chain_sink(&x, ctx) {
+            if let Some(stages) = self.mlp_stages(ctx.prec) {
+                return kernels::residual::residual(&x, stages, sink);
+            }
+        }
         let h = self.ln_2.forward(&x)?;
         let y = match &self.mlp {
             Mlp::Dense { c_fc, c_proj, act } => {
