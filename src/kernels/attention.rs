@@ -17,7 +17,7 @@ use rayon::prelude::*;
 
 use crate::error::Result;
 use crate::kernels::math::{self, multiversion};
-use crate::kernels::{contiguous_f32, mm, with_f32};
+use crate::kernels::{contiguous_f32, gemm_f32, mm, with_f32};
 
 const NAME: &str = "fused attention";
 
@@ -64,23 +64,26 @@ unsafe impl Send for Out {}
 unsafe impl Sync for Out {}
 
 
-/// Probabilities of the scores in `s` (one [tq, tk] block, in place) for row b. Returns each
-/// row's log-sum-exp, or uses the given one (backward) instead of recomputing it.
+/// Probabilities of the scores in `s` (queries i0.. of row b, as many as `lse` has, against
+/// the first `w` keys: [lse.len(), w], in place; every query sees only keys below w). Returns
+/// each row's log-sum-exp, or uses the given one (backward) instead of recomputing it.
 #[inline(always)]
-fn softmax_rows_body(s: &mut [f32], b: usize, d: Dims, mask: &CausalMask, scale: f32, lse: &mut [f32], given: bool) {
-    for i in 0..d.tq {
-        let row = &mut s[i * d.tk..(i + 1) * d.tk];
-        let (lo, hi) = mask.range(b, i, d.tk);
+#[allow(clippy::too_many_arguments)]
+fn softmax_rows_body(s: &mut [f32], w: usize, i0: usize, b: usize, d: Dims, mask: &CausalMask, scale: f32, lse: &mut [f32], given: bool) {
+    for (r, lse) in lse.iter_mut().enumerate() {
+        let row = &mut s[r * w..(r + 1) * w];
+        let (lo, hi) = mask.range(b, i0 + r, d.tk);
         if lo >= hi {
+            // No visible key: uniform over all tk keys (the composite version's finite fill).
             row.fill(1.0 / d.tk as f32);
-            lse[i] = f32::NAN;
+            *lse = f32::NAN;
             continue;
         }
         row[..lo].fill(0.0);
         row[hi..].fill(0.0);
         let vis = &mut row[lo..hi];
         if given {
-            let l = lse[i];
+            let l = *lse;
             vis.iter_mut().for_each(|v| *v = math::exp(*v * scale - l));
         } else {
             let max = math::max(vis) * scale;
@@ -88,20 +91,22 @@ fn softmax_rows_body(s: &mut [f32], b: usize, d: Dims, mask: &CausalMask, scale:
             let sum = math::sum(vis);
             let inv = 1.0 / sum;
             vis.iter_mut().for_each(|v| *v *= inv);
-            lse[i] = max + sum.ln();
+            *lse = max + sum.ln();
         }
     }
 }
 
-multiversion!(fn softmax_rows(s: &mut [f32], b: usize, d: Dims, mask: &CausalMask, scale: f32, lse: &mut [f32], given: bool) => softmax_rows_body);
+multiversion!(fn softmax_rows(s: &mut [f32], w: usize, i0: usize, b: usize, d: Dims, mask: &CausalMask, scale: f32, lse: &mut [f32], given: bool) => softmax_rows_body);
 
-/// dS = P * (dP - rowsum(dP * P)) * scale in place of dP, zero outside the visible keys.
+/// dS = P * (dP - rowsum(dP * P)) * scale in place of dP, zero outside the visible keys
+/// (`rows` queries from i0, `w` keys, as in `softmax_rows`).
 #[inline(always)]
-fn softmax_grad_rows_body(ds: &mut [f32], p: &[f32], b: usize, d: Dims, mask: &CausalMask, scale: f32) {
-    for i in 0..d.tq {
-        let (lo, hi) = mask.range(b, i, d.tk);
-        let prow = &p[i * d.tk..(i + 1) * d.tk];
-        let srow = &mut ds[i * d.tk..(i + 1) * d.tk];
+#[allow(clippy::too_many_arguments)]
+fn softmax_grad_rows_body(ds: &mut [f32], p: &[f32], w: usize, i0: usize, rows: usize, b: usize, d: Dims, mask: &CausalMask, scale: f32) {
+    for r in 0..rows {
+        let (lo, hi) = mask.range(b, i0 + r, d.tk);
+        let prow = &p[r * w..(r + 1) * w];
+        let srow = &mut ds[r * w..(r + 1) * w];
         if lo >= hi {
             srow.fill(0.0);
             continue;
@@ -121,7 +126,29 @@ fn softmax_grad_rows_body(ds: &mut [f32], p: &[f32], b: usize, d: Dims, mask: &C
     }
 }
 
-multiversion!(fn softmax_grad_rows(ds: &mut [f32], p: &[f32], b: usize, d: Dims, mask: &CausalMask, scale: f32) => softmax_grad_rows_body);
+multiversion!(fn softmax_grad_rows(ds: &mut [f32], p: &[f32], w: usize, i0: usize, rows: usize, b: usize, d: Dims, mask: &CausalMask, scale: f32) => softmax_grad_rows_body);
+
+/// [`mm`] adding to dst.
+#[allow(clippy::too_many_arguments)]
+unsafe fn mm_add(m: usize, n: usize, k: usize, dst: *mut f32, dst_rs: usize, lhs: *const f32, lhs_rs: usize, lhs_cs: usize, rhs: *const f32, rhs_rs: usize, rhs_cs: usize, alpha: f32, threads: usize) {
+    gemm_f32(m, n, k, dst, dst_rs, true, lhs, lhs_rs, lhs_cs, rhs, rhs_rs, rhs_cs, alpha, threads)
+}
+
+/// Queries per chunk of a (batch row, head) task. A chunk's products run over the keys its
+/// last query may see, so causal attention skips the blocks above the diagonal: at T = 256
+/// 10 of 16 blocks are computed, at T = 1024 136 of 256.
+const QCHUNK: usize = 64;
+
+/// The query chunks [i0, i1) of batch row b's tasks and the keys each needs: its last
+/// query's bound, or all keys when a query of the chunk sees none (a left-padding position
+/// attends uniformly to every key).
+fn chunks(d: Dims, mask: &CausalMask, b: usize) -> impl DoubleEndedIterator<Item = (usize, usize, usize)> + '_ {
+    (0..d.tq.div_ceil(QCHUNK)).map(move |c| {
+        let (i0, i1) = (c * QCHUNK, ((c + 1) * QCHUNK).min(d.tq));
+        let (lo, hi) = mask.range(b, i0, d.tk);
+        (i0, i1, if lo >= hi { d.tk } else { (mask.past + i1).min(d.tk) })
+    })
+}
 
 /// y [B, tq, C] (and the [B, H, tq] log-sum-exp) from q, k, v.
 #[allow(clippy::too_many_arguments)]
@@ -132,15 +159,19 @@ fn forward(qd: &[f32], q: View, kd: &[f32], k: View, vd: &[f32], v: View, d: Dim
     let yp = Out(y.as_mut_ptr());
     lse.par_chunks_mut(d.tq).enumerate().for_each(|(task, lse)| {
         let (b, h) = (task / d.h, task % d.h);
-        let mut s = vec![0f32; d.tq * d.tk];
-        unsafe {
-            let qp = qd.as_ptr().add(q.off + b * q.bs + h * d.hd);
-            let kp = kd.as_ptr().add(k.off + b * k.bs + h * d.hd);
-            let vp = vd.as_ptr().add(v.off + b * v.bs + h * d.hd);
-            mm(d.tq, d.tk, d.hd, s.as_mut_ptr(), d.tk, qp, q.rs, 1, kp, 1, k.rs, 1.0, 1);
-            softmax_rows(&mut s, b, d, mask, scale, lse, false);
-            let yp = &yp;
-            mm(d.tq, d.hd, d.tk, yp.0.add(b * d.tq * c + h * d.hd), c, s.as_ptr(), d.tk, 1, vp, v.rs, 1, 1.0, 1);
+        let mut s = vec![0f32; QCHUNK.min(d.tq) * d.tk];
+        for (i0, i1, w) in chunks(d, mask, b) {
+            let rows = i1 - i0;
+            unsafe {
+                let qp = qd.as_ptr().add(q.off + b * q.bs + i0 * q.rs + h * d.hd);
+                let kp = kd.as_ptr().add(k.off + b * k.bs + h * d.hd);
+                let vp = vd.as_ptr().add(v.off + b * v.bs + h * d.hd);
+                // S = Q K^T over the keys the chunk sees, P = softmax(S), Y = P V.
+                mm(rows, w, d.hd, s.as_mut_ptr(), w, qp, q.rs, 1, kp, 1, k.rs, 1.0, 1);
+                softmax_rows(&mut s, w, i0, b, d, mask, scale, &mut lse[i0..i1], false);
+                let yp = &yp;
+                mm(rows, d.hd, w, yp.0.add(b * d.tq * c + i0 * c + h * d.hd), c, s.as_ptr(), w, 1, vp, v.rs, 1, 1.0, 1);
+            }
         }
     });
     (y, lse)
@@ -204,24 +235,39 @@ impl CustomOp1 for CausalAttention {
                 (0..d.b * d.h).into_par_iter().for_each(|task| {
                     let (b, h) = (task / d.h, task % d.h);
                     let mut lse_row = lse[task * d.tq..(task + 1) * d.tq].to_vec();
-                    let mut p = vec![0f32; d.tq * d.tk];
-                    let mut ds = vec![0f32; d.tq * d.tk];
-                    unsafe {
-                        let head = |w: View| b * w.bs + w.off + h * d.hd;
-                        let (qp, kp, vp) = (x.as_ptr().add(head(q)), x.as_ptr().add(head(k)), x.as_ptr().add(head(v)));
-                        let dop = dy.as_ptr().add(b * d.tq * c + h * d.hd);
-                        let out = dp_out;
-                        let (dq, dk, dv) = (out.0.add(head(q)), out.0.add(head(k)), out.0.add(head(v)));
-                        mm(d.tq, d.tk, d.hd, p.as_mut_ptr(), d.tk, qp, q.rs, 1, kp, 1, k.rs, 1.0, 1);
-                        softmax_rows(&mut p, b, d, &self.mask, scale, &mut lse_row, true);
-                        // dV = P^T dO
-                        mm(d.tk, d.hd, d.tq, dv, v.rs, p.as_ptr(), 1, d.tk, dop, c, 1, 1.0, 1);
-                        // dP = dO V^T
-                        mm(d.tq, d.tk, d.hd, ds.as_mut_ptr(), d.tk, dop, c, 1, vp, 1, v.rs, 1.0, 1);
-                        softmax_grad_rows(&mut ds, &p, b, d, &self.mask, scale);
-                        // dQ = dS K, dK = dS^T Q
-                        mm(d.tq, d.hd, d.tk, dq, q.rs, ds.as_ptr(), d.tk, 1, kp, k.rs, 1, 1.0, 1);
-                        mm(d.tk, d.hd, d.tq, dk, k.rs, ds.as_ptr(), 1, d.tk, qp, q.rs, 1, 1.0, 1);
+                    let mut p = vec![0f32; QCHUNK.min(d.tq) * d.tk];
+                    let mut ds = vec![0f32; QCHUNK.min(d.tq) * d.tk];
+                    let head = |w: View| b * w.bs + w.off + h * d.hd;
+                    // The last chunk first: it sees every key (no cache here, so tq = tk) and
+                    // writes all of dK and dV; earlier chunks add to the keys they see.
+                    let mut first = true;
+                    for (i0, i1, w) in chunks(d, &self.mask, b).rev() {
+                        let rows = i1 - i0;
+                        let (overwrite, zero) = (first && w == d.tk, first && w < d.tk);
+                        first = false;
+                        unsafe {
+                            let (qp, kp, vp) = (x.as_ptr().add(head(q) + i0 * q.rs), x.as_ptr().add(head(k)), x.as_ptr().add(head(v)));
+                            let dop = dy.as_ptr().add(b * d.tq * c + i0 * c + h * d.hd);
+                            let out = dp_out;
+                            let (dq, dk, dv) = (out.0.add(head(q) + i0 * q.rs), out.0.add(head(k)), out.0.add(head(v)));
+                            if zero {
+                                for t in 0..d.tk {
+                                    std::ptr::write_bytes(dk.add(t * k.rs), 0, d.hd);
+                                    std::ptr::write_bytes(dv.add(t * v.rs), 0, d.hd);
+                                }
+                            }
+                            mm(rows, w, d.hd, p.as_mut_ptr(), w, qp, q.rs, 1, kp, 1, k.rs, 1.0, 1);
+                            softmax_rows(&mut p, w, i0, b, d, &self.mask, scale, &mut lse_row[i0..i1], true);
+                            // dV (+)= P^T dO
+                            let kv_mm = if overwrite { mm } else { mm_add };
+                            kv_mm(w, d.hd, rows, dv, v.rs, p.as_ptr(), 1, w, dop, c, 1, 1.0, 1);
+                            // dP = dO V^T
+                            mm(rows, w, d.hd, ds.as_mut_ptr(), w, dop, c, 1, vp, 1, v.rs, 1.0, 1);
+                            softmax_grad_rows(&mut ds, &p, w, i0, rows, b, d, &self.mask, scale);
+                            // dQ = dS K, dK (+)= dS^T Q
+                            mm(rows, d.hd, w, dq, q.rs, ds.as_ptr(), w, 1, kp, k.rs, 1, 1.0, 1);
+                            kv_mm(w, d.hd, rows, dk, k.rs, ds.as_ptr(), 1, w, qp, q.rs, 1, 1.0, 1);
+                        }
                     }
                 });
                 Ok(dx)

@@ -455,45 +455,50 @@ mod tests {
         use crate::kernels::attention::{cached_attention, causal_attention, CausalMask};
         use rand::{rngs::StdRng, Rng, SeedableRng};
         let mut rng = StdRng::seed_from_u64(2);
-        let (b, tl, h, hd) = (3, 11, 4, 8);
+        let (b, h, hd) = (3, 4, 8);
         let c = h * hd;
         let max = |a: &Tensor, b: &Tensor| (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
-        let data: Vec<f32> = (0..b * tl * 3 * c).map(|_| rng.random_range(-2.0..2.0)).collect();
-        let gd: Vec<f32> = (0..b * tl * c).map(|_| rng.random_range(-1.0..1.0)).collect();
-        let gy = t(&gd, &[b, tl, c]);
-        // No padding; then left padding with a fully padded query row (row 1 pads 4).
-        for pad in [None, Some(vec![0usize, 4, 10])] {
-            let qkv = Var::from_tensor(&t(&data, &[b, tl, 3 * c])).unwrap();
-            let mask = CausalMask { past: 0, pad: pad.clone() };
-            let fused = causal_attention(&qkv, h, mask).unwrap();
-            let rows = if pad.is_some() { b } else { 1 };
-            let mt = mask_tensor(rows, tl, tl, pad.as_deref().unwrap_or(&[]));
-            let (q, k, v) = (qkv.narrow(2, 0, c).unwrap(), qkv.narrow(2, c, c).unwrap(), qkv.narrow(2, 2 * c, c).unwrap());
-            let comp = attention_composite(&q, &k, &v, h, &mt, None).unwrap();
-            let dv = max(&fused, &comp);
-            assert!(dv < 1e-5, "pad {pad:?}: values differ by {dv}");
-            let gf = fused.mul(&gy).unwrap().sum_all().unwrap().backward().unwrap();
-            let gc = comp.mul(&gy).unwrap().sum_all().unwrap().backward().unwrap();
-            let (gf, gc) = (gf.get(&qkv).unwrap(), gc.get(&qkv).unwrap());
-            let dg = max(gf, gc);
-            assert!(dg < 1e-5, "pad {pad:?}: gradients differ by {dg}");
-            assert!(gf.abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap() > 1.0);
+        // 11 positions: one query chunk; 150: three (the kernel computes each chunk over the
+        // keys its last query sees), with left padding that covers whole chunks and ends
+        // inside one. Fully padded query rows included.
+        for (tl, pads) in [(11, vec![0usize, 4, 10]), (150, vec![0usize, 70, 129])] {
+            let data: Vec<f32> = (0..b * tl * 3 * c).map(|_| rng.random_range(-2.0..2.0)).collect();
+            let gd: Vec<f32> = (0..b * tl * c).map(|_| rng.random_range(-1.0..1.0)).collect();
+            let gy = t(&gd, &[b, tl, c]);
+            for pad in [None, Some(pads)] {
+                let qkv = Var::from_tensor(&t(&data, &[b, tl, 3 * c])).unwrap();
+                let mask = CausalMask { past: 0, pad: pad.clone() };
+                let fused = causal_attention(&qkv, h, mask).unwrap();
+                let rows = if pad.is_some() { b } else { 1 };
+                let mt = mask_tensor(rows, tl, tl, pad.as_deref().unwrap_or(&[]));
+                let (q, k, v) = (qkv.narrow(2, 0, c).unwrap(), qkv.narrow(2, c, c).unwrap(), qkv.narrow(2, 2 * c, c).unwrap());
+                let comp = attention_composite(&q, &k, &v, h, &mt, None).unwrap();
+                let dv = max(&fused, &comp);
+                assert!(dv < 1e-5, "{tl} positions, pad {pad:?}: values differ by {dv}");
+                let gf = fused.mul(&gy).unwrap().sum_all().unwrap().backward().unwrap();
+                let gc = comp.mul(&gy).unwrap().sum_all().unwrap().backward().unwrap();
+                let (gf, gc) = (gf.get(&qkv).unwrap(), gc.get(&qkv).unwrap());
+                let dg = max(gf, gc);
+                assert!(dg < 1e-5, "{tl} positions, pad {pad:?}: gradients differ by {dg}");
+                assert!(gf.abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap() > 1.0);
+            }
         }
-        // Cached keys: 4 new queries after 7 cached positions, with padding.
-        let (tq, tk) = (4, 11);
-        let r = |n: usize, rng: &mut StdRng| -> Vec<f32> { (0..n).map(|_| rng.random_range(-2.0..2.0)).collect() };
-        let q = t(&r(b * tq * c, &mut rng), &[b, tq, c]);
-        let k = t(&r(b * tk * c, &mut rng), &[b, tk, c]);
-        let v = t(&r(b * tk * c, &mut rng), &[b, tk, c]);
-        let pad = vec![0usize, 3, 9];
-        let fused = cached_attention(&q, &k, &v, tk, h, &CausalMask { past: tk - tq, pad: Some(pad.clone()) }).unwrap();
-        // The same keys at the front of larger buffers (a KV cache with spare capacity).
-        let spare = |x: &Tensor| Tensor::cat(&[x, &t(&r(b * 5 * c, &mut StdRng::seed_from_u64(9)), &[b, 5, c])], 1).unwrap();
-        let in_buffers = cached_attention(&q, &spare(&k), &spare(&v), tk, h, &CausalMask { past: tk - tq, pad: Some(pad.clone()) }).unwrap();
-        assert_eq!(max(&fused, &in_buffers), 0.0);
-        let comp = attention_composite(&q, &k, &v, h, &mask_tensor(b, tq, tk, &pad), None).unwrap();
-        let d = max(&fused, &comp);
-        assert!(d < 1e-5, "cached: values differ by {d}");
+        // Cached keys: 4 new queries after 7 cached positions, and 100 (two chunks) after 50,
+        // with padding.
+        for (tq, tk, pad) in [(4, 11, vec![0usize, 3, 9]), (100, 150, vec![0usize, 60, 120])] {
+            let r = |n: usize, rng: &mut StdRng| -> Vec<f32> { (0..n).map(|_| rng.random_range(-2.0..2.0)).collect() };
+            let q = t(&r(b * tq * c, &mut rng), &[b, tq, c]);
+            let k = t(&r(b * tk * c, &mut rng), &[b, tk, c]);
+            let v = t(&r(b * tk * c, &mut rng), &[b, tk, c]);
+            let fused = cached_attention(&q, &k, &v, tk, h, &CausalMask { past: tk - tq, pad: Some(pad.clone()) }).unwrap();
+            // The same keys at the front of larger buffers (a KV cache with spare capacity).
+            let spare = |x: &Tensor| Tensor::cat(&[x, &t(&r(b * 5 * c, &mut StdRng::seed_from_u64(9)), &[b, 5, c])], 1).unwrap();
+            let in_buffers = cached_attention(&q, &spare(&k), &spare(&v), tk, h, &CausalMask { past: tk - tq, pad: Some(pad.clone()) }).unwrap();
+            assert_eq!(max(&fused, &in_buffers), 0.0);
+            let comp = attention_composite(&q, &k, &v, h, &mask_tensor(b, tq, tk, &pad), None).unwrap();
+            let d = max(&fused, &comp);
+            assert!(d < 1e-5, "{tq} queries after {}: values differ by {d}", tk - tq);
+        }
     }
 
     #[test]
