@@ -34,9 +34,12 @@ fn gelu_tanh_grad(x: f32) -> f32 {
     0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * SQRT_2_OVER_PI * (1.0 + 3.0 * 0.044715 * x * x)
 }
 
+/// Phi(x) + x phi(x), with the one exp(-x^2 / 2) that erf(x / sqrt 2) and phi share.
 #[inline(always)]
 fn gelu_erf_grad(x: f32) -> f32 {
-    0.5 * (1.0 + math::erf(x * INV_SQRT_2)) + x * math::exp(-0.5 * x * x) * INV_SQRT_2PI
+    let a = (x * INV_SQRT_2).abs();
+    let e = math::exp(-a * a);
+    0.5 * (1.0 + math::erf_with_exp(a, e).copysign(x)) + x * e * INV_SQRT_2PI
 }
 
 // Plain index loops: with iterator adapters (a zip of zips) LLVM kept the adapter's `fold`

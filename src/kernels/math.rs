@@ -42,9 +42,15 @@ pub fn tanh(x: f32) -> f32 {
 #[inline(always)]
 pub fn erf(x: f32) -> f32 {
     let a = x.abs();
+    erf_with_exp(a, exp(-a * a)).copysign(x)
+}
+
+/// erf(a) for a >= 0 given e = exp(-a^2) (for callers that need that exponential too).
+#[inline(always)]
+pub fn erf_with_exp(a: f32, e: f32) -> f32 {
     let t = 1.0 / (1.0 + 0.327_591_1 * a);
     let poly = ((((1.061_405_4 * t - 1.453_152_1) * t + 1.421_413_7) * t - 0.284_496_74) * t + 0.254_829_6) * t;
-    (1.0 - poly * exp(-a * a)).copysign(x)
+    1.0 - poly * e
 }
 
 /// Sum with 16 independent lanes (so that the loop vectorizes; the order of additions
