@@ -139,6 +139,43 @@ unsafe fn mm_add(m: usize, n: usize, k: usize, dst: *mut f32, dst_rs: usize, lhs
 /// 10 of 16 blocks are computed, at T = 1024 136 of 256.
 const QCHUNK: usize = 64;
 
+/// Queries from which a forward task transposes its keys first (see [`Transposed`]); a
+/// decoding step's one query reads the cache in place.
+const TRANSPOSE_FROM: usize = 16;
+
+/// One head's keys (or values) [tk, hd] as the right operand of S = Q K^T: transposed into
+/// a row-major [hd, tk] scratch when the task has at least `from` queries, else read in
+/// place. The gemm crate packs a transposed operand element by element; a task's chunks
+/// reuse the one 8 x 8-block transpose (`transpose`).
+enum Transposed<'a> {
+    Copy(Vec<f32>, usize),
+    InPlace(&'a [f32], usize),
+}
+
+impl<'a> Transposed<'a> {
+    fn of(data: &'a [f32], off: usize, rs: usize, d: Dims, from: usize) -> Self {
+        if d.tq < from || d.tk == 0 {
+            return Transposed::InPlace(&data[off..], rs);
+        }
+        let ld = crate::kernels::transpose::padded_stride(d.tk);
+        let mut t = vec![0f32; d.hd * ld];
+        crate::kernels::transpose::transpose(d.tk, d.hd, &data[off..], rs, &mut t, ld);
+        Transposed::Copy(t, ld)
+    }
+
+    /// dst [rows, w] (row stride w) = lhs [rows, hd] (row stride lrs) times the first w keys,
+    /// transposed.
+    ///
+    /// # Safety
+    /// lhs must cover rows x hd elements at its stride, dst rows x w, and w must be at most tk.
+    unsafe fn rhs_product(&self, rows: usize, w: usize, hd: usize, dst: *mut f32, lhs: *const f32, lrs: usize) {
+        match self {
+            Transposed::Copy(t, ld) => mm(rows, w, hd, dst, w, lhs, lrs, 1, t.as_ptr(), *ld, 1, 1.0, 1),
+            Transposed::InPlace(k, rs) => mm(rows, w, hd, dst, w, lhs, lrs, 1, k.as_ptr(), 1, *rs, 1.0, 1),
+        }
+    }
+}
+
 /// The query chunks [i0, i1) of batch row b's tasks and the keys each needs: its last
 /// query's bound, or all keys when a query of the chunk sees none (a left-padding position
 /// attends uniformly to every key).
@@ -160,14 +197,14 @@ fn forward(qd: &[f32], q: View, kd: &[f32], k: View, vd: &[f32], v: View, d: Dim
     lse.par_chunks_mut(d.tq).enumerate().for_each(|(task, lse)| {
         let (b, h) = (task / d.h, task % d.h);
         let mut s = vec![0f32; QCHUNK.min(d.tq) * d.tk];
+        let kt = Transposed::of(kd, k.off + b * k.bs + h * d.hd, k.rs, d, TRANSPOSE_FROM);
         for (i0, i1, w) in chunks(d, mask, b) {
             let rows = i1 - i0;
             unsafe {
                 let qp = qd.as_ptr().add(q.off + b * q.bs + i0 * q.rs + h * d.hd);
-                let kp = kd.as_ptr().add(k.off + b * k.bs + h * d.hd);
                 let vp = vd.as_ptr().add(v.off + b * v.bs + h * d.hd);
                 // S = Q K^T over the keys the chunk sees, P = softmax(S), Y = P V.
-                mm(rows, w, d.hd, s.as_mut_ptr(), w, qp, q.rs, 1, kp, 1, k.rs, 1.0, 1);
+                kt.rhs_product(rows, w, d.hd, s.as_mut_ptr(), qp, q.rs);
                 softmax_rows(&mut s, w, i0, b, d, mask, scale, &mut lse[i0..i1], false);
                 let yp = &yp;
                 mm(rows, d.hd, w, yp.0.add(b * d.tq * c + i0 * c + h * d.hd), c, s.as_ptr(), w, 1, vp, v.rs, 1, 1.0, 1);
@@ -238,6 +275,8 @@ impl CustomOp1 for CausalAttention {
                     let mut p = vec![0f32; QCHUNK.min(d.tq) * d.tk];
                     let mut ds = vec![0f32; QCHUNK.min(d.tq) * d.tk];
                     let head = |w: View| b * w.bs + w.off + h * d.hd;
+                    let kt = Transposed::of(x, head(k), k.rs, d, 1);
+                    let vt = Transposed::of(x, head(v), v.rs, d, 1);
                     // The last chunk first: it sees every key (no cache here, so tq = tk) and
                     // writes all of dK and dV; earlier chunks add to the keys they see.
                     let mut first = true;
@@ -246,7 +285,7 @@ impl CustomOp1 for CausalAttention {
                         let (overwrite, zero) = (first && w == d.tk, first && w < d.tk);
                         first = false;
                         unsafe {
-                            let (qp, kp, vp) = (x.as_ptr().add(head(q) + i0 * q.rs), x.as_ptr().add(head(k)), x.as_ptr().add(head(v)));
+                            let (qp, kp) = (x.as_ptr().add(head(q) + i0 * q.rs), x.as_ptr().add(head(k)));
                             let dop = dy.as_ptr().add(b * d.tq * c + i0 * c + h * d.hd);
                             let out = dp_out;
                             let (dq, dk, dv) = (out.0.add(head(q) + i0 * q.rs), out.0.add(head(k)), out.0.add(head(v)));
@@ -256,13 +295,13 @@ impl CustomOp1 for CausalAttention {
                                     std::ptr::write_bytes(dv.add(t * v.rs), 0, d.hd);
                                 }
                             }
-                            mm(rows, w, d.hd, p.as_mut_ptr(), w, qp, q.rs, 1, kp, 1, k.rs, 1.0, 1);
+                            kt.rhs_product(rows, w, d.hd, p.as_mut_ptr(), qp, q.rs);
                             softmax_rows(&mut p, w, i0, b, d, &self.mask, scale, &mut lse_row[i0..i1], true);
                             // dV (+)= P^T dO
                             let kv_mm = if overwrite { mm } else { mm_add };
                             kv_mm(w, d.hd, rows, dv, v.rs, p.as_ptr(), 1, w, dop, c, 1, 1.0, 1);
                             // dP = dO V^T
-                            mm(rows, w, d.hd, ds.as_mut_ptr(), w, dop, c, 1, vp, 1, v.rs, 1.0, 1);
+                            vt.rhs_product(rows, w, d.hd, ds.as_mut_ptr(), dop, c);
                             softmax_grad_rows(&mut ds, &p, w, i0, rows, b, d, &self.mask, scale);
                             // dQ = dS K, dK (+)= dS^T Q
                             mm(rows, d.hd, w, dq, q.rs, ds.as_ptr(), w, 1, kp, k.rs, 1, 1.0, 1);
