@@ -274,6 +274,8 @@ impl CustomOp1 for CausalAttention {
                     let mut lse_row = lse[task * d.tq..(task + 1) * d.tq].to_vec();
                     let mut p = vec![0f32; QCHUNK.min(d.tq) * d.tk];
                     let mut ds = vec![0f32; QCHUNK.min(d.tq) * d.tk];
+                    // P^T and dS^T of a chunk, the left operands of dV and dK (see `Transposed`).
+                    let mut t = vec![0f32; crate::kernels::transpose::padded_stride(QCHUNK.min(d.tq)) * d.tk];
                     let head = |w: View| b * w.bs + w.off + h * d.hd;
                     let kt = Transposed::of(x, head(k), k.rs, d, 1);
                     let vt = Transposed::of(x, head(v), v.rs, d, 1);
@@ -299,13 +301,16 @@ impl CustomOp1 for CausalAttention {
                             softmax_rows(&mut p, w, i0, b, d, &self.mask, scale, &mut lse_row[i0..i1], true);
                             // dV (+)= P^T dO
                             let kv_mm = if overwrite { mm } else { mm_add };
-                            kv_mm(w, d.hd, rows, dv, v.rs, p.as_ptr(), 1, w, dop, c, 1, 1.0, 1);
+                            let ldt = crate::kernels::transpose::padded_stride(rows);
+                            crate::kernels::transpose::transpose(rows, w, &p, w, &mut t, ldt);
+                            kv_mm(w, d.hd, rows, dv, v.rs, t.as_ptr(), ldt, 1, dop, c, 1, 1.0, 1);
                             // dP = dO V^T
                             vt.rhs_product(rows, w, d.hd, ds.as_mut_ptr(), dop, c);
                             softmax_grad_rows(&mut ds, &p, w, i0, rows, b, d, &self.mask, scale);
                             // dQ = dS K, dK (+)= dS^T Q
                             mm(rows, d.hd, w, dq, q.rs, ds.as_ptr(), w, 1, kp, k.rs, 1, 1.0, 1);
-                            kv_mm(w, d.hd, rows, dk, k.rs, ds.as_ptr(), 1, w, qp, q.rs, 1, 1.0, 1);
+                            crate::kernels::transpose::transpose(rows, w, &ds, w, &mut t, ldt);
+                            kv_mm(w, d.hd, rows, dk, k.rs, t.as_ptr(), ldt, 1, qp, q.rs, 1, 1.0, 1);
                         }
                     }
                 });
