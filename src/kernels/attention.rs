@@ -67,15 +67,24 @@ unsafe impl Send for Out {}
 unsafe impl Sync for Out {}
 
 
-/// Probabilities of the scores in `s` (queries i0.. of row b, as many as `lse` has, against
-/// the first `w` keys: [lse.len(), w], in place; every query sees only keys below w). Returns
-/// each row's log-sum-exp, or uses the given one (backward) instead of recomputing it.
+/// A block of scores: queries i0..i0 + rows of batch row b against the first w keys, stored
+/// [rows, w] (every query of the block sees only keys below w).
+#[derive(Clone, Copy)]
+struct Block {
+    b: usize,
+    i0: usize,
+    rows: usize,
+    w: usize,
+}
+
+/// Probabilities of the scores in `s` (a [`Block`], in place). Returns each row's
+/// log-sum-exp in `lse`, or uses the given one (backward) instead of recomputing it.
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
-fn softmax_rows_body(s: &mut [f32], w: usize, i0: usize, b: usize, d: Dims, mask: &CausalMask, scale: f32, lse: &mut [f32], given: bool) {
-    for (r, lse) in lse.iter_mut().enumerate() {
+fn softmax_rows_body(s: &mut [f32], blk: Block, d: Dims, mask: &CausalMask, scale: f32, lse: &mut [f32], given: bool) {
+    let w = blk.w;
+    for (r, lse) in lse[..blk.rows].iter_mut().enumerate() {
         let row = &mut s[r * w..(r + 1) * w];
-        let (lo, hi) = mask.range(b, i0 + r, d.tk);
+        let (lo, hi) = mask.range(blk.b, blk.i0 + r, d.tk);
         if lo >= hi {
             // No visible key: uniform over all tk keys (the composite version's finite fill).
             row.fill(1.0 / d.tk as f32);
@@ -99,15 +108,15 @@ fn softmax_rows_body(s: &mut [f32], w: usize, i0: usize, b: usize, d: Dims, mask
     }
 }
 
-multiversion!(fn softmax_rows(s: &mut [f32], w: usize, i0: usize, b: usize, d: Dims, mask: &CausalMask, scale: f32, lse: &mut [f32], given: bool) => softmax_rows_body);
+multiversion!(fn softmax_rows(s: &mut [f32], blk: Block, d: Dims, mask: &CausalMask, scale: f32, lse: &mut [f32], given: bool) => softmax_rows_body);
 
-/// dS = P * (dP - rowsum(dP * P)) * scale in place of dP, zero outside the visible keys
-/// (`rows` queries from i0, `w` keys, as in `softmax_rows`).
+/// dS = P * (dP - rowsum(dP * P)) * scale in place of dP (a [`Block`]), zero outside the
+/// visible keys.
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
-fn softmax_grad_rows_body(ds: &mut [f32], p: &[f32], w: usize, i0: usize, rows: usize, b: usize, d: Dims, mask: &CausalMask, scale: f32) {
-    for r in 0..rows {
-        let (lo, hi) = mask.range(b, i0 + r, d.tk);
+fn softmax_grad_rows_body(ds: &mut [f32], p: &[f32], blk: Block, d: Dims, mask: &CausalMask, scale: f32) {
+    let w = blk.w;
+    for r in 0..blk.rows {
+        let (lo, hi) = mask.range(blk.b, blk.i0 + r, d.tk);
         let prow = &p[r * w..(r + 1) * w];
         let srow = &mut ds[r * w..(r + 1) * w];
         if lo >= hi {
@@ -129,7 +138,7 @@ fn softmax_grad_rows_body(ds: &mut [f32], p: &[f32], w: usize, i0: usize, rows: 
     }
 }
 
-multiversion!(fn softmax_grad_rows(ds: &mut [f32], p: &[f32], w: usize, i0: usize, rows: usize, b: usize, d: Dims, mask: &CausalMask, scale: f32) => softmax_grad_rows_body);
+multiversion!(fn softmax_grad_rows(ds: &mut [f32], p: &[f32], blk: Block, d: Dims, mask: &CausalMask, scale: f32) => softmax_grad_rows_body);
 
 /// [`mm`] adding to dst.
 #[allow(clippy::too_many_arguments)]
@@ -208,7 +217,7 @@ fn forward(qd: &[f32], q: View, kd: &[f32], k: View, vd: &[f32], v: View, d: Dim
                 let vp = vd.as_ptr().add(v.off + b * v.bs + h * d.hd);
                 // S = Q K^T over the keys the chunk sees, P = softmax(S), Y = P V.
                 kt.rhs_product(rows, w, d.hd, s.as_mut_ptr(), qp, q.rs);
-                softmax_rows(&mut s, w, i0, b, d, mask, scale, &mut lse[i0..i1], false);
+                softmax_rows(&mut s, Block { b, i0, rows, w }, d, mask, scale, &mut lse[i0..i1], false);
                 let yp = &yp;
                 mm(rows, d.hd, w, yp.0.add(b * d.tq * c + i0 * c + h * d.hd), c, s.as_ptr(), w, 1, vp, v.rs, 1, 1.0, 1);
             }
@@ -301,7 +310,7 @@ impl CustomOp1 for CausalAttention {
                                 }
                             }
                             kt.rhs_product(rows, w, d.hd, p.as_mut_ptr(), qp, q.rs);
-                            softmax_rows(&mut p, w, i0, b, d, &self.mask, scale, &mut lse_row[i0..i1], true);
+                            softmax_rows(&mut p, Block { b, i0, rows, w }, d, &self.mask, scale, &mut lse_row[i0..i1], true);
                             // dV (+)= P^T dO
                             let kv_mm = if overwrite { mm } else { mm_add };
                             let ldt = crate::kernels::transpose::padded_stride(rows);
@@ -309,7 +318,7 @@ impl CustomOp1 for CausalAttention {
                             kv_mm(w, d.hd, rows, dv, v.rs, t.as_ptr(), ldt, 1, dop, c, 1, 1.0, 1);
                             // dP = dO V^T
                             vt.rhs_product(rows, w, d.hd, ds.as_mut_ptr(), dop, c);
-                            softmax_grad_rows(&mut ds, &p, w, i0, rows, b, d, &self.mask, scale);
+                            softmax_grad_rows(&mut ds, &p, Block { b, i0, rows, w }, d, &self.mask, scale);
                             // dQ = dS K, dK (+)= dS^T Q
                             mm(rows, d.hd, w, dq, q.rs, ds.as_ptr(), w, 1, kp, k.rs, 1, 1.0, 1);
                             crate::kernels::transpose::transpose(rows, w, &ds, w, &mut t, ldt);

@@ -158,6 +158,7 @@ pub(crate) fn written_by(len: usize, fill: impl FnOnce(*mut f32)) -> Vec<f32> {
 /// pass (in a 4 x 256 training step the outputs and gradients of GELU, the norms, attention
 /// and the residual additions were ~150 MB of `memset`, ~2 % of the step). candle allocates
 /// its own op outputs the same way.
+#[allow(clippy::uninit_vec)]
 pub(crate) fn for_overwrite(len: usize) -> Vec<f32> {
     let mut v = Vec::with_capacity(len);
     // SAFETY: the capacity is `len`; f32 has no invalid values, and callers write every
