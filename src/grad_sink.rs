@@ -8,6 +8,9 @@
 //! a sink deposits its weight gradient here and tells candle there is none;
 //! [`GradSink::backward`] runs candle's pass and then moves the deposits into its store.
 //!
+//! Depositors: the experts' products, and the residual chains (`kernels::residual`) that run
+//! a block's branches as one node, for every weight inside them.
+//!
 //! Only graphs built with a sink need [`GradSink::backward`]; a plain `loss.backward()` on
 //! such a graph leaves the deposited weights without gradients.
 

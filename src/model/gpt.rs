@@ -882,9 +882,11 @@ impl GPT {
         self.forward_loss_impl(idx, targets, None)
     }
 
-    /// [`GPT::forward_loss`] for training: the experts' weight gradients go to `sink`
-    /// instead of through candle's accumulation, so take the gradients with
-    /// [`GradSink::backward`] (a plain `loss.backward()` leaves the expert weights without).
+    /// [`GPT::forward_loss`] for training: the gradients of the experts' weights, and of every
+    /// weight inside a block's residual branches (which run as one graph node each, see
+    /// `kernels::residual`), go to `sink` instead of through candle's accumulation, so take
+    /// the gradients with [`GradSink::backward`] (a plain `loss.backward()` leaves those
+    /// weights without).
     pub fn forward_loss_with_sink(&self, idx: &Tensor, targets: &Tensor, sink: &GradSink) -> Result<(Option<Tensor>, Losses, Vec<MoeStats>)> {
         self.forward_loss_impl(idx, targets, Some(sink))
     }
