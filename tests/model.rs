@@ -453,9 +453,14 @@ fn grad_sink_gives_the_same_gradients_as_candles_backward() {
         seed_arch.clone(),
         GPTConfig { n_exp: 1, ..seed_arch },
     ];
-    for cfg in configs {
+    // Mixed precision (bf16 products) too: the chained ops take the pass's precision.
+    let bf16 = [(dense_cfg(), true), (moe_cfg(), true)];
+    for (cfg, half) in configs.into_iter().map(|c| (c, false)).chain(bf16) {
         let mut m = GPT::new_seeded(&cfg, 5, &Device::Cpu).unwrap();
         m.train();
+        if half {
+            m.set_precision(nanomoe::kernels::Precision::Bf16);
+        }
         let x = ids(&[&(0..24).collect::<Vec<u32>>(), &(24..48).collect::<Vec<u32>>()]);
         let y = ids(&[&(1..25).collect::<Vec<u32>>(), &(25..49).collect::<Vec<u32>>()]);
         m.set_seed(9);
@@ -473,6 +478,17 @@ fn grad_sink_gives_the_same_gradients_as_candles_backward() {
             experts += usize::from(name.contains(".experts.c_"));
         }
         assert!(experts >= 2 || cfg.n_exp <= 1, "no expert weights in {cfg:?}");
+        if half {
+            // The precision took effect: f32 products give other gradients.
+            m.set_precision(nanomoe::kernels::Precision::F32);
+            m.set_seed(9);
+            let (loss, _, _) = m.forward_loss(&x, &y).unwrap();
+            let f32_grads = loss.unwrap().backward().unwrap();
+            let w = &m.params().iter().find(|(n, _)| n.ends_with("h.0.attn.c_attn.weight")).expect("c_attn").1;
+            let (a, b) = (f32_grads.get(w).unwrap(), sunk.get(w).unwrap());
+            assert_ne!(a.flatten_all().unwrap().to_vec1::<f32>().unwrap(), b.flatten_all().unwrap().to_vec1::<f32>().unwrap());
+            m.set_precision(nanomoe::kernels::Precision::Bf16);
+        }
         // The contract: a plain backward of a sink graph leaves the sink's weights out (the
         // experts', and every weight inside a block's branches); embeddings, the final norm
         // and the routers stay candle's.
