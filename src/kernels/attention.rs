@@ -140,12 +140,6 @@ fn softmax_grad_rows_body(ds: &mut [f32], p: &[f32], blk: Block, d: Dims, mask: 
 
 multiversion!(fn softmax_grad_rows(ds: &mut [f32], p: &[f32], blk: Block, d: Dims, mask: &CausalMask, scale: f32) => softmax_grad_rows_body);
 
-/// [`mm`] adding to dst.
-#[allow(clippy::too_many_arguments)]
-unsafe fn mm_add(m: usize, n: usize, k: usize, dst: *mut f32, dst_rs: usize, lhs: *const f32, lhs_rs: usize, lhs_cs: usize, rhs: *const f32, rhs_rs: usize, rhs_cs: usize, alpha: f32, threads: usize) {
-    gemm_f32(m, n, k, dst, dst_rs, true, lhs, lhs_rs, lhs_cs, rhs, rhs_rs, rhs_cs, alpha, threads)
-}
-
 /// Queries per chunk of a (batch row, head) task. A chunk's products run over the keys its
 /// last query may see, so causal attention skips the blocks above the diagonal: at T = 256
 /// 10 of 16 blocks are computed, at T = 1024 136 of 256.
@@ -293,36 +287,28 @@ impl CustomOp1 for CausalAttention {
                     let vt = Transposed::of(x, head(v), v.rs, d, 1);
                     // The last chunk first: it sees every key (no cache here, so tq = tk) and
                     // writes all of dK and dV; earlier chunks add to the keys they see.
-                    let mut first = true;
-                    for (i0, i1, w) in chunks(d, &self.mask, b).rev() {
+                    for (n, (i0, i1, w)) in chunks(d, &self.mask, b).rev().enumerate() {
                         let rows = i1 - i0;
-                        let (overwrite, zero) = (first && w == d.tk, first && w < d.tk);
-                        first = false;
+                        let add = n > 0;
+                        debug_assert!(add || w == d.tk, "the last chunk sees every key");
                         unsafe {
                             let (qp, kp) = (x.as_ptr().add(head(q) + i0 * q.rs), x.as_ptr().add(head(k)));
                             let dop = dy.as_ptr().add(b * d.tq * c + i0 * c + h * d.hd);
                             let out = dp_out;
                             let (dq, dk, dv) = (out.0.add(head(q) + i0 * q.rs), out.0.add(head(k)), out.0.add(head(v)));
-                            if zero {
-                                for t in 0..d.tk {
-                                    std::ptr::write_bytes(dk.add(t * k.rs), 0, d.hd);
-                                    std::ptr::write_bytes(dv.add(t * v.rs), 0, d.hd);
-                                }
-                            }
                             kt.rhs_product(rows, w, d.hd, p.as_mut_ptr(), qp, q.rs);
                             softmax_rows(&mut p, Block { b, i0, rows, w }, d, &self.mask, scale, &mut lse_row[i0..i1], true);
                             // dV (+)= P^T dO
-                            let kv_mm = if overwrite { mm } else { mm_add };
                             let ldt = crate::kernels::transpose::padded_stride(rows);
                             crate::kernels::transpose::transpose(rows, w, &p, w, &mut t, ldt);
-                            kv_mm(w, d.hd, rows, dv, v.rs, t.as_ptr(), ldt, 1, dop, c, 1, 1.0, 1);
+                            gemm_f32(w, d.hd, rows, dv, v.rs, add, t.as_ptr(), ldt, 1, dop, c, 1, 1.0, 1);
                             // dP = dO V^T
                             vt.rhs_product(rows, w, d.hd, ds.as_mut_ptr(), dop, c);
                             softmax_grad_rows(&mut ds, &p, Block { b, i0, rows, w }, d, &self.mask, scale);
                             // dQ = dS K, dK (+)= dS^T Q
                             mm(rows, d.hd, w, dq, q.rs, ds.as_ptr(), w, 1, kp, k.rs, 1, 1.0, 1);
                             crate::kernels::transpose::transpose(rows, w, &ds, w, &mut t, ldt);
-                            kv_mm(w, d.hd, rows, dk, k.rs, t.as_ptr(), ldt, 1, qp, q.rs, 1, 1.0, 1);
+                            gemm_f32(w, d.hd, rows, dk, k.rs, add, t.as_ptr(), ldt, 1, qp, q.rs, 1, 1.0, 1);
                         }
                     }
                 });

@@ -119,8 +119,9 @@ impl Stage {
 /// backward runs the stages' own backwards and deposits the weights' gradients in `sink`
 /// (so the loss must go through [`GradSink::backward`]).
 pub(crate) fn residual(x: &Tensor, stages: Vec<Stage>, sink: &GradSink) -> Result<Tensor> {
+    let x = x.contiguous()?;
     let mut acts = Vec::with_capacity(stages.len() + 1);
-    acts.push(x.contiguous()?.detach());
+    acts.push(x.detach());
     for stage in &stages {
         let input = acts.last().expect("x is in");
         let y = match stage {
@@ -131,5 +132,5 @@ pub(crate) fn residual(x: &Tensor, stages: Vec<Stage>, sink: &GradSink) -> Resul
     }
     let f = acts.last().expect("x is in").clone();
     let op = Residual { stages, sink: sink.clone(), acts: Mutex::new(acts) };
-    Ok(x.contiguous()?.apply_op2(&f, op)?)
+    Ok(x.apply_op2(&f, op)?)
 }

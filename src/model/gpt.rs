@@ -306,7 +306,7 @@ impl Block {
 
     fn forward(&self, x: &Tensor, mask: &Mask, cache: Option<&mut Option<LayerKv>>, ctx: &mut Ctx, moe: &mut MoeTotals) -> Result<Tensor> {
         let chained = match (cache.is_none(), chain_sink(x, ctx)) {
-            (true, Some(sink)) => self.attn_stages(mask, ctx.prec).map(|s| (s, sink)),
+            (true, Some(sink)) => self.attn_stages(mask, ctx).map(|s| (s, sink)),
             _ => None,
         };
         let x = match chained {
@@ -317,9 +317,8 @@ impl Block {
     }
 
     /// ln_1, c_attn, QK-norm, attention and c_proj as a residual chain's stages (f32 weights).
-    fn attn_stages(&self, mask: &Mask, prec: Precision) -> Option<Vec<Stage>> {
-        let a = &self.attn;
-        let c = a.c_proj.w.dense().ok()?.dim(0).ok()?;
+    fn attn_stages(&self, mask: &Mask, ctx: &Ctx) -> Option<Vec<Stage>> {
+        let (a, c, prec) = (&self.attn, ctx.cfg.n_embd, ctx.prec);
         let mut s = self.ln_1.stages()?;
         s.extend(a.c_attn.stages(prec)?);
         if a.qk_norm {
