@@ -6,7 +6,10 @@ passes one through NANOMOE_SEED_PYTHONPATH). Commands (the last stdout line is J
   make DIR CONFIG_JSON SEED          a seed GPT with perturbed weights, save_pretrained(DIR)
   logits DIR IDS_JSON OUT            its logits for IDS (eval mode) into OUT (safetensors)
   greedy DIR PROMPT_JSON N           N greedy tokens, the whole sequence re-run each step
-  train DIR RUN_JSON OUT_DIR         AdamW steps as the seed's train.py takes them
+  grads DIR BATCH_JSON OUT           the gradients of one [inputs, targets] batch's loss, in float64
+                                     ("f64/NAME") and float32 ("f32/NAME"), into OUT (safetensors)
+  train DIR RUN_JSON OUT_DIR         AdamW steps as the seed's train.py takes them (in float64
+                                     when RUN_JSON has "float64": true; saved as float32)
   wolfe CKPT CONFIG_JSON SEED IDS_JSON OUT   a wolfecameron ckpt.pt and its logits for IDS
 """
 import importlib.util
@@ -79,9 +82,28 @@ def cmd_greedy(d, prompt_json, n):
     print(json.dumps({"ids": idx[0].tolist()}))
 
 
+def cmd_grads(d, batch_json, out):
+    from safetensors.torch import save_file
+    x, y = json.loads(open(batch_json).read())
+    grads = {}
+    for tag, dtype in (("f64", torch.float64), ("f32", torch.float32)):
+        _, m = seed_model(d)
+        m.to(dtype)
+        m.train()
+        _, loss, _ = m(idx=torch.tensor(x), targets=torch.tensor(y), return_dict=False)
+        loss.backward()
+        for name, p in m.named_parameters():
+            if p.grad is not None:
+                grads[f"{tag}/{name}"] = p.grad.detach().double().contiguous()
+    save_file(grads, out)
+    print(json.dumps({"tensors": len(grads)}))
+
+
 def cmd_train(d, run_json, out_dir):
     M, m = seed_model(d)
     run = json.loads(open(run_json).read())
+    if run.get("float64"):
+        m.double()
     m.train()
     opt = m.configure_optimizers(run["weight_decay"], run["lrs"][0], tuple(run["betas"]), "cpu")
     for g in opt.param_groups:
@@ -106,6 +128,7 @@ def cmd_train(d, run_json, out_dir):
         opt.zero_grad(set_to_none=True)
         for k in keys:
             hist[k].append(sums[k])
+    m.float()
     m.save_pretrained(out_dir)
     print(json.dumps(hist))
 
@@ -127,5 +150,5 @@ def cmd_wolfe(ckpt, cfg_json, seed, ids_json, out):
 
 
 if __name__ == "__main__":
-    cmd = {"make": cmd_make, "logits": cmd_logits, "greedy": cmd_greedy, "train": cmd_train, "wolfe": cmd_wolfe}[sys.argv[1]]
+    cmd = {"make": cmd_make, "logits": cmd_logits, "greedy": cmd_greedy, "grads": cmd_grads, "train": cmd_train, "wolfe": cmd_wolfe}[sys.argv[1]]
     cmd(*sys.argv[2:])
