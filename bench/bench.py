@@ -7,7 +7,10 @@ FLOPs per token for training, a third of it for a forward pass), and streaming r
 for decoding (bytes of weights a token reads x tokens/s). Also records the CPU, its flags, the
 threads and the versions. --json for machines.
 
-usage: python bench/bench.py [--quick] [--json] [--json-out FILE] [--only train,decode,prefill,moe,seed,gguf,serve]
+usage: python bench/bench.py [--quick] [--json] [--json-out FILE] [--only train,decode,prefill,moe,seed,gguf,serve] [--rounds 3]
+The train and gguf rows run each side --rounds times, taking turns (ours, the reference, ours,
+...), so that a slow spell of a shared host falls on both sides; their ratio is the median of
+the rounds' ratios, printed with its range, and their times are all the rounds' steps.
 The serve rows (bench/serve_load.py) load `nanomoe serve` with 1, 4, 16 and 64 streaming
 clients on loopback (the nano-MoE and GPT-2 124M-shaped models, 128 tokens each; --quick: 1,
 4, 16 clients, 64 tokens), and llama-server on the GPT-2 model's f32 GGUF where it is built.
@@ -88,7 +91,32 @@ def torch_sgemm_gflops(n=2048, repeats=7, dtype=torch.float32):
 
 
 def median(v):
-    return sorted(v)[len(v) // 2]
+    v = sorted(v)
+    return v[len(v) // 2] if len(v) % 2 else (v[len(v) // 2 - 1] + v[len(v) // 2]) / 2
+
+
+def merged(results):
+    """Runs of one command (each `timed`'s (result, peak RSS)) as one result: all their times,
+    the median over all, the largest peak RSS."""
+    times = [t for r, _ in results for t in r["times_s"]]
+    tokens = results[0][0]["tokens_per_sec"] * results[0][0]["median_s"]  # tokens per timed run
+    return {"case": results[0][0].get("case"), "times_s": times, "median_s": median(times), "min_s": min(times),
+            "max_s": max(times), "tokens_per_sec": tokens / median(times)}, max(rss for _, rss in results)
+
+
+def paired(runs, rounds, pairs):
+    """Runs each of `runs` (name -> a function returning `timed`'s (result, peak RSS)) once
+    per round, in turn, so that the host's slow spells fall on every side alike; returns
+    name -> merged result, and for each (a, b) in `pairs` the ratio of a's tokens/s to b's in
+    every round (the spread a single back-to-back ratio hides)."""
+    got = {name: [] for name in runs}
+    ratios = {pair: [] for pair in pairs}
+    for _ in range(rounds):
+        for name, run in runs.items():
+            got[name].append(run())
+        for a, b in pairs:
+            ratios[(a, b)].append(got[a][-1][0]["tokens_per_sec"] / got[b][-1][0]["tokens_per_sec"])
+    return {name: merged(v) for name, v in got.items()}, ratios
 
 
 def model_info(model):
@@ -141,19 +169,25 @@ def llama_bench(gguf, reps, prompt=0, gen=0, extra=()):
             "tokens_per_sec": n / median(times)}, rss
 
 
-def against_llama(label, ours, gguf, reps, **kind):
-    """(label, ours, llama-bench's result) for a row against llama.cpp. Where llama-bench dies
-    (its repacked q8_0 / q4_0 prompt path did, SIGILL or SIGSEGV, on an AMX machine) it runs
-    again without weight repacking (`--repack 0`), and the label says so; None if that dies too."""
+def against_llama(label, ours, gguf, reps, rounds, **kind):
+    """(label, ours, llama-bench's result, the rounds' ratios) for a row against llama.cpp:
+    `ours` (a function running our side) and llama-bench alternate for `rounds` rounds, after
+    one llama-bench run that finds out whether it runs at all. Where llama-bench dies (its
+    repacked q8_0 / q4_0 prompt path did, SIGILL or SIGSEGV, on an AMX machine) it runs
+    without weight repacking (`--repack 0`), and the label says so; None if that dies too."""
+    extra = ()
     try:
-        return label, ours, llama_bench(gguf, reps, **kind)
+        llama_bench(gguf, reps, **kind)
     except SystemExit as e:
         print("%s: llama-bench failed, again with --repack 0: %s" % (label, str(e)[-200:].strip()), file=sys.stderr)
-    try:
-        return label + " (llama.cpp --repack 0)", ours, llama_bench(gguf, reps, extra=("--repack", "0"), **kind)
-    except SystemExit as e:
-        print("%s: llama-bench failed, row left out: %s" % (label, str(e)[-200:].strip()), file=sys.stderr)
-        return None
+        extra, label = ("--repack", "0"), label + " (llama.cpp --repack 0)"
+        try:
+            llama_bench(gguf, reps, extra=extra, **kind)
+        except SystemExit as e:
+            print("%s: llama-bench failed, row left out: %s" % (label, str(e)[-200:].strip()), file=sys.stderr)
+            return None
+    got, ratios = paired({"ours": ours, "llama": lambda: llama_bench(gguf, reps, extra=extra, **kind)}, rounds, [("ours", "llama")])
+    return label, got["ours"], got["llama"], ratios[("ours", "llama")]
 
 
 def new_model(tmp, name, conf):
@@ -170,6 +204,9 @@ def main():
     ap.add_argument("--json-out", help="also write the JSON to this file")
     ap.add_argument("--quick", action="store_true", help="fewer steps and repeats")
     ap.add_argument("--only", default="train,decode,prefill,moe,seed,gguf,serve")
+    ap.add_argument("--rounds", type=int, default=3,
+                    help="train and gguf rows: each side runs this many times, alternating, and the ratio is the median of "
+                         "the rounds' ratios, printed with their range")
     a = ap.parse_args()
     only = set(a.only.split(","))
     steps, reps = (4, 2) if a.quick else (7, 3)
@@ -193,21 +230,26 @@ def main():
                     data = torch.randint(0, vocab, (steps, 8, 257), generator=g)
                     inputs = str(Path(tmp) / (name + ".safetensors"))
                     save_file({"x": data[:, :, :-1].contiguous(), "y": data[:, :, 1:].contiguous()}, inputs)
-                    ours = timed([BIN, "bench", "train", model, "--inputs", inputs])
-                    ref = timed(REF + ["train", "--model", model, "--inputs", inputs])
+                    # f32 and mixed precision (nanoGPT's dtype='bfloat16') on both sides: ours
+                    # against eager f32 (the issue's bars) and against PyTorch under CPU
+                    # autocast bf16, in alternating rounds.
+                    got, ratios = paired({
+                        "ours": lambda: timed([BIN, "bench", "train", model, "--inputs", inputs]),
+                        "ref": lambda: timed(REF + ["train", "--model", model, "--inputs", inputs]),
+                        "half": lambda: timed([BIN, "bench", "train", model, "--inputs", inputs, "--dtype", "bfloat16"]),
+                        "auto": lambda: timed(REF + ["train", "--autocast-bf16", "--model", model, "--inputs", inputs]),
+                    }, a.rounds, [("ours", "ref"), ("half", "ref"), ("half", "auto")])
                     work = ("flops", flops_per_token(model))
-                    rows.append((name + " (4x256, block 256, batch 8)", ours, ref, work))
-                    try:  # the same nanomoe steps against the model under torch.compile
+                    rows.append((name + " (4x256, block 256, batch 8)", got["ours"], got["ref"], work, ratios[("ours", "ref")]))
+                    try:  # the same nanomoe steps against the model under torch.compile (once: it compiles first)
                         comp = timed(REF + ["train", "--compile", "--model", model, "--inputs", inputs])
-                        rows.append((name + " vs torch.compile (inductor)", ours, comp, work))
+                        rows.append((name + " vs torch.compile (inductor)", got["ours"], comp, work))
                     except SystemExit as e:
                         print("torch.compile row for %s skipped: %s" % (name, str(e)[-300:]), file=sys.stderr)
-                    # Mixed precision (nanoGPT's dtype='bfloat16'): ours against eager f32 (the
-                    # issue's bar) and against PyTorch under CPU autocast bf16.
-                    half = timed([BIN, "bench", "train", model, "--inputs", inputs, "--dtype", "bfloat16"])
-                    auto = timed(REF + ["train", "--autocast-bf16", "--model", model, "--inputs", inputs])
-                    rows.append((name + " bf16 vs PyTorch eager f32", half, ref, ("flops_bf16_vs_f32", work[1])))
-                    rows.append((name + " bf16 vs PyTorch autocast bf16", half, auto, ("flops_bf16", work[1])))
+                    rows.append((name + " bf16 vs PyTorch eager f32", got["half"], got["ref"], ("flops_bf16_vs_f32", work[1]),
+                                 ratios[("half", "ref")]))
+                    rows.append((name + " bf16 vs PyTorch autocast bf16", got["half"], got["auto"], ("flops_bf16", work[1]),
+                                 ratios[("half", "auto")]))
         if "decode" in only or "prefill" in only:
             gpt2 = new_model(tmp, "gpt2-124m", {"n_layer": 12, "n_head": 12, "n_embd": 768, "vocab_size": 50257, "block_size": 1024})
             if "decode" in only:
@@ -278,14 +320,15 @@ def main():
                     # Bytes a token reads: the file less the position embedding rows (one is read).
                     size = os.path.getsize(f) - 1024 * 768 * (2 if dtype in ("f16", "bf16") else 4)
                     label = "gguf decode gpt2-124m %s vs llama.cpp (batch 1, 128 tokens; GGUF %.0f MiB)" % (dtype, os.path.getsize(f) / 2**20)
-                    row = against_llama(label, timed([BIN, "bench", "decode", f, *args]), f, reps, gen=128)
+                    row = against_llama(label, lambda: timed([BIN, "bench", "decode", f, *args]), f, reps, a.rounds, gen=128)
                     if row:
-                        rows.append((*row, ("bytes", size, size)))
+                        rows.append((*row[:3], ("bytes", size, size), row[3]))
                     if dtype in ("f32", "q8_0", "q4_0"):
                         label = "gguf prefill gpt2-124m %s 1x512 vs llama.cpp" % dtype
-                        row = against_llama(label, timed([BIN, "bench", "prefill", f, "--tokens", "512", "--repeats", str(reps)]), f, reps, prompt=512)
+                        row = against_llama(label, lambda: timed([BIN, "bench", "prefill", f, "--tokens", "512", "--repeats", str(reps)]),
+                                            f, reps, a.rounds, prompt=512)
                         if row:
-                            rows.append((*row, ("flops", prefill_flops_per_token(gpt2, 512))))
+                            rows.append((*row[:3], ("flops", prefill_flops_per_token(gpt2, 512)), row[3]))
                     fm = str(Path(tmp) / ("nano-moe-%s.gguf" % dtype))
                     subprocess.run([BIN, "convert", moe, "--out", fm, "--dtype", dtype], check=True, capture_output=True)
                     alone.append(("gguf decode nano-moe 6x384 (8 experts, top-2) %s (batch 1, 128 tokens)" % dtype,
@@ -321,7 +364,7 @@ def main():
     out = []
     gemm, tsgemm, bw = (median(ceilings[k]) for k in ("gemm_sgemm_gflops", "torch_sgemm_gflops", "read_gbs"))
     g16, t16 = (median(ceilings[k]) for k in ("bf16_gemm_gflops", "torch_bf16_gemm_gflops"))
-    for name, (o, orss), (r, rrss), work in rows:
+    for name, (o, orss), (r, rrss), work, *rounds in rows:
         if work[0] == "flops":  # model FLOP utilisation against each side's sgemm ceiling
             share = (work[1] * o["tokens_per_sec"] / 1e9 / gemm, work[1] * r["tokens_per_sec"] / 1e9 / tsgemm)
         elif work[0] == "flops_bf16":  # both sides in bf16: against each side's bf16 product ceiling
@@ -330,7 +373,9 @@ def main():
             share = (work[1] * o["tokens_per_sec"] / 1e9 / g16, work[1] * r["tokens_per_sec"] / 1e9 / tsgemm)
         else:  # bytes of weights read per second over the read bandwidth
             share = (work[1] * o["tokens_per_sec"] / 1e9 / bw, work[2] * r["tokens_per_sec"] / 1e9 / bw)
-        out.append({"case": name, "ours": o, "reference": r, "ratio": o["tokens_per_sec"] / r["tokens_per_sec"],
+        # Paired rows: the median of the rounds' ratios (their range printed with it).
+        ratio = median(rounds[0]) if rounds else o["tokens_per_sec"] / r["tokens_per_sec"]
+        out.append({"case": name, "ours": o, "reference": r, "ratio": ratio, "ratio_rounds": rounds[0] if rounds else None,
                     "ours_peak_rss_mib": orss, "reference_peak_rss_mib": rrss,
                     "share_of": "sgemm" if work[0].startswith("flops") else "read bandwidth", "ours_share": share[0], "reference_share": share[1]})
     layer = {r["case"].split(",")[1].split()[0]: r for r in out if r["case"].startswith("moe layer")}
@@ -359,9 +404,11 @@ def main():
     print("|---|---|---|---|---|---|")
     for r in out:
         o, ref = r["ours"], r["reference"]
-        print("| %s | %.0f (%.3f, %.3f-%.3f) | %.0f (%.3f, %.3f-%.3f) | %.2fx | %.0f%% / %.0f%% %s | %.0f / %.0f |" % (
+        rr = r["ratio_rounds"]
+        ratio = "%.2fx" % r["ratio"] + (" (%.2f-%.2f)" % (min(rr), max(rr)) if rr and len(rr) > 1 else "")
+        print("| %s | %.0f (%.3f, %.3f-%.3f) | %.0f (%.3f, %.3f-%.3f) | %s | %.0f%% / %.0f%% %s | %.0f / %.0f |" % (
             r["case"], o["tokens_per_sec"], o["median_s"], o["min_s"], o["max_s"],
-            ref["tokens_per_sec"], ref["median_s"], ref["min_s"], ref["max_s"], r["ratio"],
+            ref["tokens_per_sec"], ref["median_s"], ref["min_s"], ref["max_s"], ratio,
             100 * r["ours_share"], 100 * r["reference_share"], "MFU" if r["share_of"] == "sgemm" else "of bw",
             r["ours_peak_rss_mib"], r["reference_peak_rss_mib"]))
     if solo:
