@@ -10,7 +10,9 @@ threads and the versions. --json for machines.
 usage: python bench/bench.py [--quick] [--json] [--json-out FILE] [--only train,decode,prefill,moe,seed,gguf,serve] [--rounds 3]
 The train and gguf rows run each side --rounds times, taking turns (ours, the reference, ours,
 ...), so that a slow spell of a shared host falls on both sides; their ratio is the median of
-the rounds' ratios, printed with its range, and their times are all the rounds' steps.
+the rounds' ratios, printed with its range, and their times are all the rounds' steps. The
+train rows also measure both sides' product ceilings in every round, and their MFU is against
+those.
 The serve rows (bench/serve_load.py) load `nanomoe serve` with 1, 4, 16 and 64 streaming
 clients on loopback (the nano-MoE and GPT-2 124M-shaped models, 128 tokens each; --quick: 1,
 4, 16 clients, 64 tokens), and llama-server on the GPT-2 model's f32 GGUF where it is built.
@@ -88,6 +90,16 @@ def torch_sgemm_gflops(n=2048, repeats=7, dtype=torch.float32):
         torch.mm(a, b)
         out.append(2 * n ** 3 / (time.perf_counter() - t) / 1e9)
     return out
+
+
+def round_ceilings(samples):
+    """Both sides' f32 and bf16 product ceilings, 3 runs each, appended to `samples`: the train
+    rows measure them in every round, so that their MFU compares a step with what the machine
+    gave in the same minutes (a shared host's ceiling moves by 10 % within an hour)."""
+    c, _ = timed([BIN, "bench", "ceilings", "--repeats", "3", "--mib", "64"])
+    for key, v in (("gemm", c["sgemm_gflops"]), ("g16", c["bf16_gemm_gflops"]), ("torch", torch_sgemm_gflops(repeats=3)),
+                   ("t16", torch_sgemm_gflops(repeats=3, dtype=torch.bfloat16))):
+        samples.setdefault(key, []).extend(v)
 
 
 def median(v):
@@ -233,22 +245,23 @@ def main():
                     # f32 and mixed precision (nanoGPT's dtype='bfloat16') on both sides: ours
                     # against eager f32 (the issue's bars) and against PyTorch under CPU
                     # autocast bf16, in alternating rounds.
+                    ceil = {}
                     got, ratios = paired({
-                        "ours": lambda: timed([BIN, "bench", "train", model, "--inputs", inputs]),
+                        "ours": lambda: (round_ceilings(ceil), timed([BIN, "bench", "train", model, "--inputs", inputs]))[1],
                         "ref": lambda: timed(REF + ["train", "--model", model, "--inputs", inputs]),
                         "half": lambda: timed([BIN, "bench", "train", model, "--inputs", inputs, "--dtype", "bfloat16"]),
                         "auto": lambda: timed(REF + ["train", "--autocast-bf16", "--model", model, "--inputs", inputs]),
                     }, a.rounds, [("ours", "ref"), ("half", "ref"), ("half", "auto")])
-                    work = ("flops", flops_per_token(model))
+                    work = ("flops", flops_per_token(model), ceil)
                     rows.append((name + " (4x256, block 256, batch 8)", got["ours"], got["ref"], work, ratios[("ours", "ref")]))
                     try:  # the same nanomoe steps against the model under torch.compile (once: it compiles first)
                         comp = timed(REF + ["train", "--compile", "--model", model, "--inputs", inputs])
                         rows.append((name + " vs torch.compile (inductor)", got["ours"], comp, work))
                     except SystemExit as e:
                         print("torch.compile row for %s skipped: %s" % (name, str(e)[-300:]), file=sys.stderr)
-                    rows.append((name + " bf16 vs PyTorch eager f32", got["half"], got["ref"], ("flops_bf16_vs_f32", work[1]),
+                    rows.append((name + " bf16 vs PyTorch eager f32", got["half"], got["ref"], ("flops_bf16_vs_f32", work[1], ceil),
                                  ratios[("half", "ref")]))
-                    rows.append((name + " bf16 vs PyTorch autocast bf16", got["half"], got["auto"], ("flops_bf16", work[1]),
+                    rows.append((name + " bf16 vs PyTorch autocast bf16", got["half"], got["auto"], ("flops_bf16", work[1], ceil),
                                  ratios[("half", "auto")]))
         if "decode" in only or "prefill" in only:
             gpt2 = new_model(tmp, "gpt2-124m", {"n_layer": 12, "n_head": 12, "n_embd": 768, "vocab_size": 50257, "block_size": 1024})
@@ -362,9 +375,13 @@ def main():
                 rows.append(("moe layer fwd+bwd, %d experts top-2, 2048 tokens x 256" % e, ours, ref,
                              ("flops", 6 * 2 * 2 * 256 * 1024)))
     out = []
-    gemm, tsgemm, bw = (median(ceilings[k]) for k in ("gemm_sgemm_gflops", "torch_sgemm_gflops", "read_gbs"))
-    g16, t16 = (median(ceilings[k]) for k in ("bf16_gemm_gflops", "torch_bf16_gemm_gflops"))
+    gemm0, tsgemm0, bw = (median(ceilings[k]) for k in ("gemm_sgemm_gflops", "torch_sgemm_gflops", "read_gbs"))
+    g160, t160 = (median(ceilings[k]) for k in ("bf16_gemm_gflops", "torch_bf16_gemm_gflops"))
     for name, (o, orss), (r, rrss), work, *rounds in rows:
+        # Ceilings measured in the row's own rounds where it has them, else the run's.
+        here = work[2] if work[0].startswith("flops") and len(work) > 2 else {}
+        gemm, tsgemm, g16, t16 = (median(here[k]) if here.get(k) else v for k, v in
+                                  (("gemm", gemm0), ("torch", tsgemm0), ("g16", g160), ("t16", t160)))
         if work[0] == "flops":  # model FLOP utilisation against each side's sgemm ceiling
             share = (work[1] * o["tokens_per_sec"] / 1e9 / gemm, work[1] * r["tokens_per_sec"] / 1e9 / tsgemm)
         elif work[0] == "flops_bf16":  # both sides in bf16: against each side's bf16 product ceiling
@@ -377,7 +394,8 @@ def main():
         ratio = median(rounds[0]) if rounds else o["tokens_per_sec"] / r["tokens_per_sec"]
         out.append({"case": name, "ours": o, "reference": r, "ratio": ratio, "ratio_rounds": rounds[0] if rounds else None,
                     "ours_peak_rss_mib": orss, "reference_peak_rss_mib": rrss,
-                    "share_of": "sgemm" if work[0].startswith("flops") else "read bandwidth", "ours_share": share[0], "reference_share": share[1]})
+                    "share_of": "sgemm" if work[0].startswith("flops") else "read bandwidth", "ours_share": share[0], "reference_share": share[1],
+                    "ceilings_in_rounds": {k: median(v) for k, v in here.items()} or None})
     layer = {r["case"].split(",")[1].split()[0]: r for r in out if r["case"].startswith("moe layer")}
     growth = None
     if "8" in layer and "64" in layer:
@@ -411,6 +429,11 @@ def main():
             ref["tokens_per_sec"], ref["median_s"], ref["min_s"], ref["max_s"], ratio,
             100 * r["ours_share"], 100 * r["reference_share"], "MFU" if r["share_of"] == "sgemm" else "of bw",
             r["ours_peak_rss_mib"], r["reference_peak_rss_mib"]))
+    here = [(r["case"], r["ceilings_in_rounds"]) for r in out if r["ceilings_in_rounds"] and r["case"].endswith("batch 8)")]
+    if here:
+        print("\nThe train rows' MFU is against the ceilings measured in their own rounds (GFLOP/s, median): " + "; ".join(
+            "%s: f32 %.0f gemm / %.0f PyTorch, bf16 %.0f / %.0f" % (c.split(" ")[0], h["gemm"], h["torch"], h["g16"], h["t16"])
+            for c, h in here))
     if solo:
         print("\n| case (nanomoe alone: llama.cpp has no MoE GPT-2) | tok/s (median, min-max s) | weight MB per token | share of bw | peak RSS MiB |")
         print("|---|---|---|---|---|")
