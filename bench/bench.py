@@ -247,8 +247,13 @@ def main():
                     # against eager f32 (the bars) and against PyTorch under CPU
                     # autocast bf16, in alternating rounds.
                     ceil = {}
+
+                    def ours():
+                        round_ceilings(ceil)
+                        return timed([BIN, "bench", "train", model, "--inputs", inputs])
+
                     got, ratios = paired({
-                        "ours": lambda: (round_ceilings(ceil), timed([BIN, "bench", "train", model, "--inputs", inputs]))[1],
+                        "ours": ours,
                         "ref": lambda: timed(REF + ["train", "--model", model, "--inputs", inputs]),
                         "half": lambda: timed([BIN, "bench", "train", model, "--inputs", inputs, "--dtype", "bfloat16"]),
                         "auto": lambda: timed(REF + ["train", "--autocast-bf16", "--model", model, "--inputs", inputs]),
@@ -376,15 +381,16 @@ def main():
                 rows.append(("moe layer fwd+bwd, %d experts top-2, 2048 tokens x 256" % e, ours, ref,
                              ("flops", 6 * 2 * 2 * 256 * 1024)))
     out = []
-    gemm0, tsgemm0, bw = (median(ceilings[k]) for k in ("gemm_sgemm_gflops", "torch_sgemm_gflops", "read_gbs"))
-    g160, t160 = (median(ceilings[k]) for k in ("bf16_gemm_gflops", "torch_bf16_gemm_gflops"))
+    run_ceilings = {k: median(ceilings[c]) for k, c in (("gemm", "gemm_sgemm_gflops"), ("torch", "torch_sgemm_gflops"),
+                                                        ("g16", "bf16_gemm_gflops"), ("t16", "torch_bf16_gemm_gflops"))}
+    bw = median(ceilings["read_gbs"])
     for name, (o, orss), (r, rrss), work, *rounds in rows:
         # Ceilings measured in the row's own rounds where it has them (the best of their
         # samples: a ceiling is what the machine can give, and a disturbed sample only reads
         # lower), else the run's.
         here = work[2] if work[0].startswith("flops") and len(work) > 2 else {}
-        gemm, tsgemm, g16, t16 = (max(here[k]) if here.get(k) else v for k, v in
-                                  (("gemm", gemm0), ("torch", tsgemm0), ("g16", g160), ("t16", t160)))
+        best = {k: max(v) for k, v in here.items()}
+        gemm, tsgemm, g16, t16 = ({**run_ceilings, **best}[k] for k in ("gemm", "torch", "g16", "t16"))
         if work[0] == "flops":  # model FLOP utilisation against each side's sgemm ceiling
             share = (work[1] * o["tokens_per_sec"] / 1e9 / gemm, work[1] * r["tokens_per_sec"] / 1e9 / tsgemm)
         elif work[0] == "flops_bf16":  # both sides in bf16: against each side's bf16 product ceiling
@@ -398,7 +404,7 @@ def main():
         out.append({"case": name, "ours": o, "reference": r, "ratio": ratio, "ratio_rounds": rounds[0] if rounds else None,
                     "ours_peak_rss_mib": orss, "reference_peak_rss_mib": rrss,
                     "share_of": "sgemm" if work[0].startswith("flops") else "read bandwidth", "ours_share": share[0], "reference_share": share[1],
-                    "ceilings_in_rounds": {k: max(v) for k, v in here.items()} or None, "ceiling_samples_in_rounds": here or None})
+                    "ceilings_in_rounds": best or None, "ceiling_samples_in_rounds": here or None})
     layer = {r["case"].split(",")[1].split()[0]: r for r in out if r["case"].startswith("moe layer")}
     growth = None
     if "8" in layer and "64" in layer:

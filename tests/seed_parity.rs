@@ -64,7 +64,7 @@ fn check(name: &str, cfg: serde_json::Value, accum: usize) {
                 .collect()
         })
         .collect();
-    check_gradients(name, &model, &data[0][0], &reference, &pythonpath, tmp.path());
+    check_gradients(name, &model, &data[0][0], &reference, &pythonpath, &dir);
     let lrs: Vec<f64> = (0..steps as u64).map(|it| lr_at(it, 1e-2, 1e-3, 3, 10, true)).collect();
     let mut opt = AdamW::new(model.params(), AdamWConfig { lr: lrs[0], beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.1 }).unwrap();
     let mut rust = Vec::new();
@@ -73,20 +73,20 @@ fn check(name: &str, cfg: serde_json::Value, accum: usize) {
         let mb: Vec<(Tensor, Tensor)> = micro.iter().map(|(x, y)| (Tensor::new(x.clone(), &Device::Cpu).unwrap(), Tensor::new(y.clone(), &Device::Cpu).unwrap())).collect();
         rust.push(train_step(&model, &mut opt, &mb, 1.0).unwrap());
     }
-    let run = serde_json::json!({"steps": data, "lrs": lrs, "weight_decay": 0.1, "betas": [0.9, 0.95], "eps": 1e-8, "grad_clip": 1.0});
-    let run_path = tmp.path().join("run.json");
-    std::fs::write(&run_path, run.to_string()).unwrap();
-    let out_dir = tmp.path().join("trained");
-    let py = seed_ref(&reference, &pythonpath, &["train", d, run_path.to_str().unwrap(), out_dir.to_str().unwrap()]);
-    // The same run in float64. Ten Adam steps at lr 1e-2 amplify float32 rounding (Adam
-    // divides each gradient by its own running size), so two correct float32 implementations
-    // end apart by a multiple of how far the seed's own float32 run ends from float64.
-    let mut run64 = run.clone();
-    run64["float64"] = serde_json::json!(true);
-    let run64_path = tmp.path().join("run64.json");
-    std::fs::write(&run64_path, run64.to_string()).unwrap();
-    let out64 = tmp.path().join("trained64");
-    seed_ref(&reference, &pythonpath, &["train", d, run64_path.to_str().unwrap(), out64.to_str().unwrap()]);
+    // The seed's steps, in float32 and in float64. Ten Adam steps at lr 1e-2 amplify float32
+    // rounding (Adam divides each gradient by its own running size), so two correct float32
+    // implementations end apart by a multiple of how far the seed's own float32 run ends
+    // from float64.
+    let seed_train = |float64: bool| {
+        let tag = if float64 { "64" } else { "32" };
+        let run = serde_json::json!({"steps": data, "lrs": lrs, "weight_decay": 0.1, "betas": [0.9, 0.95], "eps": 1e-8, "grad_clip": 1.0,
+            "float64": float64});
+        let (run_path, out) = (tmp.path().join(format!("run{tag}.json")), tmp.path().join(format!("trained{tag}")));
+        std::fs::write(&run_path, run.to_string()).unwrap();
+        (seed_ref(&reference, &pythonpath, &["train", d, run_path.to_str().unwrap(), out.to_str().unwrap()]), out)
+    };
+    let (py, out_dir) = seed_train(false);
+    let (_, out64) = seed_train(true);
     for (i, r) in rust.iter().enumerate() {
         for (key, ours) in [
             ("loss", r.loss),
@@ -130,10 +130,10 @@ fn check(name: &str, cfg: serde_json::Value, accum: usize) {
 /// The first micro batch's gradients against the seed's in float64, before any step: no
 /// worse than 4x the seed's own float32 error on any tensor (plus 1e-6 of its largest
 /// gradient). Measured: at most 2.1x.
-fn check_gradients(name: &str, model: &GPT, batch: &(Vec<Vec<i64>>, Vec<Vec<i64>>), reference: &PathBuf, pythonpath: &str, tmp: &std::path::Path) {
+fn check_gradients(name: &str, model: &GPT, batch: &(Vec<Vec<i64>>, Vec<Vec<i64>>), reference: &PathBuf, pythonpath: &str, dir: &std::path::Path) {
+    let tmp = dir.parent().expect("the seed's directory is in a temporary one");
     let (batch_path, out) = (tmp.join("batch.json"), tmp.join("grads.safetensors"));
     std::fs::write(&batch_path, serde_json::json!([batch.0, batch.1]).to_string()).unwrap();
-    let dir = tmp.join("seed");
     seed_ref(reference, pythonpath, &["grads", dir.to_str().unwrap(), batch_path.to_str().unwrap(), out.to_str().unwrap()]);
     let theirs = candle_core::safetensors::load(&out, &Device::Cpu).unwrap();
     let sink = GradSink::new();
