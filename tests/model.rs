@@ -321,8 +321,8 @@ fn parameter_counts() {
 
 #[test]
 fn inference_layout_computes_the_same_model_and_saves_the_same_files() {
-    // Inference loads hold the experts [E, N, K] (the decoding kernels' fast layout); the
-    // model is the same one, to rounding, and saves to the same bytes.
+    // Inference loads hold the experts [E, N, K] and f32 matrices in panels (the decoding
+    // kernels' layouts); the model is the same one, to rounding, and saves to the same bytes.
     let cfg = moe_cfg();
     let trainable = GPT::new_seeded(&cfg, 5, &Device::Cpu).unwrap();
     let inference = GPT::new_seeded(&cfg, 5, &Device::Cpu).unwrap().with_weight_dtype(DType::F32).unwrap();
@@ -330,7 +330,12 @@ fn inference_layout_computes_the_same_model_and_saves_the_same_files() {
     assert!(!inference.params().needs_inference_layout());
     let name = "transformer.h.1.mlp.experts.c_fc";
     assert_eq!(inference.params().get(name).unwrap().dims(), trainable.params().get(name).unwrap().dims());
-    assert_eq!(inference.params().var(name).unwrap().dims(), &[4, 64, 16]);
+    // Held as 4 matrices [N, K] = [64, 16] packed in panels (f32 inference weights).
+    match inference.params().mat(name).unwrap() {
+        nanomoe::weight::Mat::Packed(p) => assert_eq!((p.matrices(), p.rows(), p.cols()), (4, 64, 16)),
+        _ => panic!("{name}: f32 inference weights are packed"),
+    }
+    assert!(inference.params().var(name).is_none());
     let x = sample_ids();
     let d = max_diff(&logits(&trainable, &x), &logits(&inference, &x));
     assert!(d < 1e-5, "whole sequences differ by {d}");
@@ -351,7 +356,7 @@ fn inference_layout_computes_the_same_model_and_saves_the_same_files() {
     loaded.train();
     let labels = x.to_dtype(DType::I64).unwrap();
     let err = loaded.forward(&x, Some(&labels)).map(|_| ()).unwrap_err().to_string();
-    assert!(err.contains("the experts are in the inference layout ([experts, out, in]); load the model with `from_pretrained` to train"), "{err}");
+    assert!(err.contains("the weights are packed for inference; load the model with `from_pretrained` to train"), "{err}");
 }
 
 #[test]

@@ -72,6 +72,30 @@ pub enum Bench {
         #[arg(long, default_value_t = 7)]
         repeats: usize,
     },
+    /// GFLOP/s of the decoding product x [M, K] times an f32 weight [N, K] (nn.Linear's
+    /// layout), as batched decoding and `serve` run it: with `--copies 1` the weight stays in
+    /// the caches, with many it streams from memory (the two bounds of a decoding step).
+    Product {
+        /// Activation rows (decoding sequences).
+        #[arg(long, default_value_t = 16)]
+        m: usize,
+        /// Input width.
+        #[arg(long, default_value_t = 768)]
+        k: usize,
+        /// Output width (weight rows).
+        #[arg(long, default_value_t = 3072)]
+        n: usize,
+        /// Distinct weight matrices used in turn.
+        #[arg(long, default_value_t = 16)]
+        copies: usize,
+        /// Timed runs.
+        #[arg(long, default_value_t = 7)]
+        repeats: usize,
+        /// The kernel: panels (f32 inference weights, what decoding runs), matvec (the [N, K]
+        /// dot-product kernel of bf16 / f16 weights, here on f32) or gemm (the gemm crate).
+        #[arg(long, default_value = "panels")]
+        kernel: String,
+    },
     /// Forward + backward of one MoE layer (training mode) on `tokens` tokens.
     MoeLayer {
         /// Experts in the layer.
@@ -186,6 +210,23 @@ pub fn run(b: Bench, model_dir: impl Fn(&Path) -> Result<PathBuf>) -> Result<()>
             let read = nanomoe::kernels::ceiling::read_bandwidth_gbs(mib << 20, repeats);
             println!("{}", json!({"case": "ceilings", "threads": rayon::current_num_threads(), "sgemm_n": n, "sgemm_gflops": sgemm,
                 "bf16_gemm_gflops": bf16, "bf16_unit": nanomoe::kernels::bf16_gemm::bf16_unit().name(), "read_mib": mib, "read_gbs": read}));
+            Ok(())
+        }
+        Bench::Product { m, k, n, copies, repeats, kernel } => {
+            use nanomoe::kernels::ceiling::ProductKernel;
+            let pk = match kernel.as_str() {
+                "panels" => ProductKernel::Panels,
+                "matvec" => ProductKernel::Matvec,
+                "gemm" => ProductKernel::Gemm,
+                other => bail!("--kernel must be panels, matvec or gemm, got {other:?}"),
+            };
+            if [m, k, n, copies, repeats].contains(&0) {
+                bail!("--m, --k, --n, --copies and --repeats must be at least 1");
+            }
+            nanomoe::runtime::check_memory(|| "the product's weights".into(), (copies as u128) * (n * k * 4) as u128)?;
+            let g = nanomoe::kernels::ceiling::decode_product_gflops(m, k, n, copies, repeats, pk)?;
+            println!("{}", json!({"case": "product", "kernel": kernel, "m": m, "k": k, "n": n,
+                "copies": copies, "threads": rayon::current_num_threads(), "gflops": g, "median_gflops": nanomoe::kernels::ceiling::median_of(&g)}));
             Ok(())
         }
         Bench::MoeLayer { experts, top_k, tokens, n_embd, repeats } => {

@@ -25,6 +25,7 @@ use serde_json::{json, Value as Json};
 use crate::config::GPTConfig;
 use crate::error::{Error, Result};
 use crate::gpt::GPT;
+use crate::kernels::panels::Panels;
 use crate::params::{is_expert_stack, is_quantizable, is_weight_matrix, ParamStore};
 use crate::quant::{QBytes, QKind, QTensor};
 use crate::tokenizer::Tokenizer;
@@ -224,9 +225,9 @@ pub fn save(gpt: &GPT, path: &Path, format: WeightFormat, extras: &GgufExtras) -
             tensors.push(OutTensor { name: gname, shape: q.shape.clone(), ty: GgmlType::Q(q.kind), data: q.row_blocks().into_owned() });
             continue;
         }
-        let t = match params.var(&name) {
-            Some(_) => params.get(&name)?.to_dtype(DType::F32)?,
-            None => {
+        let t = match params.has(&name) {
+            true => params.get(&name)?.to_dtype(DType::F32)?,
+            false => {
                 let s = crate::checkpoint::gpt2_bias_specs(c).into_iter().find(|s| s.name == name).expect("a bias spec");
                 Tensor::zeros(s.shape.as_slice(), DType::F32, &Device::Cpu)?
             }
@@ -456,6 +457,7 @@ fn load_file(file: &GgufFile, with_tokenizer: bool) -> Result<GgufModel> {
     };
     let mut dense = Vec::new();
     let mut quant = Vec::new();
+    let mut packed = Vec::new();
     let mut output: Option<&format::TensorInfo> = None;
     for t in &file.tensors {
         if t.name == "output.weight" {
@@ -489,6 +491,37 @@ fn load_file(file: &GgufFile, with_tokenizer: bool) -> Result<GgufModel> {
             shape.insert(1, 1);
         }
         let matrix = is_weight_matrix(ours, shape.len()) && !ours.contains(".router.");
+        // f32 matrices go straight from the file into panels (the inference layout of f32
+        // weights, `ParamStore::into_inference_layout`), the file's pages dropped as packing goes.
+        let dims = match shape[..] {
+            [n, k] if !is_expert_stack(ours) => Some((1, n, k)),
+            [e, n, k] if is_expert_stack(ours) => Some((e, n, k)),
+            _ => None,
+        };
+        if let (GgmlType::F32, true, Some((e, n, k))) = (t.ty, matrix && ours != "transformer.wpe.weight", dims) {
+            if e * n * k > 0 {
+                let (start, len) = file.range(t);
+                let (map, mut freed) = (&file.map, 0);
+                let panels = Panels::pack_with(
+                    e,
+                    n,
+                    k,
+                    |e, i, out| {
+                        let off = start + (e * n + i) * k * 4;
+                        for (o, b) in out.iter_mut().zip(map[off..off + k * 4].chunks_exact(4)) {
+                            *o = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+                        }
+                    },
+                    |e, rows_end| {
+                        let end = ((e * n + rows_end) * k * 4).min(len);
+                        file.release_range(start + freed, end - freed);
+                        freed = end;
+                    },
+                )?;
+                packed.push((ours.clone(), panels));
+                continue;
+            }
+        }
         // Matrices keep f16 / bf16; everything else (and quantized vectors) becomes f32.
         // Read straight into a variable's storage (no second copy), the file's pages dropped
         // as reading goes: memory holds the model plus a few MB.
@@ -513,7 +546,7 @@ fn load_file(file: &GgufFile, with_tokenizer: bool) -> Result<GgufModel> {
             return Err(Error::Input("output.weight differs from token_embd.weight; untied output embeddings are not supported".into()));
         }
     }
-    let params = ParamStore::from_parts(dense, quant)?;
+    let params = ParamStore::from_parts(dense, quant, packed)?;
     let gpt = GPT::from_params(config, params)?;
     let eos_token_id = eos_of(file).filter(|&v| (v as usize) < gpt.config.vocab_size);
     let tokenizer = if with_tokenizer { with_eos(tokenizer_of(file)?, eos_token_id) } else { None };

@@ -574,7 +574,7 @@ pub fn export_tensors(config: &GPTConfig, params: &ParamStore, format: Format) -
         )));
     }
     let mut out = Vec::new();
-    for (name, _) in params.iter() {
+    for name in params.dense_names() {
         // `get`: the tensors' own layout, whatever the store holds them in for inference.
         out.push((name.to_string(), conv1d_transpose(name, params.get(name)?.contiguous()?.detach(), format)?));
     }

@@ -70,3 +70,47 @@ pub fn read_bandwidth_gbs(bytes: usize, repeats: usize) -> Vec<f64> {
 pub fn median_of(v: &[f64]) -> f64 {
     median(v.to_vec())
 }
+
+/// The kernels [`decode_product_gflops`] can time.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ProductKernel {
+    /// f32 inference weights in panels (`kernels::panels`): what decoding and serving run.
+    Panels,
+    /// The [N, K] dot-product kernel (`kernels::matvec`; bf16 and f16 weights run it).
+    Matvec,
+    /// The gemm crate, reading w in place as the transposed operand.
+    Gemm,
+}
+
+/// GFLOP/s of the decoding product y = x w^T (x [m, k], w [n, k] f32) with `kernel`, for
+/// each of `repeats` timed runs. `copies` distinct weight matrices are used in turn, so with
+/// enough of them every run reads its weights from memory (as decoding does) and with one
+/// they stay in the caches: the two bounds a decoding step sits between.
+pub fn decode_product_gflops(m: usize, k: usize, n: usize, copies: usize, repeats: usize, kernel: ProductKernel) -> crate::Result<Vec<f64>> {
+    let x: Vec<f32> = (0..m * k).map(|i| ((i % 97) as f32 - 48.0) / 97.0).collect();
+    let ws: Vec<Vec<f32>> = (0..copies.max(1)).map(|c| (0..n * k).map(|i| (((i + c) % 89) as f32 - 44.0) / 89.0).collect()).collect();
+    let panels = match kernel {
+        ProductKernel::Panels => ws.iter().map(|w| crate::kernels::panels::Panels::pack(w, 1, n, k)).collect::<crate::Result<Vec<_>>>()?,
+        _ => Vec::new(),
+    };
+    let threads = rayon::current_num_threads();
+    let mut out = Vec::new();
+    let mut y = vec![0f32; m * n];
+    for r in 0..=repeats {
+        let t = Instant::now();
+        for (c, w) in ws.iter().enumerate() {
+            match kernel {
+                // SAFETY: x is [m, k], w [n, k] read as [k, n] with strides (1, k), y [m, n].
+                ProductKernel::Gemm => unsafe { crate::kernels::mm_in(crate::kernels::Precision::F32, m, n, k, y.as_mut_ptr(), n, x.as_ptr(), k, 1, w.as_ptr(), 1, k, 1.0, threads) },
+                ProductKernel::Matvec => y = crate::kernels::matvec::product(&x, m, k, w, n, true),
+                ProductKernel::Panels => y = panels[c].product(0, &x, m),
+            }
+            std::hint::black_box(&y);
+        }
+        let s = t.elapsed().as_secs_f64();
+        if r > 0 {
+            out.push(2.0 * (m * k * n * ws.len()) as f64 / s / 1e9);
+        }
+    }
+    Ok(out)
+}

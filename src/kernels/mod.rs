@@ -16,7 +16,9 @@
 //! - `expert_matmul`: the experts' batched product, one thread per expert; the gate-output
 //!   loss's tap on it.
 //! - `ceiling`: the machine's sgemm and read-bandwidth ceilings, for the benchmarks.
-//! - `matvec`: weight-streaming products for decoding, f32, bf16 or f16 weights.
+//! - `matvec`: weight-streaming products for decoding, bf16 or f16 weights.
+//! - `panels`: f32 inference weights packed in panels of 48 rows, and their product kernel
+//!   (decoding, serving and prompts alike, batch-invariant).
 //! - `qmatvec`: products with quantized weights (q8_0 / q4_0) on 8-bit activations.
 //! - `qgemm`: the same for prompts: integer GEMMs on weights repacked 8 rows per register.
 //! - `transpose`: 8 x 8 block transposes for the experts' backward.
@@ -36,6 +38,7 @@ pub mod linear;
 pub mod linear_cross_entropy;
 pub mod math;
 pub mod matvec;
+pub mod panels;
 pub mod qgemm;
 pub mod qgroup;
 pub mod qmatvec;

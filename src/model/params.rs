@@ -14,6 +14,7 @@ use rand_distr::{Distribution, Normal};
 
 use crate::config::GPTConfig;
 use crate::error::{Error, Result};
+use crate::kernels::panels::Panels;
 use crate::quant::{QKind, QTensor};
 use crate::weight::Mat;
 
@@ -156,6 +157,9 @@ pub struct ParamStore {
     /// Dense expert stacks held [E, N, K] for inference (see
     /// [`ParamStore::into_inference_layout`]); `get` still gives them as [E, K, N].
     nk: BTreeSet<String>,
+    /// f32 weight matrices packed for inference (see [`ParamStore::into_inference_layout`]),
+    /// by name; never also in `vars`. `get` unpacks them.
+    packed: BTreeMap<String, Arc<Panels>>,
     order: Vec<String>,
 }
 
@@ -207,25 +211,30 @@ impl ParamStore {
             order.push(name.clone());
             vars.insert(name, Var::from_tensor(&t)?);
         }
-        Ok(ParamStore { vars, quant: BTreeMap::new(), nk: BTreeSet::new(), order })
+        Ok(ParamStore { vars, quant: BTreeMap::new(), nk: BTreeSet::new(), packed: BTreeMap::new(), order })
     }
 
-    /// Tensors and quantized weights as they are, expert stacks [E, N, K] in both (GGUF's
-    /// layout, the inference layout of [`ParamStore::into_inference_layout`]).
-    pub fn from_parts(tensors: Vec<(String, Tensor)>, quantized: Vec<(String, QTensor)>) -> Result<Self> {
+    /// Tensors, quantized and packed weights as they are, expert stacks [E, N, K] in all
+    /// (GGUF's layout, the inference layout of [`ParamStore::into_inference_layout`]); f32
+    /// matrices among the tensors are packed.
+    pub fn from_parts(tensors: Vec<(String, Tensor)>, quantized: Vec<(String, QTensor)>, packed: Vec<(String, Panels)>) -> Result<Self> {
         let mut store = Self::from_tensors_keeping_dtype(tensors)?;
         store.nk = store.vars.iter().filter(|(n, v)| is_expert_stack(n) && v.rank() == 3).map(|(n, _)| n.clone()).collect();
         for (name, q) in quantized {
             store.order.push(name.clone());
             store.quant.insert(name, Arc::new(q));
         }
-        Ok(store)
+        for (name, p) in packed {
+            store.order.push(name.clone());
+            store.packed.insert(name, Arc::new(p));
+        }
+        store.into_packed()
     }
 
     /// Quantizes the tensors [`is_quantizable`] accepts to `kind`, freeing each original as
     /// it goes.
     pub fn into_quantized(self, kind: QKind) -> Result<Self> {
-        let ParamStore { vars, mut quant, mut nk, order } = self;
+        let ParamStore { vars, mut quant, mut nk, packed, order } = self.into_unpacked()?;
         let mut kept = BTreeMap::new();
         for (name, v) in vars {
             // Held [E, N, K] already (the inference layout) or [E, K, N]: quantized blocks
@@ -248,13 +257,14 @@ impl ParamStore {
             nk.remove(&name);
             quant.insert(name, Arc::new(QTensor::quantize(kind, &data, shape)?.for_this_cpu()));
         }
-        Ok(ParamStore { vars: kept, quant, nk, order })
+        Ok(ParamStore { vars: kept, quant, nk, packed, order })
     }
 
     /// A weight as the forward passes take it.
     pub fn mat(&self, name: &str) -> Result<Mat> {
         match self.quant.get(name) {
             Some(q) => Ok(Mat::Quant(q.clone())),
+            None if self.packed.contains_key(name) => Ok(Mat::Packed(self.packed[name].clone())),
             None if self.nk.contains(name) => Ok(Mat::DenseNk(self.vars[name].as_tensor().clone())),
             None => Ok(Mat::Dense(self.get(name)?)),
         }
@@ -278,12 +288,13 @@ impl ParamStore {
 
     /// [`ParamStore::with_dtype`] that frees each converted original as it goes.
     pub fn into_dtype(self, dtype: DType, pick: impl Fn(&str, &Tensor) -> bool) -> Result<Self> {
+        let this = self.into_unpacked()?;
         let mut vars = BTreeMap::new();
-        for (name, v) in self.vars {
+        for (name, v) in this.vars {
             let v = if pick(&name, v.as_tensor()) && v.dtype() != dtype { Var::from_tensor(&v.as_tensor().to_dtype(dtype)?)? } else { v };
             vars.insert(name, v);
         }
-        Ok(ParamStore { vars, quant: self.quant, nk: self.nk, order: self.order })
+        Ok(ParamStore { vars, quant: this.quant, nk: this.nk, packed: this.packed, order: this.order })
     }
 
     /// Dense expert stacks transposed to [E, N, K] (each original freed as it goes), the
@@ -300,7 +311,58 @@ impl ParamStore {
             self.vars.insert(name.clone(), Var::from_tensor(&t)?);
             self.nk.insert(name);
         }
+        self.into_packed()
+    }
+
+    /// The f32 weight matrices (linear weights [N, K], expert stacks held [E, N, K]; not the
+    /// position embedding, which is only looked up) packed in panels for the batch-invariant
+    /// product kernel (`kernels::panels`), each original freed as it goes. Inference only.
+    fn into_packed(mut self) -> Result<Self> {
+        let names: Vec<String> = self
+            .vars
+            .iter()
+            .filter(|(n, v)| v.dtype() == DType::F32 && is_weight_matrix(n, v.rank()) && *n != "transformer.wpe.weight" && (v.rank() == 2 || self.nk.contains(*n)))
+            .map(|(n, _)| n.clone())
+            .collect();
+        for name in names {
+            let v = self.vars.remove(&name).expect("listed");
+            let dims = v.dims().to_vec();
+            let (e, n, k) = match dims[..] {
+                [n, k] => (1, n, k),
+                [e, n, k] => (e, n, k),
+                _ => unreachable!("rank 2 or 3"),
+            };
+            if e * n * k == 0 {
+                self.vars.insert(name, v);
+                continue;
+            }
+            let panels = crate::kernels::with_f32(v.as_tensor(), "packing", |w| Ok(Panels::pack(w, e, n, k)))??;
+            drop(v);
+            self.nk.remove(&name);
+            self.packed.insert(name, Arc::new(panels));
+        }
         Ok(self)
+    }
+
+    /// The packed matrices back as tensors (held as `into_inference_layout` leaves them).
+    fn into_unpacked(mut self) -> Result<Self> {
+        for (name, p) in std::mem::take(&mut self.packed) {
+            let t = self.unpacked(&name, &p)?;
+            if t.rank() == 3 {
+                self.nk.insert(name.clone());
+            }
+            self.vars.insert(name, Var::from_tensor(&t)?);
+        }
+        Ok(self)
+    }
+
+    /// A packed matrix as a tensor: [N, K], or an expert stack [E, N, K].
+    fn unpacked(&self, name: &str, p: &Panels) -> Result<Tensor> {
+        let data: Vec<f32> = (0..p.matrices()).flat_map(|e| p.unpack(e)).collect();
+        Ok(match is_expert_stack(name) {
+            true => Tensor::from_vec(data, (p.matrices(), p.rows(), p.cols()), &Device::Cpu)?,
+            false => Tensor::from_vec(data, (p.rows(), p.cols()), &Device::Cpu)?,
+        })
     }
 
     /// Dense expert stacks still [E, K, N].
@@ -317,6 +379,16 @@ impl ParamStore {
     /// them in spec order.
     pub fn check_against(&mut self, specs: &[ParamSpec]) -> Result<()> {
         for s in specs {
+            if let Some(p) = self.packed.get(&s.name) {
+                let shape = match is_expert_stack(&s.name) {
+                    true => vec![p.matrices(), p.cols(), p.rows()],
+                    false => vec![p.rows(), p.cols()],
+                };
+                if shape != s.shape {
+                    return Err(Error::Checkpoint(format!("tensor {} has shape {shape:?}, expected {:?}", s.name, s.shape)));
+                }
+                continue;
+            }
             if let Some(q) = self.quant.get(&s.name) {
                 let shape = logical_shape(&s.name, q);
                 if shape != s.shape {
@@ -337,7 +409,7 @@ impl ParamStore {
                 }
             }
         }
-        if self.vars.len() + self.quant.len() != specs.len() {
+        if self.vars.len() + self.quant.len() + self.packed.len() != specs.len() {
             let known: std::collections::HashSet<&str> = specs.iter().map(|s| s.name.as_str()).collect();
             let extra: Vec<&str> = self.order.iter().map(String::as_str).filter(|n| !known.contains(n)).collect();
             return Err(Error::Checkpoint(format!("unexpected tensor(s) not used by this config: {}", extra.join(", "))));
@@ -350,6 +422,10 @@ impl ParamStore {
         if let Some(q) = self.quant.get(name) {
             return Err(Error::Checkpoint(format!("tensor {name} is stored as {} (inference only)", q.kind.name())));
         }
+        if let Some(p) = self.packed.get(name) {
+            let t = self.unpacked(name, p)?;
+            return Ok(if t.rank() == 3 { t.transpose(1, 2)? } else { t });
+        }
         let t = self.vars.get(name).map(|v| v.as_tensor().clone()).ok_or_else(|| Error::Checkpoint(format!("missing tensor {name}")))?;
         match self.nk.contains(name) {
             true => Ok(t.transpose(1, 2)?),
@@ -359,24 +435,31 @@ impl ParamStore {
 
     /// Whether the store holds `name` (a tensor or a quantized weight).
     pub fn has(&self, name: &str) -> bool {
-        self.vars.contains_key(name) || self.quant.contains_key(name)
+        self.vars.contains_key(name) || self.quant.contains_key(name) || self.packed.contains_key(name)
     }
 
     pub fn var(&self, name: &str) -> Option<&Var> {
         self.vars.get(name)
     }
 
-    /// (name, var) in spec order: the tensors, not the quantized weights ([`ParamStore::quantized`]).
+    /// (name, var) in spec order: the tensors, not the quantized or packed weights
+    /// ([`ParamStore::quantized`]; [`ParamStore::dense_names`] lists every dense one).
     pub fn iter(&self) -> impl Iterator<Item = (&str, &Var)> {
         self.order.iter().filter_map(move |n| self.vars.get(n).map(|v| (n.as_str(), v)))
     }
 
+    /// Names of the dense parameters (tensors and packed f32 weights; `get` gives each as a
+    /// tensor) in spec order.
+    pub fn dense_names(&self) -> impl Iterator<Item = &str> {
+        self.order.iter().filter(move |n| self.vars.contains_key(*n) || self.packed.contains_key(*n)).map(String::as_str)
+    }
+
     /// (name, element count) of every parameter, tensors and quantized ones, in spec order.
     pub fn sizes(&self) -> impl Iterator<Item = (&str, usize)> {
-        self.order.iter().map(move |n| (n.as_str(), self.vars.get(n).map(|v| v.elem_count()).or_else(|| self.quant.get(n).map(|q| q.elem_count())).unwrap_or(0)))
+        self.order.iter().map(move |n| (n.as_str(), self.vars.get(n).map(|v| v.elem_count()).or_else(|| self.quant.get(n).map(|q| q.elem_count())).or_else(|| self.packed.get(n).map(|p| p.elem_count())).unwrap_or(0)))
     }
 
     pub fn num_params(&self) -> usize {
-        self.vars.values().map(|v| v.elem_count()).sum::<usize>() + self.quant.values().map(|q| q.elem_count()).sum::<usize>()
+        self.vars.values().map(|v| v.elem_count()).sum::<usize>() + self.quant.values().map(|q| q.elem_count()).sum::<usize>() + self.packed.values().map(|p| p.elem_count()).sum::<usize>()
     }
 }

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use candle_core::{DType, Tensor};
 
 use crate::error::{input_err, Result};
+use crate::kernels::panels::Panels;
 use crate::kernels::{qgemm, qmatvec};
 use crate::nn;
 use crate::quant::{QKind, QTensor};
@@ -105,6 +106,21 @@ fn quant_product(x: &Tensor, q: &QTensor, e: usize) -> Result<Tensor> {
     Ok(y.reshape(out)?)
 }
 
+/// `x [.., K] @ w^T` for matrix `e` of packed f32 weights, any number of rows.
+fn packed_product(x: &Tensor, p: &Panels, e: usize) -> Result<Tensor> {
+    let dims = x.dims();
+    let k = *dims.last().unwrap_or(&0);
+    if k != p.cols() || e >= p.matrices() {
+        return Err(input_err!("x is {dims:?} but the weight is {} matrices of [{}, {}] (matrix {e})", p.matrices(), p.rows(), p.cols()));
+    }
+    let m = x.elem_count() / k.max(1);
+    let xs: Vec<f32> = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+    let y = if m == 0 { Vec::new() } else { p.product(e, &xs, m) };
+    let mut out = dims.to_vec();
+    *out.last_mut().expect("rank >= 1") = p.rows();
+    Ok(Tensor::from_vec(y, out, x.device())?)
+}
+
 /// One weight: a tensor, or quantized blocks. Linear weights are [N, K] (torch's [out, in])
 /// either way; expert stacks are [E, K, N] as tensors (nanoMoE's layout, what training
 /// takes) and [E, N, K] in the inference layout and when quantized (the blocks run along
@@ -115,6 +131,9 @@ pub enum Mat {
     /// An expert stack [E, N, K] (see `ParamStore::into_inference_layout`).
     DenseNk(Tensor),
     Quant(Arc<QTensor>),
+    /// f32 weights for inference: [N, K] matrices (or an expert stack [E, N, K]) in panels
+    /// of 48 rows, the layout of the batch-invariant product kernel (`kernels::panels`).
+    Packed(Arc<Panels>),
 }
 
 impl Mat {
@@ -123,6 +142,7 @@ impl Mat {
             Mat::Dense(t) => Mat::Dense(t.detach()),
             Mat::DenseNk(t) => Mat::DenseNk(t.detach()),
             Mat::Quant(q) => Mat::Quant(q.clone()),
+            Mat::Packed(p) => Mat::Packed(p.clone()),
         }
     }
 
@@ -132,6 +152,7 @@ impl Mat {
             Mat::Dense(t) => Ok(t),
             Mat::DenseNk(_) => Err(input_err!("the experts are in the inference layout ([experts, out, in]); load the model with `from_pretrained` to train")),
             Mat::Quant(q) => Err(input_err!("{} weights are for inference only; load the model in f32 to train", q.kind.name())),
+            Mat::Packed(_) => Err(input_err!("the weights are packed for inference; load the model with `from_pretrained` to train")),
         }
     }
 
@@ -139,6 +160,7 @@ impl Mat {
         match self {
             Mat::Dense(t) | Mat::DenseNk(t) => t.dtype().into(),
             Mat::Quant(q) => WeightFormat::Quant(q.kind),
+            Mat::Packed(_) => WeightFormat::F32,
         }
     }
 
@@ -151,8 +173,8 @@ impl Mat {
     pub fn linear_in(&self, x: &Tensor, b: Option<&Tensor>, prec: crate::kernels::Precision) -> Result<Tensor> {
         match self {
             Mat::Dense(w) | Mat::DenseNk(w) => nn::linear_in(x, w, b, prec),
-            Mat::Quant(q) => {
-                let y = quant_product(x, q, 0)?;
+            Mat::Quant(_) | Mat::Packed(_) => {
+                let y = self.expert(x, 0)?;
                 match b {
                     Some(b) => Ok(y.broadcast_add(b)?),
                     None => Ok(y),
@@ -167,6 +189,7 @@ impl Mat {
             Mat::Dense(w) => nn::matmul_kn(x, &w.get(e)?),
             Mat::DenseNk(w) => nn::linear(x, &w.get(e)?, None),
             Mat::Quant(q) => quant_product(x, q, e),
+            Mat::Packed(p) => packed_product(x, p, e),
         }
     }
 
@@ -186,6 +209,18 @@ impl Mat {
                 }
                 Ok(Tensor::from_vec(out, (ids.len(), c), &candle_core::Device::Cpu)?)
             }
+            Mat::Packed(p) => {
+                let c = p.cols();
+                let ids: Vec<u32> = ids.to_vec1()?;
+                let mut out = vec![0f32; ids.len() * c];
+                for (o, &i) in out.chunks_mut(c).zip(&ids) {
+                    if i as usize >= p.rows() {
+                        return Err(input_err!("token id {i} is out of range for an embedding of {} rows", p.rows()));
+                    }
+                    p.row(0, i as usize, o);
+                }
+                Ok(Tensor::from_vec(out, (ids.len(), c), &candle_core::Device::Cpu)?)
+            }
         }
     }
 
@@ -194,6 +229,7 @@ impl Mat {
         Ok(match self {
             Mat::Dense(w) | Mat::DenseNk(w) => w.dim(0)?,
             Mat::Quant(q) => q.rows(),
+            Mat::Packed(p) => p.rows(),
         })
     }
 }
@@ -212,13 +248,14 @@ enum Rows<'a> {
     BF16(&'a [half::bf16]),
     F16(&'a [half::f16]),
     Quant(QKind, bool, &'a [u8], qmatvec::QActs),
+    Packed(&'a Panels),
 }
 
 impl Mat {
     /// Whether the matrices are [N, K] with the output rows whole: an expert stack in the
     /// inference layout, or quantized.
     pub fn is_nk(&self) -> bool {
-        matches!(self, Mat::DenseNk(_) | Mat::Quant(_))
+        matches!(self, Mat::DenseNk(_) | Mat::Quant(_) | Mat::Packed(_))
     }
 }
 
@@ -268,6 +305,12 @@ pub fn expert_products(jobs: &[ExpertJob], k: usize) -> Result<Option<Vec<Vec<f3
                 };
                 (r, n)
             }
+            Mat::Packed(p) => {
+                if p.cols() != k || j.e >= p.matrices() {
+                    return Err(input_err!("expert products: {} matrices of [{}, {}], matrix {} for rows of {k}", p.matrices(), p.rows(), p.cols(), j.e));
+                }
+                (Rows::Packed(p), p.rows())
+            }
             Mat::Dense(_) => unreachable!("checked: [E, N, K] weights only"),
         };
         rows.push(r);
@@ -280,7 +323,9 @@ pub fn expert_products(jobs: &[ExpertJob], k: usize) -> Result<Option<Vec<Vec<f3
         .iter()
         .enumerate()
         .flat_map(|(i, &n)| {
-            let size = (n.div_ceil(threads).div_ceil(16) * 16).max(64).min(n.max(1));
+            // Packed weights: whole panels.
+            let unit = if matches!(rows[i], Rows::Packed(_)) { crate::kernels::panels::WIDTH } else { 16 };
+            let size = (n.div_ceil(threads).div_ceil(unit) * unit).max(64usize.div_ceil(unit) * unit).min(n.max(1));
             (0..n).step_by(size.max(1)).map(move |n0| (i, n0, size.min(n - n0)))
         })
         .collect();
@@ -294,6 +339,10 @@ pub fn expert_products(jobs: &[ExpertJob], k: usize) -> Result<Option<Vec<Vec<f3
                 Rows::BF16(w) => crate::kernels::matvec::block_nk_fn::<half::bf16>()(j.x, j.m, k, w, n, n0, &mut out),
                 Rows::F16(w) => crate::kernels::matvec::block_nk_fn::<half::f16>()(j.x, j.m, k, w, n, n0, &mut out),
                 Rows::Quant(kind, grouped, w, acts) => qmatvec::block_fn(*kind, *grouped)(acts, w, kind.row_bytes(k), n0, &mut out),
+                Rows::Packed(p) => {
+                    let p0 = n0 / crate::kernels::panels::WIDTH;
+                    out = p.block(j.e, j.x, j.m, p0, (n0 + len).div_ceil(crate::kernels::panels::WIDTH));
+                }
             }
             out
         })
