@@ -332,7 +332,7 @@ fn inference_layout_computes_the_same_model_and_saves_the_same_files() {
     assert_eq!(inference.params().get(name).unwrap().dims(), trainable.params().get(name).unwrap().dims());
     // Held as 4 matrices [N, K] = [64, 16] packed in panels (f32 inference weights).
     match inference.params().mat(name).unwrap() {
-        nanomoe::weight::Mat::Packed(p) => assert_eq!((p.matrices(), p.rows(), p.cols()), (4, 64, 16)),
+        nanomoe::weight::Mat::Panels(p) => assert_eq!((p.matrices(), p.rows(), p.cols()), (4, 64, 16)),
         _ => panic!("{name}: f32 inference weights are packed"),
     }
     assert!(inference.params().var(name).is_none());

@@ -457,7 +457,7 @@ fn load_file(file: &GgufFile, with_tokenizer: bool) -> Result<GgufModel> {
     };
     let mut dense = Vec::new();
     let mut quant = Vec::new();
-    let mut packed = Vec::new();
+    let mut panels = Vec::new();
     let mut output: Option<&format::TensorInfo> = None;
     for t in &file.tensors {
         if t.name == "output.weight" {
@@ -502,7 +502,7 @@ fn load_file(file: &GgufFile, with_tokenizer: bool) -> Result<GgufModel> {
             if e * n * k > 0 {
                 let (start, len) = file.range(t);
                 let (map, mut freed) = (&file.map, 0);
-                let panels = Panels::pack_with(
+                let packed = Panels::pack_with(
                     e,
                     n,
                     k,
@@ -518,7 +518,7 @@ fn load_file(file: &GgufFile, with_tokenizer: bool) -> Result<GgufModel> {
                         freed = end;
                     },
                 )?;
-                packed.push((ours.clone(), panels));
+                panels.push((ours.clone(), packed));
                 continue;
             }
         }
@@ -546,7 +546,7 @@ fn load_file(file: &GgufFile, with_tokenizer: bool) -> Result<GgufModel> {
             return Err(Error::Input("output.weight differs from token_embd.weight; untied output embeddings are not supported".into()));
         }
     }
-    let params = ParamStore::from_parts(dense, quant, packed)?;
+    let params = ParamStore::from_parts(dense, quant, panels)?;
     let gpt = GPT::from_params(config, params)?;
     let eos_token_id = eos_of(file).filter(|&v| (v as usize) < gpt.config.vocab_size);
     let tokenizer = if with_tokenizer { with_eos(tokenizer_of(file)?, eos_token_id) } else { None };

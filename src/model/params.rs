@@ -159,7 +159,7 @@ pub struct ParamStore {
     nk: BTreeSet<String>,
     /// f32 weight matrices packed for inference (see [`ParamStore::into_inference_layout`]),
     /// by name; never also in `vars`. `get` unpacks them.
-    packed: BTreeMap<String, Arc<Panels>>,
+    panels: BTreeMap<String, Arc<Panels>>,
     order: Vec<String>,
 }
 
@@ -211,30 +211,30 @@ impl ParamStore {
             order.push(name.clone());
             vars.insert(name, Var::from_tensor(&t)?);
         }
-        Ok(ParamStore { vars, quant: BTreeMap::new(), nk: BTreeSet::new(), packed: BTreeMap::new(), order })
+        Ok(ParamStore { vars, quant: BTreeMap::new(), nk: BTreeSet::new(), panels: BTreeMap::new(), order })
     }
 
     /// Tensors, quantized and packed weights as they are, expert stacks [E, N, K] in all
     /// (GGUF's layout, the inference layout of [`ParamStore::into_inference_layout`]); f32
     /// matrices among the tensors are packed.
-    pub fn from_parts(tensors: Vec<(String, Tensor)>, quantized: Vec<(String, QTensor)>, packed: Vec<(String, Panels)>) -> Result<Self> {
+    pub fn from_parts(tensors: Vec<(String, Tensor)>, quantized: Vec<(String, QTensor)>, panels: Vec<(String, Panels)>) -> Result<Self> {
         let mut store = Self::from_tensors_keeping_dtype(tensors)?;
         store.nk = store.vars.iter().filter(|(n, v)| is_expert_stack(n) && v.rank() == 3).map(|(n, _)| n.clone()).collect();
         for (name, q) in quantized {
             store.order.push(name.clone());
             store.quant.insert(name, Arc::new(q));
         }
-        for (name, p) in packed {
+        for (name, p) in panels {
             store.order.push(name.clone());
-            store.packed.insert(name, Arc::new(p));
+            store.panels.insert(name, Arc::new(p));
         }
-        store.into_packed()
+        store.into_panels()
     }
 
     /// Quantizes the tensors [`is_quantizable`] accepts to `kind`, freeing each original as
     /// it goes.
     pub fn into_quantized(self, kind: QKind) -> Result<Self> {
-        let ParamStore { vars, mut quant, mut nk, packed, order } = self.into_unpacked()?;
+        let ParamStore { vars, mut quant, mut nk, panels, order } = self.into_unpanelled()?;
         let mut kept = BTreeMap::new();
         for (name, v) in vars {
             // Held [E, N, K] already (the inference layout) or [E, K, N]: quantized blocks
@@ -257,14 +257,14 @@ impl ParamStore {
             nk.remove(&name);
             quant.insert(name, Arc::new(QTensor::quantize(kind, &data, shape)?.for_this_cpu()));
         }
-        Ok(ParamStore { vars: kept, quant, nk, packed, order })
+        Ok(ParamStore { vars: kept, quant, nk, panels, order })
     }
 
     /// A weight as the forward passes take it.
     pub fn mat(&self, name: &str) -> Result<Mat> {
         match self.quant.get(name) {
             Some(q) => Ok(Mat::Quant(q.clone())),
-            None if self.packed.contains_key(name) => Ok(Mat::Packed(self.packed[name].clone())),
+            None if self.panels.contains_key(name) => Ok(Mat::Panels(self.panels[name].clone())),
             None if self.nk.contains(name) => Ok(Mat::DenseNk(self.vars[name].as_tensor().clone())),
             None => Ok(Mat::Dense(self.get(name)?)),
         }
@@ -288,13 +288,13 @@ impl ParamStore {
 
     /// [`ParamStore::with_dtype`] that frees each converted original as it goes.
     pub fn into_dtype(self, dtype: DType, pick: impl Fn(&str, &Tensor) -> bool) -> Result<Self> {
-        let this = self.into_unpacked()?;
+        let this = self.into_unpanelled()?;
         let mut vars = BTreeMap::new();
         for (name, v) in this.vars {
             let v = if pick(&name, v.as_tensor()) && v.dtype() != dtype { Var::from_tensor(&v.as_tensor().to_dtype(dtype)?)? } else { v };
             vars.insert(name, v);
         }
-        Ok(ParamStore { vars, quant: this.quant, nk: this.nk, packed: this.packed, order: this.order })
+        Ok(ParamStore { vars, quant: this.quant, nk: this.nk, panels: this.panels, order: this.order })
     }
 
     /// Dense expert stacks transposed to [E, N, K] (each original freed as it goes), the
@@ -311,13 +311,13 @@ impl ParamStore {
             self.vars.insert(name.clone(), Var::from_tensor(&t)?);
             self.nk.insert(name);
         }
-        self.into_packed()
+        self.into_panels()
     }
 
     /// The f32 weight matrices (linear weights [N, K], expert stacks held [E, N, K]; not the
     /// position embedding, which is only looked up) packed in panels for the batch-invariant
     /// product kernel (`kernels::panels`), each original freed as it goes. Inference only.
-    fn into_packed(mut self) -> Result<Self> {
+    fn into_panels(mut self) -> Result<Self> {
         let names: Vec<String> = self
             .vars
             .iter()
@@ -339,14 +339,14 @@ impl ParamStore {
             let panels = crate::kernels::with_f32(v.as_tensor(), "packing", |w| Ok(Panels::pack(w, e, n, k)))??;
             drop(v);
             self.nk.remove(&name);
-            self.packed.insert(name, Arc::new(panels));
+            self.panels.insert(name, Arc::new(panels));
         }
         Ok(self)
     }
 
     /// The packed matrices back as tensors (held as `into_inference_layout` leaves them).
-    fn into_unpacked(mut self) -> Result<Self> {
-        for (name, p) in std::mem::take(&mut self.packed) {
+    fn into_unpanelled(mut self) -> Result<Self> {
+        for (name, p) in std::mem::take(&mut self.panels) {
             let t = self.unpacked(&name, &p)?;
             if t.rank() == 3 {
                 self.nk.insert(name.clone());
@@ -379,7 +379,7 @@ impl ParamStore {
     /// them in spec order.
     pub fn check_against(&mut self, specs: &[ParamSpec]) -> Result<()> {
         for s in specs {
-            if let Some(p) = self.packed.get(&s.name) {
+            if let Some(p) = self.panels.get(&s.name) {
                 let shape = match is_expert_stack(&s.name) {
                     true => vec![p.matrices(), p.cols(), p.rows()],
                     false => vec![p.rows(), p.cols()],
@@ -409,7 +409,7 @@ impl ParamStore {
                 }
             }
         }
-        if self.vars.len() + self.quant.len() + self.packed.len() != specs.len() {
+        if self.vars.len() + self.quant.len() + self.panels.len() != specs.len() {
             let known: std::collections::HashSet<&str> = specs.iter().map(|s| s.name.as_str()).collect();
             let extra: Vec<&str> = self.order.iter().map(String::as_str).filter(|n| !known.contains(n)).collect();
             return Err(Error::Checkpoint(format!("unexpected tensor(s) not used by this config: {}", extra.join(", "))));
@@ -422,7 +422,7 @@ impl ParamStore {
         if let Some(q) = self.quant.get(name) {
             return Err(Error::Checkpoint(format!("tensor {name} is stored as {} (inference only)", q.kind.name())));
         }
-        if let Some(p) = self.packed.get(name) {
+        if let Some(p) = self.panels.get(name) {
             let t = self.unpacked(name, p)?;
             return Ok(if t.rank() == 3 { t.transpose(1, 2)? } else { t });
         }
@@ -435,7 +435,7 @@ impl ParamStore {
 
     /// Whether the store holds `name` (a tensor or a quantized weight).
     pub fn has(&self, name: &str) -> bool {
-        self.vars.contains_key(name) || self.quant.contains_key(name) || self.packed.contains_key(name)
+        self.vars.contains_key(name) || self.quant.contains_key(name) || self.panels.contains_key(name)
     }
 
     pub fn var(&self, name: &str) -> Option<&Var> {
@@ -451,15 +451,15 @@ impl ParamStore {
     /// Names of the dense parameters (tensors and packed f32 weights; `get` gives each as a
     /// tensor) in spec order.
     pub fn dense_names(&self) -> impl Iterator<Item = &str> {
-        self.order.iter().filter(move |n| self.vars.contains_key(*n) || self.packed.contains_key(*n)).map(String::as_str)
+        self.order.iter().filter(move |n| self.vars.contains_key(*n) || self.panels.contains_key(*n)).map(String::as_str)
     }
 
     /// (name, element count) of every parameter, tensors and quantized ones, in spec order.
     pub fn sizes(&self) -> impl Iterator<Item = (&str, usize)> {
-        self.order.iter().map(move |n| (n.as_str(), self.vars.get(n).map(|v| v.elem_count()).or_else(|| self.quant.get(n).map(|q| q.elem_count())).or_else(|| self.packed.get(n).map(|p| p.elem_count())).unwrap_or(0)))
+        self.order.iter().map(move |n| (n.as_str(), self.vars.get(n).map(|v| v.elem_count()).or_else(|| self.quant.get(n).map(|q| q.elem_count())).or_else(|| self.panels.get(n).map(|p| p.elem_count())).unwrap_or(0)))
     }
 
     pub fn num_params(&self) -> usize {
-        self.vars.values().map(|v| v.elem_count()).sum::<usize>() + self.quant.values().map(|q| q.elem_count()).sum::<usize>() + self.packed.values().map(|p| p.elem_count()).sum::<usize>()
+        self.vars.values().map(|v| v.elem_count()).sum::<usize>() + self.quant.values().map(|q| q.elem_count()).sum::<usize>() + self.panels.values().map(|p| p.elem_count()).sum::<usize>()
     }
 }

@@ -107,7 +107,7 @@ fn quant_product(x: &Tensor, q: &QTensor, e: usize) -> Result<Tensor> {
 }
 
 /// `x [.., K] @ w^T` for matrix `e` of packed f32 weights, any number of rows.
-fn packed_product(x: &Tensor, p: &Panels, e: usize) -> Result<Tensor> {
+fn panels_product(x: &Tensor, p: &Panels, e: usize) -> Result<Tensor> {
     let dims = x.dims();
     let k = *dims.last().unwrap_or(&0);
     if k != p.cols() || e >= p.matrices() {
@@ -133,7 +133,7 @@ pub enum Mat {
     Quant(Arc<QTensor>),
     /// f32 weights for inference: [N, K] matrices (or an expert stack [E, N, K]) in panels
     /// of 48 rows, the layout of the batch-invariant product kernel (`kernels::panels`).
-    Packed(Arc<Panels>),
+    Panels(Arc<Panels>),
 }
 
 impl Mat {
@@ -142,7 +142,7 @@ impl Mat {
             Mat::Dense(t) => Mat::Dense(t.detach()),
             Mat::DenseNk(t) => Mat::DenseNk(t.detach()),
             Mat::Quant(q) => Mat::Quant(q.clone()),
-            Mat::Packed(p) => Mat::Packed(p.clone()),
+            Mat::Panels(p) => Mat::Panels(p.clone()),
         }
     }
 
@@ -152,7 +152,7 @@ impl Mat {
             Mat::Dense(t) => Ok(t),
             Mat::DenseNk(_) => Err(input_err!("the experts are in the inference layout ([experts, out, in]); load the model with `from_pretrained` to train")),
             Mat::Quant(q) => Err(input_err!("{} weights are for inference only; load the model in f32 to train", q.kind.name())),
-            Mat::Packed(_) => Err(input_err!("the weights are packed for inference; load the model with `from_pretrained` to train")),
+            Mat::Panels(_) => Err(input_err!("the weights are packed for inference; load the model with `from_pretrained` to train")),
         }
     }
 
@@ -160,7 +160,7 @@ impl Mat {
         match self {
             Mat::Dense(t) | Mat::DenseNk(t) => t.dtype().into(),
             Mat::Quant(q) => WeightFormat::Quant(q.kind),
-            Mat::Packed(_) => WeightFormat::F32,
+            Mat::Panels(_) => WeightFormat::F32,
         }
     }
 
@@ -173,7 +173,7 @@ impl Mat {
     pub fn linear_in(&self, x: &Tensor, b: Option<&Tensor>, prec: crate::kernels::Precision) -> Result<Tensor> {
         match self {
             Mat::Dense(w) | Mat::DenseNk(w) => nn::linear_in(x, w, b, prec),
-            Mat::Quant(_) | Mat::Packed(_) => {
+            Mat::Quant(_) | Mat::Panels(_) => {
                 let y = self.expert(x, 0)?;
                 match b {
                     Some(b) => Ok(y.broadcast_add(b)?),
@@ -189,7 +189,7 @@ impl Mat {
             Mat::Dense(w) => nn::matmul_kn(x, &w.get(e)?),
             Mat::DenseNk(w) => nn::linear(x, &w.get(e)?, None),
             Mat::Quant(q) => quant_product(x, q, e),
-            Mat::Packed(p) => packed_product(x, p, e),
+            Mat::Panels(p) => panels_product(x, p, e),
         }
     }
 
@@ -209,7 +209,7 @@ impl Mat {
                 }
                 Ok(Tensor::from_vec(out, (ids.len(), c), &candle_core::Device::Cpu)?)
             }
-            Mat::Packed(p) => {
+            Mat::Panels(p) => {
                 let c = p.cols();
                 let ids: Vec<u32> = ids.to_vec1()?;
                 let mut out = vec![0f32; ids.len() * c];
@@ -229,7 +229,7 @@ impl Mat {
         Ok(match self {
             Mat::Dense(w) | Mat::DenseNk(w) => w.dim(0)?,
             Mat::Quant(q) => q.rows(),
-            Mat::Packed(p) => p.rows(),
+            Mat::Panels(p) => p.rows(),
         })
     }
 }
@@ -248,14 +248,14 @@ enum Rows<'a> {
     BF16(&'a [half::bf16]),
     F16(&'a [half::f16]),
     Quant(QKind, bool, &'a [u8], qmatvec::QActs),
-    Packed(&'a Panels),
+    Panels(&'a Panels),
 }
 
 impl Mat {
     /// Whether the matrices are [N, K] with the output rows whole: an expert stack in the
     /// inference layout, or quantized.
     pub fn is_nk(&self) -> bool {
-        matches!(self, Mat::DenseNk(_) | Mat::Quant(_) | Mat::Packed(_))
+        matches!(self, Mat::DenseNk(_) | Mat::Quant(_) | Mat::Panels(_))
     }
 }
 
@@ -305,11 +305,11 @@ pub fn expert_products(jobs: &[ExpertJob], k: usize) -> Result<Option<Vec<Vec<f3
                 };
                 (r, n)
             }
-            Mat::Packed(p) => {
+            Mat::Panels(p) => {
                 if p.cols() != k || j.e >= p.matrices() {
                     return Err(input_err!("expert products: {} matrices of [{}, {}], matrix {} for rows of {k}", p.matrices(), p.rows(), p.cols(), j.e));
                 }
-                (Rows::Packed(p), p.rows())
+                (Rows::Panels(p), p.rows())
             }
             Mat::Dense(_) => unreachable!("checked: [E, N, K] weights only"),
         };
@@ -324,7 +324,7 @@ pub fn expert_products(jobs: &[ExpertJob], k: usize) -> Result<Option<Vec<Vec<f3
         .enumerate()
         .flat_map(|(i, &n)| {
             // Packed weights: whole panels.
-            let unit = if matches!(rows[i], Rows::Packed(_)) { crate::kernels::panels::WIDTH } else { 16 };
+            let unit = if matches!(rows[i], Rows::Panels(_)) { crate::kernels::panels::WIDTH } else { 16 };
             let size = (n.div_ceil(threads).div_ceil(unit) * unit).max(64usize.div_ceil(unit) * unit).min(n.max(1));
             (0..n).step_by(size.max(1)).map(move |n0| (i, n0, size.min(n - n0)))
         })
@@ -339,7 +339,7 @@ pub fn expert_products(jobs: &[ExpertJob], k: usize) -> Result<Option<Vec<Vec<f3
                 Rows::BF16(w) => crate::kernels::matvec::block_nk_fn::<half::bf16>()(j.x, j.m, k, w, n, n0, &mut out),
                 Rows::F16(w) => crate::kernels::matvec::block_nk_fn::<half::f16>()(j.x, j.m, k, w, n, n0, &mut out),
                 Rows::Quant(kind, grouped, w, acts) => qmatvec::block_fn(*kind, *grouped)(acts, w, kind.row_bytes(k), n0, &mut out),
-                Rows::Packed(p) => {
+                Rows::Panels(p) => {
                     let p0 = n0 / crate::kernels::panels::WIDTH;
                     out = p.block(j.e, j.x, j.m, p0, (n0 + len).div_ceil(crate::kernels::panels::WIDTH));
                 }
