@@ -376,31 +376,33 @@ fn inference_layout_models_quantize_like_trainable_ones() {
 }
 
 #[test]
-fn bf16_weights_compute_exactly_with_the_rounded_weights() {
-    for cfg in [dense_cfg(), moe_cfg()] {
+fn half_precision_weights_compute_exactly_with_the_rounded_weights() {
+    // bf16 and f16 alike, loaded from a directory too (f16 once loaded as f32, unnoticed).
+    for (cfg, half) in [(dense_cfg(), DType::BF16), (moe_cfg(), DType::BF16), (dense_cfg(), DType::F16), (moe_cfg(), DType::F16)] {
         let f32_model = GPT::new_seeded(&cfg, 5, &Device::Cpu).unwrap();
-        // The f32 model with every bf16-stored weight rounded to bf16 and back.
-        let bf16 = GPT::new_seeded(&cfg, 5, &Device::Cpu).unwrap().with_weight_dtype(DType::BF16).unwrap();
+        // The f32 model with every half-stored weight rounded to bf16 / f16 and back.
+        let bf16 = GPT::new_seeded(&cfg, 5, &Device::Cpu).unwrap().with_weight_dtype(half).unwrap();
         let rounded_params = bf16.params().with_dtype(DType::F32, |_, _| true).unwrap();
         let rounded = GPT::from_params(cfg.clone(), rounded_params).unwrap();
-        assert_eq!(bf16.weight_dtype(), DType::BF16);
-        // Loading straight into bf16 (GPT-2 Conv1D layout for the dense model) gives the same model.
+        assert_eq!(bf16.weight_dtype(), half);
+        // Loading straight into bf16 / f16 (GPT-2 Conv1D layout for the dense model) gives the same model.
         let dir = tempfile::tempdir().unwrap();
         f32_model.save_pretrained(dir.path()).unwrap();
-        let loaded = GPT::from_pretrained_with_weight_dtype(dir.path(), DType::BF16, &Device::Cpu).unwrap();
+        let loaded = GPT::from_pretrained_with_weight_dtype(dir.path(), half, &Device::Cpu).unwrap();
+        assert_eq!(loaded.weight_dtype(), half);
         for ((name, a), (_, b)) in loaded.params().iter().zip(bf16.params().iter()) {
             assert_eq!(a.dtype(), b.dtype(), "{name}");
             assert_eq!(max_diff(&a.to_dtype(DType::F32).unwrap(), &b.to_dtype(DType::F32).unwrap()), 0.0, "{name}");
         }
         for (name, v) in bf16.params().iter() {
-            let want = if v.rank() >= 2 && !name.contains(".router.") && !name.ends_with("_bias") { DType::BF16 } else { DType::F32 };
+            let want = if v.rank() >= 2 && !name.contains(".router.") && !name.ends_with("_bias") { half } else { DType::F32 };
             assert_eq!(v.dtype(), want, "{name}");
         }
         let x = sample_ids();
         // Whole sequences (matrix products) and single decoding steps (weight streaming).
         assert!(max_diff(&logits(&bf16, &x), &logits(&rounded, &x)) < 1e-4);
         let d_round = max_diff(&logits(&bf16, &x), &logits(&f32_model, &x));
-        assert!(d_round > 0.0 && d_round < 0.05, "bf16 rounding changes logits by {d_round}");
+        assert!(d_round > 0.0 && d_round < 0.05, "{half:?} rounding changes logits by {d_round}");
         let prompt = ids(&[&[1, 2, 3], &[7, 8, 9]]);
         let g = GenerationConfig::greedy(12);
         assert_eq!(bf16.generate(&prompt, &g).unwrap(), rounded.generate(&prompt, &g).unwrap());

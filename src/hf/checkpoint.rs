@@ -386,6 +386,7 @@ fn read_tensor(bytes: &[u8], dtype: DType, shape: &[usize], transpose: bool, out
     }
     let var = match out {
         DType::BF16 => candle_core::Var::from_vec(fill(n, transpose, width, bytes, release, |i| half::bf16::from_f32(value(src(i)))), dims, device)?,
+        DType::F16 => candle_core::Var::from_vec(fill(n, transpose, width, bytes, release, |i| half::f16::from_f32(value(src(i)))), dims, device)?,
         _ => candle_core::Var::from_vec(fill(n, transpose, width, bytes, release, |i| value(src(i))), dims, device)?,
     };
     Ok(var.as_tensor().clone())
