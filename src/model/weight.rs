@@ -121,7 +121,7 @@ fn panels_product(x: &Tensor, p: &Panels, e: usize) -> Result<Tensor> {
     Ok(Tensor::from_vec(y, out, x.device())?)
 }
 
-/// One weight: a tensor, or quantized blocks. Linear weights are [N, K] (torch's [out, in])
+/// One weight: a tensor, quantized blocks, or f32 panels. Linear weights are [N, K] (torch's [out, in])
 /// either way; expert stacks are [E, K, N] as tensors (nanoMoE's layout, what training
 /// takes) and [E, N, K] in the inference layout and when quantized (the blocks run along
 /// what a product sums over, as in GGUF's `*_exps`).
@@ -253,7 +253,7 @@ enum Rows<'a> {
 
 impl Mat {
     /// Whether the matrices are [N, K] with the output rows whole: an expert stack in the
-    /// inference layout, or quantized.
+    /// inference layout, quantized, or in panels.
     pub fn is_nk(&self) -> bool {
         matches!(self, Mat::DenseNk(_) | Mat::Quant(_) | Mat::Panels(_))
     }
