@@ -197,30 +197,8 @@ impl Mat {
     pub fn embed(&self, ids: &Tensor) -> Result<Tensor> {
         match self {
             Mat::Dense(w) | Mat::DenseNk(w) => Ok(w.index_select(ids, 0)?.to_dtype(DType::F32)?),
-            Mat::Quant(q) => {
-                let c = q.cols();
-                let ids: Vec<u32> = ids.to_vec1()?;
-                let mut out = vec![0f32; ids.len() * c];
-                for (o, &i) in out.chunks_mut(c).zip(&ids) {
-                    if i as usize >= q.rows() {
-                        return Err(input_err!("token id {i} is out of range for an embedding of {} rows", q.rows()));
-                    }
-                    q.row(i as usize, o);
-                }
-                Ok(Tensor::from_vec(out, (ids.len(), c), &candle_core::Device::Cpu)?)
-            }
-            Mat::Panels(p) => {
-                let c = p.cols();
-                let ids: Vec<u32> = ids.to_vec1()?;
-                let mut out = vec![0f32; ids.len() * c];
-                for (o, &i) in out.chunks_mut(c).zip(&ids) {
-                    if i as usize >= p.rows() {
-                        return Err(input_err!("token id {i} is out of range for an embedding of {} rows", p.rows()));
-                    }
-                    p.row(0, i as usize, o);
-                }
-                Ok(Tensor::from_vec(out, (ids.len(), c), &candle_core::Device::Cpu)?)
-            }
+            Mat::Quant(q) => gather_rows(ids, q.rows(), q.cols(), |i, o| q.row(i, o)),
+            Mat::Panels(p) => gather_rows(ids, p.rows(), p.cols(), |i, o| p.row(0, i, o)),
         }
     }
 
@@ -232,6 +210,20 @@ impl Mat {
             Mat::Panels(p) => p.rows(),
         })
     }
+}
+
+/// Rows `ids` of an embedding of `rows` x `cols` held in some other layout, each written by
+/// `row(i, out)`: f32 [len, cols].
+fn gather_rows(ids: &Tensor, rows: usize, cols: usize, row: impl Fn(usize, &mut [f32])) -> Result<Tensor> {
+    let ids: Vec<u32> = ids.to_vec1()?;
+    let mut out = vec![0f32; ids.len() * cols];
+    for (o, &i) in out.chunks_mut(cols.max(1)).zip(&ids) {
+        if i as usize >= rows {
+            return Err(input_err!("token id {i} is out of range for an embedding of {rows} rows"));
+        }
+        row(i as usize, o);
+    }
+    Ok(Tensor::from_vec(out, (ids.len(), cols), &candle_core::Device::Cpu)?)
 }
 
 /// One product of [`expert_products`]: rows `x` [m, K] times expert `e`'s matrix of `w`.
