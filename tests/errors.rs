@@ -72,6 +72,18 @@ fn checkpoint_errors_name_the_tensor_and_shapes() {
     saved(&d, &cfg());
     edit_weights(&d, |ts| ts.push(("lm_head.weight".into(), Tensor::ones((20, 8), DType::F32, &Device::Cpu).unwrap())));
     assert_eq!(err(&d), format!("{}: lm_head.weight differs from transformer.wte.weight; untied output embeddings are not supported", d.display()));
+    // The inference load compares it with the packed embedding: one element off is enough.
+    saved(&d, &cfg());
+    edit_weights(&d, |ts| {
+        let wte = ts.iter().find(|(n, _)| n == "transformer.wte.weight").unwrap().1.clone();
+        let mut v: Vec<f32> = wte.flatten_all().unwrap().to_vec1().unwrap();
+        v[8 * 13 + 5] += 1e-3;
+        ts.push(("lm_head.weight".into(), Tensor::from_vec(v, (20, 8), &Device::Cpu).unwrap()));
+    });
+    for dtype in [DType::F32, DType::BF16] {
+        let e = GPT::from_pretrained_with_weight_dtype(&d, dtype, &Device::Cpu).map(|_| ()).unwrap_err().to_string();
+        assert_eq!(e, format!("{}: lm_head.weight differs from transformer.wte.weight; untied output embeddings are not supported", d.display()));
+    }
 
     // A tied lm_head equal to wte, keys without the transformer. prefix, and attn.bias buffers load.
     saved(&d, &cfg());
@@ -84,6 +96,11 @@ fn checkpoint_errors_name_the_tensor_and_shapes() {
         ts.push(("h.0.attn.bias".into(), Tensor::ones((1, 1, 8, 8), DType::F32, &Device::Cpu).unwrap()));
     });
     AutoModelForCausalLM::from_pretrained(&d).unwrap();
+    let ids = Tensor::new(&[[1u32, 2, 3]], &Device::Cpu).unwrap();
+    let trainable = GPT::from_pretrained(&d).unwrap().forward(&ids, None).unwrap().logits;
+    let packed = GPT::from_pretrained_with_weight_dtype(&d, DType::F32, &Device::Cpu).unwrap().forward(&ids, None).unwrap().logits;
+    let diff = (trainable - packed).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    assert!(diff < 1e-5, "the tied model loaded for inference differs by {diff}");
 }
 
 #[test]

@@ -100,8 +100,8 @@ impl GPT {
                 GPT::from_params(config, params)?.with_weight_dtype(format)
             }
             dense => {
-                let params = checkpoint::load_params_as(&dir, &config, fmt, dense.dtype().expect("dense"), device)?;
-                GPT::from_params(config, params.into_inference_layout()?)
+                let params = checkpoint::load_params_for_inference(&dir, &config, fmt, dense.dtype().expect("dense"), device)?;
+                GPT::from_params(config, params)
             }
         }
     }

@@ -20,6 +20,7 @@ use serde_json::{json, Value};
 
 use crate::config::GPTConfig;
 use crate::error::{Error, Result};
+use crate::kernels::panels::Panels;
 use crate::params::{param_specs, ParamSpec, ParamStore};
 
 pub const CONFIG_FILE: &str = "config.json";
@@ -216,6 +217,23 @@ pub fn load_params(dir: &Path, config: &GPTConfig, format: Format, device: &Devi
 /// [`load_params`] with the weight matrices ([`crate::params::is_weight_matrix`]) stored in
 /// `weight_dtype` (f32 or bf16), everything else in f32.
 pub fn load_params_as(dir: &Path, config: &GPTConfig, format: Format, weight_dtype: DType, device: &Device) -> Result<ParamStore> {
+    let (tensors, panels) = read_params(dir, config, format, weight_dtype, false, device)?;
+    debug_assert!(panels.is_empty());
+    ParamStore::from_tensors_keeping_dtype(tensors)
+}
+
+/// [`load_params_as`] for inference: the store in the inference layout, f32 weight matrices
+/// packed in panels as each is read (so memory holds the model plus one tensor, not plus a
+/// packed copy of the largest).
+pub fn load_params_for_inference(dir: &Path, config: &GPTConfig, format: Format, weight_dtype: DType, device: &Device) -> Result<ParamStore> {
+    let (tensors, panels) = read_params(dir, config, format, weight_dtype, weight_dtype == DType::F32, device)?;
+    ParamStore::from_tensors_and_panels(tensors, panels)
+}
+
+/// The checked tensors of a model directory in spec order, and with `pack` the f32 weight
+/// matrices packed as they are read (tensors holding the rest).
+#[allow(clippy::type_complexity)]
+fn read_params(dir: &Path, config: &GPTConfig, format: Format, weight_dtype: DType, pack: bool, device: &Device) -> Result<(Vec<(String, Tensor)>, Vec<(String, Panels)>)> {
     // The config's sizes are only claims: the files must hold at least 2 bytes (f16/bf16) per
     // parameter before the parameter list is built or anything is allocated.
     let mut maps = Vec::new();
@@ -267,6 +285,7 @@ pub fn load_params_as(dir: &Path, config: &GPTConfig, format: Format, weight_dty
     };
 
     let mut found: BTreeMap<String, Tensor> = BTreeMap::new();
+    let mut packed: BTreeMap<String, Panels> = BTreeMap::new();
     let mut lm_head: Option<Tensor> = None;
     for (path, mmap, st) in files {
         for (name, view) in st.tensors() {
@@ -298,14 +317,19 @@ pub fn load_params_as(dir: &Path, config: &GPTConfig, format: Format, weight_dty
                     format!("tensor {name} has shape {:?}, expected {:?}", view.shape(), shape),
                 ));
             }
-            if found.insert(name.clone(), t).is_some() {
+            if found.contains_key(&name) || packed.contains_key(&name) {
                 return Err(Error::file(path, format!("tensor {name} appears twice")));
+            }
+            if pack && crate::params::packs(&name, &t) {
+                packed.insert(name, crate::params::pack_tensor(&t, false)?);
+            } else {
+                found.insert(name, t);
             }
         }
     }
     // transformers may keep only one of two tied tensors; the seed's checkpoints can hold
     // lm_head.weight alone.
-    if !found.contains_key("transformer.wte.weight") {
+    if !found.contains_key("transformer.wte.weight") && !packed.contains_key("transformer.wte.weight") {
         if let Some(head) = lm_head.take() {
             if Some(&head.dims().to_vec()) == expected.get("transformer.wte.weight") {
                 found.insert("transformer.wte.weight".into(), head);
@@ -313,15 +337,25 @@ pub fn load_params_as(dir: &Path, config: &GPTConfig, format: Format, weight_dty
         }
     }
     for (name, shape) in &expected {
-        if !found.contains_key(name) {
+        if !found.contains_key(name) && !packed.contains_key(name) {
             return Err(Error::file(dir, format!("missing tensor {name} (expected shape {shape:?})")));
         }
     }
-    let wte = &found["transformer.wte.weight"];
     if let Some(head) = lm_head {
         // Weights are tied: a separate lm_head must equal wte.
-        let same = head.dims() == wte.dims()
-            && (&head - wte)?.abs()?.max_all()?.to_scalar::<f32>()? == 0.0;
+        let same = match (found.get("transformer.wte.weight"), packed.get("transformer.wte.weight")) {
+            // (Compared in f32: a bf16 / f16 load holds both in its dtype.)
+            (Some(wte), _) => head.dims() == wte.dims() && (&head - wte)?.abs()?.max_all()?.to_dtype(DType::F32)?.to_scalar::<f32>()? == 0.0,
+            (None, Some(p)) => head.dims() == [p.rows(), p.cols()] && {
+                let h: Vec<f32> = head.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+                let mut row = vec![0f32; p.cols()];
+                (0..p.rows()).all(|i| {
+                    p.row(0, i, &mut row);
+                    row[..] == h[i * p.cols()..(i + 1) * p.cols()]
+                })
+            },
+            (None, None) => unreachable!("checked above"),
+        };
         if !same {
             return Err(Error::file(dir, "lm_head.weight differs from transformer.wte.weight; untied output embeddings are not supported"));
         }
@@ -333,11 +367,15 @@ pub fn load_params_as(dir: &Path, config: &GPTConfig, format: Format, weight_dty
         }
     }
     let mut tensors = Vec::with_capacity(specs.len());
+    let mut panels = Vec::new();
     for s in &specs {
         // Already transposed from Conv1D's [in, out] while reading.
-        tensors.push((s.name.clone(), found.remove(&s.name).expect("checked above")));
+        match found.remove(&s.name) {
+            Some(t) => tensors.push((s.name.clone(), t)),
+            None => panels.push((s.name.clone(), packed.remove(&s.name).expect("checked above"))),
+        }
     }
-    ParamStore::from_tensors_keeping_dtype(tensors)
+    Ok((tensors, panels))
 }
 
 /// A tensor's little-endian f32/f16/bf16 bytes as a variable of dtype `out` (f32 or bf16),

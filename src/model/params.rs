@@ -117,6 +117,25 @@ pub fn is_quantizable(name: &str, shape: &[usize]) -> bool {
     is_weight_matrix(name, shape.len()) && name != "transformer.wpe.weight" && shape.get(1).is_some_and(|k| k % crate::quant::BLOCK == 0)
 }
 
+/// Whether inference keeps tensor `name` in panels: the f32 weight matrices (linear
+/// weights, expert stacks) but the position embedding, which is only looked up.
+pub fn packs(name: &str, t: &Tensor) -> bool {
+    let matrix = t.rank() == 2 || (t.rank() == 3 && is_expert_stack(name));
+    t.dtype() == DType::F32 && matrix && is_weight_matrix(name, t.rank()) && name != "transformer.wpe.weight" && t.elem_count() > 0
+}
+
+/// An f32 matrix [N, K], or an expert stack ([E, N, K] when `held_nk`, else nanoMoE's
+/// [E, K, N]), in panels.
+pub fn pack_tensor(t: &Tensor, held_nk: bool) -> Result<Panels> {
+    let t = if t.rank() == 3 && !held_nk { transposed_experts(t)? } else { t.clone() };
+    let (e, n, k) = match t.dims()[..] {
+        [n, k] => (1, n, k),
+        [e, n, k] => (e, n, k),
+        _ => return Err(Error::Msg(format!("cannot pack a tensor of shape {:?}", t.dims()))),
+    };
+    Ok(crate::kernels::with_f32(&t, "packing", |w| Ok(Panels::pack(w, e, n, k)))??)
+}
+
 /// Expert stacks are [E, K, N] as tensors and [E, N, K] when quantized.
 pub fn is_expert_stack(name: &str) -> bool {
     name.contains(".mlp.experts.") && !name.ends_with("_bias")
@@ -318,30 +337,27 @@ impl ParamStore {
     /// position embedding, which is only looked up) packed in panels for the batch-invariant
     /// product kernel (`kernels::panels`), each original freed as it goes. Inference only.
     fn into_panels(mut self) -> Result<Self> {
-        let names: Vec<String> = self
-            .vars
-            .iter()
-            .filter(|(n, v)| v.dtype() == DType::F32 && is_weight_matrix(n, v.rank()) && *n != "transformer.wpe.weight" && (v.rank() == 2 || self.nk.contains(*n)))
-            .map(|(n, _)| n.clone())
-            .collect();
+        let names: Vec<String> = self.vars.iter().filter(|(n, v)| packs(n, v.as_tensor())).map(|(n, _)| n.clone()).collect();
         for name in names {
             let v = self.vars.remove(&name).expect("listed");
-            let dims = v.dims().to_vec();
-            let (e, n, k) = match dims[..] {
-                [n, k] => (1, n, k),
-                [e, n, k] => (e, n, k),
-                _ => unreachable!("rank 2 or 3"),
-            };
-            if e * n * k == 0 {
-                self.vars.insert(name, v);
-                continue;
-            }
-            let panels = crate::kernels::with_f32(v.as_tensor(), "packing", |w| Ok(Panels::pack(w, e, n, k)))??;
+            let panels = pack_tensor(v.as_tensor(), self.nk.contains(&name))?;
             drop(v);
             self.nk.remove(&name);
             self.panels.insert(name, Arc::new(panels));
         }
         Ok(self)
+    }
+
+    /// Tensors as [`ParamStore::from_tensors_keeping_dtype`] takes them (the training
+    /// layout), with weights already packed ([`pack_tensor`]), for inference: the store in
+    /// the inference layout.
+    pub fn from_tensors_and_panels(tensors: Vec<(String, Tensor)>, panels: Vec<(String, Panels)>) -> Result<Self> {
+        let mut store = Self::from_tensors_keeping_dtype(tensors)?;
+        for (name, p) in panels {
+            store.order.push(name.clone());
+            store.panels.insert(name, Arc::new(p));
+        }
+        store.into_inference_layout()
     }
 
     /// The packed matrices back as tensors (held as `into_inference_layout` leaves them).
