@@ -133,7 +133,7 @@ pub fn pack_tensor(t: &Tensor, held_nk: bool) -> Result<Panels> {
         [e, n, k] => (e, n, k),
         _ => return Err(Error::Msg(format!("cannot pack a tensor of shape {:?}", t.dims()))),
     };
-    Ok(crate::kernels::with_f32(&t, "packing", |w| Ok(Panels::pack(w, e, n, k)))??)
+    crate::kernels::with_f32(&t, "packing", |w| Ok(Panels::pack(w, e, n, k)))?
 }
 
 /// Expert stacks are [E, K, N] as tensors and [E, N, K] when quantized.
