@@ -26,7 +26,7 @@ use crate::config::GPTConfig;
 use crate::error::{Error, Result};
 use crate::gpt::GPT;
 use crate::kernels::panels::Panels;
-use crate::params::{is_expert_stack, is_quantizable, is_weight_matrix, ParamStore};
+use crate::params::{is_expert_stack, is_packable, is_quantizable, is_weight_matrix, ParamStore};
 use crate::quant::{QBytes, QKind, QTensor};
 use crate::tokenizer::Tokenizer;
 use crate::weight::WeightFormat;
@@ -493,34 +493,32 @@ fn load_file(file: &GgufFile, with_tokenizer: bool) -> Result<GgufModel> {
         let matrix = is_weight_matrix(ours, shape.len()) && !ours.contains(".router.");
         // f32 matrices go straight from the file into panels (the inference layout of f32
         // weights, `ParamStore::into_inference_layout`), the file's pages dropped as packing goes.
-        let dims = match shape[..] {
-            [n, k] if !is_expert_stack(ours) => Some((1, n, k)),
-            [e, n, k] if is_expert_stack(ours) => Some((e, n, k)),
-            _ => None,
-        };
-        if let (GgmlType::F32, true, Some((e, n, k))) = (t.ty, matrix && ours != "transformer.wpe.weight", dims) {
-            if e * n * k > 0 {
-                let (start, len) = file.range(t);
-                let (map, mut freed) = (&file.map, 0);
-                let packed = Panels::pack_with(
-                    e,
-                    n,
-                    k,
-                    |e, i, out| {
-                        let off = start + (e * n + i) * k * 4;
-                        for (o, b) in out.iter_mut().zip(map[off..off + k * 4].chunks_exact(4)) {
-                            *o = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
-                        }
-                    },
-                    |e, rows_end| {
-                        let end = ((e * n + rows_end) * k * 4).min(len);
-                        file.release_range(start + freed, end - freed);
-                        freed = end;
-                    },
-                )?;
-                panels.push((ours.clone(), packed));
-                continue;
-            }
+        if matches!(t.ty, GgmlType::F32) && is_packable(ours, &shape) {
+            let (e, n, k) = match shape[..] {
+                [n, k] => (1, n, k),
+                [e, n, k] => (e, n, k),
+                _ => unreachable!("is_packable: rank 2 or 3"),
+            };
+            let (start, len) = file.range(t);
+            let (map, mut freed) = (&file.map, 0);
+            let packed = Panels::pack_with(
+                e,
+                n,
+                k,
+                |e, i, out| {
+                    let off = start + (e * n + i) * k * 4;
+                    for (o, b) in out.iter_mut().zip(map[off..off + k * 4].chunks_exact(4)) {
+                        *o = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+                    }
+                },
+                |e, rows_end| {
+                    let end = ((e * n + rows_end) * k * 4).min(len);
+                    file.release_range(start + freed, end - freed);
+                    freed = end;
+                },
+            )?;
+            panels.push((ours.clone(), packed));
+            continue;
         }
         // Matrices keep f16 / bf16; everything else (and quantized vectors) becomes f32.
         // Read straight into a variable's storage (no second copy), the file's pages dropped

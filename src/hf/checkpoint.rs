@@ -215,7 +215,7 @@ pub fn load_params(dir: &Path, config: &GPTConfig, format: Format, device: &Devi
 }
 
 /// [`load_params`] with the weight matrices ([`crate::params::is_weight_matrix`]) stored in
-/// `weight_dtype` (f32 or bf16), everything else in f32.
+/// `weight_dtype` (f32, bf16 or f16), everything else in f32.
 pub fn load_params_as(dir: &Path, config: &GPTConfig, format: Format, weight_dtype: DType, device: &Device) -> Result<ParamStore> {
     let (tensors, panels) = read_params(dir, config, format, weight_dtype, false, device)?;
     debug_assert!(panels.is_empty());
@@ -378,7 +378,7 @@ fn read_params(dir: &Path, config: &GPTConfig, format: Format, weight_dtype: DTy
     Ok((tensors, panels))
 }
 
-/// A tensor's little-endian f32/f16/bf16 bytes as a variable of dtype `out` (f32 or bf16),
+/// A tensor's little-endian f32/f16/bf16 bytes as a variable of dtype `out` (f32, bf16 or f16),
 /// with no intermediate copy; `transpose` swaps the two dimensions of a matrix while
 /// reading (GPT-2's Conv1D [in, out] layout, see [`conv1d_transpose`] for the write side).
 /// `release` is called with each part of `bytes` once it has been read.

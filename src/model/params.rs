@@ -117,11 +117,17 @@ pub fn is_quantizable(name: &str, shape: &[usize]) -> bool {
     is_weight_matrix(name, shape.len()) && name != "transformer.wpe.weight" && shape.get(1).is_some_and(|k| k % crate::quant::BLOCK == 0)
 }
 
-/// Whether inference keeps tensor `name` in panels: the f32 weight matrices (linear
-/// weights, expert stacks) but the position embedding, which is only looked up.
+/// Whether inference keeps an f32 parameter `name` of this shape in panels: the weight
+/// matrices (linear weights, expert stacks) but the position embedding, which is only
+/// looked up.
+pub fn is_packable(name: &str, shape: &[usize]) -> bool {
+    let matrix = shape.len() == if is_expert_stack(name) { 3 } else { 2 };
+    matrix && is_weight_matrix(name, shape.len()) && name != "transformer.wpe.weight" && shape.iter().all(|&d| d > 0)
+}
+
+/// [`is_packable`] for a tensor, which must also be f32.
 pub fn packs(name: &str, t: &Tensor) -> bool {
-    let matrix = t.rank() == 2 || (t.rank() == 3 && is_expert_stack(name));
-    t.dtype() == DType::F32 && matrix && is_weight_matrix(name, t.rank()) && name != "transformer.wpe.weight" && t.elem_count() > 0
+    t.dtype() == DType::F32 && is_packable(name, t.dims())
 }
 
 /// An f32 matrix [N, K], or an expert stack ([E, N, K] when `held_nk`, else nanoMoE's
@@ -243,11 +249,7 @@ impl ParamStore {
             store.order.push(name.clone());
             store.quant.insert(name, Arc::new(q));
         }
-        for (name, p) in panels {
-            store.order.push(name.clone());
-            store.panels.insert(name, Arc::new(p));
-        }
-        store.into_panels()
+        store.with_panels(panels).into_panels()
     }
 
     /// Quantizes the tensors [`is_quantizable`] accepts to `kind`, freeing each original as
@@ -281,9 +283,11 @@ impl ParamStore {
 
     /// A weight as the forward passes take it.
     pub fn mat(&self, name: &str) -> Result<Mat> {
+        if let Some(p) = self.panels.get(name) {
+            return Ok(Mat::Panels(p.clone()));
+        }
         match self.quant.get(name) {
             Some(q) => Ok(Mat::Quant(q.clone())),
-            None if self.panels.contains_key(name) => Ok(Mat::Panels(self.panels[name].clone())),
             None if self.nk.contains(name) => Ok(Mat::DenseNk(self.vars[name].as_tensor().clone())),
             None => Ok(Mat::Dense(self.get(name)?)),
         }
@@ -352,12 +356,16 @@ impl ParamStore {
     /// layout), with weights already packed ([`pack_tensor`]), for inference: the store in
     /// the inference layout.
     pub fn from_tensors_and_panels(tensors: Vec<(String, Tensor)>, panels: Vec<(String, Panels)>) -> Result<Self> {
-        let mut store = Self::from_tensors_keeping_dtype(tensors)?;
+        Self::from_tensors_keeping_dtype(tensors)?.with_panels(panels).into_inference_layout()
+    }
+
+    /// The store with `panels` added (after the tensors in its order).
+    fn with_panels(mut self, panels: Vec<(String, Panels)>) -> Self {
         for (name, p) in panels {
-            store.order.push(name.clone());
-            store.panels.insert(name, Arc::new(p));
+            self.order.push(name.clone());
+            self.panels.insert(name, Arc::new(p));
         }
-        store.into_inference_layout()
+        self
     }
 
     /// The packed matrices back as tensors (held as `into_inference_layout` leaves them).

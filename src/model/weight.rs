@@ -114,8 +114,8 @@ fn panels_product(x: &Tensor, p: &Panels, e: usize) -> Result<Tensor> {
         return Err(input_err!("x is {dims:?} but the weight is {} matrices of [{}, {}] (matrix {e})", p.matrices(), p.rows(), p.cols()));
     }
     let m = x.elem_count() / k.max(1);
-    let xs: Vec<f32> = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
-    let y = if m == 0 { Vec::new() } else { p.product(e, &xs, m) };
+    // The activations read in place (no copy of a prompt's rows).
+    let y = if m == 0 { Vec::new() } else { crate::kernels::with_f32(&x.to_dtype(DType::F32)?, "panels", |xs| Ok(p.product(e, xs, m)))? };
     let mut out = dims.to_vec();
     *out.last_mut().expect("rank >= 1") = p.rows();
     Ok(Tensor::from_vec(y, out, x.device())?)
