@@ -4,7 +4,7 @@ a model that rarely emits eos) for C in 1, 4, 16, 64. Prints aggregate tokens/s,
 first token and inter-token latency (p50 / p99), errors, and the issue's two targets.
 
 usage: python bench/serve_load.py MODEL [--tokens 128] [--clients 1,4,16,64] [--max-batch 16] [--json]
-                                 [--llama-server PATH]
+                                 [--client events|threads] [--llama-server PATH]
 MODEL: a model directory or a .gguf file. With --llama-server (llama.cpp's binary) and a .gguf
 MODEL, the same load runs against llama-server too (--max-batch slots, continuous batching,
 ignore_eos), one server after the other.
@@ -13,6 +13,8 @@ import argparse
 import http.client
 import json
 import os
+import selectors
+import socket
 import subprocess
 import sys
 import threading
@@ -30,12 +32,127 @@ def pct(v, q):
     return v[min(len(v) - 1, int(round(q * (len(v) - 1))))]
 
 
-def one_client(host, port, tokens, prompt, out, extra=None):
+class Stream:
+    """One client's streaming request on a non-blocking socket: HTTP/1.1, chunked body, SSE events."""
+
+    def __init__(self, host, port, body):
+        self.sock = socket.create_connection((host, port), timeout=600)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        data = json.dumps(body).encode()
+        self.request = (b"POST /v1/completions HTTP/1.1\r\nHost: %s:%d\r\nContent-Type: application/json\r\n"
+                        b"Content-Length: %d\r\nConnection: close\r\n\r\n" % (host.encode(), port, len(data))) + data
+        self.raw = b""        # bytes received and not yet decoded
+        self.body = b""       # decoded body not yet split into events
+        self.headers = None   # None until the header block is in
+        self.chunked = False
+        self.stamps, self.tokens, self.error, self.done = [], 0, None, False
+
+    def feed(self, data, now):
+        """Takes bytes the socket returned at `now`; every token event in them is stamped `now`."""
+        self.raw += data
+        if self.headers is None:
+            end = self.raw.find(b"\r\n\r\n")
+            if end < 0:
+                return
+            head, self.raw = self.raw[:end].decode("latin-1"), self.raw[end + 4:]
+            status = head.split("\r\n")[0].split(" ")
+            self.headers = head.lower()
+            self.chunked = "transfer-encoding: chunked" in self.headers
+            if len(status) < 2 or status[1] != "200":
+                self.error, self.done = "HTTP %s" % (status[1] if len(status) > 1 else "?"), True
+                return
+        if self.chunked:
+            while True:
+                eol = self.raw.find(b"\r\n")
+                if eol < 0:
+                    break
+                size = int(self.raw[:eol].split(b";")[0], 16)
+                if len(self.raw) < eol + 2 + size + 2:
+                    break
+                self.body += self.raw[eol + 2:eol + 2 + size]
+                self.raw = self.raw[eol + 2 + size + 2:]
+                if size == 0:
+                    self.done = True
+                    break
+        else:
+            self.body, self.raw = self.body + self.raw, b""
+        while not self.error:
+            end = self.body.find(b"\n\n")
+            if end < 0:
+                break
+            event, self.body = self.body[:end], self.body[end + 2:]
+            for line in event.split(b"\n"):
+                if not line.startswith(b"data: "):
+                    continue
+                data = line[6:].strip()
+                if data == b"[DONE]":
+                    self.done = True
+                    continue
+                ev = json.loads(data)
+                if "error" in ev:
+                    self.error, self.done = ev["error"]["message"], True
+                elif ev["choices"] and ev["choices"][0].get("finish_reason") is None:
+                    self.stamps.append(now)
+                    self.tokens += 1
+
+
+def run_clients(host, port, bodies):
+    """Streams every body at once from one thread: a selector wakes on whichever socket has
+    bytes and stamps each token event with the time its bytes arrived. (The earlier
+    generator ran one http.client thread per client, 64 threads at 64 clients, stamping
+    after the GIL let a thread run; alternated with this one on the same servers it gave
+    the same throughput and p99 within the run-to-run spread, so either measures the
+    server, but this one's stamps do not depend on Python's thread switching.)"""
+    sel = selectors.DefaultSelector()
+    out, streams = [], []
+    t0 = time.perf_counter()
+    for body in bodies:
+        try:
+            st = Stream(host, port, body)
+            st.start = time.perf_counter()
+            st.sock.sendall(st.request)
+            st.sock.setblocking(False)
+            sel.register(st.sock, selectors.EVENT_READ, st)
+            streams.append(st)
+        except OSError as e:
+            out.append({"error": repr(e)})
+    deadline = t0 + 600
+    while sel.get_map():
+        if time.perf_counter() > deadline:
+            for key in list(sel.get_map().values()):
+                key.data.error = "no answer within 600 s"
+                sel.unregister(key.fileobj)
+            break
+        for key, _ in sel.select(timeout=1.0):
+            st, now = key.data, time.perf_counter()
+            try:
+                data = st.sock.recv(1 << 16)
+            except BlockingIOError:
+                continue
+            except OSError as e:
+                st.error, data = repr(e), b""
+            if data:
+                try:
+                    st.feed(data, now)
+                except (ValueError, KeyError, IndexError) as e:
+                    st.error, st.done = "unreadable stream: %r" % e, True
+            if not data or st.done:
+                if not data and not st.done and not st.error:
+                    st.error = "connection closed before [DONE]"
+                sel.unregister(st.sock)
+                st.sock.close()
+    for st in streams:
+        out.append({"error": st.error} if st.error else {"start": st.start, "stamps": st.stamps, "tokens": st.tokens})
+    return out
+
+
+def one_client_thread(host, port, body, out):
+    """The old load generator's client (one thread each, http.client): kept to measure what
+    it added (--client threads)."""
     t0 = time.perf_counter()
     stamps = []
     try:
         c = http.client.HTTPConnection(host, port, timeout=600)
-        body = {"prompt": prompt, "max_tokens": tokens, "temperature": 0, "stream": True, **(extra or {})}
         c.request("POST", "/v1/completions", body=json.dumps(body), headers={"Content-Type": "application/json"})
         r = c.getresponse()
         if r.status != 200:
@@ -64,15 +181,19 @@ def one_client(host, port, tokens, prompt, out, extra=None):
         out.append({"error": repr(e)})
 
 
-def load(host, port, clients, tokens, extra=None):
-    out = []
-    threads = [threading.Thread(target=one_client, args=(host, port, tokens, "Client %d says: once upon a time" % i, out, extra))
-               for i in range(clients)]
+def load(host, port, clients, tokens, extra=None, client="events"):
+    bodies = [{"prompt": "Client %d says: once upon a time" % i, "max_tokens": tokens, "temperature": 0, "stream": True, **(extra or {})}
+              for i in range(clients)]
     t0 = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    if client == "threads":
+        out = []
+        threads = [threading.Thread(target=one_client_thread, args=(host, port, b, out)) for b in bodies]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    else:
+        out = run_clients(host, port, bodies)
     wall = time.perf_counter() - t0
     ok = [o for o in out if "error" not in o]
     ttft = [o["stamps"][0] - o["start"] for o in ok if o["stamps"]]
@@ -83,22 +204,21 @@ def load(host, port, clients, tokens, extra=None):
             "errors": len(out) - len(ok), "error_examples": [o["error"] for o in out if "error" in o][:3]}
 
 
-def run_model(model, tokens, clients, max_batch, threads):
+def run_model(model, tokens, clients, max_batch, threads, client="events"):
     p = subprocess.Popen([BIN, "--threads", str(threads), "serve", model, "--port", "0", "--max-batch", str(max_batch),
                           "--max-queue", "256"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     line = p.stdout.readline()
     addr = line.split("http://")[1].split("/")[0]
     host, port = addr.split(":")
     try:
-        load(host, int(port), 1, 8)  # warm-up
-        return [load(host, int(port), c, tokens) for c in clients]
+        load(host, int(port), 1, 8, client=client)  # warm-up
+        return [load(host, int(port), c, tokens, client=client) for c in clients]
     finally:
         p.terminate()
         p.wait(timeout=120)
 
 
-def run_llama_server(binary, model, tokens, clients, max_batch, threads):
-    import socket
+def run_llama_server(binary, model, tokens, clients, max_batch, threads, client="events"):
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
@@ -120,8 +240,8 @@ def run_llama_server(binary, model, tokens, clients, max_batch, threads):
                 raise SystemExit("llama-server did not start")
             time.sleep(0.2)
         extra = {"ignore_eos": True}
-        load("127.0.0.1", port, 1, 8, extra)  # warm-up
-        return [load("127.0.0.1", port, c, tokens, extra) for c in clients]
+        load("127.0.0.1", port, 1, 8, extra, client)  # warm-up
+        return [load("127.0.0.1", port, c, tokens, extra, client) for c in clients]
     finally:
         p.terminate()
         p.wait(timeout=120)
@@ -150,13 +270,15 @@ def main():
     ap.add_argument("--max-batch", type=int, default=16)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--client", choices=["events", "threads"], default="events",
+                    help="events: all clients on one thread, stamped as bytes arrive (default); threads: one http.client thread each (the old generator)")
     ap.add_argument("--llama-server", help="llama.cpp's llama-server binary: run the same load against it (GGUF MODEL)")
     a = ap.parse_args()
     clients = [int(c) for c in a.clients.split(",")]
-    rows = run_model(a.model, a.tokens, clients, a.max_batch, a.threads)
+    rows = run_model(a.model, a.tokens, clients, a.max_batch, a.threads, a.client)
     theirs = None
     if a.llama_server and a.model.endswith(".gguf"):
-        theirs = run_llama_server(a.llama_server, a.model, a.tokens, clients, a.max_batch, a.threads)
+        theirs = run_llama_server(a.llama_server, a.model, a.tokens, clients, a.max_batch, a.threads, a.client)
     if a.json:
         print(json.dumps({"nanomoe": rows, "llama_server": theirs}))
         return

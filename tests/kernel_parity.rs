@@ -37,6 +37,9 @@ fn targets(rng: &mut StdRng, n: usize, vocab: usize) -> (Vec<Option<u32>>, Tenso
     (t, Tensor::from_vec(as_i64, n, &Device::Cpu).unwrap())
 }
 
+/// Filled rows of each expert of the "experts_filled" case (of 9).
+const FILLED: [usize; 4] = [9, 4, 0, 6];
+
 fn cases() -> Vec<Case> {
     let mut rng = StdRng::seed_from_u64(11);
     let mut out = Vec::new();
@@ -125,6 +128,19 @@ fn cases() -> Vec<Case> {
     let (x, w) = (rand_var(&mut rng, &[5, 7, 12], 1.0), rand_var(&mut rng, &[5, 12, 9], 1.0));
     let y = expert_matmul::expert_matmul(&x, &w, None).unwrap();
     out.push(case("experts", "expert_matmul", json!({}), vec![("x", x), ("w", w)], vec![], y));
+    // A capacity-padded batch: expert e's tokens in its first FILLED[e] rows, zeros after
+    // (a full expert, a partial one, an empty one); the op reads only the filled rows, the
+    // reference multiplies them all (the upstream gradient is zero on the empty slots, as
+    // the combine step gives).
+    let (e, m, k) = (4, 9, 12);
+    let mut xv: Vec<f32> = (0..e * m * k).map(|_| rng.random_range(-1.0..1.0)).collect();
+    for (i, &f) in FILLED.iter().enumerate() {
+        xv[(i * m + f) * k..(i + 1) * m * k].fill(0.0);
+    }
+    let x = Var::from_vec(xv, (e, m, k), &Device::Cpu).unwrap();
+    let w = rand_var(&mut rng, &[e, k, 10], 1.0);
+    let y = nanomoe::nn::expert_matmul_filled(&x, &w, Some(&FILLED), None, nanomoe::kernels::Precision::F32).unwrap();
+    out.push(case("experts_filled", "expert_matmul", json!({}), vec![("x", x), ("w", w)], vec![], y));
     // The gate-output loss's tap on a product: [bmm(x, w); bmm(scale_grad(x, 0.1), w)] from
     // one product (x gets 0.1 of the second half's gradient, w all of it).
     let (x, w) = (rand_var(&mut rng, &[3, 7, 12], 1.0), rand_var(&mut rng, &[3, 12, 9], 1.0));
@@ -174,6 +190,11 @@ fn every_fused_kernel_matches_pytorch_values_and_gradients() {
             if name == "attn" {
                 let (t, ch) = (9, 12);
                 v[t * ch..(t + 3) * ch].fill(0.0); // row 1, positions 0..3
+            }
+            if name == "experts_filled" {
+                for (i, &f) in FILLED.iter().enumerate() {
+                    v[(i * 9 + f) * 10..(i + 1) * 9 * 10].fill(0.0);
+                }
             }
             if name == "lce_bf16" {
                 // A power of two: the reference scales the logits' gradient before rounding

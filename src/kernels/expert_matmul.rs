@@ -40,6 +40,23 @@ pub(crate) fn hand_over(sink: Option<&GradSink>, w: &Tensor, dw: Vec<f32>) -> ca
 struct ExpertMatmul {
     sink: Option<GradSink>,
     prec: Precision,
+    /// Rows of each expert's batch that hold tokens (the first ones; the rest are the zero
+    /// rows of empty capacity slots), or None for all.
+    filled: Option<Vec<usize>>,
+}
+
+impl ExpertMatmul {
+    /// Rows of expert i's batch of m that the products read.
+    fn rows(&self, i: usize, m: usize) -> usize {
+        self.filled.as_ref().map_or(m, |f| f[i].min(m))
+    }
+
+    fn check(&self, e: usize) -> candle_core::Result<()> {
+        match &self.filled {
+            Some(f) if f.len() != e => candle_core::bail!("{NAME}: {} filled-row counts for {e} experts", f.len()),
+            _ => Ok(()),
+        }
+    }
 }
 
 fn dims(lx: &[usize], lw: &[usize]) -> candle_core::Result<(usize, usize, usize, usize)> {
@@ -66,12 +83,18 @@ impl CustomOp2 for ExpertMatmul {
 
     fn cpu_fwd(&self, sx: &CpuStorage, lx: &Layout, sw: &CpuStorage, lw: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let (e, m, k, n) = dims(lx.dims(), lw.dims())?;
+        self.check(e)?;
         let (x, w) = (contiguous_f32(sx, lx, NAME)?, contiguous_f32(sw, lw, NAME)?);
         let y = written_by(e * m * n, |yp| {
             let out = Out(yp);
             per_expert(e, |i| unsafe {
                 let out = &out;
-                mm_in(self.prec, m, n, k, out.0.add(i * m * n), n, x.as_ptr().add(i * m * k), k, 1, w.as_ptr().add(i * k * n), n, 1, 1.0, 1);
+                let (rows, yi) = (self.rows(i, m), out.0.add(i * m * n));
+                if rows > 0 {
+                    mm_in(self.prec, rows, n, k, yi, n, x.as_ptr().add(i * m * k), k, 1, w.as_ptr().add(i * k * n), n, 1, 1.0, 1);
+                }
+                // Empty slots' rows are zero, and so is their product.
+                std::ptr::write_bytes(yi.add(rows * n), 0, (m - rows) * n);
             });
         });
         Ok((CpuStorage::F32(y), Shape::from((e, m, n))))
@@ -79,6 +102,7 @@ impl CustomOp2 for ExpertMatmul {
 
     fn bwd(&self, x: &Tensor, w: &Tensor, _res: &Tensor, dy: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
         let (e, m, k, n) = dims(x.dims(), w.dims())?;
+        self.check(e)?;
         let (dx, dw) = with_f32(x, NAME, |xs| {
             with_f32(w, NAME, |ws| {
                 with_f32(dy, NAME, |dys| {
@@ -90,17 +114,24 @@ impl CustomOp2 for ExpertMatmul {
                             per_expert_with_scratch(e, |i, wt| unsafe {
                                 let (ox, ow) = (&ox, &ow);
                                 let (xp, dyp) = (xs.as_ptr().add(i * m * k), dys.as_ptr().add(i * m * n));
-                                // dx = dy w^T: [m x n] [n x k], w^T in the scratch (n rows of stride ld)
-                                // for the f32 gemm; the bf16 kernel packs w^T itself.
+                                let (rows, dxi, dwi) = (self.rows(i, m), ox.0.add(i * m * k), ow.0.add(i * k * n));
+                                // An empty slot's row passes no gradient: nothing reads its output.
+                                std::ptr::write_bytes(dxi.add(rows * k), 0, (m - rows) * k);
+                                if rows == 0 {
+                                    std::ptr::write_bytes(dwi, 0, k * n);
+                                    return;
+                                }
+                                // dx = dy w^T: [rows x n] [n x k], w^T in the scratch (n rows of stride
+                                // ld) for the f32 gemm; the bf16 kernel packs w^T itself.
                                 if self.prec == Precision::F32 {
                                     wt.resize(n * ld, 0.0);
                                     transpose(k, n, &ws[i * k * n..(i + 1) * k * n], n, wt, ld);
-                                    mm_in(self.prec, m, k, n, ox.0.add(i * m * k), k, dyp, n, 1, wt.as_ptr(), ld, 1, 1.0, 1);
+                                    mm_in(self.prec, rows, k, n, dxi, k, dyp, n, 1, wt.as_ptr(), ld, 1, 1.0, 1);
                                 } else {
-                                    mm_in(self.prec, m, k, n, ox.0.add(i * m * k), k, dyp, n, 1, ws.as_ptr().add(i * k * n), 1, n, 1.0, 1);
+                                    mm_in(self.prec, rows, k, n, dxi, k, dyp, n, 1, ws.as_ptr().add(i * k * n), 1, n, 1.0, 1);
                                 }
-                                // dw = x^T dy: [k x m] [m x n]
-                                mm_in(self.prec, k, n, m, ow.0.add(i * k * n), n, xp, 1, k, dyp, n, 1, 1.0, 1);
+                                // dw = x^T dy: [k x rows] [rows x n]
+                                mm_in(self.prec, k, n, rows, dwi, n, xp, 1, k, dyp, n, 1, 1.0, 1);
                             });
                         });
                     });
@@ -122,8 +153,18 @@ pub fn expert_matmul(x: &Tensor, w: &Tensor, sink: Option<&GradSink>) -> Result<
 
 /// [`expert_matmul`] with its products in the given precision.
 pub fn expert_matmul_in(x: &Tensor, w: &Tensor, sink: Option<&GradSink>, prec: Precision) -> Result<Tensor> {
+    expert_matmul_filled(x, w, None, sink, prec)
+}
+
+/// [`expert_matmul_in`] for a capacity-padded batch whose expert e holds tokens in its
+/// first `filled[e]` rows and zeros after them (MoE dispatch: slots fill in order): the
+/// products read only the filled rows. The zero rows' outputs are zero, and no gradient
+/// reaches them or comes from them, exactly as the full product gives when nothing reads
+/// those rows' outputs (the combine step reads only filled slots). With capacity factor
+/// 1.25 at least a fifth of every batch is empty slots.
+pub fn expert_matmul_filled(x: &Tensor, w: &Tensor, filled: Option<&[usize]>, sink: Option<&GradSink>, prec: Precision) -> Result<Tensor> {
     let sink = sink.filter(|_| w.is_contiguous()).cloned();
-    Ok(x.contiguous()?.apply_op2(&w.contiguous()?, ExpertMatmul { sink, prec })?)
+    Ok(x.contiguous()?.apply_op2(&w.contiguous()?, ExpertMatmul { sink, prec, filled: filled.map(<[usize]>::to_vec) })?)
 }
 
 /// The gate-output loss's view of g = x w (the seed's `bmm(GradientScaler(0.1)(x), w)`)

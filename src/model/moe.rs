@@ -348,7 +348,9 @@ impl MoeLayer {
         let x_ext = Tensor::cat(&[x_flat, &Tensor::zeros((1, c), x.dtype(), device)?], 0)?;
         let disp = Tensor::from_vec(disp, self.n_exp * cap, device)?;
         let xe = x_ext.index_select(&disp, 0)?.reshape((self.n_exp, cap, c))?;
-        let ye = self.run_experts(&xe, ctx, gate_output_loss)?;
+        // Slots fill in order, so expert e's tokens are its first filled[e] rows.
+        let filled = plan.tokens_per_expert();
+        let ye = self.run_experts(&xe, Some(&filled), ctx, gate_output_loss)?;
 
         // ---- combine: y[t] = sum_j prob(t, j) * expert_out(slot(t, j)) ----
         let m = kept_pair.len();
@@ -366,8 +368,10 @@ impl MoeLayer {
     }
 
     /// Every expert of this layer (or of this rank's share) on its batch xe [E, cap, C];
-    /// returns [E * cap, C].
-    pub(crate) fn run_experts(&self, xe: &Tensor, ctx: &mut MoeCtx, gate_output_loss: &mut Option<Tensor>) -> Result<Tensor> {
+    /// returns [E * cap, C]. `filled`: how many of each expert's rows hold tokens (the rest
+    /// are empty slots' zero rows, whose outputs nothing reads), when the batch is laid out
+    /// that way.
+    pub(crate) fn run_experts(&self, xe: &Tensor, filled: Option<&[usize]>, ctx: &mut MoeCtx, gate_output_loss: &mut Option<Tensor>) -> Result<Tensor> {
         let (n_exp, cap, c) = xe.dims3()?;
         let (c_fc, c_proj) = (self.c_fc.dense()?, self.c_proj.dense()?);
         let h = match &self.gate_proj {
@@ -377,14 +381,14 @@ impl MoeLayer {
                 h
             }
             None => {
-                let mut h = nn::expert_matmul(&xe, c_fc, ctx.sink, ctx.prec)?;
+                let mut h = nn::expert_matmul_filled(xe, c_fc, filled, ctx.sink, ctx.prec)?;
                 if let Some(bias) = &self.fc_bias {
                     h = nn::add_bias(&h, bias)?;
                 }
                 nn::activation(&h, self.act)?
             }
         };
-        let mut ye = nn::expert_matmul(&h, c_proj, ctx.sink, ctx.prec)?;
+        let mut ye = nn::expert_matmul_filled(&h, c_proj, filled, ctx.sink, ctx.prec)?;
         if let Some(bias) = &self.proj_bias {
             ye = nn::add_bias(&ye, bias)?;
         }

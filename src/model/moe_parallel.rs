@@ -285,7 +285,7 @@ impl MoeLayer {
         let xr_ext = Tensor::cat(&[&xr, &Tensor::zeros((1, c), xr.dtype(), device)?], 0)?;
         let xe = xr_ext.index_select(&Tensor::from_vec(disp, per * cap, device)?, 0)?.reshape((per, cap, c))?;
         let mut gate_output_loss = None;
-        let ye = self.run_experts(&xe, ctx, &mut gate_output_loss)?; // [E/N * cap, C]
+        let ye = self.run_experts(&xe, None, ctx, &mut gate_output_loss)?; // [E/N * cap, C]
 
         // ---- combine: results back to their rows' ranks, weighted by the gate ----
         let back = ye.index_select(&Tensor::from_vec(recv_rows, r_rows, device)?, 0)?;

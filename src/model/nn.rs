@@ -204,8 +204,15 @@ pub fn add_bias(x: &Tensor, b: &Tensor) -> Result<Tensor> {
 /// The experts' batched product `x [E, cap, K] @ w [E, K, N]`: expert-parallel kernel for
 /// f32 CPU tensors (w's gradient into `sink` when given), candle's batched matmul otherwise.
 pub fn expert_matmul(x: &Tensor, w: &Tensor, sink: Option<&crate::grad_sink::GradSink>, prec: Precision) -> Result<Tensor> {
+    expert_matmul_filled(x, w, None, sink, prec)
+}
+
+/// [`expert_matmul`] of a capacity-padded batch whose expert e holds tokens in its first
+/// `filled[e]` rows only (zeros after them): f32 CPU tensors skip the empty rows
+/// (`kernels::expert_matmul::expert_matmul_filled`); other devices compute them all.
+pub fn expert_matmul_filled(x: &Tensor, w: &Tensor, filled: Option<&[usize]>, sink: Option<&crate::grad_sink::GradSink>, prec: Precision) -> Result<Tensor> {
     if x.dtype() == DType::F32 && w.dtype() == DType::F32 && x.device().is_cpu() {
-        return crate::kernels::expert_matmul::expert_matmul_in(x, w, sink, prec);
+        return crate::kernels::expert_matmul::expert_matmul_filled(x, w, filled, sink, prec);
     }
     Ok(x.matmul(&w.to_dtype(x.dtype())?)?)
 }
