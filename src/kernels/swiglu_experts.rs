@@ -58,6 +58,23 @@ struct SwiGluExperts {
     alpha: f32,
     state: SwiGluState,
     prec: Precision,
+    /// Rows of each expert's batch that hold tokens (the first ones; the rest are empty
+    /// slots' zero rows), or None for all: the products read only those
+    /// ([`crate::kernels::expert_matmul::expert_matmul_filled`]).
+    filled: Option<Vec<usize>>,
+}
+
+impl SwiGluExperts {
+    fn rows(&self, j: usize, m: usize) -> usize {
+        self.filled.as_ref().map_or(m, |f| f[j].min(m))
+    }
+
+    fn check(&self, e: usize) -> candle_core::Result<()> {
+        match &self.filled {
+            Some(f) if f.len() != e => candle_core::bail!("{NAME}: {} filled-row counts for {e} experts", f.len()),
+            _ => Ok(()),
+        }
+    }
 }
 
 fn dims(lx: &[usize], lg: &[usize], lu: &[usize]) -> candle_core::Result<(usize, usize, usize, usize)> {
@@ -74,6 +91,7 @@ impl CustomOp3 for SwiGluExperts {
 
     fn cpu_fwd(&self, sx: &CpuStorage, lx: &Layout, sg: &CpuStorage, lg: &Layout, su: &CpuStorage, lu: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let (e, m, c, i) = dims(lx.dims(), lg.dims(), lu.dims())?;
+        self.check(e)?;
         let (x, wg, wu) = (contiguous_f32(sx, lx, NAME)?, contiguous_f32(sg, lg, NAME)?, contiguous_f32(su, lu, NAME)?);
         let mut u = Vec::new();
         let mut h = Vec::new();
@@ -85,8 +103,14 @@ impl CustomOp3 for SwiGluExperts {
                         let (og, ou, oh) = (&og, &ou, &oh);
                         let xp = x.as_ptr().add(j * m * c);
                         let (gj, uj) = (og.0.add(j * m * i), ou.0.add(j * m * i));
-                        mm_in(self.prec, m, i, c, gj, i, xp, c, 1, wg.as_ptr().add(j * c * i), i, 1, 1.0, 1);
-                        mm_in(self.prec, m, i, c, uj, i, xp, c, 1, wu.as_ptr().add(j * c * i), i, 1, 1.0, 1);
+                        let rows = self.rows(j, m);
+                        if rows > 0 {
+                            mm_in(self.prec, rows, i, c, gj, i, xp, c, 1, wg.as_ptr().add(j * c * i), i, 1, 1.0, 1);
+                            mm_in(self.prec, rows, i, c, uj, i, xp, c, 1, wu.as_ptr().add(j * c * i), i, 1, 1.0, 1);
+                        }
+                        // Empty slots' zero rows give zero g and u (and h).
+                        std::ptr::write_bytes(gj.add(rows * i), 0, (m - rows) * i);
+                        std::ptr::write_bytes(uj.add(rows * i), 0, (m - rows) * i);
                         let (gs, us) = (std::slice::from_raw_parts(gj, m * i), std::slice::from_raw_parts(uj, m * i));
                         swiglu::forward_into(gs, us, std::slice::from_raw_parts_mut(oh.0.add(j * m * i), m * i));
                     });
@@ -101,6 +125,7 @@ impl CustomOp3 for SwiGluExperts {
 
     fn bwd(&self, x: &Tensor, wg: &Tensor, wu: &Tensor, _h: &Tensor, dh: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (e, m, c, i) = dims(x.dims(), wg.dims(), wu.dims())?;
+        self.check(e)?;
         let (gu, loss_dg) = {
             let mut saved = self.state.lock()?;
             (saved.gu.take(), saved.loss_dg.take())
@@ -134,22 +159,31 @@ impl CustomOp3 for SwiGluExperts {
                                         };
                                         let xp = xs.as_ptr().add(j * m * c);
                                         let dxj = ox.0.add(j * m * c);
+                                        // Empty slots' rows: zero g and u, nothing reads their h, so no
+                                        // gradient in either direction.
+                                        let rows = self.rows(j, m);
+                                        std::ptr::write_bytes(dxj.add(rows * c), 0, (m - rows) * c);
+                                        if rows == 0 {
+                                            std::ptr::write_bytes(og.0.add(j * c * i), 0, c * i);
+                                            std::ptr::write_bytes(ou.0.add(j * c * i), 0, c * i);
+                                            return;
+                                        }
                                         // dx = dg w_gate^T + du w_up^T: each weight [C, I] transposed into the scratch first.
                                         // (The bf16 kernel packs the transposes itself.)
                                         if self.prec == Precision::F32 {
                                             wt.resize(i * ld, 0.0);
                                             transpose(c, i, &wgs[j * c * i..(j + 1) * c * i], i, wt, ld);
-                                            mm_in(self.prec, m, c, i, dxj, c, dg.as_ptr(), i, 1, wt.as_ptr(), ld, 1, 1.0, 1);
+                                            mm_in(self.prec, rows, c, i, dxj, c, dg.as_ptr(), i, 1, wt.as_ptr(), ld, 1, 1.0, 1);
                                             transpose(c, i, &wus[j * c * i..(j + 1) * c * i], i, wt, ld);
-                                            mm_add_in(self.prec, m, c, i, dxj, c, du.as_ptr(), i, 1, wt.as_ptr(), ld, 1, 1.0);
+                                            mm_add_in(self.prec, rows, c, i, dxj, c, du.as_ptr(), i, 1, wt.as_ptr(), ld, 1, 1.0);
                                         } else {
-                                            mm_in(self.prec, m, c, i, dxj, c, dg.as_ptr(), i, 1, wgs.as_ptr().add(j * c * i), 1, i, 1.0, 1);
-                                            mm_add_in(self.prec, m, c, i, dxj, c, du.as_ptr(), i, 1, wus.as_ptr().add(j * c * i), 1, i, 1.0);
+                                            mm_in(self.prec, rows, c, i, dxj, c, dg.as_ptr(), i, 1, wgs.as_ptr().add(j * c * i), 1, i, 1.0, 1);
+                                            mm_add_in(self.prec, rows, c, i, dxj, c, du.as_ptr(), i, 1, wus.as_ptr().add(j * c * i), 1, i, 1.0);
                                         }
-                                        // dw = x^T d: [C x m] [m x I]
+                                        // dw = x^T d: [C x rows] [rows x I]
                                         let dgw = dgw.as_deref().unwrap_or(&dg);
-                                        mm_in(self.prec, c, i, m, og.0.add(j * c * i), i, xp, 1, c, dgw.as_ptr(), i, 1, 1.0, 1);
-                                        mm_in(self.prec, c, i, m, ou.0.add(j * c * i), i, xp, 1, c, du.as_ptr(), i, 1, 1.0, 1);
+                                        mm_in(self.prec, c, i, rows, og.0.add(j * c * i), i, xp, 1, c, dgw.as_ptr(), i, 1, 1.0, 1);
+                                        mm_in(self.prec, c, i, rows, ou.0.add(j * c * i), i, xp, 1, c, du.as_ptr(), i, 1, 1.0, 1);
                                     });
                                 });
                             });
@@ -170,8 +204,17 @@ impl CustomOp3 for SwiGluExperts {
 /// are contiguous). `state` links it to the layer's [`gate_output_loss`], whose gradient
 /// reaches x scaled by `alpha`.
 pub fn swiglu_experts(x: &Tensor, w_gate: &Tensor, w_up: &Tensor, sink: Option<&GradSink>, state: &SwiGluState, alpha: f32, prec: Precision) -> Result<Tensor> {
+    swiglu_experts_filled(x, w_gate, w_up, None, sink, state, alpha, prec)
+}
+
+/// [`swiglu_experts`] for a capacity-padded batch whose expert e holds tokens in its first
+/// `filled[e]` rows and zeros after them: the products read only the filled rows (the
+/// empty slots' g, u and h are zero, and no gradient comes from or reaches them).
+#[allow(clippy::too_many_arguments)]
+pub fn swiglu_experts_filled(x: &Tensor, w_gate: &Tensor, w_up: &Tensor, filled: Option<&[usize]>, sink: Option<&GradSink>, state: &SwiGluState, alpha: f32, prec: Precision) -> Result<Tensor> {
     let sink = sink.filter(|_| w_gate.is_contiguous() && w_up.is_contiguous()).cloned();
-    Ok(x.contiguous()?.apply_op3(&w_gate.contiguous()?, &w_up.contiguous()?, SwiGluExperts { sink, alpha, state: state.clone(), prec })?)
+    let op = SwiGluExperts { sink, alpha, state: state.clone(), prec, filled: filled.map(<[usize]>::to_vec) };
+    Ok(x.contiguous()?.apply_op3(&w_gate.contiguous()?, &w_up.contiguous()?, op)?)
 }
 
 struct GateOutputLoss {

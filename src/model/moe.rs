@@ -376,7 +376,7 @@ impl MoeLayer {
         let (c_fc, c_proj) = (self.c_fc.dense()?, self.c_proj.dense()?);
         let h = match &self.gate_proj {
             Some(gate_proj) => {
-                let (h, loss) = swiglu_experts(xe, gate_proj.dense()?, c_fc, ctx.sink, ctx.cfg.use_gate_output_loss, ctx.prec)?;
+                let (h, loss) = swiglu_experts(xe, gate_proj.dense()?, c_fc, filled, ctx.sink, ctx.cfg.use_gate_output_loss, ctx.prec)?;
                 *gate_output_loss = loss;
                 h
             }
@@ -512,11 +512,11 @@ impl MoeLayer {
 /// (xe w_up), and with `gate_loss` its gate-output loss on xe w_gate. f32 CPU tensors take
 /// the fused op (one product pass forward and one backward, the loss's gradient joined to
 /// it: `kernels::swiglu_experts`); others the separate products.
-pub(crate) fn swiglu_experts(xe: &Tensor, w_gate: &Tensor, w_up: &Tensor, sink: Option<&GradSink>, gate_loss: bool, prec: Precision) -> Result<(Tensor, Option<Tensor>)> {
+pub(crate) fn swiglu_experts(xe: &Tensor, w_gate: &Tensor, w_up: &Tensor, filled: Option<&[usize]>, sink: Option<&GradSink>, gate_loss: bool, prec: Precision) -> Result<(Tensor, Option<Tensor>)> {
     use crate::kernels::swiglu_experts as fused;
     if [xe, w_gate, w_up].iter().all(|t| t.dtype() == DType::F32 && t.device().is_cpu()) {
         let state = fused::SwiGluState::new();
-        let h = fused::swiglu_experts(xe, w_gate, w_up, sink, &state, 0.1, prec)?;
+        let h = fused::swiglu_experts_filled(xe, w_gate, w_up, filled, sink, &state, 0.1, prec)?;
         let loss = if gate_loss { Some(fused::gate_output_loss(&h, &state)?) } else { None };
         return Ok((h, loss));
     }
@@ -681,7 +681,7 @@ mod tests {
                 }
                 o
             };
-            let (hf, lf) = swiglu_experts(&x, &wg, &wu, None, gate_loss, Precision::F32).unwrap();
+            let (hf, lf) = swiglu_experts(&x, &wg, &wu, None, None, gate_loss, Precision::F32).unwrap();
             let (hc, lc) = swiglu_experts_composite(&x, &wg, &wu, None, gate_loss, Precision::F32).unwrap();
             assert!(max(&hf, &hc) < 1e-5);
             if gate_loss {
@@ -696,10 +696,41 @@ mod tests {
             }
             // Through a sink: the weights' gradients deposited, the same numbers.
             let sink = GradSink::new();
-            let (hs, ls) = swiglu_experts(&x, &wg, &wu, Some(&sink), gate_loss, Precision::F32).unwrap();
+            let (hs, ls) = swiglu_experts(&x, &wg, &wu, None, Some(&sink), gate_loss, Precision::F32).unwrap();
             let gs = sink.backward(&objective(&hs, &ls)).unwrap();
             for v in [&x, &wg, &wu] {
                 assert_eq!(max(gf.get(v).unwrap(), gs.get(v).unwrap()), 0.0);
+            }
+        }
+        // Told which rows hold tokens (4, 3 and 5 of 5), the products skip the padding rows:
+        // the same h, loss and gradients when nothing reads the padding rows' h (their
+        // upstream gradient zero, as the combine step gives).
+        let filled = [m - 1, m - 2, m];
+        let mut keep = vec![1f32; e * m * i];
+        for (j, &f) in filled.iter().enumerate() {
+            keep[(j * m + f) * i..(j + 1) * m * i].fill(0.0);
+        }
+        let gy = gy.mul(&Tensor::from_vec(keep, (e, m, i), &Device::Cpu).unwrap()).unwrap();
+        for gate_loss in [true, false] {
+            let objective = |h: &Tensor, l: &Option<Tensor>| {
+                let mut o = h.mul(&gy).unwrap().sum_all().unwrap();
+                if let Some(l) = l {
+                    o = (o + (l * 3.0).unwrap()).unwrap();
+                }
+                o
+            };
+            let (hf, lf) = swiglu_experts(&x, &wg, &wu, Some(&filled), None, gate_loss, Precision::F32).unwrap();
+            let (hc, lc) = swiglu_experts_composite(&x, &wg, &wu, None, gate_loss, Precision::F32).unwrap();
+            assert!(max(&hf, &hc) < 1e-5);
+            if gate_loss {
+                let (a, b) = (lf.as_ref().unwrap().to_scalar::<f32>().unwrap(), lc.as_ref().unwrap().to_scalar::<f32>().unwrap());
+                assert!(a > 0.0 && (a - b).abs() < 1e-5 * b.abs().max(1.0), "{a} vs {b}");
+            }
+            let gf = objective(&hf, &lf).backward().unwrap();
+            let gc = objective(&hc, &lc).backward().unwrap();
+            for v in [&x, &wg, &wu] {
+                let d = max(gf.get(v).unwrap(), gc.get(v).unwrap());
+                assert!(d < 1e-4, "filled rows, gate loss {gate_loss}: gradient differs by {d}");
             }
         }
     }
