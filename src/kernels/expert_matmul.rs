@@ -156,12 +156,14 @@ pub fn expert_matmul_in(x: &Tensor, w: &Tensor, sink: Option<&GradSink>, prec: P
     expert_matmul_filled(x, w, None, sink, prec)
 }
 
-/// [`expert_matmul_in`] for a capacity-padded batch whose expert e holds tokens in its
-/// first `filled[e]` rows and zeros after them (MoE dispatch: slots fill in order): the
-/// products read only the filled rows. The zero rows' outputs are zero, and no gradient
-/// reaches them or comes from them, exactly as the full product gives when nothing reads
-/// those rows' outputs (the combine step reads only filled slots). With capacity factor
-/// 1.25 at least a fifth of every batch is empty slots.
+/// [`expert_matmul_in`] for a capacity-padded batch (MoE dispatch: slots fill in order)
+/// whose rows after `filled[e]` in expert e are empty slots that nothing downstream reads
+/// (the combine step reads only filled slots): the products skip those rows, their outputs
+/// are zero and they pass no gradient. That is exactly what the full product gives them
+/// for the filled rows, the weights' gradient and x's gradient, since the full product's
+/// upstream gradient on unread rows is zero (where x is zero there too, as the dispatch
+/// leaves it, so are its outputs). With capacity factor 1.25 at least a fifth of every
+/// batch is empty slots.
 pub fn expert_matmul_filled(x: &Tensor, w: &Tensor, filled: Option<&[usize]>, sink: Option<&GradSink>, prec: Precision) -> Result<Tensor> {
     let sink = sink.filter(|_| w.is_contiguous()).cloned();
     Ok(x.contiguous()?.apply_op2(&w.contiguous()?, ExpertMatmul { sink, prec, filled: filled.map(<[usize]>::to_vec) })?)

@@ -15,6 +15,8 @@
 //! gathered into an [n_exp, capacity, n_embd] batch (empty slots point at a zero row),
 //! and expert outputs are scattered back with `index_add`, so memory is linear in tokens
 //! (nanoMoE's reference builds a dense one-hot [tokens, n_exp, capacity] tensor instead).
+//! Slots fill in order, so each expert's tokens are the first rows of its batch, and the
+//! expert products skip the empty slots after them (the reference multiplies them too).
 
 use crate::kernels::Precision;
 use candle_core::{DType, Tensor};

@@ -208,8 +208,9 @@ pub fn expert_matmul(x: &Tensor, w: &Tensor, sink: Option<&crate::grad_sink::Gra
 }
 
 /// [`expert_matmul`] of a capacity-padded batch whose expert e holds tokens in its first
-/// `filled[e]` rows only (zeros after them): f32 CPU tensors skip the empty rows
-/// (`kernels::expert_matmul::expert_matmul_filled`); other devices compute them all.
+/// `filled[e]` rows only (the rest are empty slots nothing reads): f32 CPU tensors skip the
+/// empty rows (`kernels::expert_matmul::expert_matmul_filled`); other devices compute them
+/// all.
 pub fn expert_matmul_filled(x: &Tensor, w: &Tensor, filled: Option<&[usize]>, sink: Option<&crate::grad_sink::GradSink>, prec: Precision) -> Result<Tensor> {
     if x.dtype() == DType::F32 && w.dtype() == DType::F32 && x.device().is_cpu() {
         return crate::kernels::expert_matmul::expert_matmul_filled(x, w, filled, sink, prec);
