@@ -1,6 +1,13 @@
 //! Text of a generated sequence as it streams: token ids decoded incrementally, text held
 //! back while it ends in an incomplete UTF-8 sequence or in what may become a stop string,
 //! and cut before the first stop string.
+//!
+//! Only the last character is held for an incomplete sequence: the decoder turns the
+//! token bytes into text lossily, one U+FFFD per maximal invalid run, so more bytes can
+//! only change a trailing incomplete run (UTF-8 resynchronises at every lead byte).
+//! Everything before it is final, also the replacement characters of runs that can no
+//! longer complete - a model that emits stray byte tokens (an untrained one does) streams
+//! them as they come instead of going silent until a valid character follows.
 
 use crate::error::Result;
 use crate::tokenizer::Tokenizer;
@@ -40,10 +47,9 @@ impl TextStream {
             self.stopped = true;
             return Ok(self.take(p));
         }
-        if self.text.ends_with('\u{fffd}') {
-            return Ok(String::new()); // the rest of a character is in the next token
-        }
-        let hold = self.stops.iter().map(|s| partial_suffix(&self.text, s)).max().unwrap_or(0);
+        // The rest of the last character may be in the next token.
+        let incomplete = if self.text.ends_with('\u{fffd}') { '\u{fffd}'.len_utf8() } else { 0 };
+        let hold = self.stops.iter().map(|s| partial_suffix(&self.text, s)).max().unwrap_or(0).max(incomplete);
         Ok(self.take(self.text.len() - hold))
     }
 
@@ -99,5 +105,34 @@ mod tests {
         }
         assert_eq!(out, "a ");
         assert_eq!(s.flush(), "XY");
+    }
+
+    #[test]
+    fn split_characters_wait_for_their_bytes_and_stray_bytes_stream() {
+        let tok = Tokenizer::gpt2().unwrap();
+        let b2c = crate::tokenizer::byte_to_char();
+        let byte = |b: u8| tok.token_to_id(&b2c[b as usize].to_string()).unwrap();
+        let run = |ids: &[u32]| {
+            let mut s = TextStream::new(Vec::new());
+            let pieces: Vec<String> = ids.iter().map(|&id| s.push(&tok, id).unwrap()).collect();
+            (pieces, s.flush())
+        };
+        // An em dash (E2 80 94) in three byte tokens: nothing until its last byte.
+        let (pieces, rest) = run(&[byte(b'a'), byte(0xE2), byte(0x80), byte(0x94)]);
+        assert_eq!(pieces, ["a", "", "", "\u{2014}"]);
+        assert_eq!(rest, "");
+        // Stray continuation bytes can never complete: each streams once the next byte
+        // shows its run has ended; only the last one waits.
+        let (pieces, rest) = run(&[byte(0x80), byte(0x80), byte(0x80), byte(b'b')]);
+        assert_eq!(pieces, ["", "\u{fffd}", "\u{fffd}", "\u{fffd}b"]);
+        assert_eq!(rest, "");
+        // A lead byte cut off by another lead byte is final; the second completes.
+        let (pieces, rest) = run(&[byte(0xE2), byte(0xE2), byte(0x80), byte(0x94)]);
+        assert_eq!(pieces, ["", "\u{fffd}", "", "\u{2014}"]);
+        assert_eq!(rest, "");
+        // Held at the end of the sequence: flushed as the replacement character.
+        let (pieces, rest) = run(&[byte(b'c'), byte(0xE2)]);
+        assert_eq!(pieces, ["c", ""]);
+        assert_eq!(rest, "\u{fffd}");
     }
 }
