@@ -37,26 +37,31 @@ pub(crate) fn hand_over(sink: Option<&GradSink>, w: &Tensor, dw: Vec<f32>) -> ca
     }
 }
 
-struct ExpertMatmul {
-    sink: Option<GradSink>,
-    prec: Precision,
-    /// Rows of each expert's batch that hold tokens (the first ones; the rest are the zero
-    /// rows of empty capacity slots), or None for all.
-    filled: Option<Vec<usize>>,
-}
+/// Rows of each expert's batch that hold tokens (the first ones; the rest are empty
+/// capacity slots that nothing reads), or None for all: the rows the expert ops' products
+/// read ([`expert_matmul_filled`]).
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Filled(pub Option<Vec<usize>>);
 
-impl ExpertMatmul {
+impl Filled {
     /// Rows of expert i's batch of m that the products read.
-    fn rows(&self, i: usize, m: usize) -> usize {
-        self.filled.as_ref().map_or(m, |f| f[i].min(m))
+    pub fn rows(&self, i: usize, m: usize) -> usize {
+        self.0.as_ref().map_or(m, |f| f[i].min(m))
     }
 
-    fn check(&self, e: usize) -> candle_core::Result<()> {
-        match &self.filled {
-            Some(f) if f.len() != e => candle_core::bail!("{NAME}: {} filled-row counts for {e} experts", f.len()),
+    /// Fails unless there is one count per expert.
+    pub fn check(&self, op: &str, e: usize) -> candle_core::Result<()> {
+        match &self.0 {
+            Some(f) if f.len() != e => candle_core::bail!("{op}: {} filled-row counts for {e} experts", f.len()),
             _ => Ok(()),
         }
     }
+}
+
+struct ExpertMatmul {
+    sink: Option<GradSink>,
+    prec: Precision,
+    filled: Filled,
 }
 
 fn dims(lx: &[usize], lw: &[usize]) -> candle_core::Result<(usize, usize, usize, usize)> {
@@ -83,13 +88,13 @@ impl CustomOp2 for ExpertMatmul {
 
     fn cpu_fwd(&self, sx: &CpuStorage, lx: &Layout, sw: &CpuStorage, lw: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let (e, m, k, n) = dims(lx.dims(), lw.dims())?;
-        self.check(e)?;
+        self.filled.check(NAME, e)?;
         let (x, w) = (contiguous_f32(sx, lx, NAME)?, contiguous_f32(sw, lw, NAME)?);
         let y = written_by(e * m * n, |yp| {
             let out = Out(yp);
             per_expert(e, |i| unsafe {
                 let out = &out;
-                let (rows, yi) = (self.rows(i, m), out.0.add(i * m * n));
+                let (rows, yi) = (self.filled.rows(i, m), out.0.add(i * m * n));
                 if rows > 0 {
                     mm_in(self.prec, rows, n, k, yi, n, x.as_ptr().add(i * m * k), k, 1, w.as_ptr().add(i * k * n), n, 1, 1.0, 1);
                 }
@@ -102,7 +107,7 @@ impl CustomOp2 for ExpertMatmul {
 
     fn bwd(&self, x: &Tensor, w: &Tensor, _res: &Tensor, dy: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
         let (e, m, k, n) = dims(x.dims(), w.dims())?;
-        self.check(e)?;
+        self.filled.check(NAME, e)?;
         let (dx, dw) = with_f32(x, NAME, |xs| {
             with_f32(w, NAME, |ws| {
                 with_f32(dy, NAME, |dys| {
@@ -114,7 +119,7 @@ impl CustomOp2 for ExpertMatmul {
                             per_expert_with_scratch(e, |i, wt| unsafe {
                                 let (ox, ow) = (&ox, &ow);
                                 let (xp, dyp) = (xs.as_ptr().add(i * m * k), dys.as_ptr().add(i * m * n));
-                                let (rows, dxi, dwi) = (self.rows(i, m), ox.0.add(i * m * k), ow.0.add(i * k * n));
+                                let (rows, dxi, dwi) = (self.filled.rows(i, m), ox.0.add(i * m * k), ow.0.add(i * k * n));
                                 // An empty slot's row passes no gradient: nothing reads its output.
                                 std::ptr::write_bytes(dxi.add(rows * k), 0, (m - rows) * k);
                                 if rows == 0 {
@@ -166,7 +171,7 @@ pub fn expert_matmul_in(x: &Tensor, w: &Tensor, sink: Option<&GradSink>, prec: P
 /// batch is empty slots.
 pub fn expert_matmul_filled(x: &Tensor, w: &Tensor, filled: Option<&[usize]>, sink: Option<&GradSink>, prec: Precision) -> Result<Tensor> {
     let sink = sink.filter(|_| w.is_contiguous()).cloned();
-    Ok(x.contiguous()?.apply_op2(&w.contiguous()?, ExpertMatmul { sink, prec, filled: filled.map(<[usize]>::to_vec) })?)
+    Ok(x.contiguous()?.apply_op2(&w.contiguous()?, ExpertMatmul { sink, prec, filled: Filled(filled.map(<[usize]>::to_vec)) })?)
 }
 
 /// The gate-output loss's view of g = x w (the seed's `bmm(GradientScaler(0.1)(x), w)`)

@@ -20,7 +20,7 @@ use rayon::prelude::*;
 
 use crate::error::Result;
 use crate::grad_sink::GradSink;
-use crate::kernels::expert_matmul::hand_over;
+use crate::kernels::expert_matmul::{hand_over, Filled};
 use crate::kernels::transpose::{padded_stride, transpose};
 use crate::kernels::{contiguous_f32, mm_add_in, mm_in, swiglu, with_f32, written_by, Precision};
 
@@ -58,23 +58,7 @@ struct SwiGluExperts {
     alpha: f32,
     state: SwiGluState,
     prec: Precision,
-    /// Rows of each expert's batch that hold tokens (the first ones; the rest are empty
-    /// slots' zero rows), or None for all: the products read only those
-    /// ([`crate::kernels::expert_matmul::expert_matmul_filled`]).
-    filled: Option<Vec<usize>>,
-}
-
-impl SwiGluExperts {
-    fn rows(&self, j: usize, m: usize) -> usize {
-        self.filled.as_ref().map_or(m, |f| f[j].min(m))
-    }
-
-    fn check(&self, e: usize) -> candle_core::Result<()> {
-        match &self.filled {
-            Some(f) if f.len() != e => candle_core::bail!("{NAME}: {} filled-row counts for {e} experts", f.len()),
-            _ => Ok(()),
-        }
-    }
+    filled: Filled,
 }
 
 fn dims(lx: &[usize], lg: &[usize], lu: &[usize]) -> candle_core::Result<(usize, usize, usize, usize)> {
@@ -91,7 +75,7 @@ impl CustomOp3 for SwiGluExperts {
 
     fn cpu_fwd(&self, sx: &CpuStorage, lx: &Layout, sg: &CpuStorage, lg: &Layout, su: &CpuStorage, lu: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let (e, m, c, i) = dims(lx.dims(), lg.dims(), lu.dims())?;
-        self.check(e)?;
+        self.filled.check(NAME, e)?;
         let (x, wg, wu) = (contiguous_f32(sx, lx, NAME)?, contiguous_f32(sg, lg, NAME)?, contiguous_f32(su, lu, NAME)?);
         let mut u = Vec::new();
         let mut h = Vec::new();
@@ -103,7 +87,7 @@ impl CustomOp3 for SwiGluExperts {
                         let (og, ou, oh) = (&og, &ou, &oh);
                         let xp = x.as_ptr().add(j * m * c);
                         let (gj, uj) = (og.0.add(j * m * i), ou.0.add(j * m * i));
-                        let rows = self.rows(j, m);
+                        let rows = self.filled.rows(j, m);
                         if rows > 0 {
                             mm_in(self.prec, rows, i, c, gj, i, xp, c, 1, wg.as_ptr().add(j * c * i), i, 1, 1.0, 1);
                             mm_in(self.prec, rows, i, c, uj, i, xp, c, 1, wu.as_ptr().add(j * c * i), i, 1, 1.0, 1);
@@ -125,7 +109,7 @@ impl CustomOp3 for SwiGluExperts {
 
     fn bwd(&self, x: &Tensor, wg: &Tensor, wu: &Tensor, _h: &Tensor, dh: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (e, m, c, i) = dims(x.dims(), wg.dims(), wu.dims())?;
-        self.check(e)?;
+        self.filled.check(NAME, e)?;
         let (gu, loss_dg) = {
             let mut saved = self.state.lock()?;
             (saved.gu.take(), saved.loss_dg.take())
@@ -161,7 +145,7 @@ impl CustomOp3 for SwiGluExperts {
                                         let dxj = ox.0.add(j * m * c);
                                         // Empty slots' rows: zero g and u, nothing reads their h, so no
                                         // gradient in either direction.
-                                        let rows = self.rows(j, m);
+                                        let rows = self.filled.rows(j, m);
                                         std::ptr::write_bytes(dxj.add(rows * c), 0, (m - rows) * c);
                                         if rows == 0 {
                                             std::ptr::write_bytes(og.0.add(j * c * i), 0, c * i);
@@ -213,7 +197,7 @@ pub fn swiglu_experts(x: &Tensor, w_gate: &Tensor, w_up: &Tensor, sink: Option<&
 #[allow(clippy::too_many_arguments)]
 pub fn swiglu_experts_filled(x: &Tensor, w_gate: &Tensor, w_up: &Tensor, filled: Option<&[usize]>, sink: Option<&GradSink>, state: &SwiGluState, alpha: f32, prec: Precision) -> Result<Tensor> {
     let sink = sink.filter(|_| w_gate.is_contiguous() && w_up.is_contiguous()).cloned();
-    let op = SwiGluExperts { sink, alpha, state: state.clone(), prec, filled: filled.map(<[usize]>::to_vec) };
+    let op = SwiGluExperts { sink, alpha, state: state.clone(), prec, filled: Filled(filled.map(<[usize]>::to_vec)) };
     Ok(x.contiguous()?.apply_op3(&w_gate.contiguous()?, &w_up.contiguous()?, op)?)
 }
 

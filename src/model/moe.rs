@@ -675,64 +675,44 @@ mod tests {
         let wu = Var::from_vec(r(e * c * i), (e, c, i), &Device::Cpu).unwrap();
         let gy = Tensor::from_vec(r(e * m * i), (e, m, i), &Device::Cpu).unwrap();
         let max = |a: &Tensor, b: &Tensor| (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
-        for gate_loss in [true, false] {
-            let objective = |h: &Tensor, l: &Option<Tensor>| {
-                let mut o = h.mul(&gy).unwrap().sum_all().unwrap();
-                if let Some(l) = l {
-                    o = (o + (l * 3.0).unwrap()).unwrap();
-                }
-                o
-            };
-            let (hf, lf) = swiglu_experts(&x, &wg, &wu, None, None, gate_loss, Precision::F32).unwrap();
-            let (hc, lc) = swiglu_experts_composite(&x, &wg, &wu, None, gate_loss, Precision::F32).unwrap();
-            assert!(max(&hf, &hc) < 1e-5);
-            if gate_loss {
-                let (a, b) = (lf.as_ref().unwrap().to_scalar::<f32>().unwrap(), lc.as_ref().unwrap().to_scalar::<f32>().unwrap());
-                assert!(a > 0.0 && (a - b).abs() < 1e-5 * b.abs().max(1.0), "{a} vs {b}");
-            }
-            let gf = objective(&hf, &lf).backward().unwrap();
-            let gc = objective(&hc, &lc).backward().unwrap();
-            for v in [&x, &wg, &wu] {
-                let d = max(gf.get(v).unwrap(), gc.get(v).unwrap());
-                assert!(d < 1e-4, "gate loss {gate_loss}: gradient differs by {d}");
-            }
-            // Through a sink: the weights' gradients deposited, the same numbers.
-            let sink = GradSink::new();
-            let (hs, ls) = swiglu_experts(&x, &wg, &wu, None, Some(&sink), gate_loss, Precision::F32).unwrap();
-            let gs = sink.backward(&objective(&hs, &ls)).unwrap();
-            for v in [&x, &wg, &wu] {
-                assert_eq!(max(gf.get(v).unwrap(), gs.get(v).unwrap()), 0.0);
-            }
-        }
-        // Told which rows hold tokens (4, 3 and 5 of 5), the products skip the padding rows:
-        // the same h, loss and gradients when nothing reads the padding rows' h (their
-        // upstream gradient zero, as the combine step gives).
+        // Also told which rows hold tokens (4, 3 and 5 of 5): the products skip the padding
+        // rows, with the same h, loss and gradients when nothing reads the padding rows' h
+        // (their upstream gradient zero, as the combine step gives).
         let filled = [m - 1, m - 2, m];
         let mut keep = vec![1f32; e * m * i];
         for (j, &f) in filled.iter().enumerate() {
             keep[(j * m + f) * i..(j + 1) * m * i].fill(0.0);
         }
-        let gy = gy.mul(&Tensor::from_vec(keep, (e, m, i), &Device::Cpu).unwrap()).unwrap();
-        for gate_loss in [true, false] {
-            let objective = |h: &Tensor, l: &Option<Tensor>| {
-                let mut o = h.mul(&gy).unwrap().sum_all().unwrap();
-                if let Some(l) = l {
-                    o = (o + (l * 3.0).unwrap()).unwrap();
+        let gy_unread = gy.mul(&Tensor::from_vec(keep, (e, m, i), &Device::Cpu).unwrap()).unwrap();
+        for (rows, gy) in [(None, &gy), (Some(&filled[..]), &gy_unread)] {
+            for gate_loss in [true, false] {
+                let objective = |h: &Tensor, l: &Option<Tensor>| {
+                    let mut o = h.mul(gy).unwrap().sum_all().unwrap();
+                    if let Some(l) = l {
+                        o = (o + (l * 3.0).unwrap()).unwrap();
+                    }
+                    o
+                };
+                let (hf, lf) = swiglu_experts(&x, &wg, &wu, rows, None, gate_loss, Precision::F32).unwrap();
+                let (hc, lc) = swiglu_experts_composite(&x, &wg, &wu, None, gate_loss, Precision::F32).unwrap();
+                assert!(max(&hf, &hc) < 1e-5);
+                if gate_loss {
+                    let (a, b) = (lf.as_ref().unwrap().to_scalar::<f32>().unwrap(), lc.as_ref().unwrap().to_scalar::<f32>().unwrap());
+                    assert!(a > 0.0 && (a - b).abs() < 1e-5 * b.abs().max(1.0), "{a} vs {b}");
                 }
-                o
-            };
-            let (hf, lf) = swiglu_experts(&x, &wg, &wu, Some(&filled), None, gate_loss, Precision::F32).unwrap();
-            let (hc, lc) = swiglu_experts_composite(&x, &wg, &wu, None, gate_loss, Precision::F32).unwrap();
-            assert!(max(&hf, &hc) < 1e-5);
-            if gate_loss {
-                let (a, b) = (lf.as_ref().unwrap().to_scalar::<f32>().unwrap(), lc.as_ref().unwrap().to_scalar::<f32>().unwrap());
-                assert!(a > 0.0 && (a - b).abs() < 1e-5 * b.abs().max(1.0), "{a} vs {b}");
-            }
-            let gf = objective(&hf, &lf).backward().unwrap();
-            let gc = objective(&hc, &lc).backward().unwrap();
-            for v in [&x, &wg, &wu] {
-                let d = max(gf.get(v).unwrap(), gc.get(v).unwrap());
-                assert!(d < 1e-4, "filled rows, gate loss {gate_loss}: gradient differs by {d}");
+                let gf = objective(&hf, &lf).backward().unwrap();
+                let gc = objective(&hc, &lc).backward().unwrap();
+                for v in [&x, &wg, &wu] {
+                    let d = max(gf.get(v).unwrap(), gc.get(v).unwrap());
+                    assert!(d < 1e-4, "filled rows {rows:?}, gate loss {gate_loss}: gradient differs by {d}");
+                }
+                // Through a sink: the weights' gradients deposited, the same numbers.
+                let sink = GradSink::new();
+                let (hs, ls) = swiglu_experts(&x, &wg, &wu, rows, Some(&sink), gate_loss, Precision::F32).unwrap();
+                let gs = sink.backward(&objective(&hs, &ls)).unwrap();
+                for v in [&x, &wg, &wu] {
+                    assert_eq!(max(gf.get(v).unwrap(), gs.get(v).unwrap()), 0.0);
+                }
             }
         }
     }
