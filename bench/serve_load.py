@@ -43,21 +43,19 @@ class Stream:
                         b"Content-Length: %d\r\nConnection: close\r\n\r\n" % (host.encode(), port, len(data))) + data
         self.raw = b""        # bytes received and not yet decoded
         self.body = b""       # decoded body not yet split into events
-        self.headers = None   # None until the header block is in
-        self.chunked = False
+        self.chunked = None   # None until the header block is in, then whether the body is chunked
         self.stamps, self.tokens, self.error, self.done = [], 0, None, False
 
     def feed(self, data, now):
         """Takes bytes the socket returned at `now`; every token event in them is stamped `now`."""
         self.raw += data
-        if self.headers is None:
+        if self.chunked is None:
             end = self.raw.find(b"\r\n\r\n")
             if end < 0:
                 return
             head, self.raw = self.raw[:end].decode("latin-1"), self.raw[end + 4:]
             status = head.split("\r\n")[0].split(" ")
-            self.headers = head.lower()
-            self.chunked = "transfer-encoding: chunked" in self.headers
+            self.chunked = "transfer-encoding: chunked" in head.lower()
             if len(status) < 2 or status[1] != "200":
                 self.error, self.done = "HTTP %s" % (status[1] if len(status) > 1 else "?"), True
                 return

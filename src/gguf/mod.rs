@@ -26,7 +26,7 @@ use crate::config::GPTConfig;
 use crate::error::{Error, Result};
 use crate::gpt::GPT;
 use crate::kernels::panels::Panels;
-use crate::params::{is_expert_stack, is_packable, is_quantizable, is_weight_matrix, ParamStore};
+use crate::params::{is_expert_stack, is_packable, is_quantizable, is_weight_matrix, panel_dims, ParamStore};
 use crate::quant::{QBytes, QKind, QTensor};
 use crate::tokenizer::Tokenizer;
 use crate::weight::WeightFormat;
@@ -493,12 +493,7 @@ fn load_file(file: &GgufFile, with_tokenizer: bool) -> Result<GgufModel> {
         let matrix = is_weight_matrix(ours, shape.len()) && !ours.contains(".router.");
         // f32 matrices go straight from the file into panels (the inference layout of f32
         // weights, `ParamStore::into_inference_layout`), the file's pages dropped as packing goes.
-        if matches!(t.ty, GgmlType::F32) && is_packable(ours, &shape) {
-            let (e, n, k) = match shape[..] {
-                [n, k] => (1, n, k),
-                [e, n, k] => (e, n, k),
-                _ => unreachable!("is_packable: rank 2 or 3"),
-            };
+        if let (GgmlType::F32, true, Some((e, n, k))) = (t.ty, is_packable(ours, &shape), panel_dims(&shape)) {
             let (start, len) = file.range(t);
             let (map, mut freed) = (&file.map, 0);
             let packed = Panels::pack_with(

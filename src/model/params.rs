@@ -134,12 +134,17 @@ pub fn packs(name: &str, t: &Tensor) -> bool {
 /// [E, K, N]), in panels.
 pub fn pack_tensor(t: &Tensor, held_nk: bool) -> Result<Panels> {
     let t = if t.rank() == 3 && !held_nk { transposed_experts(t)? } else { t.clone() };
-    let (e, n, k) = match t.dims()[..] {
-        [n, k] => (1, n, k),
-        [e, n, k] => (e, n, k),
-        _ => return Err(Error::Msg(format!("cannot pack a tensor of shape {:?}", t.dims()))),
-    };
+    let (e, n, k) = panel_dims(t.dims()).ok_or_else(|| Error::Msg(format!("cannot pack a tensor of shape {:?}", t.dims())))?;
     crate::kernels::with_f32(&t, "packing", |w| Ok(Panels::pack(w, e, n, k)))?
+}
+
+/// (matrices, rows, cols) of a matrix [N, K] or a stack [E, N, K] as panels hold it.
+pub fn panel_dims(shape: &[usize]) -> Option<(usize, usize, usize)> {
+    match shape[..] {
+        [n, k] => Some((1, n, k)),
+        [e, n, k] => Some((e, n, k)),
+        _ => None,
+    }
 }
 
 /// Expert stacks are [E, K, N] as tensors and [E, N, K] when quantized.
