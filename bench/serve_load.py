@@ -4,7 +4,7 @@ a model that rarely emits eos) for C in 1, 4, 16, 64. Prints aggregate tokens/s,
 first token and inter-token latency (p50 / p99), errors, and the issue's two targets.
 
 usage: python bench/serve_load.py MODEL [--tokens 128] [--clients 1,4,16,64] [--max-batch 16] [--json]
-                                 [--client events|threads] [--llama-server PATH]
+                                 [--client events|threads] [--llama-server PATH] [--sampling JSON]
 MODEL: a model directory or a .gguf file. With --llama-server (llama.cpp's binary) and a .gguf
 MODEL, the same load runs against llama-server too (--max-batch slots, continuous batching,
 ignore_eos), one server after the other.
@@ -202,21 +202,21 @@ def load(host, port, clients, tokens, extra=None, client="events"):
             "errors": len(out) - len(ok), "error_examples": [o["error"] for o in out if "error" in o][:3]}
 
 
-def run_model(model, tokens, clients, max_batch, threads, client="events"):
+def run_model(model, tokens, clients, max_batch, threads, client="events", extra=None):
     p = subprocess.Popen([BIN, "--threads", str(threads), "serve", model, "--port", "0", "--max-batch", str(max_batch),
                           "--max-queue", "256"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     line = p.stdout.readline()
     addr = line.split("http://")[1].split("/")[0]
     host, port = addr.split(":")
     try:
-        load(host, int(port), 1, 8, client=client)  # warm-up
-        return [load(host, int(port), c, tokens, client=client) for c in clients]
+        load(host, int(port), 1, 8, extra, client=client)  # warm-up
+        return [load(host, int(port), c, tokens, extra, client=client) for c in clients]
     finally:
         p.terminate()
         p.wait(timeout=120)
 
 
-def run_llama_server(binary, model, tokens, clients, max_batch, threads, client="events"):
+def run_llama_server(binary, model, tokens, clients, max_batch, threads, client="events", sampling=None):
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
@@ -237,7 +237,7 @@ def run_llama_server(binary, model, tokens, clients, max_batch, threads, client=
             if time.time() > deadline or p.poll() is not None:
                 raise SystemExit("llama-server did not start")
             time.sleep(0.2)
-        extra = {"ignore_eos": True}
+        extra = {"ignore_eos": True, **(sampling or {})}
         load("127.0.0.1", port, 1, 8, extra, client)  # warm-up
         return [load("127.0.0.1", port, c, tokens, extra, client) for c in clients]
     finally:
@@ -271,12 +271,14 @@ def main():
     ap.add_argument("--client", choices=["events", "threads"], default="events",
                     help="events: all clients on one thread, stamped as bytes arrive (default); threads: one http.client thread each (the old generator)")
     ap.add_argument("--llama-server", help="llama.cpp's llama-server binary: run the same load against it (GGUF MODEL)")
+    ap.add_argument("--sampling", help='request fields replacing greedy decoding, as JSON, e.g. \'{"temperature": 0.8, "top_k": 40, "top_p": 0.95, "seed": 1}\'')
     a = ap.parse_args()
     clients = [int(c) for c in a.clients.split(",")]
-    rows = run_model(a.model, a.tokens, clients, a.max_batch, a.threads, a.client)
+    extra = json.loads(a.sampling) if a.sampling else None
+    rows = run_model(a.model, a.tokens, clients, a.max_batch, a.threads, a.client, extra)
     theirs = None
     if a.llama_server and a.model.endswith(".gguf"):
-        theirs = run_llama_server(a.llama_server, a.model, a.tokens, clients, a.max_batch, a.threads, a.client)
+        theirs = run_llama_server(a.llama_server, a.model, a.tokens, clients, a.max_batch, a.threads, a.client, extra)
     if a.json:
         print(json.dumps({"nanomoe": rows, "llama_server": theirs}))
         return

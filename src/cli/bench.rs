@@ -33,7 +33,8 @@ pub enum Bench {
         dtype: String,
     },
     /// Greedy decoding of `new_tokens` tokens from a one-token prompt (with --batch B, B
-    /// sequences decoded together, B tokens per step: what `serve` runs with B clients).
+    /// sequences decoded together, B tokens per step; with --packed as well, each with its
+    /// own KV cache in packed passes: what `serve` runs with B clients).
     Decode {
         /// A model directory or Hub repo id.
         model: PathBuf,
@@ -43,6 +44,11 @@ pub enum Bench {
         /// Sequences decoded together (each from a different one-token prompt; at most 4096).
         #[arg(long, default_value_t = 1)]
         batch: usize,
+        /// Decode the batch as `serve` does: one KV cache per sequence, passes of at most
+        /// 32 rows (`GPT::forward_packed`), each row's next token picked as serve picks it
+        /// (instead of one [B, T] batch through `generate`).
+        #[arg(long)]
+        packed: bool,
         /// Timed runs (the median is reported).
         #[arg(long, default_value_t = 3)]
         repeats: usize,
@@ -169,13 +175,23 @@ pub fn run(b: Bench, model_dir: impl Fn(&Path) -> Result<PathBuf>) -> Result<()>
             }
             report("train", &times, (batch * block) as f64)
         }
-        Bench::Decode { model, new_tokens, batch, repeats } => {
+        Bench::Decode { model, new_tokens, batch, packed, repeats } => {
             if batch == 0 || batch > 4096 {
                 bail!("--batch must be 1 to 4096, got {batch}");
             }
             let gpt = super::inference_model(&model_dir(&model)?)?;
             let prompt: Vec<Vec<u32>> = (0..batch as u32).map(|i| vec![i % gpt.config.vocab_size as u32]).collect();
             let cfg = GenerationConfig::greedy(new_tokens);
+            if packed {
+                packed_decode(&gpt, &prompt, 4)?; // warm up
+                let mut times = Vec::new();
+                for _ in 0..repeats {
+                    let t = Instant::now();
+                    packed_decode(&gpt, &prompt, new_tokens)?;
+                    times.push(t.elapsed().as_secs_f64());
+                }
+                return report("decode", &times, (new_tokens * batch) as f64);
+            }
             gpt.generate_with(&prompt, &GenerationConfig::greedy(4), |_, _| {})?; // warm up
             let mut times = Vec::new();
             for _ in 0..repeats {
@@ -251,4 +267,32 @@ pub fn run(b: Bench, model_dir: impl Fn(&Path) -> Result<PathBuf>) -> Result<()>
             report(&format!("moe-layer-{experts}"), &times, tokens as f64)
         }
     }
+}
+
+/// Greedy decoding of every prompt for `new_tokens` tokens as `serve` runs its sequences:
+/// one KV cache each, passes of at most `MAX_PACKED_TOKENS` rows, one token per sequence
+/// and step.
+fn packed_decode(gpt: &GPT, prompts: &[Vec<u32>], new_tokens: usize) -> Result<()> {
+    // On a worker of the pool with the others kept awake, as serve's engine runs.
+    nanomoe::runtime::on_compute_pool(|| {
+        let _hot = nanomoe::runtime::keep_workers_hot();
+        packed_steps(gpt, prompts, new_tokens)
+    })
+}
+
+fn packed_steps(gpt: &GPT, prompts: &[Vec<u32>], new_tokens: usize) -> Result<()> {
+    use nanomoe::gpt::{KvCache, PackedSeq, MAX_PACKED_TOKENS};
+    let mut caches: Vec<KvCache> = prompts.iter().map(|p| KvCache::with_capacity(p.len() + new_tokens)).collect();
+    let mut next: Vec<Vec<u32>> = prompts.to_vec();
+    for _ in 0..new_tokens {
+        for (caches, next) in caches.chunks_mut(MAX_PACKED_TOKENS).zip(next.chunks_mut(MAX_PACKED_TOKENS)) {
+            let mut seqs: Vec<PackedSeq> = caches.iter_mut().zip(next.iter()).map(|(cache, ids)| PackedSeq { ids, cache }).collect();
+            let (logits, _) = gpt.forward_packed(&mut seqs)?;
+            let picks = nanomoe::generate::greedy_tokens(&logits)?;
+            for (ids, id) in next.iter_mut().zip(picks) {
+                *ids = vec![id];
+            }
+        }
+    }
+    Ok(())
 }

@@ -16,6 +16,7 @@ use std::time::Instant;
 
 use candle_core::DType;
 use rand::{rngs::StdRng, SeedableRng};
+use rayon::prelude::*;
 use tokio::sync::mpsc::UnboundedSender;
 
 use super::metrics::Metrics;
@@ -182,6 +183,15 @@ struct Seq {
 impl Seq {
     fn gone(&self) -> bool {
         self.events.is_closed() || self.stopped[self.local].load(Ordering::SeqCst)
+    }
+
+    /// The next token from this sequence's logits (processed as `generate` processes them),
+    /// with its log-probability when the request asked for them.
+    fn pick(&mut self, row: &[f32]) -> crate::Result<(u32, Option<TokenLogprob>)> {
+        let lp = self.logprobs.map(|top| (log_softmax(row), top));
+        let mut logits = row.to_vec();
+        let id = next_token(&mut logits, &self.context, &self.gen, &mut self.rng)?;
+        Ok((id, lp.map(|(lp, top)| token_logprob(&lp, id, top))))
     }
 }
 
@@ -411,7 +421,7 @@ impl Engine {
                 arrived: job.arrived,
                 finished: false,
             };
-            if self.emit(&mut seq, logits.clone())? {
+            if self.emit(&mut seq, &logits)? {
                 started.push(seq);
             }
         }
@@ -420,9 +430,13 @@ impl Engine {
 
     /// Samples the next token of `seq` from its logits and sends it; false when the
     /// sequence has finished.
-    fn emit(&self, seq: &mut Seq, mut logits: Vec<f32>) -> crate::Result<bool> {
-        let lp = seq.logprobs.map(|top| (log_softmax(&logits), top));
-        let id = next_token(&mut logits, &seq.context, &seq.gen, &mut seq.rng)?;
+    fn emit(&self, seq: &mut Seq, logits: &[f32]) -> crate::Result<bool> {
+        let (id, logprob) = seq.pick(logits)?;
+        Ok(self.deliver(seq, id, logprob))
+    }
+
+    /// Sends the token `seq` picked; false when the sequence has finished.
+    fn deliver(&self, seq: &mut Seq, id: u32, logprob: Option<TokenLogprob>) -> bool {
         let now = Instant::now();
         if seq.generated == 0 {
             self.metrics.first_token(now.duration_since(seq.arrived).as_secs_f64());
@@ -433,7 +447,6 @@ impl Engine {
         seq.last_token_at = now;
         seq.generated += 1;
         seq.context.push(id);
-        let logprob = lp.map(|(lp, top)| token_logprob(&lp, id, top));
         let _ = seq.events.send(Event::Token { choice: seq.choice, id, logprob });
         let finish = if Some(id) == seq.gen.eos_token_id {
             Some(Finish::Stop)
@@ -444,9 +457,9 @@ impl Engine {
         };
         if let Some(finish) = finish {
             let _ = seq.events.send(Event::Done { choice: seq.choice, finish });
-            return Ok(false);
+            return false;
         }
-        Ok(true)
+        true
     }
 
     /// One token for every running sequence, in packed passes of at most
@@ -487,12 +500,23 @@ impl Engine {
                 }
                 self.model.forward_packed(&mut packed)
             };
-            let rows = step.and_then(|(logits, stats)| {
+            let logits = step.and_then(|(logits, stats)| {
                 self.metrics.moe(&stats);
-                Ok(logits.to_dtype(DType::F32)?.to_vec2::<f32>()?)
+                Ok(logits.to_dtype(DType::F32)?)
             });
-            let mut rows = match rows {
-                Ok(rows) => rows,
+            // The running sequences' next tokens, picked in parallel (a vocabulary scan per
+            // sequence, and a sort when sampling with top-k or top-p), then sent in order;
+            // and the joining prompts' rows.
+            let picked = logits.and_then(|logits| {
+                let v = logits.dim(1)?;
+                Ok(crate::kernels::with_f32(&logits, "serve", |flat| {
+                    let (own, joined) = flat.split_at(group.len() * v);
+                    let picks: Vec<_> = group.par_iter_mut().zip(own.par_chunks(v)).map(|(seq, row)| seq.pick(row)).collect();
+                    Ok((picks, joined.chunks(v).map(<[f32]>::to_vec).collect::<Vec<_>>()))
+                })?)
+            });
+            let (picks, rows) = match picked {
+                Ok(p) => p,
                 Err(e) => {
                     unstarted.extend(join);
                     result = Err(e);
@@ -500,7 +524,7 @@ impl Engine {
                 }
             };
             // One row per sequence: the group's, then each joining prompt's last position.
-            let mut join = join.into_iter().zip(rows.split_off(group.len()));
+            let mut join = join.into_iter().zip(rows);
             for (p, row) in join.by_ref() {
                 self.metrics.prompt_tokens(p.rest().len());
                 match self.start(p, row) {
@@ -512,9 +536,9 @@ impl Engine {
                 }
             }
             unstarted.extend(join.map(|(p, _)| p));
-            for (seq, row) in group.iter_mut().zip(rows) {
-                match self.emit(seq, row) {
-                    Ok(running) => seq.finished = !running,
+            for (seq, pick) in group.iter_mut().zip(picks) {
+                match pick {
+                    Ok((id, logprob)) => seq.finished = !self.deliver(seq, id, logprob),
                     Err(e) => {
                         let _ = seq.events.send(Event::Error { message: e.to_string() });
                         seq.finished = true;
