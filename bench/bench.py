@@ -15,7 +15,8 @@ train rows also measure both sides' product ceilings in every round, and their M
 those.
 The serve rows (bench/serve_load.py) load `nanomoe serve` with 1, 4, 16 and 64 streaming
 clients on loopback (the nano-MoE and GPT-2 124M-shaped models, 128 tokens each; --quick: 1,
-4, 16 clients, 64 tokens), and llama-server on the GPT-2 model's f32 GGUF where it is built.
+4, 16 clients, 64 tokens), and llama-server on the GPT-2 model's f32 GGUF where it is built;
+then 1 and 16 nano-MoE clients that sample (temperature 0.8, top-k 40, top-p 0.95).
 The gguf rows run llama.cpp (llama-bench, -t = the threads here) on the same GGUF files nanomoe
 writes (f32, f16, bf16, q8_0, q4_0): NANOMOE_LLAMA_CPP_BIN, or ~/.cache/llama.cpp as
 ../shared/tools/build-llama-cpp.sh builds it; they skip without it.
@@ -371,6 +372,11 @@ def main():
                     theirs = serve_load.run_llama_server(server, f, tokens, clients, 16, threads)
                 serve.append(("%s, %d tokens per client, --max-batch 16" % (label, tokens),
                               serve_load.run_model(d, tokens, clients, 16, threads), theirs))
+                if label.startswith("nano-moe"):
+                    # Clients that sample as chat UIs do (llama.cpp's defaults of top-k and top-p).
+                    sampling = {"temperature": 0.8, "top_k": 40, "top_p": 0.95, "seed": 1}
+                    serve.append(("%s, sampling %s, %d tokens per client, --max-batch 16" % (label, json.dumps(sampling), tokens),
+                                  serve_load.run_model(d, tokens, [1, 16], 16, threads, extra=sampling), None))
         if "moe" in only:
             for e in (8, 16, 32, 64):
                 args = ["--experts", str(e), "--tokens", "2048", "--n-embd", "256"]

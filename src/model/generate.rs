@@ -150,6 +150,19 @@ fn pick_token(logits: &mut [f32], context: &[u32], cfg: &GenerationConfig, rng: 
             });
         }
     }
+    // Tokens whose logit is -Inf (top-k's cut, masked tokens) get probability 0 and are
+    // never drawn, and zeros change no sum: the rest runs on the others alone, in id order
+    // (the same bits; after top-k 40, 40 tokens instead of GPT-2's 50k).
+    let live: Vec<u32> = (0..logits.len() as u32).filter(|&i| logits[i as usize] != f32::NEG_INFINITY).collect();
+    if live.is_empty() || live.len() == logits.len() {
+        return draw(logits, cfg, rng);
+    }
+    let compact: Vec<f32> = live.iter().map(|&i| logits[i as usize]).collect();
+    live[draw(&compact, cfg, rng) as usize]
+}
+
+/// Softmax, top-p, min-p and the draw, on processed logits.
+fn draw(logits: &[f32], cfg: &GenerationConfig, rng: &mut StdRng) -> u32 {
     let mut probs = softmax(logits);
     if let Some(top_p) = cfg.top_p.filter(|&p| p < 1.0) {
         let keep = nucleus(&probs, top_p);
@@ -384,7 +397,7 @@ mod tests {
 
     /// top-k and top-p as they were computed by sorting the whole vocabulary: the oracle of
     /// the linear-time selections.
-    fn filtered_by_sorting(logits: &[f32], top_k: Option<usize>, top_p: Option<f64>) -> Vec<f32> {
+    fn filtered_by_sorting(logits: &[f32], top_k: Option<usize>, top_p: Option<f64>, min_p: Option<f64>) -> Vec<f32> {
         let mut logits = logits.to_vec();
         if let Some(k) = top_k.filter(|&k| k < logits.len()) {
             let mut sorted = logits.clone();
@@ -406,11 +419,16 @@ mod tests {
             }
             probs.iter_mut().zip(&keep).for_each(|(p, k)| if !k { *p = 0.0 });
         }
+        if let Some(min_p) = min_p {
+            let floor = (min_p as f32) * probs.iter().cloned().fold(0.0f32, f32::max);
+            probs.iter_mut().for_each(|p| if *p < floor { *p = 0.0 });
+        }
         probs
     }
 
-    /// The selections keep exactly the tokens full sorts keep, and the same token is drawn:
-    /// flat and peaked distributions, many tied logits, vocabularies around the first
+    /// The selections keep exactly the tokens full sorts keep, and the same token is drawn
+    /// (also with min-p, and from the live tokens alone after top-k or masking): flat and
+    /// peaked distributions, many tied logits, masked tokens, vocabularies around the first
     /// selection's 64, k and p at their edges (p above the total mass keeps everything).
     #[test]
     fn top_k_and_top_p_select_what_sorting_selects() {
@@ -418,18 +436,23 @@ mod tests {
         let mut rng = StdRng::seed_from_u64(11);
         for n in [1usize, 2, 63, 64, 65, 257, 5000, 50304] {
             for case in 0..12 {
-                let logits: Vec<f32> = (0..n)
+                let mut logits: Vec<f32> = (0..n)
                     .map(|_| match case % 3 {
                         0 => rng.random::<f32>() * 4.0,
                         1 => rng.random::<f32>() * 40.0 - 20.0,
                         _ => rng.random_range(0..5) as f32,
                     })
                     .collect();
+                // Masked tokens (-Inf) in a third of the cases, never all of them.
+                if case % 4 == 3 {
+                    logits.iter_mut().skip(1).step_by(3).for_each(|l| *l = f32::NEG_INFINITY);
+                }
                 let top_k = [None, Some(1), Some(40), Some(n.saturating_sub(1).max(1)), Some(n)][case % 5];
                 let top_p = [0.05, 0.5, 0.9, 0.999, 0.999_999_9, 0.95][case % 6];
-                let cfg = GenerationConfig { do_sample: true, top_k, top_p: Some(top_p), ..Default::default() };
-                let expect = filtered_by_sorting(&logits, top_k, Some(top_p));
-                let kept: Vec<bool> = expect.iter().map(|&p| p > 0.0).collect();
+                let min_p = [None, Some(0.05)][case % 2];
+                let cfg = GenerationConfig { do_sample: true, top_k, top_p: Some(top_p), min_p, ..Default::default() };
+                let expect = filtered_by_sorting(&logits, top_k, Some(top_p), min_p);
+                let kept: Vec<bool> = filtered_by_sorting(&logits, top_k, Some(top_p), None).iter().map(|&p| p > 0.0).collect();
                 // What the selections keep: the nucleus of the top-k softmax.
                 let mut l = logits.clone();
                 if let Some(k) = top_k.filter(|&k| k < n) {
