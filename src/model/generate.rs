@@ -110,11 +110,11 @@ pub fn greedy_tokens(logits: &Tensor) -> Result<Vec<u32>> {
     let logits = logits.to_dtype(candle_core::DType::F32)?;
     let v = logits.dim(1)?;
     let (cfg, rng) = (GenerationConfig::greedy(1), StdRng::seed_from_u64(0));
-    Ok(crate::kernels::with_f32(&logits, "greedy_tokens", |flat| {
+    crate::kernels::with_f32(&logits, "greedy_tokens", |flat| {
         Ok(flat.par_chunks(v).map(|row| next_token(&mut row.to_vec(), &[], &cfg, &mut rng.clone())).collect::<Vec<_>>())
     })?
     .into_iter()
-    .collect::<Result<Vec<_>>>()?)
+    .collect()
 }
 
 fn pick_token(logits: &mut [f32], context: &[u32], cfg: &GenerationConfig, rng: &mut StdRng) -> u32 {
