@@ -53,11 +53,16 @@ fn packed_decoding_equals_decoding_alone_bit_for_bit() {
                 }
                 let (logits, _) = m.forward_packed(&mut seqs).unwrap();
                 let rows: Vec<Vec<f32>> = logits.to_vec2().unwrap();
+                // Greedy picks of every row at once (what `bench decode --packed` runs): the
+                // first of the largest logits.
+                let picks = nanomoe::generate::greedy_tokens(&logits).unwrap();
                 for (k, &i) in active.iter().enumerate() {
                     let alone = m.forward_step(&[vec![last[i]]], Some(&mut alone_caches[i]), None).unwrap();
                     let alone: Vec<f32> = alone.squeeze(0).unwrap().to_vec1().unwrap();
                     assert_eq!(bits(&rows[k]), bits(&alone), "{name} {dtype:?}: sequence {i} at step {step}");
-                    last[i] = (rows[k].iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).unwrap().0) as u32;
+                    let first_max = (0..rows[k].len()).fold(0, |b, j| if rows[k][j] > rows[k][b] { j } else { b });
+                    assert_eq!(picks[k], first_max as u32, "{name} {dtype:?}: greedy pick of sequence {i} at step {step}");
+                    last[i] = picks[k];
                 }
             }
         }
