@@ -184,12 +184,17 @@ pub fn run(b: Bench, model_dir: impl Fn(&Path) -> Result<PathBuf>) -> Result<()>
             let cfg = GenerationConfig::greedy(new_tokens);
             if packed {
                 packed_decode(&gpt, &prompt, 4)?; // warm up
-                let mut times = Vec::new();
+                let (mut times, mut steps) = (Vec::new(), Vec::new());
                 for _ in 0..repeats {
                     let t = Instant::now();
-                    packed_decode(&gpt, &prompt, new_tokens)?;
+                    steps.extend(packed_decode(&gpt, &prompt, new_tokens)?);
                     times.push(t.elapsed().as_secs_f64());
                 }
+                // Every step's time, as a client of `serve` sees its inter-token gaps
+                // without the HTTP side: the median and the tail.
+                steps.sort_by(|a, b| a.total_cmp(b));
+                let at = |q: f64| 1e3 * steps[((q * (steps.len() - 1) as f64).round() as usize).min(steps.len() - 1)];
+                eprintln!("decode steps: p50 {:.2} ms, p90 {:.2} ms, p99 {:.2} ms, max {:.2} ms ({} steps)", at(0.5), at(0.9), at(0.99), at(1.0), steps.len());
                 return report("decode", &times, (new_tokens * batch) as f64);
             }
             gpt.generate_with(&prompt, &GenerationConfig::greedy(4), |_, _| {})?; // warm up
@@ -272,7 +277,8 @@ pub fn run(b: Bench, model_dir: impl Fn(&Path) -> Result<PathBuf>) -> Result<()>
 /// Greedy decoding of every prompt for `new_tokens` tokens as `serve` runs its sequences:
 /// one KV cache each, passes of at most `MAX_PACKED_TOKENS` rows, one token per sequence
 /// and step.
-fn packed_decode(gpt: &GPT, prompts: &[Vec<u32>], new_tokens: usize) -> Result<()> {
+/// Returns each step's time in seconds.
+fn packed_decode(gpt: &GPT, prompts: &[Vec<u32>], new_tokens: usize) -> Result<Vec<f64>> {
     // On a worker of the pool with the others kept awake, as serve's engine runs.
     nanomoe::runtime::on_compute_pool(|| {
         let _hot = nanomoe::runtime::keep_workers_hot();
@@ -280,11 +286,13 @@ fn packed_decode(gpt: &GPT, prompts: &[Vec<u32>], new_tokens: usize) -> Result<(
     })
 }
 
-fn packed_steps(gpt: &GPT, prompts: &[Vec<u32>], new_tokens: usize) -> Result<()> {
+fn packed_steps(gpt: &GPT, prompts: &[Vec<u32>], new_tokens: usize) -> Result<Vec<f64>> {
     use nanomoe::gpt::{KvCache, PackedSeq, MAX_PACKED_TOKENS};
     let mut caches: Vec<KvCache> = prompts.iter().map(|p| KvCache::with_capacity(p.len() + new_tokens)).collect();
     let mut next: Vec<Vec<u32>> = prompts.to_vec();
+    let mut steps = Vec::with_capacity(new_tokens);
     for _ in 0..new_tokens {
+        let t = Instant::now();
         for (caches, next) in caches.chunks_mut(MAX_PACKED_TOKENS).zip(next.chunks_mut(MAX_PACKED_TOKENS)) {
             let mut seqs: Vec<PackedSeq> = caches.iter_mut().zip(next.iter()).map(|(cache, ids)| PackedSeq { ids, cache }).collect();
             let (logits, _) = gpt.forward_packed(&mut seqs)?;
@@ -293,6 +301,7 @@ fn packed_steps(gpt: &GPT, prompts: &[Vec<u32>], new_tokens: usize) -> Result<()
                 *ids = vec![id];
             }
         }
+        steps.push(t.elapsed().as_secs_f64());
     }
-    Ok(())
+    Ok(steps)
 }
