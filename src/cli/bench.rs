@@ -39,7 +39,7 @@ pub enum Bench {
         /// A model directory or Hub repo id.
         model: PathBuf,
         /// Tokens to generate per run (per sequence).
-        #[arg(long, default_value_t = 128)]
+        #[arg(long, default_value_t = 128, value_parser = at_least_one)]
         new_tokens: usize,
         /// Sequences decoded together (each from a different one-token prompt; at most 4096).
         #[arg(long, default_value_t = 1)]
@@ -50,7 +50,7 @@ pub enum Bench {
         #[arg(long)]
         packed: bool,
         /// Timed runs (the median is reported).
-        #[arg(long, default_value_t = 3)]
+        #[arg(long, default_value_t = 3, value_parser = at_least_one)]
         repeats: usize,
     },
     /// One forward pass over `tokens` tokens (batch 1), into a fresh KV cache, logits of the
@@ -59,10 +59,10 @@ pub enum Bench {
         /// A model directory or Hub repo id.
         model: PathBuf,
         /// Prompt length.
-        #[arg(long, default_value_t = 512)]
+        #[arg(long, default_value_t = 512, value_parser = at_least_one)]
         tokens: usize,
         /// Timed runs (the median is reported).
-        #[arg(long, default_value_t = 3)]
+        #[arg(long, default_value_t = 3, value_parser = at_least_one)]
         repeats: usize,
     },
     /// The machine's ceilings the benchmarks report shares of: f32 sgemm GFLOP/s with the gemm
@@ -111,15 +111,24 @@ pub enum Bench {
         #[arg(long, default_value_t = 2)]
         top_k: usize,
         /// Tokens in the batch.
-        #[arg(long, default_value_t = 2048)]
+        #[arg(long, default_value_t = 2048, value_parser = at_least_one)]
         tokens: usize,
         /// Model width (the experts' hidden size is 4x).
         #[arg(long, default_value_t = 256)]
         n_embd: usize,
         /// Timed runs (the median is reported).
-        #[arg(long, default_value_t = 5)]
+        #[arg(long, default_value_t = 5, value_parser = at_least_one)]
         repeats: usize,
     },
+}
+
+/// A count that must be at least 1 (timed runs, tokens): a median of no runs does not exist.
+fn at_least_one(s: &str) -> std::result::Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(0) => Err("must be at least 1".into()),
+        Ok(n) => Ok(n),
+        Err(e) => Err(e.to_string()),
+    }
 }
 
 fn report(case: &str, times: &[f64], tokens_per_run: f64) -> Result<()> {

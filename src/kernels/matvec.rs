@@ -576,6 +576,17 @@ mod tests {
         (0..n).map(|_| rng.random_range(-1.0..1.0)).collect()
     }
 
+    /// No rows (an MoE layer given no tokens) is an empty product, in both layouts, not a
+    /// division by zero in the block kernels.
+    #[test]
+    fn no_rows_give_an_empty_product() {
+        let w = rand(8 * 64, &mut StdRng::seed_from_u64(2));
+        for nk in [true, false] {
+            assert!(product(&[], 0, 64, &w, 8, nk).is_empty());
+            assert!(crate::kernels::qmatvec::product(crate::quant::QKind::Q8_0, &[], 0, 64, &crate::quant::quantize(crate::quant::QKind::Q8_0, &w, 64), 8, false).is_empty());
+        }
+    }
+
     fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
         (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
     }

@@ -64,6 +64,10 @@ pub fn has_avx2_fma_f16c() -> bool {
 /// least `min_block`, about 4 per thread) run in parallel, then are laid side by side.
 pub fn by_column_blocks(m: usize, n: usize, min_block: usize, block: impl Fn(usize, &mut [f32]) + Sync) -> Vec<f32> {
     use rayon::prelude::*;
+    if m == 0 || n == 0 {
+        // No rows (an MoE layer given no tokens) or no outputs: nothing for a block to do.
+        return Vec::new();
+    }
     let threads = rayon::current_num_threads().max(1);
     let size = (n.div_ceil(threads * 4).div_ceil(16) * 16).max(min_block).min(n.max(1));
     let nblocks = n.div_ceil(size);

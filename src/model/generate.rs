@@ -151,8 +151,9 @@ fn pick_token(logits: &mut [f32], context: &[u32], cfg: &GenerationConfig, rng: 
         }
     }
     // Tokens whose logit is -Inf (top-k's cut, masked tokens) get probability 0 and are
-    // never drawn, and zeros change no sum: the rest runs on the others alone, in id order
-    // (the same bits; after top-k 40, 40 tokens instead of GPT-2's 50k).
+    // never drawn: the rest runs on the others alone, in id order (the same distribution,
+    // up to the rounding of the softmax's lane sums; after top-k 40, 40 tokens instead of
+    // GPT-2's 50k).
     let dead = logits.iter().filter(|&&l| l == f32::NEG_INFINITY).count();
     if dead == 0 || dead == logits.len() {
         return draw(logits, cfg, rng);
@@ -445,7 +446,8 @@ mod tests {
     }
 
     /// The selections keep exactly the tokens full sorts keep, and the same token is drawn
-    /// (also with min-p, and from the live tokens alone after top-k or masking): flat and
+    /// (also with min-p, and from the live tokens alone after top-k or masking, whose
+    /// softmax sums round apart from the full vector's only in the last bits): flat and
     /// peaked distributions, many tied logits, masked tokens, vocabularies around the first
     /// selection's 64, k and p at their edges (p above the total mass keeps everything).
     #[test]
