@@ -94,6 +94,17 @@ pub fn decode_product_gflops(m: usize, k: usize, n: usize, copies: usize, repeat
         _ => Vec::new(),
     };
     let threads = rayon::current_num_threads();
+    // On a worker of the pool with the others polling for work, as decoding runs its
+    // products: from outside the pool each product would first wait for sleeping workers
+    // to wake up.
+    crate::runtime::on_compute_pool(|| {
+        let _hot = crate::runtime::keep_workers_hot();
+        timed_products(&x, m, k, n, &ws, &panels, repeats, kernel, threads)
+    })
+}
+
+#[allow(clippy::too_many_arguments)]
+fn timed_products(x: &[f32], m: usize, k: usize, n: usize, ws: &[Vec<f32>], panels: &[crate::kernels::panels::Panels], repeats: usize, kernel: ProductKernel, threads: usize) -> crate::Result<Vec<f64>> {
     let mut out = Vec::new();
     let mut y = vec![0f32; m * n];
     for r in 0..=repeats {
@@ -102,8 +113,8 @@ pub fn decode_product_gflops(m: usize, k: usize, n: usize, copies: usize, repeat
             match kernel {
                 // SAFETY: x is [m, k], w [n, k] read as [k, n] with strides (1, k), y [m, n].
                 ProductKernel::Gemm => unsafe { crate::kernels::mm_in(crate::kernels::Precision::F32, m, n, k, y.as_mut_ptr(), n, x.as_ptr(), k, 1, w.as_ptr(), 1, k, 1.0, threads) },
-                ProductKernel::Matvec => y = crate::kernels::matvec::product(&x, m, k, w, n, true),
-                ProductKernel::Panels => y = panels[c].product(0, &x, m),
+                ProductKernel::Matvec => y = crate::kernels::matvec::product(x, m, k, w, n, true),
+                ProductKernel::Panels => y = panels[c].product(0, x, m),
             }
             std::hint::black_box(&y);
         }

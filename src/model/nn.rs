@@ -510,6 +510,40 @@ mod tests {
     }
 
     #[test]
+    fn packed_cached_attention_gives_each_sequence_its_own_bits() {
+        use crate::kernels::attention::{cached_attention, cached_attention_packed, CachedSeq, CausalMask};
+        use rand::{rngs::StdRng, Rng, SeedableRng};
+        let mut rng = StdRng::seed_from_u64(5);
+        let max = |a: &Tensor, b: &Tensor| (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+        // Head widths with and without a remainder after 16 lanes; sequences decoding one
+        // token, a short chunk (the direct loops), a long one (the gemm products), padded
+        // rows (one fully padded: it attends uniformly) and spare cache capacity.
+        for (h, hd) in [(6, 64), (3, 20), (2, 7)] {
+            let c = h * hd;
+            let mut r = |n: usize| -> Vec<f32> { (0..n).map(|_| rng.random_range(-2.0..2.0)).collect() };
+            let shapes: [(usize, usize, usize, Option<Vec<usize>>); 5] = [(1, 1, 37, None), (1, 5, 9, None), (2, 1, 130, Some(vec![0, 50])), (1, 20, 20, None), (2, 3, 12, Some(vec![2, 12]))];
+            let mut seqs = Vec::new();
+            for (b, tq, tk, pad) in shapes {
+                let cap = tk + 4;
+                seqs.push(CachedSeq { q: t(&r(b * tq * c), &[b, tq, c]), k: t(&r(b * cap * c), &[b, cap, c]), v: t(&r(b * cap * c), &[b, cap, c]), tk, mask: CausalMask { past: tk - tq, pad } });
+            }
+            let packed = cached_attention_packed(&seqs, h).unwrap();
+            for (s, got) in seqs.iter().zip(&packed) {
+                let alone = cached_attention(&s.q, &s.k, &s.v, s.tk, h, &s.mask).unwrap();
+                assert_eq!(max(got, &alone), 0.0, "hd {hd}: {:?} packed differs from alone", s.q.dims());
+                let (b, tq, _) = s.q.dims3().unwrap();
+                let pad = s.mask.pad.clone().unwrap_or_default();
+                let (k, v) = (s.k.narrow(1, 0, s.tk).unwrap(), s.v.narrow(1, 0, s.tk).unwrap());
+                let comp = attention_composite(&s.q, &k, &v, h, &mask_tensor(b, tq, s.tk, &pad), None).unwrap();
+                let d = max(got, &comp);
+                assert!(d < 1e-5, "hd {hd}: {:?} differs from the composite by {d}", s.q.dims());
+            }
+        }
+        let bad = CachedSeq { q: t(&[0.0; 8], &[1, 1, 8]), k: t(&[0.0; 16], &[1, 2, 8]), v: t(&[0.0; 16], &[1, 2, 8]), tk: 3, mask: CausalMask::default() };
+        assert_eq!(cached_attention_packed(&[bad], 2).err().map(|e| e.to_string()), Some("invalid input: fused attention: q [1, 1, 8], k [1, 2, 8], v [1, 2, 8], 3 cached positions and 2 heads do not fit".into()));
+    }
+
+    #[test]
     fn expert_matmul_matches_batched_matmul_values_and_gradients() {
         use rand::{rngs::StdRng, Rng, SeedableRng};
         let mut rng = StdRng::seed_from_u64(4);

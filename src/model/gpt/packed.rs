@@ -72,8 +72,8 @@ impl GPT {
             if block.attn.qk_norm {
                 qkv = nn::qk_norm(&qkv, block.attn.n_head)?;
             }
-            // Attention: each sequence over its own keys and values.
-            let mut ys = Vec::with_capacity(seqs.len());
+            // Attention: each sequence over its own keys and values (appended first).
+            let mut parts = Vec::with_capacity(seqs.len());
             let mut off = 0;
             for s in seqs.iter_mut() {
                 let t = s.ids.len();
@@ -82,10 +82,12 @@ impl GPT {
                 let slot = &mut s.cache.layers[li];
                 let past = slot.as_ref().map_or(0, |l| l.len);
                 let layer = LayerKv::append(slot, &k, &v, cfg.block_size, s.cache.reserve)?;
-                let mask = CausalMask { past, pad: None };
-                ys.push(attention::cached_attention(&q, &layer.k, &layer.v, layer.len, block.attn.n_head, &mask)?);
+                parts.push(attention::CachedSeq { q, k: layer.k.clone(), v: layer.v.clone(), tk: layer.len, mask: CausalMask { past, pad: None } });
                 off += t;
             }
+            // All sequences' heads in one parallel pass, each as it would run alone.
+            let mut ys = attention::cached_attention_packed(&parts, block.attn.n_head)?;
+            drop(parts);
             let y = if ys.len() == 1 { ys.pop().expect("one sequence") } else { Tensor::cat(&ys, 1)? };
             let x1 = (&x + block.attn.c_proj.forward(&y, Precision::F32)?)?;
             x = block.mlp_residual(x1, &mut ctx, &mut moe)?;
