@@ -136,7 +136,8 @@ impl Panels {
     pub fn product(&self, e: usize, x: &[f32], m: usize) -> Vec<f32> {
         let (n, per) = (self.rows, self.panels_per_matrix());
         assert!(e < self.matrices && x.len() == m * self.cols, "panels: product shapes");
-        let mut y = vec![0f32; m * n];
+        // Every element is written below (the tiles of every panel, all rows).
+        let mut y = crate::kernels::for_overwrite(m * n);
         // About one range per thread for a few rows (each thread then streams one long run of
         // weights), four per thread for prompts (the tail's imbalance matters more there).
         let threads = rayon::current_num_threads().max(1);
@@ -172,7 +173,8 @@ impl Panels {
     pub fn block(&self, e: usize, x: &[f32], m: usize, p0: usize, p1: usize) -> Vec<f32> {
         let c0 = p0 * WIDTH;
         let len = (p1 * WIDTH).min(self.rows) - c0;
-        let mut out = vec![0f32; m * len];
+        // Every element is written: the panels' columns, all rows.
+        let mut out = crate::kernels::for_overwrite(m * len);
         // SAFETY: out is [m, len] and holds exactly these columns.
         unsafe { self.block_into(e, x, m, p0, p1, out.as_mut_ptr(), len, c0) };
         out
