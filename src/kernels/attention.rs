@@ -377,8 +377,8 @@ fn forward(o: &Operands) -> (Vec<f32>, Vec<f32>) {
     (y, lse)
 }
 
-/// Queries per (row, head) below which inference computes attention with [`scores`] and
-/// [`weighted_sum`] (decoding steps, serving's packed passes, short prompt chunks).
+/// Queries per (row, head) below which inference computes attention with [`heads_direct`]
+/// (decoding steps, serving's packed passes, short prompt chunks).
 const DIRECT_BELOW: usize = TRANSPOSE_FROM;
 
 /// Lanes of [`dot_body`]'s partial sums.

@@ -325,22 +325,20 @@ pub fn expert_products(jobs: &[ExpertJob], k: usize) -> Result<Option<Vec<Vec<f3
         .par_iter()
         .map(|&(i, n0, len)| {
             let (j, n) = (&jobs[i], sizes[i]);
-            let fill = |f: &dyn Fn(&mut [f32])| {
-                let mut o = vec![0f32; j.m * len];
-                f(&mut o);
-                o
-            };
-            match &rows[i] {
-                Rows::F32(w) => fill(&|o| crate::kernels::matvec::block_nk_fn::<f32>()(j.x, j.m, k, w, n, n0, o)),
-                Rows::BF16(w) => fill(&|o| crate::kernels::matvec::block_nk_fn::<half::bf16>()(j.x, j.m, k, w, n, n0, o)),
-                Rows::F16(w) => fill(&|o| crate::kernels::matvec::block_nk_fn::<half::f16>()(j.x, j.m, k, w, n, n0, o)),
-                Rows::Quant(kind, grouped, w, acts) => fill(&|o| qmatvec::block_fn(*kind, *grouped)(acts, w, kind.row_bytes(k), n0, o)),
-                // Whole panels, written straight into a block of their own.
-                Rows::Panels(p) => {
-                    let p0 = n0 / crate::kernels::panels::WIDTH;
-                    p.block(j.e, j.x, j.m, p0, (n0 + len).div_ceil(crate::kernels::panels::WIDTH))
-                }
+            // Whole panels, written straight into a block of their own.
+            if let Rows::Panels(p) = &rows[i] {
+                let p0 = n0 / crate::kernels::panels::WIDTH;
+                return p.block(j.e, j.x, j.m, p0, (n0 + len).div_ceil(crate::kernels::panels::WIDTH));
             }
+            let mut out = vec![0f32; j.m * len];
+            match &rows[i] {
+                Rows::F32(w) => crate::kernels::matvec::block_nk_fn::<f32>()(j.x, j.m, k, w, n, n0, &mut out),
+                Rows::BF16(w) => crate::kernels::matvec::block_nk_fn::<half::bf16>()(j.x, j.m, k, w, n, n0, &mut out),
+                Rows::F16(w) => crate::kernels::matvec::block_nk_fn::<half::f16>()(j.x, j.m, k, w, n, n0, &mut out),
+                Rows::Quant(kind, grouped, w, acts) => qmatvec::block_fn(*kind, *grouped)(acts, w, kind.row_bytes(k), n0, &mut out),
+                Rows::Panels(_) => {} // returned above
+            }
+            out
         })
         .collect();
     let mut outs: Vec<Vec<f32>> = jobs.iter().zip(&sizes).map(|(j, &n)| vec![0f32; j.m * n]).collect();
