@@ -197,3 +197,67 @@ fn prompts_arriving_together_complete_as_generate_does_alone() {
         }
     }
 }
+
+/// Prompts that join a running batch together (some riding in the decoding pass, the rest
+/// in passes of their own in the same step) get their first tokens when the step's passes
+/// are done, so each gets its second token one step later: one token of a sequence that
+/// runs throughout comes between a joining prompt's first and second tokens, never two.
+/// (Sent after the first of several passes, a first token waited out the step's other
+/// passes and then a whole step more.) All events go to one channel, in the order sent.
+#[test]
+fn prompts_joining_together_get_their_second_token_one_step_after_the_first() {
+    use nanomoe::serve::engine::{self, EngineOptions, Event, Job};
+    use nanomoe::serve::metrics::Metrics;
+    use std::sync::atomic::AtomicBool;
+    use std::sync::Arc;
+    for (name, cfg) in configs() {
+        let mut model = GPT::new_seeded(&cfg, 22, &Device::Cpu).unwrap();
+        model.set_routing(Routing::Dropless);
+        let options = EngineOptions { max_batch: 16, max_queue: 64, prefill_chunk: 64 };
+        let (handle, _thread) = engine::start(model, options, Arc::new(Metrics::default()));
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let job = |prompt: Vec<u32>, choice_base: usize, tokens: usize| Job {
+            prompt,
+            n: 1,
+            choice_base,
+            gen: GenerationConfig::greedy(tokens),
+            logprobs: None,
+            prompt_logprobs: false,
+            events: tx.clone(),
+            stopped: Arc::new(vec![AtomicBool::new(false)]),
+            arrived: std::time::Instant::now(),
+        };
+        // Choice 0 runs throughout; once it has its first token, 12 prompts of 9 tokens
+        // (108 rows: 3 ride in the running sequence's pass, 9 take 3 passes of their own).
+        handle.submit(vec![job(vec![5], 0, 40)]).unwrap();
+        assert!(matches!(rx.blocking_recv(), Some(Event::Token { choice: 0, .. })), "{name}");
+        let mut rng = StdRng::seed_from_u64(9);
+        let joining: Vec<Job> = (1..=12).map(|c| job((0..9).map(|_| rng.random_range(0..97)).collect(), c, 3)).collect();
+        handle.submit(joining).unwrap();
+        drop(tx);
+        // Tokens of choice 0 seen so far, and each joining choice's count at its first token.
+        let (mut running_tokens, mut at_first, mut checked) = (1, vec![None; 13], 0);
+        let mut tokens = vec![0usize; 13];
+        while let Some(event) = rx.blocking_recv() {
+            match event {
+                Event::Token { choice: 0, .. } => running_tokens += 1,
+                Event::Token { choice, .. } => {
+                    tokens[choice] += 1;
+                    match tokens[choice] {
+                        1 => at_first[choice] = Some(running_tokens),
+                        2 => {
+                            let between = running_tokens - at_first[choice].expect("a first token");
+                            assert_eq!(between, 1, "{name}: choice {choice}: {between} tokens of the running sequence between its first and second tokens");
+                            checked += 1;
+                        }
+                        _ => {}
+                    }
+                }
+                Event::Done { .. } => {}
+                other => panic!("{name}: {other:?}"),
+            }
+        }
+        assert_eq!(checked, 12, "{name}: every joining prompt checked");
+        assert_eq!(running_tokens, 40, "{name}");
+    }
+}

@@ -2,9 +2,10 @@
 //! steps forever. Each step admits waiting requests into free slots, then decodes one token
 //! for every running sequence in packed passes ([`GPT::forward_packed`]). Admitted prompts
 //! whose last chunk is all that is left ride in those passes - in the last one's free rows,
-//! then in up to `JOIN_PASSES` (4) passes more - and start from them, so prompts that arrive
-//! together start together; otherwise the step first prefills one chunk of the oldest
-//! prompt in a pass of its own. Requests join and leave at token boundaries; each sequence
+//! then in up to `JOIN_PASSES` (4) passes more - and start (their first tokens sent) when
+//! the step's last pass is done, so prompts that arrive together start together and get
+//! their second tokens one step later; otherwise the step first prefills one chunk of the
+//! oldest prompt in a pass of its own. Requests join and leave at token boundaries; each sequence
 //! has its own KV cache; a request whose client went away (its event channel closed) or
 //! whose choice hit a stop string is dropped before the next step.
 
@@ -483,6 +484,8 @@ impl Engine {
         passes.extend(joining.own.into_iter().map(|js| (n, n, js)));
         let mut result = Ok(());
         let mut started = Vec::new();
+        // Joining prompts whose passes are done, with their last positions' logits.
+        let mut prefilled = Vec::new();
         // Joining prompts that did not start (a pass or a start failed): back to the queue,
         // in order, so that the failure reaches their clients too.
         let mut unstarted = Vec::new();
@@ -523,19 +526,12 @@ impl Engine {
                     continue;
                 }
             };
-            // One row per sequence: the group's, then each joining prompt's last position.
-            let mut join = join.into_iter().zip(rows);
-            for (p, row) in join.by_ref() {
+            // One row per sequence: the group's, then each joining prompt's last position
+            // (kept for the end of the step).
+            for (p, row) in join.into_iter().zip(rows) {
                 self.metrics.prompt_tokens(p.rest().len());
-                match self.start(p, row) {
-                    Ok(seqs) => started.extend(seqs),
-                    Err(e) => {
-                        result = Err(e);
-                        break;
-                    }
-                }
+                prefilled.push((p, row));
             }
-            unstarted.extend(join.map(|(p, _)| p));
             for (seq, pick) in group.iter_mut().zip(picks) {
                 match pick {
                     Ok((id, logprob)) => seq.finished = !self.deliver(seq, id, logprob),
@@ -546,7 +542,22 @@ impl Engine {
                 }
             }
         }
-        for p in unstarted.into_iter().rev() {
+        // The joining prompts' choices start (their first tokens sent) when the step's last
+        // pass is done: one started after the first of five passes would otherwise wait
+        // out the other four for its second token, in the next step (as the sequences
+        // running before the step do once, in any case).
+        let mut prefilled = prefilled.into_iter();
+        for (p, row) in prefilled.by_ref() {
+            match self.start(p, row) {
+                Ok(seqs) => started.extend(seqs),
+                Err(e) => {
+                    result = Err(e);
+                    break;
+                }
+            }
+        }
+        let back: Vec<Prefill> = prefilled.map(|(p, _)| p).chain(unstarted).collect();
+        for p in back.into_iter().rev() {
             self.prefills.push_front(p);
         }
         running.retain(|s| !s.finished);
