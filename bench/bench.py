@@ -64,13 +64,20 @@ def timed(cmd, env=None):
 
 
 def machine_info():
-    """CPU model, the flags that decide the kernels, threads and versions."""
-    cpu, flags = "?", set()
+    """CPU model (with its family and model numbers: a virtual machine's model name can be
+    the same for two generations, e.g. "AMD EPYC" on Zen 4 and Zen 5), the flags that decide
+    the kernels, threads and versions."""
+    cpu, flags, ids = "?", set(), {}
     for line in open("/proc/cpuinfo"):
-        if line.startswith("model name") and cpu == "?":
+        key = line.split(":", 1)[0].strip()
+        if key == "model name" and cpu == "?":
             cpu = line.split(":", 1)[1].strip()
-        if line.startswith("flags") and not flags:
+        if key in ("cpu family", "model") and key not in ids:
+            ids[key] = line.split(":", 1)[1].strip()
+        if key == "flags" and not flags:
             flags = set(line.split(":", 1)[1].split())
+    if ids:
+        cpu += " (family %s, model %s)" % (ids.get("cpu family", "?"), ids.get("model", "?"))
     want = ["avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "amx_bf16"]
     version = subprocess.run([BIN, "--version"], capture_output=True, text=True).stdout.strip()
     import transformers
