@@ -235,7 +235,14 @@ impl Collector {
                     Err(e) => return vec![Update::Error(e.to_string())],
                 };
                 c.out.push_str(&text);
-                let mut out = vec![Update::Text { choice, text, logprob }];
+                // One update per token, also when its text is held back (an incomplete
+                // character, a possible stop string): streams send a chunk per token, as
+                // vLLM does, with the text it releases, "" included. Not when the token
+                // ended the text at a stop string with nothing to add: the finish follows.
+                let mut out = Vec::new();
+                if !(c.text.stopped && text.is_empty() && logprob.is_none()) {
+                    out.push(Update::Text { choice, text, logprob });
+                }
                 if c.text.stopped {
                     c.finish = Some(Finish::Stop);
                     self.stopped[choice / self.n][choice % self.n].store(true, Ordering::SeqCst);
@@ -496,9 +503,6 @@ fn stream_response(app: Arc<App>, rx: UnboundedReceiver<Event>, col: Collector, 
                         return Some((Ok(Bytes::from(out)), st));
                     }
                     Update::Text { choice, text, logprob } => {
-                        if text.is_empty() && logprob.is_none() {
-                            continue;
-                        }
                         let c = if st.meta.chat {
                             let lp = logprob.as_ref().map(|lp| json!({"content": [chat_logprob_entry(&st.app.tok, lp)], "refusal": null}));
                             json!({"index": choice, "delta": {"content": text}, "logprobs": lp, "finish_reason": null})

@@ -177,6 +177,30 @@ def test_stop_strings_cut_the_text_streaming_or_not(server):
     assert chunks[-1].choices[0].finish_reason == "stop"
 
 
+def test_streams_send_a_chunk_per_token_while_text_is_held(server):
+    """A token whose text is held back (here: it may begin a stop string) still gets its
+    chunk, with text "" (as vLLM streams), so a client sees every token as it comes and
+    the chunks count the completion's tokens."""
+    c = server.client()
+    prompt = "The quick brown fox"
+    r = c.completions.create(model="tiny-moe", prompt=prompt, max_tokens=12, temperature=0, logprobs=0)
+    tokens = r.choices[0].logprobs.tokens
+    k = next(i for i, t in enumerate(tokens) if t.strip() and "\ufffd" not in t)
+    stop = tokens[k] + "\x01"  # what token k's text begins and nothing here completes
+    chunks = list(c.completions.create(model="tiny-moe", prompt=prompt, max_tokens=12, temperature=0, stop=[stop], stream=True,
+                                       stream_options={"include_usage": True}))
+    per_token = [ch.choices[0].text for ch in chunks if ch.choices and ch.choices[0].finish_reason is None]
+    assert len(per_token) == chunks[-1].usage.completion_tokens == len(tokens)
+    assert "" in per_token
+    assert "".join(ch.choices[0].text for ch in chunks if ch.choices) == r.choices[0].text
+    # Chat streams likewise: one chunk per token after the role's.
+    msgs = [{"role": "user", "content": prompt}]
+    chat = list(c.chat.completions.create(model="tiny-moe", messages=msgs, max_tokens=12, temperature=0, stream=True,
+                                          stream_options={"include_usage": True}))
+    deltas = [ch for ch in chat[1:] if ch.choices and ch.choices[0].finish_reason is None]
+    assert len(deltas) == chat[-1].usage.completion_tokens
+
+
 def test_logprobs_are_the_models_log_softmax(server, model_dir, tmp_path):
     import tokenizers
     import torch
