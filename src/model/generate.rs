@@ -135,32 +135,81 @@ fn pick_token(logits: &mut [f32], context: &[u32], cfg: &GenerationConfig, rng: 
     // (l - max) / T, not l / T: the same distribution, and a tiny T cannot overflow to
     // Inf - Inf = NaN (it becomes greedy, as the limit says).
     let temp = cfg.temperature as f32;
-    let max = logits.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+    let max = crate::kernels::math::max(logits);
     logits.iter_mut().for_each(|l| *l = (*l - max) / temp);
-    if let Some(k) = cfg.top_k {
-        if k < logits.len() {
-            // The k-th largest logit, what a descending sort puts at k - 1, found in linear
-            // time (a sort of GPT-2's 50k logits took ~2 ms per token and sequence).
-            let mut scratch: Vec<f32> = logits.to_vec();
-            let kth = *scratch.select_nth_unstable_by(k - 1, |a, b| b.total_cmp(a)).1;
-            logits.iter_mut().for_each(|l| {
-                if *l < kth {
-                    *l = f32::NEG_INFINITY
-                }
-            });
-        }
+    if let Some(k) = cfg.top_k.filter(|&k| k < logits.len()) {
+        let kth = kth_largest(logits, k);
+        logits.iter_mut().for_each(|l| *l = if *l < kth { f32::NEG_INFINITY } else { *l });
     }
     // Tokens whose logit is -Inf (top-k's cut, masked tokens) get probability 0 and are
     // never drawn: the rest runs on the others alone, in id order (the same distribution,
     // up to the rounding of the softmax's lane sums; after top-k 40, 40 tokens instead of
     // GPT-2's 50k).
-    let dead = logits.iter().filter(|&&l| l == f32::NEG_INFINITY).count();
-    if dead == 0 || dead == logits.len() {
+    let live = live_tokens(logits);
+    if live.len() == logits.len() || live.is_empty() {
         return draw(logits, cfg, rng);
     }
-    let live: Vec<u32> = (0..logits.len() as u32).filter(|&i| logits[i as usize] != f32::NEG_INFINITY).collect();
     let compact: Vec<f32> = live.iter().map(|&i| logits[i as usize]).collect();
     live[draw(&compact, cfg, rng) as usize]
+}
+
+/// The ids whose logit is not -Inf, in order: SCAN lanes at a time, skipping the chunks
+/// with none (after top-k 40, nearly all of GPT-2's 50k logits).
+fn live_tokens(logits: &[f32]) -> Vec<u32> {
+    let mut live = Vec::new();
+    let chunks = logits.chunks_exact(SCAN);
+    let split = logits.len() - chunks.remainder().len();
+    for (c, chunk) in chunks.enumerate() {
+        if chunk.iter().fold(false, |any, &l| any | (l != f32::NEG_INFINITY)) {
+            live.extend((0..SCAN).filter(|&i| chunk[i] != f32::NEG_INFINITY).map(|i| (c * SCAN + i) as u32));
+        }
+    }
+    live.extend((split..logits.len()).filter(|&i| logits[i] != f32::NEG_INFINITY).map(|i| i as u32));
+    live
+}
+
+/// The k-th largest of `v` (1 <= k <= v.len()) in `f32::total_cmp`'s order: what a
+/// descending sort puts at k - 1. One pass keeps candidates above a threshold that only
+/// rises: when 4k have gathered, the k largest of them stay and the smallest of those
+/// becomes the threshold (an element not above it cannot move the k-th largest: k kept
+/// ones are at least as large). On GPT-2's 50k logits, with k = 40, a few hundred
+/// elements pass the threshold; selecting over a copy of all of them took ~0.1 ms per
+/// token and sequence.
+fn kth_largest(v: &[f32], k: usize) -> f32 {
+    use std::cmp::Ordering::Greater;
+    debug_assert!(k >= 1 && k <= v.len());
+    let desc = |a: &f32, b: &f32| b.total_cmp(a);
+    let cap = 4 * k;
+    let mut kept: Vec<f32> = Vec::with_capacity(cap);
+    let mut floor: Option<f32> = None;
+    let mut take = |x: f32, floor: &mut Option<f32>| {
+        if floor.is_none_or(|f| x.total_cmp(&f) == Greater) {
+            kept.push(x);
+            if kept.len() == cap {
+                kept.select_nth_unstable_by(k - 1, desc);
+                kept.truncate(k);
+                *floor = Some(kept[k - 1]);
+            }
+        }
+    };
+    // SCAN elements at a time: a chunk whose elements are all below the floor (by `<`,
+    // which implies below in total order) is skipped after one vector compare.
+    let chunks = v.chunks_exact(SCAN);
+    let rest = chunks.remainder();
+    for chunk in chunks {
+        if let Some(f) = floor {
+            if !chunk.iter().fold(false, |any, &x| any | (x >= f)) {
+                continue;
+            }
+        }
+        for &x in chunk {
+            take(x, &mut floor);
+        }
+    }
+    for &x in rest {
+        take(x, &mut floor);
+    }
+    *kept.select_nth_unstable_by(k - 1, desc).1
 }
 
 /// Softmax, top-p, min-p and the draw, on processed logits.
@@ -487,6 +536,36 @@ mod tests {
         }
     }
 
+    /// The one-pass k-th largest is the value a selection over a copy finds, bit for bit:
+    /// ties, -Inf, -0.0 beside 0.0, sorted and reversed inputs, k from 1 to n, lengths
+    /// around the lanes and the first threshold (4k).
+    #[test]
+    fn kth_largest_is_what_selection_finds() {
+        use rand::Rng;
+        let mut rng = StdRng::seed_from_u64(5);
+        for n in [1usize, 2, 15, 16, 17, 40, 160, 161, 1000, 50304] {
+            for case in 0..8 {
+                let mut v: Vec<f32> = (0..n)
+                    .map(|_| match case % 4 {
+                        0 => rng.random::<f32>() * 4.0 - 2.0,
+                        1 => rng.random_range(0..4) as f32 - 2.0,
+                        2 => [0.0, -0.0, 1.0, f32::NEG_INFINITY][rng.random_range(0..4)],
+                        _ => rng.random::<f32>(),
+                    })
+                    .collect();
+                match case {
+                    4 => v.sort_by(f32::total_cmp),
+                    5 => v.sort_by(|a, b| b.total_cmp(a)),
+                    _ => {}
+                }
+                for k in [1, 2, 40, n / 2, n - 1, n].into_iter().filter(|&k| k >= 1 && k <= n) {
+                    let want = *v.clone().select_nth_unstable_by(k - 1, |a, b| b.total_cmp(a)).1;
+                    assert_eq!(kth_largest(&v, k).to_bits(), want.to_bits(), "n {n}, case {case}, k {k}");
+                }
+            }
+        }
+    }
+
     /// The lane scans give what one element at a time gives: the first index of the largest
     /// value (ties, -Inf, lengths that are not a multiple of the lanes), and the same check.
     #[test]
@@ -517,6 +596,11 @@ mod tests {
             }
         }
         assert_eq!(argmax(&[f32::NEG_INFINITY; 40]), 0);
+        for len in [0usize, 1, 15, 16, 17, 100, 50257] {
+            let v: Vec<f32> = (0..len).map(|_| if rng.random_range(0..3) == 0 { 1.5 } else { f32::NEG_INFINITY }).collect();
+            let want: Vec<u32> = (0..len as u32).filter(|&i| v[i as usize] != f32::NEG_INFINITY).collect();
+            assert_eq!(live_tokens(&v), want, "len {len}");
+        }
     }
 
     #[test]
