@@ -546,13 +546,16 @@ impl Engine {
         // pass is done: one started after the first of five passes would otherwise wait
         // out the other four for its second token, in the next step (as the sequences
         // running before the step do once, in any case).
+        // (Not after a failed pass: the failure reaches every client of the step.)
         let mut prefilled = prefilled.into_iter();
-        for (p, row) in prefilled.by_ref() {
-            match self.start(p, row) {
-                Ok(seqs) => started.extend(seqs),
-                Err(e) => {
-                    result = Err(e);
-                    break;
+        if result.is_ok() {
+            for (p, row) in prefilled.by_ref() {
+                match self.start(p, row) {
+                    Ok(seqs) => started.extend(seqs),
+                    Err(e) => {
+                        result = Err(e);
+                        break;
+                    }
                 }
             }
         }
