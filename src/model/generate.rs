@@ -145,8 +145,11 @@ fn pick_token(logits: &mut [f32], context: &[u32], cfg: &GenerationConfig, rng: 
     // never drawn: the rest runs on the others alone, in id order (the same distribution,
     // up to the rounding of the softmax's lane sums; after top-k 40, 40 tokens instead of
     // GPT-2's 50k).
+    if !logits.chunks(SCAN).any(|c| c.iter().fold(false, |dead, &l| dead | (l == f32::NEG_INFINITY))) {
+        return draw(logits, cfg, rng);
+    }
     let live = live_tokens(logits);
-    if live.len() == logits.len() || live.is_empty() {
+    if live.is_empty() {
         return draw(logits, cfg, rng);
     }
     let compact: Vec<f32> = live.iter().map(|&i| logits[i as usize]).collect();
