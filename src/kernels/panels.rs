@@ -241,10 +241,16 @@ mod avx512 {
     use std::arch::x86_64::*;
 
     #[inline(always)]
-    unsafe fn tile<const R: usize>(x: *const f32, k: usize, panel: *const f32, out: *mut f32, ldo: usize, width: usize) {
+    unsafe fn tile<const R: usize, const PF: bool>(x: *const f32, k: usize, panel: *const f32, out: *mut f32, ldo: usize, width: usize) {
         let mut acc = [[_mm512_setzero_ps(); 3]; R];
         for kk in 0..k {
             let w = panel.add(kk * WIDTH);
+            if PF {
+                let f = w.wrapping_add(AHEAD * WIDTH) as *const i8;
+                _mm_prefetch::<_MM_HINT_T0>(f);
+                _mm_prefetch::<_MM_HINT_T0>(f.wrapping_add(64));
+                _mm_prefetch::<_MM_HINT_T0>(f.wrapping_add(128));
+            }
             let wv = [_mm512_loadu_ps(w), _mm512_loadu_ps(w.add(16)), _mm512_loadu_ps(w.add(32))];
             for (r, acc) in acc.iter_mut().enumerate() {
                 let a = _mm512_set1_ps(*x.add(r * k + kk));
@@ -360,21 +366,39 @@ mod avx512 {
         if m > 8 && m <= crate::kernels::matvec::MAX_ROWS {
             return panel_blocked(xp, m, k, panel, out, ldo, width);
         }
+        // The first tile over the panel reads it from memory (and prefetches), the others
+        // from L2.
         let mut r = 0;
         while r + 8 <= m {
-            tile::<8>(xp.add(r * k), k, panel, out.add(r * ldo), ldo, width);
+            if r == 0 {
+                tile::<8, true>(xp, k, panel, out, ldo, width);
+            } else {
+                tile::<8, false>(xp.add(r * k), k, panel, out.add(r * ldo), ldo, width);
+            }
             r += 8;
         }
         if r + 4 <= m {
-            tile::<4>(xp.add(r * k), k, panel, out.add(r * ldo), ldo, width);
+            if r == 0 {
+                tile::<4, true>(xp, k, panel, out, ldo, width);
+            } else {
+                tile::<4, false>(xp.add(r * k), k, panel, out.add(r * ldo), ldo, width);
+            }
             r += 4;
         }
         if r + 2 <= m {
-            tile::<2>(xp.add(r * k), k, panel, out.add(r * ldo), ldo, width);
+            if r == 0 {
+                tile::<2, true>(xp, k, panel, out, ldo, width);
+            } else {
+                tile::<2, false>(xp.add(r * k), k, panel, out.add(r * ldo), ldo, width);
+            }
             r += 2;
         }
         if r < m {
-            tile::<1>(xp.add(r * k), k, panel, out.add(r * ldo), ldo, width);
+            if r == 0 {
+                tile::<1, true>(xp, k, panel, out, ldo, width);
+            } else {
+                tile::<1, false>(xp.add(r * k), k, panel, out.add(r * ldo), ldo, width);
+            }
         }
     }
 }
