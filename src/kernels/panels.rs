@@ -240,38 +240,29 @@ mod avx512 {
     use super::WIDTH;
     use std::arch::x86_64::*;
 
+    /// One row's 48 outputs (`width` of them kept) from its three accumulators.
+    #[inline(always)]
+    unsafe fn store(acc: &[__m512; 3], o: *mut f32, width: usize) {
+        if width == WIDTH {
+            for (v, acc) in acc.iter().enumerate() {
+                _mm512_storeu_ps(o.add(16 * v), *acc);
+            }
+        } else {
+            let mut t = [0f32; WIDTH];
+            for (v, acc) in acc.iter().enumerate() {
+                _mm512_storeu_ps(t.as_mut_ptr().add(16 * v), *acc);
+            }
+            std::ptr::copy_nonoverlapping(t.as_ptr(), o, width);
+        }
+    }
+
+    /// R rows over the whole panel (PF: prefetching ahead of the reads).
     #[inline(always)]
     unsafe fn tile<const R: usize, const PF: bool>(x: *const f32, k: usize, panel: *const f32, out: *mut f32, ldo: usize, width: usize) {
         let mut acc = [[_mm512_setzero_ps(); 3]; R];
-        for kk in 0..k {
-            let w = panel.add(kk * WIDTH);
-            if PF {
-                let f = w.wrapping_add(AHEAD * WIDTH) as *const i8;
-                _mm_prefetch::<_MM_HINT_T0>(f);
-                _mm_prefetch::<_MM_HINT_T0>(f.wrapping_add(64));
-                _mm_prefetch::<_MM_HINT_T0>(f.wrapping_add(128));
-            }
-            let wv = [_mm512_loadu_ps(w), _mm512_loadu_ps(w.add(16)), _mm512_loadu_ps(w.add(32))];
-            for (r, acc) in acc.iter_mut().enumerate() {
-                let a = _mm512_set1_ps(*x.add(r * k + kk));
-                for v in 0..3 {
-                    acc[v] = _mm512_fmadd_ps(a, wv[v], acc[v]);
-                }
-            }
-        }
+        span::<R, PF>(x, k, (0, k), panel, acc.as_mut_ptr());
         for (r, acc) in acc.iter().enumerate() {
-            let o = out.add(r * ldo);
-            if width == WIDTH {
-                for (v, acc) in acc.iter().enumerate() {
-                    _mm512_storeu_ps(o.add(16 * v), *acc);
-                }
-            } else {
-                let mut t = [0f32; WIDTH];
-                for (v, acc) in acc.iter().enumerate() {
-                    _mm512_storeu_ps(t.as_mut_ptr().add(16 * v), *acc);
-                }
-                std::ptr::copy_nonoverlapping(t.as_ptr(), o, width);
-            }
+            store(acc, out.add(r * ldo), width);
         }
     }
 
@@ -350,12 +341,7 @@ mod avx512 {
             k0 = ks.1;
         }
         for (r, acc) in acc.iter().enumerate().take(m) {
-            let o = out.add(r * ldo);
-            let mut t = [0f32; WIDTH];
-            for (v, acc) in acc.iter().enumerate() {
-                _mm512_storeu_ps(t.as_mut_ptr().add(16 * v), *acc);
-            }
-            std::ptr::copy_nonoverlapping(t.as_ptr(), o, width);
+            store(acc, out.add(r * ldo), width);
         }
     }
 
