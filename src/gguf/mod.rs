@@ -25,7 +25,7 @@ use serde_json::{json, Value as Json};
 use crate::config::GPTConfig;
 use crate::error::{Error, Result};
 use crate::gpt::GPT;
-use crate::kernels::panels::Panels;
+use crate::kernels::panels::{Elem, Panels};
 use crate::params::{is_expert_stack, is_packable, is_quantizable, is_weight_matrix, panel_dims, ParamStore};
 use crate::quant::{QBytes, QKind, QTensor};
 use crate::tokenizer::Tokenizer;
@@ -491,23 +491,34 @@ fn load_file(file: &GgufFile, with_tokenizer: bool) -> Result<GgufModel> {
             shape.insert(1, 1);
         }
         let matrix = is_weight_matrix(ours, shape.len()) && !ours.contains(".router.");
-        // f32 matrices go straight from the file into panels (the inference layout of f32
-        // weights, `ParamStore::into_inference_layout`), the file's pages dropped as packing goes.
-        if let (GgmlType::F32, true, Some((e, n, k))) = (t.ty, is_packable(ours, &shape), panel_dims(&shape)) {
+        // f32, f16 and bf16 matrices go straight from the file into panels of their type (the
+        // inference layout of dense weights, `ParamStore::into_inference_layout`), the file's
+        // pages dropped as packing goes.
+        let elem = match t.ty {
+            GgmlType::F32 => Some(Elem::F32),
+            GgmlType::F16 => Some(Elem::F16),
+            GgmlType::BF16 => Some(Elem::BF16),
+            _ => None,
+        };
+        if let (Some(elem), true, Some((e, n, k))) = (elem, is_packable(ours, &shape), panel_dims(&shape)) {
             let (start, len) = file.range(t);
-            let (map, mut freed) = (&file.map, 0);
-            let packed = Panels::pack_with(
+            let (map, mut freed, size) = (&file.map, 0, elem.size());
+            let packed = Panels::pack_as(
+                elem,
                 e,
                 n,
                 k,
                 |e, i, out| {
-                    let off = start + (e * n + i) * k * 4;
-                    for (o, b) in out.iter_mut().zip(map[off..off + k * 4].chunks_exact(4)) {
-                        *o = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+                    let off = start + (e * n + i) * k * size;
+                    let bytes = &map[off..off + k * size];
+                    match elem {
+                        Elem::F32 => out.iter_mut().zip(bytes.chunks_exact(4)).for_each(|(o, b)| *o = f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
+                        Elem::F16 => out.iter_mut().zip(bytes.chunks_exact(2)).for_each(|(o, b)| *o = f16::from_le_bytes([b[0], b[1]]).to_f32()),
+                        Elem::BF16 => out.iter_mut().zip(bytes.chunks_exact(2)).for_each(|(o, b)| *o = bf16::from_le_bytes([b[0], b[1]]).to_f32()),
                     }
                 },
                 |e, rows_end| {
-                    let end = ((e * n + rows_end) * k * 4).min(len);
+                    let end = ((e * n + rows_end) * k * size).min(len);
                     file.release_range(start + freed, end - freed);
                     freed = end;
                 },

@@ -222,16 +222,16 @@ pub fn load_params_as(dir: &Path, config: &GPTConfig, format: Format, weight_dty
     ParamStore::from_tensors_keeping_dtype(tensors)
 }
 
-/// [`load_params_as`] for inference: the store in the inference layout, f32 weight matrices
-/// packed in panels as each is read (so memory holds the model plus one tensor, not plus a
+/// [`load_params_as`] for inference: the store in the inference layout, weight matrices
+/// packed in panels (f32, bf16 or f16) as each is read (so memory holds the model plus one tensor, not plus a
 /// packed copy of the largest).
 pub fn load_params_for_inference(dir: &Path, config: &GPTConfig, format: Format, weight_dtype: DType, device: &Device) -> Result<ParamStore> {
-    let (tensors, panels) = read_params(dir, config, format, weight_dtype, weight_dtype == DType::F32, device)?;
+    let (tensors, panels) = read_params(dir, config, format, weight_dtype, true, device)?;
     ParamStore::from_tensors_and_panels(tensors, panels)
 }
 
-/// The checked tensors of a model directory in spec order, and with `pack` the f32 weight
-/// matrices packed as they are read (tensors holding the rest).
+/// The checked tensors of a model directory in spec order, and with `pack` the weight
+/// matrices packed (in `weight_dtype`) as they are read (tensors holding the rest).
 #[allow(clippy::type_complexity)]
 fn read_params(dir: &Path, config: &GPTConfig, format: Format, weight_dtype: DType, pack: bool, device: &Device) -> Result<(Vec<(String, Tensor)>, Vec<(String, Panels)>)> {
     // The config's sizes are only claims: the files must hold at least 2 bytes (f16/bf16) per

@@ -20,7 +20,7 @@ const NAME: &str = "matvec";
 /// 32: a serving step's 16 decoding rows plus a joining prompt's chunk of up to 16 tokens.
 pub const MAX_ROWS: usize = 32;
 
-/// A weight element: f32 or bf16.
+/// A weight element: f32, bf16 or f16.
 pub trait Weight: Copy + Send + Sync + 'static {
     fn f(self) -> f32;
     /// 8 weights from `p` as f32 lanes (inlined into the AVX2 kernels only).
@@ -29,6 +29,12 @@ pub trait Weight: Copy + Send + Sync + 'static {
     /// 8 elements must be readable at `p`, and the CPU must have AVX2 and F16C.
     #[cfg(target_arch = "x86_64")]
     unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256;
+    /// 16 weights from `p` as f32 lanes (inlined into the AVX-512 kernels only).
+    ///
+    /// # Safety
+    /// 16 elements must be readable at `p`, and the CPU must have AVX-512F.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn load16(p: *const Self) -> std::arch::x86_64::__m512;
 }
 
 impl Weight for f32 {
@@ -40,6 +46,11 @@ impl Weight for f32 {
     #[inline(always)]
     unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256 {
         std::arch::x86_64::_mm256_loadu_ps(p)
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load16(p: *const Self) -> std::arch::x86_64::__m512 {
+        std::arch::x86_64::_mm512_loadu_ps(p)
     }
 }
 
@@ -54,6 +65,13 @@ impl Weight for bf16 {
         use std::arch::x86_64::*;
         let h = _mm_loadu_si128(p as *const __m128i);
         _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16))
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load16(p: *const Self) -> std::arch::x86_64::__m512 {
+        use std::arch::x86_64::*;
+        let h = _mm256_loadu_si256(p as *const __m256i);
+        _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16))
     }
 }
 
@@ -75,6 +93,12 @@ impl Weight for half::f16 {
     unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256 {
         use std::arch::x86_64::*;
         _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i))
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load16(p: *const Self) -> std::arch::x86_64::__m512 {
+        use std::arch::x86_64::*;
+        _mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i))
     }
 }
 

@@ -1,4 +1,5 @@
-//! f32 inference weights packed in panels, and the one product kernel that reads them.
+//! Inference weights (f32, or bf16 / f16: widened exactly to f32 as they are read) packed in
+//! panels, and the one product kernel that reads them.
 //!
 //! A weight [N, K] (torch's nn.Linear layout) is stored as panels of [`WIDTH`] output rows:
 //! panel p holds, for k = 0..K in order, the WIDTH weights w[p * WIDTH + j, k] side by side
@@ -20,6 +21,7 @@
 use rayon::prelude::*;
 
 use crate::error::{input_err, Result};
+use crate::kernels::matvec::Weight;
 
 /// Output rows per panel: three AVX-512 registers (six AVX2 ones).
 pub const WIDTH: usize = 48;
@@ -30,8 +32,46 @@ pub const WIDTH: usize = 48;
 #[repr(C, align(64))]
 struct Line([f32; 16]);
 
-/// One or more f32 matrices [N, K] (an expert stack: E of them) in panels.
+/// What panels hold: f32 weights, or bf16 / f16 ones (half the bytes to stream; every
+/// product widens them to f32 exactly and sums as for f32).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Elem {
+    F32,
+    BF16,
+    F16,
+}
+
+impl Elem {
+    /// Bytes per weight.
+    pub fn size(self) -> usize {
+        match self {
+            Elem::F32 => 4,
+            Elem::BF16 | Elem::F16 => 2,
+        }
+    }
+
+    pub fn dtype(self) -> candle_core::DType {
+        match self {
+            Elem::F32 => candle_core::DType::F32,
+            Elem::BF16 => candle_core::DType::BF16,
+            Elem::F16 => candle_core::DType::F16,
+        }
+    }
+
+    /// The element type of a candle dtype that panels can hold.
+    pub fn of(dtype: candle_core::DType) -> Option<Elem> {
+        match dtype {
+            candle_core::DType::F32 => Some(Elem::F32),
+            candle_core::DType::BF16 => Some(Elem::BF16),
+            candle_core::DType::F16 => Some(Elem::F16),
+            _ => None,
+        }
+    }
+}
+
+/// One or more matrices [N, K] (an expert stack: E of them) in panels.
 pub struct Panels {
+    elem: Elem,
     matrices: usize,
     rows: usize,
     cols: usize,
@@ -51,35 +91,36 @@ impl Panels {
     /// a batch of panels at a time (in parallel): `done(e, rows_end)` is told after each
     /// batch that rows ..rows_end of matrix e are no longer needed (a loader frees their
     /// pages there, so packing holds about one batch of the source at a time).
-    pub fn pack_with(matrices: usize, rows: usize, cols: usize, row: impl Fn(usize, usize, &mut [f32]) + Sync, mut done: impl FnMut(usize, usize)) -> Result<Panels> {
+    pub fn pack_with(matrices: usize, rows: usize, cols: usize, row: impl Fn(usize, usize, &mut [f32]) + Sync, done: impl FnMut(usize, usize)) -> Result<Panels> {
+        Self::pack_as(Elem::F32, matrices, rows, cols, row, done)
+    }
+
+    /// [`Panels::pack_with`] holding `elem` weights: each value `row` writes is rounded to
+    /// it (exactly kept when it came from a weight of that type).
+    pub fn pack_as(elem: Elem, matrices: usize, rows: usize, cols: usize, row: impl Fn(usize, usize, &mut [f32]) + Sync, done: impl FnMut(usize, usize)) -> Result<Panels> {
         if matrices == 0 || rows == 0 || cols == 0 {
             return Err(input_err!("panels: cannot pack {matrices} matrices of [{rows}, {cols}]"));
         }
         let per = rows.div_ceil(WIDTH);
-        let panel_len = cols * WIDTH;
-        let total = (matrices as u128) * (per as u128) * (panel_len as u128);
-        crate::runtime::check_memory(|| format!("panels of {matrices} x [{rows}, {cols}]"), total * 4)?;
-        let mut data = vec![Line::default(); total as usize / 16];
-        // SAFETY: `Line` is 16 plain f32s with no padding (64 bytes, align 64).
-        let flat: &mut [f32] = unsafe { std::slice::from_raw_parts_mut(data.as_mut_ptr() as *mut f32, total as usize) };
-        // ~8 MB of source rows per batch.
-        let batch = ((8 << 20) / (panel_len * 4)).max(rayon::current_num_threads()).max(1);
-        for (e, matrix) in flat.chunks_mut(per * panel_len).enumerate() {
-            for (b, panels) in matrix.chunks_mut(batch * panel_len).enumerate() {
-                panels.par_chunks_mut(panel_len).enumerate().for_each(|(i, panel)| {
-                    let p = b * batch + i;
-                    let mut buf = vec![0f32; cols];
-                    for j in 0..WIDTH.min(rows - p * WIDTH) {
-                        row(e, p * WIDTH + j, &mut buf);
-                        for (kk, &v) in buf.iter().enumerate() {
-                            panel[kk * WIDTH + j] = v;
-                        }
-                    }
-                });
-                done(e, (((b + 1) * batch) * WIDTH).min(rows));
-            }
+        let total = (matrices as u128) * (per as u128) * ((cols * WIDTH) as u128);
+        let bytes = total * elem.size() as u128;
+        crate::runtime::check_memory(|| format!("panels of {matrices} x [{rows}, {cols}]"), bytes)?;
+        let mut data = vec![Line::default(); bytes.div_ceil(64) as usize];
+        let total = total as usize;
+        let ptr = data.as_mut_ptr();
+        // SAFETY: `Line` is 16 plain f32s with no padding (64 bytes, align 64), at least
+        // `total` elements of any of the three types.
+        match elem {
+            Elem::F32 => fill(unsafe { std::slice::from_raw_parts_mut(ptr as *mut f32, total) }, |v| v, matrices, rows, cols, row, done),
+            Elem::BF16 => fill(unsafe { std::slice::from_raw_parts_mut(ptr as *mut half::bf16, total) }, half::bf16::from_f32, matrices, rows, cols, row, done),
+            Elem::F16 => fill(unsafe { std::slice::from_raw_parts_mut(ptr as *mut half::f16, total) }, half::f16::from_f32, matrices, rows, cols, row, done),
         }
-        Ok(Panels { matrices, rows, cols, data })
+        Ok(Panels { elem, matrices, rows, cols, data })
+    }
+
+    /// The weights' type.
+    pub fn elem(&self) -> Elem {
+        self.elem
     }
 
     pub fn matrices(&self) -> usize {
@@ -104,27 +145,38 @@ impl Panels {
         self.rows.div_ceil(WIDTH)
     }
 
-    fn flat(&self) -> &[f32] {
-        // SAFETY: as in `pack`.
-        unsafe { std::slice::from_raw_parts(self.data.as_ptr() as *const f32, self.data.len() * 16) }
+    /// The weights as elements of type W (which must be the panels' [`Elem`]).
+    fn flat<W: Weight>(&self) -> &[W] {
+        assert_eq!(std::mem::size_of::<W>(), self.elem.size(), "panels: read as another type");
+        let len = self.matrices * self.panels_per_matrix() * self.cols * WIDTH;
+        // SAFETY: `pack_as` sized the lines for `len` elements of the panels' type.
+        unsafe { std::slice::from_raw_parts(self.data.as_ptr() as *const W, len) }
     }
 
     /// Panel p of matrix e: [cols][WIDTH].
-    fn panel(&self, e: usize, p: usize) -> &[f32] {
+    fn panel<W: Weight>(&self, e: usize, p: usize) -> &[W] {
         let len = self.cols * WIDTH;
         let i = e * self.panels_per_matrix() + p;
-        &self.flat()[i * len..(i + 1) * len]
+        &self.flat::<W>()[i * len..(i + 1) * len]
     }
 
-    /// Row `i` of matrix `e` (an embedding row when the matrix is tied to the output layer).
+    /// Row `i` of matrix `e` (an embedding row when the matrix is tied to the output layer),
+    /// as f32.
     pub fn row(&self, e: usize, i: usize, out: &mut [f32]) {
-        let panel = self.panel(e, i / WIDTH);
-        for (kk, o) in out.iter_mut().enumerate().take(self.cols) {
-            *o = panel[kk * WIDTH + i % WIDTH];
+        fn read<W: Weight>(p: &Panels, e: usize, i: usize, out: &mut [f32]) {
+            let panel = p.panel::<W>(e, i / WIDTH);
+            for (kk, o) in out.iter_mut().enumerate().take(p.cols) {
+                *o = panel[kk * WIDTH + i % WIDTH].f();
+            }
+        }
+        match self.elem {
+            Elem::F32 => read::<f32>(self, e, i, out),
+            Elem::BF16 => read::<half::bf16>(self, e, i, out),
+            Elem::F16 => read::<half::f16>(self, e, i, out),
         }
     }
 
-    /// Matrix `e` back as row-major [rows, cols] (saving, converting).
+    /// Matrix `e` back as row-major [rows, cols], widened to f32 (saving, converting).
     pub fn unpack(&self, e: usize) -> Vec<f32> {
         let mut out = vec![0f32; self.rows * self.cols];
         out.par_chunks_mut(self.cols).enumerate().for_each(|(i, row)| self.row(e, i, row));
@@ -160,12 +212,17 @@ impl Panels {
     /// `rows`), and nothing else may access them meanwhile.
     #[allow(clippy::too_many_arguments)]
     pub unsafe fn block_into(&self, e: usize, x: &[f32], m: usize, p0: usize, p1: usize, out: *mut f32, ldo: usize, c0: usize) {
-        let k = self.cols;
-        let tile = kernel();
-        for p in p0..p1 {
-            let width = WIDTH.min(self.rows - p * WIDTH);
-            let o = out.add(p * WIDTH - c0);
-            tile(x, m, k, self.panel(e, p).as_ptr(), o, ldo, width);
+        unsafe fn run<W: Weight>(pn: &Panels, e: usize, x: &[f32], m: usize, p0: usize, p1: usize, out: *mut f32, ldo: usize, c0: usize) {
+            let tile = kernel::<W>();
+            for p in p0..p1 {
+                let width = WIDTH.min(pn.rows - p * WIDTH);
+                tile(x, m, pn.cols, pn.panel::<W>(e, p).as_ptr(), out.add(p * WIDTH - c0), ldo, width);
+            }
+        }
+        match self.elem {
+            Elem::F32 => run::<f32>(self, e, x, m, p0, p1, out, ldo, c0),
+            Elem::BF16 => run::<half::bf16>(self, e, x, m, p0, p1, out, ldo, c0),
+            Elem::F16 => run::<half::f16>(self, e, x, m, p0, p1, out, ldo, c0),
         }
     }
 
@@ -181,6 +238,30 @@ impl Panels {
     }
 }
 
+/// Writes every panel of `flat` (matrices of [rows, cols], the last panel's spare rows left
+/// zero) from the source rows, a batch of panels at a time (in parallel).
+fn fill<T: Copy + Send + Sync>(flat: &mut [T], conv: fn(f32) -> T, matrices: usize, rows: usize, cols: usize, row: impl Fn(usize, usize, &mut [f32]) + Sync, mut done: impl FnMut(usize, usize)) {
+    let per = rows.div_ceil(WIDTH);
+    let panel_len = cols * WIDTH;
+    // ~8 MB of source rows per batch.
+    let batch = ((8 << 20) / (panel_len * 4)).max(rayon::current_num_threads()).max(1);
+    for (e, matrix) in flat.chunks_mut(per * panel_len).take(matrices).enumerate() {
+        for (b, panels) in matrix.chunks_mut(batch * panel_len).enumerate() {
+            panels.par_chunks_mut(panel_len).enumerate().for_each(|(i, panel)| {
+                let p = b * batch + i;
+                let mut buf = vec![0f32; cols];
+                for j in 0..WIDTH.min(rows - p * WIDTH) {
+                    row(e, p * WIDTH + j, &mut buf);
+                    for (kk, &v) in buf.iter().enumerate() {
+                        panel[kk * WIDTH + j] = conv(v);
+                    }
+                }
+            });
+            done(e, (((b + 1) * batch) * WIDTH).min(rows));
+        }
+    }
+}
+
 #[derive(Clone, Copy)]
 struct SendPtr(*mut f32);
 // SAFETY: the tasks sharing it write disjoint elements.
@@ -193,32 +274,51 @@ impl SendPtr {
 }
 
 /// Rows 0..m of x times one panel: out[r * ldo + j] for j < width.
-type PanelFn = unsafe fn(&[f32], usize, usize, *const f32, *mut f32, usize, usize);
+type PanelFn<W> = unsafe fn(&[f32], usize, usize, *const W, *mut f32, usize, usize);
 
-/// The kernels this CPU can run, best first: AVX-512, AVX2 + FMA, the portable loops (all
-/// give the same bits).
-fn kernels() -> Vec<(&'static str, PanelFn)> {
-    let mut k: Vec<(&'static str, PanelFn)> = Vec::new();
+/// The instruction sets this CPU can run the kernel with, best first: AVX-512, AVX2 + FMA
+/// (+ F16C), the portable loops (all give the same bits).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Isa {
+    #[cfg(target_arch = "x86_64")]
+    Avx512,
+    #[cfg(target_arch = "x86_64")]
+    Avx2,
+    Portable,
+}
+
+fn isas() -> Vec<Isa> {
+    let mut k = Vec::new();
     #[cfg(target_arch = "x86_64")]
     {
         if is_x86_feature_detected!("avx512f") {
-            k.push(("avx512", avx512::panel));
+            k.push(Isa::Avx512);
         }
-        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-            k.push(("avx2", avx2::panel));
+        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c") {
+            k.push(Isa::Avx2);
         }
     }
-    k.push(("portable", portable));
+    k.push(Isa::Portable);
     k
 }
 
-fn kernel() -> PanelFn {
-    static BEST: std::sync::OnceLock<PanelFn> = std::sync::OnceLock::new();
-    *BEST.get_or_init(|| kernels()[0].1)
+fn kernel_on<W: Weight>(isa: Isa) -> PanelFn<W> {
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 => avx512::panel::<W>,
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => avx2::panel::<W>,
+        Isa::Portable => portable::<W>,
+    }
+}
+
+fn kernel<W: Weight>() -> PanelFn<W> {
+    static BEST: std::sync::OnceLock<Isa> = std::sync::OnceLock::new();
+    kernel_on::<W>(*BEST.get_or_init(|| isas()[0]))
 }
 
 /// The portable loops: the same chains of fused multiply-adds.
-unsafe fn portable(x: &[f32], m: usize, k: usize, panel: *const f32, out: *mut f32, ldo: usize, width: usize) {
+unsafe fn portable<W: Weight>(x: &[f32], m: usize, k: usize, panel: *const W, out: *mut f32, ldo: usize, width: usize) {
     let panel = std::slice::from_raw_parts(panel, k * WIDTH);
     for r in 0..m {
         let xr = &x[r * k..(r + 1) * k];
@@ -226,7 +326,7 @@ unsafe fn portable(x: &[f32], m: usize, k: usize, panel: *const f32, out: *mut f
         for (kk, &a) in xr.iter().enumerate() {
             let w = &panel[kk * WIDTH..(kk + 1) * WIDTH];
             for j in 0..WIDTH {
-                acc[j] = a.mul_add(w[j], acc[j]);
+                acc[j] = a.mul_add(w[j].f(), acc[j]);
             }
         }
         std::ptr::copy_nonoverlapping(acc.as_ptr(), out.add(r * ldo), width);
@@ -237,7 +337,7 @@ unsafe fn portable(x: &[f32], m: usize, k: usize, panel: *const f32, out: *mut f
 /// accumulators, 3 weight registers, one broadcast), then 4, 2 and 1 rows.
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
-    use super::WIDTH;
+    use super::{Weight, WIDTH};
     use std::arch::x86_64::*;
 
     /// One row's 48 outputs (`width` of them kept) from its three accumulators.
@@ -258,9 +358,9 @@ mod avx512 {
 
     /// R rows over the whole panel (PF: prefetching ahead of the reads).
     #[inline(always)]
-    unsafe fn tile<const R: usize, const PF: bool>(x: *const f32, k: usize, panel: *const f32, out: *mut f32, ldo: usize, width: usize) {
+    unsafe fn tile<W: Weight, const R: usize, const PF: bool>(x: *const f32, k: usize, panel: *const W, out: *mut f32, ldo: usize, width: usize) {
         let mut acc = [[_mm512_setzero_ps(); 3]; R];
-        span::<R, PF>(x, k, (0, k), panel, acc.as_mut_ptr());
+        span::<W, R, PF>(x, k, (0, k), panel, acc.as_mut_ptr());
         for (r, acc) in acc.iter().enumerate() {
             store(acc, out.add(r * ldo), width);
         }
@@ -269,7 +369,7 @@ mod avx512 {
     /// Rows 0..R of x over k0..k1 of the panel, continuing the chains in acc[0..R] (or
     /// starting them from zero when k0 is 0).
     #[inline(always)]
-    unsafe fn span<const R: usize, const PF: bool>(x: *const f32, k: usize, (k0, k1): (usize, usize), panel: *const f32, acc: *mut [__m512; 3]) {
+    unsafe fn span<W: Weight, const R: usize, const PF: bool>(x: *const f32, k: usize, (k0, k1): (usize, usize), panel: *const W, acc: *mut [__m512; 3]) {
         let mut a = [[_mm512_setzero_ps(); 3]; R];
         if k0 > 0 {
             for (r, a) in a.iter_mut().enumerate() {
@@ -279,12 +379,14 @@ mod avx512 {
         for kk in k0..k1 {
             let w = panel.add(kk * WIDTH);
             if PF {
+                // The cache lines of one k-step's weights (3 for f32, 2 for 16-bit), AHEAD
+                // k-steps on.
                 let f = w.wrapping_add(AHEAD * WIDTH) as *const i8;
-                _mm_prefetch::<_MM_HINT_T0>(f);
-                _mm_prefetch::<_MM_HINT_T0>(f.wrapping_add(64));
-                _mm_prefetch::<_MM_HINT_T0>(f.wrapping_add(128));
+                for line in 0..(WIDTH * std::mem::size_of::<W>()).div_ceil(64) {
+                    _mm_prefetch::<_MM_HINT_T0>(f.wrapping_add(64 * line));
+                }
             }
-            let wv = [_mm512_loadu_ps(w), _mm512_loadu_ps(w.add(16)), _mm512_loadu_ps(w.add(32))];
+            let wv = [W::load16(w), W::load16(w.add(16)), W::load16(w.add(32))];
             for (r, a) in a.iter_mut().enumerate() {
                 let b = _mm512_set1_ps(*x.add(r * k + kk));
                 for v in 0..3 {
@@ -312,7 +414,7 @@ mod avx512 {
     /// only and left the memory idle during the others'. The same chains in the same order:
     /// the same bits.
     #[inline(always)]
-    unsafe fn panel_blocked(xp: *const f32, m: usize, k: usize, panel: *const f32, out: *mut f32, ldo: usize, width: usize) {
+    unsafe fn panel_blocked<W: Weight>(xp: *const f32, m: usize, k: usize, panel: *const W, out: *mut f32, ldo: usize, width: usize) {
         let mut acc = [[_mm512_setzero_ps(); 3]; crate::kernels::matvec::MAX_ROWS];
         let ap = acc.as_mut_ptr();
         let mut k0 = 0;
@@ -321,22 +423,22 @@ mod avx512 {
             let mut r = 0;
             while r + 8 <= m {
                 if r == 0 {
-                    span::<8, true>(xp, k, ks, panel, ap);
+                    span::<W, 8, true>(xp, k, ks, panel, ap);
                 } else {
-                    span::<8, false>(xp.add(r * k), k, ks, panel, ap.add(r));
+                    span::<W, 8, false>(xp.add(r * k), k, ks, panel, ap.add(r));
                 }
                 r += 8;
             }
             if r + 4 <= m {
-                span::<4, false>(xp.add(r * k), k, ks, panel, ap.add(r));
+                span::<W, 4, false>(xp.add(r * k), k, ks, panel, ap.add(r));
                 r += 4;
             }
             if r + 2 <= m {
-                span::<2, false>(xp.add(r * k), k, ks, panel, ap.add(r));
+                span::<W, 2, false>(xp.add(r * k), k, ks, panel, ap.add(r));
                 r += 2;
             }
             if r < m {
-                span::<1, false>(xp.add(r * k), k, ks, panel, ap.add(r));
+                span::<W, 1, false>(xp.add(r * k), k, ks, panel, ap.add(r));
             }
             k0 = ks.1;
         }
@@ -346,44 +448,44 @@ mod avx512 {
     }
 
     #[target_feature(enable = "avx512f")]
-    pub unsafe fn panel(x: &[f32], m: usize, k: usize, panel: *const f32, out: *mut f32, ldo: usize, width: usize) {
+    pub unsafe fn panel<W: Weight>(x: &[f32], m: usize, k: usize, panel: *const W, out: *mut f32, ldo: usize, width: usize) {
         debug_assert!(x.len() >= m * k);
         let xp = x.as_ptr();
         if m > 8 && m <= crate::kernels::matvec::MAX_ROWS {
-            return panel_blocked(xp, m, k, panel, out, ldo, width);
+            return panel_blocked::<W>(xp, m, k, panel, out, ldo, width);
         }
         // The first tile over the panel reads it from memory (and prefetches), the others
         // from L2.
         let mut r = 0;
         while r + 8 <= m {
             if r == 0 {
-                tile::<8, true>(xp, k, panel, out, ldo, width);
+                tile::<W, 8, true>(xp, k, panel, out, ldo, width);
             } else {
-                tile::<8, false>(xp.add(r * k), k, panel, out.add(r * ldo), ldo, width);
+                tile::<W, 8, false>(xp.add(r * k), k, panel, out.add(r * ldo), ldo, width);
             }
             r += 8;
         }
         if r + 4 <= m {
             if r == 0 {
-                tile::<4, true>(xp, k, panel, out, ldo, width);
+                tile::<W, 4, true>(xp, k, panel, out, ldo, width);
             } else {
-                tile::<4, false>(xp.add(r * k), k, panel, out.add(r * ldo), ldo, width);
+                tile::<W, 4, false>(xp.add(r * k), k, panel, out.add(r * ldo), ldo, width);
             }
             r += 4;
         }
         if r + 2 <= m {
             if r == 0 {
-                tile::<2, true>(xp, k, panel, out, ldo, width);
+                tile::<W, 2, true>(xp, k, panel, out, ldo, width);
             } else {
-                tile::<2, false>(xp.add(r * k), k, panel, out.add(r * ldo), ldo, width);
+                tile::<W, 2, false>(xp.add(r * k), k, panel, out.add(r * ldo), ldo, width);
             }
             r += 2;
         }
         if r < m {
             if r == 0 {
-                tile::<1, true>(xp, k, panel, out, ldo, width);
+                tile::<W, 1, true>(xp, k, panel, out, ldo, width);
             } else {
-                tile::<1, false>(xp.add(r * k), k, panel, out.add(r * ldo), ldo, width);
+                tile::<W, 1, false>(xp.add(r * k), k, panel, out.add(r * ldo), ldo, width);
             }
         }
     }
@@ -393,17 +495,17 @@ mod avx512 {
 /// tiles of 4 rows (12 accumulators), then 2 and 1.
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
-    use super::WIDTH;
+    use super::{Weight, WIDTH};
     use std::arch::x86_64::*;
 
     const HALF: usize = WIDTH / 2;
 
     #[inline(always)]
-    unsafe fn tile<const R: usize>(x: *const f32, k: usize, panel: *const f32, out: *mut f32, ldo: usize, cols: usize) {
+    unsafe fn tile<W: Weight, const R: usize>(x: *const f32, k: usize, panel: *const W, out: *mut f32, ldo: usize, cols: usize) {
         let mut acc = [[_mm256_setzero_ps(); 3]; R];
         for kk in 0..k {
             let w = panel.add(kk * WIDTH);
-            let wv = [_mm256_loadu_ps(w), _mm256_loadu_ps(w.add(8)), _mm256_loadu_ps(w.add(16))];
+            let wv = [W::load8(w), W::load8(w.add(8)), W::load8(w.add(16))];
             for (r, acc) in acc.iter_mut().enumerate() {
                 let a = _mm256_set1_ps(*x.add(r * k + kk));
                 for v in 0..3 {
@@ -420,8 +522,8 @@ mod avx2 {
         }
     }
 
-    #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn panel(x: &[f32], m: usize, k: usize, panel: *const f32, out: *mut f32, ldo: usize, width: usize) {
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn panel<W: Weight>(x: &[f32], m: usize, k: usize, panel: *const W, out: *mut f32, ldo: usize, width: usize) {
         debug_assert!(x.len() >= m * k);
         let xp = x.as_ptr();
         for h in 0..2 {
@@ -432,15 +534,15 @@ mod avx2 {
             let (p, o) = (panel.add(h * HALF), out.add(h * HALF));
             let mut r = 0;
             while r + 4 <= m {
-                tile::<4>(xp.add(r * k), k, p, o.add(r * ldo), ldo, cols);
+                tile::<W, 4>(xp.add(r * k), k, p, o.add(r * ldo), ldo, cols);
                 r += 4;
             }
             if r + 2 <= m {
-                tile::<2>(xp.add(r * k), k, p, o.add(r * ldo), ldo, cols);
+                tile::<W, 2>(xp.add(r * k), k, p, o.add(r * ldo), ldo, cols);
                 r += 2;
             }
             if r < m {
-                tile::<1>(xp.add(r * k), k, p, o.add(r * ldo), ldo, cols);
+                tile::<W, 1>(xp.add(r * k), k, p, o.add(r * ldo), ldo, cols);
             }
         }
     }
@@ -483,13 +585,14 @@ mod tests {
             let got = p.product(0, &x, m);
             assert!(got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()), "{m}x{k}x{n}: not the chain's bits");
             // Every kernel this CPU runs (the AVX2 and portable ones too).
-            for (name, f) in kernels() {
+            for isa in isas() {
+                let f = kernel_on::<f32>(isa);
                 let mut y = vec![0f32; m * n];
                 for pi in 0..n.div_ceil(WIDTH) {
                     // SAFETY: y is [m, n]; panel pi's columns are within it.
-                    unsafe { f(&x, m, k, p.panel(0, pi).as_ptr(), y.as_mut_ptr().add(pi * WIDTH), n, WIDTH.min(n - pi * WIDTH)) };
+                    unsafe { f(&x, m, k, p.panel::<f32>(0, pi).as_ptr(), y.as_mut_ptr().add(pi * WIDTH), n, WIDTH.min(n - pi * WIDTH)) };
                 }
-                assert!(y.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()), "{m}x{k}x{n}: {name}");
+                assert!(y.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()), "{m}x{k}x{n}: {isa:?}");
             }
             // Each row alone gives its bits in the batch (batch-invariant decoding).
             for r in 0..m {
@@ -504,6 +607,38 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// bf16 and f16 panels: the chain over the exactly widened weights, on every kernel
+    /// this CPU runs, for decoding rows, serving steps (spans) and prompts; rows read back
+    /// exactly.
+    #[test]
+    fn half_precision_panels_run_the_chain_of_the_widened_weights() {
+        fn check<W: Weight + PartialEq + std::fmt::Debug>(elem: Elem, conv: fn(f32) -> W, rng: &mut StdRng) {
+            for (m, k, n) in [(1, 37, 50), (4, 200, 96), (16, 300, 145), (13, 129, 48), (40, 64, 100)] {
+                let x = rand(m * k, rng);
+                let w: Vec<W> = rand(n * k, rng).into_iter().map(conv).collect();
+                let wide: Vec<f32> = w.iter().map(|v| v.f()).collect();
+                let want = chain(&x, m, k, &wide, n);
+                let p = Panels::pack_as(elem, 1, n, k, |_, i, out| out.copy_from_slice(&wide[i * k..(i + 1) * k]), |_, _| {}).unwrap();
+                assert_eq!(p.elem(), elem);
+                let got = p.product(0, &x, m);
+                assert!(got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()), "{elem:?} {m}x{k}x{n}: not the chain's bits");
+                for isa in isas() {
+                    let f = kernel_on::<W>(isa);
+                    let mut y = vec![0f32; m * n];
+                    for pi in 0..n.div_ceil(WIDTH) {
+                        // SAFETY: y is [m, n]; panel pi's columns are within it.
+                        unsafe { f(&x, m, k, p.panel::<W>(0, pi).as_ptr(), y.as_mut_ptr().add(pi * WIDTH), n, WIDTH.min(n - pi * WIDTH)) };
+                    }
+                    assert!(y.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()), "{elem:?} {m}x{k}x{n}: {isa:?}");
+                }
+                assert_eq!(p.unpack(0), wide, "{elem:?}: rows back exactly");
+            }
+        }
+        let mut rng = StdRng::seed_from_u64(9);
+        check::<half::bf16>(Elem::BF16, half::bf16::from_f32, &mut rng);
+        check::<half::f16>(Elem::F16, half::f16::from_f32, &mut rng);
     }
 
     #[test]

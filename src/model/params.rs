@@ -14,7 +14,7 @@ use rand_distr::{Distribution, Normal};
 
 use crate::config::GPTConfig;
 use crate::error::{Error, Result};
-use crate::kernels::panels::Panels;
+use crate::kernels::panels::{Elem, Panels};
 use crate::quant::{QKind, QTensor};
 use crate::weight::Mat;
 
@@ -117,25 +117,44 @@ pub fn is_quantizable(name: &str, shape: &[usize]) -> bool {
     is_weight_matrix(name, shape.len()) && name != "transformer.wpe.weight" && shape.get(1).is_some_and(|k| k % crate::quant::BLOCK == 0)
 }
 
-/// Whether inference keeps an f32 parameter `name` of this shape in panels: the weight
-/// matrices (linear weights, expert stacks) but the position embedding, which is only
-/// looked up.
+/// Whether inference keeps a parameter `name` of this shape (f32, bf16 or f16) in panels:
+/// the weight matrices (linear weights, expert stacks) but the position embedding, which is
+/// only looked up.
 pub fn is_packable(name: &str, shape: &[usize]) -> bool {
     let matrix = shape.len() == if is_expert_stack(name) { 3 } else { 2 };
     matrix && is_weight_matrix(name, shape.len()) && name != "transformer.wpe.weight" && shape.iter().all(|&d| d > 0)
 }
 
-/// [`is_packable`] for a tensor, which must also be f32.
+/// [`is_packable`] for a tensor, which must also be f32, bf16 or f16.
 pub fn packs(name: &str, t: &Tensor) -> bool {
-    t.dtype() == DType::F32 && is_packable(name, t.dims())
+    Elem::of(t.dtype()).is_some() && is_packable(name, t.dims())
 }
 
-/// An f32 matrix [N, K], or an expert stack ([E, N, K] when `held_nk`, else nanoMoE's
-/// [E, K, N]), in panels.
+/// A matrix [N, K], or an expert stack ([E, N, K] when `held_nk`, else nanoMoE's
+/// [E, K, N]), in panels of its own type (f32, bf16 or f16).
 pub fn pack_tensor(t: &Tensor, held_nk: bool) -> Result<Panels> {
-    let t = if t.rank() == 3 && !held_nk { transposed_experts(t)? } else { t.clone() };
+    let t = if t.rank() == 3 && !held_nk { transposed_experts(t)? } else { t.contiguous()? };
     let (e, n, k) = panel_dims(t.dims()).ok_or_else(|| Error::Msg(format!("cannot pack a tensor of shape {:?}", t.dims())))?;
-    crate::kernels::with_f32(&t, "packing", |w| Ok(Panels::pack(w, e, n, k)))?
+    let elem = Elem::of(t.dtype()).ok_or_else(|| Error::Msg(format!("cannot pack {:?} weights", t.dtype())))?;
+    let (storage, layout) = t.storage_and_layout();
+    let start = layout.start_offset();
+    // Each source row widened to f32 as it is packed (exact), without an f32 copy of the
+    // whole tensor.
+    fn rows<W: crate::kernels::matvec::Weight>(w: &[W], k: usize) -> impl Fn(usize, usize, &mut [f32]) + Sync + '_ {
+        move |_, i, out| {
+            for (o, v) in out.iter_mut().zip(&w[i * k..(i + 1) * k]) {
+                *o = v.f();
+            }
+        }
+    }
+    let (n_all, none) = (e * n, |_, _| {});
+    let packed = match &*storage {
+        candle_core::Storage::Cpu(candle_core::CpuStorage::F32(w)) => Panels::pack_as(elem, e, n, k, { let r = rows(&w[start..start + n_all * k], k); move |e, i, out: &mut [f32]| r(0, e * n + i, out) }, none),
+        candle_core::Storage::Cpu(candle_core::CpuStorage::BF16(w)) => Panels::pack_as(elem, e, n, k, { let r = rows(&w[start..start + n_all * k], k); move |e, i, out: &mut [f32]| r(0, e * n + i, out) }, none),
+        candle_core::Storage::Cpu(candle_core::CpuStorage::F16(w)) => Panels::pack_as(elem, e, n, k, { let r = rows(&w[start..start + n_all * k], k); move |e, i, out: &mut [f32]| r(0, e * n + i, out) }, none),
+        _ => return Err(Error::Msg(format!("cannot pack {:?} weights off the CPU", t.dtype()))),
+    };
+    packed
 }
 
 /// (matrices, rows, cols) of a matrix [N, K] or a stack [E, N, K] as panels hold it.
@@ -388,10 +407,12 @@ impl ParamStore {
     /// A packed matrix as a tensor: [N, K], or an expert stack [E, N, K].
     fn unpacked(&self, name: &str, p: &Panels) -> Result<Tensor> {
         let data: Vec<f32> = (0..p.matrices()).flat_map(|e| p.unpack(e)).collect();
+        // Back in the panels' type (exact: they hold values of it).
         Ok(match is_expert_stack(name) {
             true => Tensor::from_vec(data, (p.matrices(), p.rows(), p.cols()), &Device::Cpu)?,
             false => Tensor::from_vec(data, (p.rows(), p.cols()), &Device::Cpu)?,
-        })
+        }
+        .to_dtype(p.elem().dtype())?)
     }
 
     /// Dense expert stacks still [E, K, N].

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use candle_core::{DType, Tensor};
 
 use crate::error::{input_err, Result};
-use crate::kernels::panels::Panels;
+use crate::kernels::panels::{Elem, Panels};
 use crate::kernels::{qgemm, qmatvec};
 use crate::nn;
 use crate::quant::{QKind, QTensor};
@@ -121,7 +121,7 @@ fn panels_product(x: &Tensor, p: &Panels, e: usize) -> Result<Tensor> {
     Ok(Tensor::from_vec(y, out, x.device())?)
 }
 
-/// One weight: a tensor, quantized blocks, or f32 panels. Linear weights are [N, K] (torch's [out, in])
+/// One weight: a tensor, quantized blocks, or panels. Linear weights are [N, K] (torch's [out, in])
 /// either way; expert stacks are [E, K, N] as tensors (nanoMoE's layout, what training
 /// takes) and [E, N, K] in the inference layout and when quantized (the blocks run along
 /// what a product sums over, as in GGUF's `*_exps`).
@@ -131,8 +131,9 @@ pub enum Mat {
     /// An expert stack [E, N, K] (see `ParamStore::into_inference_layout`).
     DenseNk(Tensor),
     Quant(Arc<QTensor>),
-    /// f32 weights for inference: [N, K] matrices (or an expert stack [E, N, K]) in panels
-    /// of 48 rows, the layout of the batch-invariant product kernel (`kernels::panels`).
+    /// f32, bf16 or f16 weights for inference: [N, K] matrices (or an expert stack
+    /// [E, N, K]) in panels of 48 rows, the layout of the batch-invariant product kernel
+    /// (`kernels::panels`).
     Panels(Arc<Panels>),
 }
 
@@ -160,7 +161,11 @@ impl Mat {
         match self {
             Mat::Dense(t) | Mat::DenseNk(t) => t.dtype().into(),
             Mat::Quant(q) => WeightFormat::Quant(q.kind),
-            Mat::Panels(_) => WeightFormat::F32,
+            Mat::Panels(p) => match p.elem() {
+                Elem::F32 => WeightFormat::F32,
+                Elem::BF16 => WeightFormat::BF16,
+                Elem::F16 => WeightFormat::F16,
+            },
         }
     }
 
