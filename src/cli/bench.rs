@@ -97,8 +97,8 @@ pub enum Bench {
         /// Timed runs.
         #[arg(long, default_value_t = 7)]
         repeats: usize,
-        /// The kernel: panels (f32 inference weights, what decoding runs), matvec (the [N, K]
-        /// dot-product kernel of bf16 / f16 weights, here on f32) or gemm (the gemm crate).
+        /// The kernel: panels (inference weights, what decoding runs; here f32), matvec (the
+        /// [N, K] dot-product kernel of weights not in panels) or gemm (the gemm crate).
         #[arg(long, default_value = "panels")]
         kernel: String,
     },

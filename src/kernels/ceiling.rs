@@ -74,9 +74,10 @@ pub fn median_of(v: &[f64]) -> f64 {
 /// The kernels [`decode_product_gflops`] can time.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ProductKernel {
-    /// f32 inference weights in panels (`kernels::panels`): what decoding and serving run.
+    /// Inference weights in panels (`kernels::panels`, here f32): what decoding and serving run.
     Panels,
-    /// The [N, K] dot-product kernel (`kernels::matvec`; bf16 and f16 weights run it).
+    /// The [N, K] dot-product kernel (`kernels::matvec`: tensors not in panels, as a model in
+    /// the training layout holds them).
     Matvec,
     /// The gemm crate, reading w in place as the transposed operand.
     Gemm,

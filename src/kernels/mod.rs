@@ -16,9 +16,10 @@
 //! - `expert_matmul`: the experts' batched product, one thread per expert; the gate-output
 //!   loss's tap on it.
 //! - `ceiling`: the machine's sgemm and read-bandwidth ceilings, for the benchmarks.
-//! - `matvec`: weight-streaming products for decoding, bf16 or f16 weights.
-//! - `panels`: f32 inference weights packed in panels of 48 rows, and their product kernel
-//!   (decoding, serving and prompts alike, batch-invariant).
+//! - `matvec`: weight-streaming products of a few rows with f32, bf16 or f16 tensors (a
+//!   model in the training layout; inference loads pack their weights in panels).
+//! - `panels`: f32, bf16 and f16 inference weights packed in panels of 48 rows, and their
+//!   product kernel (decoding, serving and prompts alike, batch-invariant).
 //! - `qmatvec`: products with quantized weights (q8_0 / q4_0) on 8-bit activations.
 //! - `qgemm`: the same for prompts: integer GEMMs on weights repacked 8 rows per register.
 //! - `transpose`: 8 x 8 block transposes for the experts' backward.

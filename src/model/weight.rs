@@ -1,6 +1,7 @@
-//! Weight matrices as the forward passes use them: a candle tensor (f32 for training; bf16
-//! or f16 for inference), f32 panels (inference), or quantized blocks (q8_0 / q4_0,
-//! inference only), and the [`WeightFormat`] a model's matrices are stored in.
+//! Weight matrices as the forward passes use them: a candle tensor (training, and what
+//! inference does not pack), panels of f32, bf16 or f16 weights (inference), or quantized
+//! blocks (q8_0 / q4_0, inference only), and the [`WeightFormat`] a model's matrices are
+//! stored in.
 
 use std::sync::Arc;
 
