@@ -572,6 +572,24 @@ mod tests {
         y
     }
 
+    /// Matrix 0 of `p` (of W weights) times x [m, K], panel by panel, with each kernel this
+    /// CPU runs.
+    fn on_every_kernel<W: Weight>(p: &Panels, x: &[f32], m: usize) -> Vec<(Isa, Vec<f32>)> {
+        let (n, k) = (p.rows(), p.cols());
+        isas()
+            .into_iter()
+            .map(|isa| {
+                let f = kernel_on::<W>(isa);
+                let mut y = vec![0f32; m * n];
+                for pi in 0..n.div_ceil(WIDTH) {
+                    // SAFETY: y is [m, n]; panel pi's columns are within it.
+                    unsafe { f(x, m, k, p.panel::<W>(0, pi).as_ptr(), y.as_mut_ptr().add(pi * WIDTH), n, WIDTH.min(n - pi * WIDTH)) };
+                }
+                (isa, y)
+            })
+            .collect()
+    }
+
     #[test]
     fn products_equal_the_fused_chain_bit_for_bit_for_any_rows() {
         let mut rng = StdRng::seed_from_u64(7);
@@ -585,13 +603,7 @@ mod tests {
             let got = p.product(0, &x, m);
             assert!(got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()), "{m}x{k}x{n}: not the chain's bits");
             // Every kernel this CPU runs (the AVX2 and portable ones too).
-            for isa in isas() {
-                let f = kernel_on::<f32>(isa);
-                let mut y = vec![0f32; m * n];
-                for pi in 0..n.div_ceil(WIDTH) {
-                    // SAFETY: y is [m, n]; panel pi's columns are within it.
-                    unsafe { f(&x, m, k, p.panel::<f32>(0, pi).as_ptr(), y.as_mut_ptr().add(pi * WIDTH), n, WIDTH.min(n - pi * WIDTH)) };
-                }
+            for (isa, y) in on_every_kernel::<f32>(&p, &x, m) {
                 assert!(y.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()), "{m}x{k}x{n}: {isa:?}");
             }
             // Each row alone gives its bits in the batch (batch-invariant decoding).
@@ -624,13 +636,7 @@ mod tests {
                 assert_eq!(p.elem(), elem);
                 let got = p.product(0, &x, m);
                 assert!(got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()), "{elem:?} {m}x{k}x{n}: not the chain's bits");
-                for isa in isas() {
-                    let f = kernel_on::<W>(isa);
-                    let mut y = vec![0f32; m * n];
-                    for pi in 0..n.div_ceil(WIDTH) {
-                        // SAFETY: y is [m, n]; panel pi's columns are within it.
-                        unsafe { f(&x, m, k, p.panel::<W>(0, pi).as_ptr(), y.as_mut_ptr().add(pi * WIDTH), n, WIDTH.min(n - pi * WIDTH)) };
-                    }
+                for (isa, y) in on_every_kernel::<W>(&p, &x, m) {
                     assert!(y.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()), "{elem:?} {m}x{k}x{n}: {isa:?}");
                 }
                 assert_eq!(p.unpack(0), wide, "{elem:?}: rows back exactly");

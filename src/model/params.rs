@@ -140,21 +140,27 @@ pub fn pack_tensor(t: &Tensor, held_nk: bool) -> Result<Panels> {
     let start = layout.start_offset();
     // Each source row widened to f32 as it is packed (exact), without an f32 copy of the
     // whole tensor.
-    fn rows<W: crate::kernels::matvec::Weight>(w: &[W], k: usize) -> impl Fn(usize, usize, &mut [f32]) + Sync + '_ {
-        move |_, i, out| {
-            for (o, v) in out.iter_mut().zip(&w[i * k..(i + 1) * k]) {
-                *o = v.f();
-            }
-        }
+    fn from_rows<W: crate::kernels::matvec::Weight>(elem: Elem, w: &[W], (e, n, k): (usize, usize, usize)) -> Result<Panels> {
+        let w = &w[..e * n * k];
+        Panels::pack_as(
+            elem,
+            e,
+            n,
+            k,
+            |e, i, out| {
+                for (o, v) in out.iter_mut().zip(&w[(e * n + i) * k..(e * n + i + 1) * k]) {
+                    *o = v.f();
+                }
+            },
+            |_, _| {},
+        )
     }
-    let (n_all, none) = (e * n, |_, _| {});
-    let packed = match &*storage {
-        candle_core::Storage::Cpu(candle_core::CpuStorage::F32(w)) => Panels::pack_as(elem, e, n, k, { let r = rows(&w[start..start + n_all * k], k); move |e, i, out: &mut [f32]| r(0, e * n + i, out) }, none),
-        candle_core::Storage::Cpu(candle_core::CpuStorage::BF16(w)) => Panels::pack_as(elem, e, n, k, { let r = rows(&w[start..start + n_all * k], k); move |e, i, out: &mut [f32]| r(0, e * n + i, out) }, none),
-        candle_core::Storage::Cpu(candle_core::CpuStorage::F16(w)) => Panels::pack_as(elem, e, n, k, { let r = rows(&w[start..start + n_all * k], k); move |e, i, out: &mut [f32]| r(0, e * n + i, out) }, none),
-        _ => return Err(Error::Msg(format!("cannot pack {:?} weights off the CPU", t.dtype()))),
-    };
-    packed
+    match &*storage {
+        candle_core::Storage::Cpu(candle_core::CpuStorage::F32(w)) => from_rows(elem, &w[start..], (e, n, k)),
+        candle_core::Storage::Cpu(candle_core::CpuStorage::BF16(w)) => from_rows(elem, &w[start..], (e, n, k)),
+        candle_core::Storage::Cpu(candle_core::CpuStorage::F16(w)) => from_rows(elem, &w[start..], (e, n, k)),
+        _ => Err(Error::Msg(format!("cannot pack {:?} weights off the CPU", t.dtype()))),
+    }
 }
 
 /// (matrices, rows, cols) of a matrix [N, K] or a stack [E, N, K] as panels hold it.
