@@ -212,7 +212,7 @@ pub struct ParamStore {
     /// Dense expert stacks held [E, N, K] for inference (see
     /// [`ParamStore::into_inference_layout`]); `get` still gives them as [E, K, N].
     nk: BTreeSet<String>,
-    /// f32 weight matrices packed for inference (see [`ParamStore::into_inference_layout`]),
+    /// Weight matrices (f32, bf16, f16) packed for inference (see [`ParamStore::into_inference_layout`]),
     /// by name; never also in `vars`. `get` unpacks them.
     panels: BTreeMap<String, Arc<Panels>>,
     order: Vec<String>,
@@ -367,7 +367,7 @@ impl ParamStore {
         self.into_panels()
     }
 
-    /// The f32 weight matrices (linear weights [N, K], expert stacks held [E, N, K]; not the
+    /// The f32, bf16 and f16 weight matrices (linear weights [N, K], expert stacks held [E, N, K]; not the
     /// position embedding, which is only looked up) packed in panels for the batch-invariant
     /// product kernel (`kernels::panels`), each original freed as it goes. Inference only.
     fn into_panels(mut self) -> Result<Self> {
