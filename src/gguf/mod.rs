@@ -105,11 +105,23 @@ fn encode_dense(ty: GgmlType, x: &[f32]) -> Vec<u8> {
 
 /// Values of a tensor's bytes as f32.
 fn decode_to_f32(ty: GgmlType, b: &[u8]) -> Vec<f32> {
+    let size = match ty {
+        GgmlType::Q(k) => return crate::quant::dequantize(k, b),
+        GgmlType::F32 => 4,
+        GgmlType::F16 | GgmlType::BF16 => 2,
+    };
+    let mut out = vec![0f32; b.len() / size];
+    decode_dense_into(ty, b, &mut out);
+    out
+}
+
+/// A dense (f32, f16, bf16) tensor's bytes as f32 values, into `out` (one per element).
+fn decode_dense_into(ty: GgmlType, b: &[u8], out: &mut [f32]) {
     match ty {
-        GgmlType::F32 => b.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().expect("4"))).collect(),
-        GgmlType::F16 => b.chunks_exact(2).map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
-        GgmlType::BF16 => b.chunks_exact(2).map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
-        GgmlType::Q(k) => crate::quant::dequantize(k, b),
+        GgmlType::F32 => out.iter_mut().zip(b.chunks_exact(4)).for_each(|(o, c)| *o = f32::from_le_bytes([c[0], c[1], c[2], c[3]])),
+        GgmlType::F16 => out.iter_mut().zip(b.chunks_exact(2)).for_each(|(o, c)| *o = f16::from_le_bytes([c[0], c[1]]).to_f32()),
+        GgmlType::BF16 => out.iter_mut().zip(b.chunks_exact(2)).for_each(|(o, c)| *o = bf16::from_le_bytes([c[0], c[1]]).to_f32()),
+        GgmlType::Q(_) => unreachable!("quantized blocks are dequantized whole"),
     }
 }
 
@@ -510,12 +522,7 @@ fn load_file(file: &GgufFile, with_tokenizer: bool) -> Result<GgufModel> {
                 k,
                 |e, i, out| {
                     let off = start + (e * n + i) * k * size;
-                    let bytes = &map[off..off + k * size];
-                    match elem {
-                        Elem::F32 => out.iter_mut().zip(bytes.chunks_exact(4)).for_each(|(o, b)| *o = f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
-                        Elem::F16 => out.iter_mut().zip(bytes.chunks_exact(2)).for_each(|(o, b)| *o = f16::from_le_bytes([b[0], b[1]]).to_f32()),
-                        Elem::BF16 => out.iter_mut().zip(bytes.chunks_exact(2)).for_each(|(o, b)| *o = bf16::from_le_bytes([b[0], b[1]]).to_f32()),
-                    }
+                    decode_dense_into(t.ty, &map[off..off + k * size], out);
                 },
                 |e, rows_end| {
                     let end = ((e * n + rows_end) * k * size).min(len);

@@ -356,16 +356,6 @@ mod avx512 {
         }
     }
 
-    /// R rows over the whole panel (PF: prefetching ahead of the reads).
-    #[inline(always)]
-    unsafe fn tile<W: Weight, const R: usize, const PF: bool>(x: *const f32, k: usize, panel: *const W, out: *mut f32, ldo: usize, width: usize) {
-        let mut acc = [[_mm512_setzero_ps(); 3]; R];
-        span::<W, R, PF>(x, k, (0, k), panel, acc.as_mut_ptr());
-        for (r, acc) in acc.iter().enumerate() {
-            store(acc, out.add(r * ldo), width);
-        }
-    }
-
     /// Rows 0..R of x over k0..k1 of the panel, continuing the chains in acc[0..R] (or
     /// starting them from zero when k0 is 0).
     #[inline(always)]
@@ -399,7 +389,7 @@ mod avx512 {
         }
     }
 
-    /// k-steps per span of [`panel_blocked`]: 24 KB of panel, which stays in L1 while every
+    /// k-steps per span of a serving step ([`panel`]): 24 KB of f32 panel, which stays in L1 while every
     /// row tile passes over it.
     const SPAN: usize = 128;
 
@@ -407,88 +397,75 @@ mod avx512 {
     /// (16 left the weights waiting on memory; 64 was no better).
     const AHEAD: usize = 32;
 
-    /// 9 to 32 rows (a serving step): the panel a span of k at a time, every row tile over
-    /// the span before the next (accumulators parked in memory between spans). Each tile
-    /// then re-reads the span from L1, and the weights stream from memory while the tiles
-    /// compute, where whole-panel tiles read the panel from memory in the first tile's pass
-    /// only and left the memory idle during the others'. The same chains in the same order:
-    /// the same bits.
+    /// [`span`] for R rows, prefetching when `first` (the first tile over the panel, which
+    /// reads it from memory; the others find it in L1 or L2).
     #[inline(always)]
-    unsafe fn panel_blocked<W: Weight>(xp: *const f32, m: usize, k: usize, panel: *const W, out: *mut f32, ldo: usize, width: usize) {
-        // Every row's accumulators are written by its tile's first span before any span
-        // reads them (no zeroing: a 6 KB memset per panel showed in a step's profile).
-        let mut acc = [const { std::mem::MaybeUninit::<[__m512; 3]>::uninit() }; crate::kernels::matvec::MAX_ROWS];
-        let ap = acc.as_mut_ptr() as *mut [__m512; 3];
-        let mut k0 = 0;
-        while k0 < k {
-            let ks = (k0, (k0 + SPAN).min(k));
-            let mut r = 0;
-            while r + 8 <= m {
-                if r == 0 {
-                    span::<W, 8, true>(xp, k, ks, panel, ap);
-                } else {
-                    span::<W, 8, false>(xp.add(r * k), k, ks, panel, ap.add(r));
-                }
-                r += 8;
-            }
-            if r + 4 <= m {
-                span::<W, 4, false>(xp.add(r * k), k, ks, panel, ap.add(r));
-                r += 4;
-            }
-            if r + 2 <= m {
-                span::<W, 2, false>(xp.add(r * k), k, ks, panel, ap.add(r));
-                r += 2;
-            }
-            if r < m {
-                span::<W, 1, false>(xp.add(r * k), k, ks, panel, ap.add(r));
-            }
-            k0 = ks.1;
-        }
-        for r in 0..m {
-            // SAFETY: rows 0..m were written by the spans above.
-            store(&*ap.add(r), out.add(r * ldo), width);
+    unsafe fn tile<W: Weight, const R: usize>(first: bool, x: *const f32, k: usize, ks: (usize, usize), panel: *const W, acc: *mut [__m512; 3]) {
+        if first {
+            span::<W, R, true>(x, k, ks, panel, acc)
+        } else {
+            span::<W, R, false>(x, k, ks, panel, acc)
         }
     }
 
-    #[target_feature(enable = "avx512f")]
-    pub unsafe fn panel<W: Weight>(x: &[f32], m: usize, k: usize, panel: *const W, out: *mut f32, ldo: usize, width: usize) {
-        debug_assert!(x.len() >= m * k);
-        let xp = x.as_ptr();
-        if m > 8 && m <= crate::kernels::matvec::MAX_ROWS {
-            return panel_blocked::<W>(xp, m, k, panel, out, ldo, width);
-        }
-        // The first tile over the panel reads it from memory (and prefetches), the others
-        // from L2.
+    /// Rows 0..m (at most [`MAX_ROWS`](crate::kernels::matvec::MAX_ROWS)) over k-steps ks of
+    /// the panel, in tiles of 8, then 4, 2 and 1 rows, each row's chains continued in
+    /// acc[row]; the first tile prefetches when `first` is set.
+    #[inline(always)]
+    unsafe fn tiles<W: Weight>(first: bool, xp: *const f32, m: usize, k: usize, ks: (usize, usize), panel: *const W, acc: *mut [__m512; 3]) {
         let mut r = 0;
         while r + 8 <= m {
-            if r == 0 {
-                tile::<W, 8, true>(xp, k, panel, out, ldo, width);
-            } else {
-                tile::<W, 8, false>(xp.add(r * k), k, panel, out.add(r * ldo), ldo, width);
-            }
+            tile::<W, 8>(first && r == 0, xp.add(r * k), k, ks, panel, acc.add(r));
             r += 8;
         }
         if r + 4 <= m {
-            if r == 0 {
-                tile::<W, 4, true>(xp, k, panel, out, ldo, width);
-            } else {
-                tile::<W, 4, false>(xp.add(r * k), k, panel, out.add(r * ldo), ldo, width);
-            }
+            tile::<W, 4>(first && r == 0, xp.add(r * k), k, ks, panel, acc.add(r));
             r += 4;
         }
         if r + 2 <= m {
-            if r == 0 {
-                tile::<W, 2, true>(xp, k, panel, out, ldo, width);
-            } else {
-                tile::<W, 2, false>(xp.add(r * k), k, panel, out.add(r * ldo), ldo, width);
-            }
+            tile::<W, 2>(first && r == 0, xp.add(r * k), k, ks, panel, acc.add(r));
             r += 2;
         }
         if r < m {
-            if r == 0 {
-                tile::<W, 1, true>(xp, k, panel, out, ldo, width);
-            } else {
-                tile::<W, 1, false>(xp.add(r * k), k, panel, out.add(r * ldo), ldo, width);
+            tile::<W, 1>(first && r == 0, xp.add(r * k), k, ks, panel, acc.add(r));
+        }
+    }
+
+    /// Every row's tile runs over the whole panel (the first from memory, the others from
+    /// L2), up to 32 rows at a time - except for 9 to 32 rows (a serving step), which take
+    /// the panel a span of SPAN k-steps at a time, every row tile over the span before the
+    /// next (accumulators parked in memory between spans). Each tile then re-reads the span
+    /// from L1, and the weights stream from memory while the tiles compute, where
+    /// whole-panel tiles read the panel from memory in the first tile's pass only and left
+    /// the memory idle during the others'. The same chains in the same order: the same
+    /// bits.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn panel<W: Weight>(x: &[f32], m: usize, k: usize, panel: *const W, out: *mut f32, ldo: usize, width: usize) {
+        const MAX: usize = crate::kernels::matvec::MAX_ROWS;
+        debug_assert!(x.len() >= m * k);
+        let xp = x.as_ptr();
+        let len = if m > 8 && m <= MAX { SPAN } else { k };
+        // Every row's accumulators are written by its tile's first span before any span
+        // reads them (no zeroing: a 6 KB memset per panel showed in a step's profile).
+        let mut acc = [const { std::mem::MaybeUninit::<[__m512; 3]>::uninit() }; MAX];
+        let ap = acc.as_mut_ptr() as *mut [__m512; 3];
+        for c0 in (0..m).step_by(MAX) {
+            let mc = MAX.min(m - c0);
+            if k == 0 {
+                // Empty sums (no k-step writes the accumulators).
+                for r in 0..mc {
+                    *ap.add(r) = [_mm512_setzero_ps(); 3];
+                }
+            }
+            let mut k0 = 0;
+            while k0 < k {
+                let ks = (k0, (k0 + len).min(k));
+                tiles::<W>(c0 == 0, xp.add(c0 * k), mc, k, ks, panel, ap);
+                k0 = ks.1;
+            }
+            for r in 0..mc {
+                // SAFETY: rows 0..mc were written above.
+                store(&*ap.add(r), out.add((c0 + r) * ldo), width);
             }
         }
     }

@@ -135,7 +135,6 @@ pub fn packs(name: &str, t: &Tensor) -> bool {
 pub fn pack_tensor(t: &Tensor, held_nk: bool) -> Result<Panels> {
     let t = if t.rank() == 3 && !held_nk { transposed_experts(t)? } else { t.contiguous()? };
     let (e, n, k) = panel_dims(t.dims()).ok_or_else(|| Error::Msg(format!("cannot pack a tensor of shape {:?}", t.dims())))?;
-    let elem = Elem::of(t.dtype()).ok_or_else(|| Error::Msg(format!("cannot pack {:?} weights", t.dtype())))?;
     let (storage, layout) = t.storage_and_layout();
     let start = layout.start_offset();
     // Each source row widened to f32 as it is packed (exact), without an f32 copy of the
@@ -156,10 +155,10 @@ pub fn pack_tensor(t: &Tensor, held_nk: bool) -> Result<Panels> {
         )
     }
     match &*storage {
-        candle_core::Storage::Cpu(candle_core::CpuStorage::F32(w)) => from_rows(elem, &w[start..], (e, n, k)),
-        candle_core::Storage::Cpu(candle_core::CpuStorage::BF16(w)) => from_rows(elem, &w[start..], (e, n, k)),
-        candle_core::Storage::Cpu(candle_core::CpuStorage::F16(w)) => from_rows(elem, &w[start..], (e, n, k)),
-        _ => Err(Error::Msg(format!("cannot pack {:?} weights off the CPU", t.dtype()))),
+        candle_core::Storage::Cpu(candle_core::CpuStorage::F32(w)) => from_rows(Elem::F32, &w[start..], (e, n, k)),
+        candle_core::Storage::Cpu(candle_core::CpuStorage::BF16(w)) => from_rows(Elem::BF16, &w[start..], (e, n, k)),
+        candle_core::Storage::Cpu(candle_core::CpuStorage::F16(w)) => from_rows(Elem::F16, &w[start..], (e, n, k)),
+        _ => Err(Error::Msg(format!("cannot pack {:?} weights (f32, bf16 or f16 on the CPU)", t.dtype()))),
     }
 }
 

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use candle_core::{DType, Tensor};
 
 use crate::error::{input_err, Result};
-use crate::kernels::panels::{Elem, Panels};
+use crate::kernels::panels::Panels;
 use crate::kernels::{qgemm, qmatvec};
 use crate::nn;
 use crate::quant::{QKind, QTensor};
@@ -162,11 +162,7 @@ impl Mat {
         match self {
             Mat::Dense(t) | Mat::DenseNk(t) => t.dtype().into(),
             Mat::Quant(q) => WeightFormat::Quant(q.kind),
-            Mat::Panels(p) => match p.elem() {
-                Elem::F32 => WeightFormat::F32,
-                Elem::BF16 => WeightFormat::BF16,
-                Elem::F16 => WeightFormat::F16,
-            },
+            Mat::Panels(p) => p.elem().dtype().into(),
         }
     }
 
