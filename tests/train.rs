@@ -85,6 +85,31 @@ fn resume_continues_exactly() {
     assert!(straight.join("model/config.json").is_file());
 }
 
+/// A kill after the last state was written but before the model directories were: they
+/// hold an earlier step's weights, and resuming from that state (no step left to train)
+/// writes them again from it.
+#[test]
+fn resuming_after_a_kill_between_the_state_and_the_models_rewrites_the_models() {
+    let tmp = tempfile::tempdir().unwrap();
+    let done = tmp.path().join("done");
+    run(&done, &["--always_save_checkpoint=true"]);
+    let earlier = tmp.path().join("earlier");
+    run(&earlier, &["--max_iters=10", "--always_save_checkpoint=true"]);
+    let want = params(&done.join("model"));
+    // The directories as the kill leaves them: the final state, older models.
+    for d in ["model", "best"] {
+        std::fs::remove_dir_all(done.join(d)).unwrap();
+        std::fs::create_dir(done.join(d)).unwrap();
+        for f in std::fs::read_dir(earlier.join("model")).unwrap() {
+            let f = f.unwrap();
+            std::fs::copy(f.path(), done.join(d).join(f.file_name())).unwrap();
+        }
+    }
+    assert_ne!(params(&done.join("model")), want);
+    run(&done, &["--init_from=resume", "--always_save_checkpoint=true"]);
+    assert_eq!(params(&done.join("model")), want);
+}
+
 #[test]
 fn out_dir_with_another_run_is_refused() {
     let tmp = tempfile::tempdir().unwrap();

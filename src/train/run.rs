@@ -564,19 +564,28 @@ fn train_on_pool(resolved: &Resolved, comm_arc: &Arc<dyn Comm>) -> Result<Outcom
             if improved {
                 best_val = Some(va.loss);
             }
-            // (At the step a run resumed from, the state on disk is already this one.)
-            if iter > 0 && iter != start_iter && (improved || s.always_save_checkpoint || iter >= s.max_iters) {
+            // At the step a run resumed from, the state on disk is already this one; but a
+            // kill between writing it and the model directories can have left those older,
+            // so they are written again (best too when this step set the best val loss).
+            let resumed_here = iter > 0 && iter == start_iter;
+            let checkpoint = iter > 0 && iter != start_iter && (improved || s.always_save_checkpoint || iter >= s.max_iters);
+            if checkpoint || resumed_here {
+                let best = improved || (resumed_here && best_val == Some(va.loss));
                 let info = StateInfo { iter, best_val_loss: best_val, tokens_seen, model: model.config.clone(), settings: settings_json.clone() };
                 if let Some(shard) = model.expert_shard() {
                     // Every rank sends its experts; rank 0 writes them all.
                     let (full, moments) = (shard.gather_params(model.params())?, shard.gather_moments(opt.state())?);
                     if main {
-                        save_state(&out_dir, &info, &full, &moments, s.keep_last_states)?;
-                        save_models(&GPT::from_params(model.config.clone(), full)?, improved)?;
+                        if checkpoint {
+                            save_state(&out_dir, &info, &full, &moments, s.keep_last_states)?;
+                        }
+                        save_models(&GPT::from_params(model.config.clone(), full)?, best)?;
                     }
                 } else if main {
-                    save_state(&out_dir, &info, model.params(), &opt.state(), s.keep_last_states)?;
-                    save_models(&model, improved)?;
+                    if checkpoint {
+                        save_state(&out_dir, &info, model.params(), &opt.state(), s.keep_last_states)?;
+                    }
+                    save_models(&model, best)?;
                 }
             }
         }
