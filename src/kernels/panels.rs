@@ -356,10 +356,19 @@ mod avx512 {
         }
     }
 
+    /// No prefetch: the tile finds its span in L1 (a middle tile of a serving step's span).
+    const NONE: u8 = 0;
+    /// Into L1, AHEAD k-steps on: the first tile over a panel, which reads it from memory.
+    const NEAR: u8 = 1;
+    /// Into L2, a whole SPAN on: the last tile over a serving step's span, which computes
+    /// from L1 while the next span (of this panel, or the next panel: they lie end to end)
+    /// comes in, so that the memory is not idle while the tiles after the first compute.
+    const NEXT: u8 = 2;
+
     /// Rows 0..R of x over k0..k1 of the panel, continuing the chains in acc[0..R] (or
-    /// starting them from zero when k0 is 0).
+    /// starting them from zero when k0 is 0), prefetching as PF says.
     #[inline(always)]
-    unsafe fn span<W: Weight, const R: usize, const PF: bool>(x: *const f32, k: usize, (k0, k1): (usize, usize), panel: *const W, acc: *mut [__m512; 3]) {
+    unsafe fn span<W: Weight, const R: usize, const PF: u8>(x: *const f32, k: usize, (k0, k1): (usize, usize), panel: *const W, acc: *mut [__m512; 3]) {
         let mut a = [[_mm512_setzero_ps(); 3]; R];
         if k0 > 0 {
             for (r, a) in a.iter_mut().enumerate() {
@@ -368,12 +377,18 @@ mod avx512 {
         }
         for kk in k0..k1 {
             let w = panel.add(kk * WIDTH);
-            if PF {
-                // The cache lines of one k-step's weights (3 for f32, 2 for 16-bit), AHEAD
-                // k-steps on.
+            // The cache lines of one k-step's weights (3 for f32, 2 for 16-bit), AHEAD or
+            // SPAN k-steps on (a hint: past the last panel nothing is read).
+            let lines = (WIDTH * std::mem::size_of::<W>()).div_ceil(64);
+            if PF == NEAR {
                 let f = w.wrapping_add(AHEAD * WIDTH) as *const i8;
-                for line in 0..(WIDTH * std::mem::size_of::<W>()).div_ceil(64) {
+                for line in 0..lines {
                     _mm_prefetch::<_MM_HINT_T0>(f.wrapping_add(64 * line));
+                }
+            } else if PF == NEXT {
+                let f = w.wrapping_add(SPAN * WIDTH) as *const i8;
+                for line in 0..lines {
+                    _mm_prefetch::<_MM_HINT_T1>(f.wrapping_add(64 * line));
                 }
             }
             let wv = [W::load16(w), W::load16(w.add(16)), W::load16(w.add(32))];
@@ -397,37 +412,41 @@ mod avx512 {
     /// (16 left the weights waiting on memory; 64 was no better).
     const AHEAD: usize = 32;
 
-    /// [`span`] for R rows, prefetching when `first` (the first tile over the panel, which
-    /// reads it from memory; the others find it in L1 or L2).
+    /// [`span`] for R rows: NEAR when `first` (the first tile over the panel), NEXT when
+    /// `next` (the last of several tiles over a serving step's span), else no prefetch.
     #[inline(always)]
-    unsafe fn tile<W: Weight, const R: usize>(first: bool, x: *const f32, k: usize, ks: (usize, usize), panel: *const W, acc: *mut [__m512; 3]) {
+    unsafe fn tile<W: Weight, const R: usize>(first: bool, next: bool, x: *const f32, k: usize, ks: (usize, usize), panel: *const W, acc: *mut [__m512; 3]) {
         if first {
-            span::<W, R, true>(x, k, ks, panel, acc)
+            span::<W, R, NEAR>(x, k, ks, panel, acc)
+        } else if next {
+            span::<W, R, NEXT>(x, k, ks, panel, acc)
         } else {
-            span::<W, R, false>(x, k, ks, panel, acc)
+            span::<W, R, NONE>(x, k, ks, panel, acc)
         }
     }
 
     /// Rows 0..m (at most [`MAX_ROWS`](crate::kernels::matvec::MAX_ROWS)) over k-steps ks of
     /// the panel, in tiles of 8, then 4, 2 and 1 rows, each row's chains continued in
-    /// acc[row]; the first tile prefetches when `first` is set.
+    /// acc[row]. When `first` is set (the first pass over the panel), its first tile
+    /// prefetches NEAR, and over a whole span of a serving step its last tile NEXT.
     #[inline(always)]
     unsafe fn tiles<W: Weight>(first: bool, xp: *const f32, m: usize, k: usize, ks: (usize, usize), panel: *const W, acc: *mut [__m512; 3]) {
+        let next = first && m > 8 && ks.1 - ks.0 == SPAN;
         let mut r = 0;
         while r + 8 <= m {
-            tile::<W, 8>(first && r == 0, xp.add(r * k), k, ks, panel, acc.add(r));
+            tile::<W, 8>(first && r == 0, next && r + 8 == m, xp.add(r * k), k, ks, panel, acc.add(r));
             r += 8;
         }
         if r + 4 <= m {
-            tile::<W, 4>(first && r == 0, xp.add(r * k), k, ks, panel, acc.add(r));
+            tile::<W, 4>(first && r == 0, next && r + 4 == m, xp.add(r * k), k, ks, panel, acc.add(r));
             r += 4;
         }
         if r + 2 <= m {
-            tile::<W, 2>(first && r == 0, xp.add(r * k), k, ks, panel, acc.add(r));
+            tile::<W, 2>(first && r == 0, next && r + 2 == m, xp.add(r * k), k, ks, panel, acc.add(r));
             r += 2;
         }
         if r < m {
-            tile::<W, 1>(first && r == 0, xp.add(r * k), k, ks, panel, acc.add(r));
+            tile::<W, 1>(first && r == 0, next && r + 1 == m, xp.add(r * k), k, ks, panel, acc.add(r));
         }
     }
 
@@ -437,8 +456,9 @@ mod avx512 {
     /// next (accumulators parked in memory between spans). Each tile then re-reads the span
     /// from L1, and the weights stream from memory while the tiles compute, where
     /// whole-panel tiles read the panel from memory in the first tile's pass only and left
-    /// the memory idle during the others'. The same chains in the same order: the same
-    /// bits.
+    /// the memory idle during the others'; the last tile over a span asks for the next
+    /// span (NEXT), so the memory stays busy while the tiles after the first compute too.
+    /// The same chains in the same order: the same bits.
     #[target_feature(enable = "avx512f")]
     pub unsafe fn panel<W: Weight>(x: &[f32], m: usize, k: usize, panel: *const W, out: *mut f32, ldo: usize, width: usize) {
         const MAX: usize = crate::kernels::matvec::MAX_ROWS;
