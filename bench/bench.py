@@ -16,7 +16,10 @@ those.
 The serve rows (bench/serve_load.py) load `nanomoe serve` with 1, 4, 16 and 64 streaming
 clients on loopback (the nano-MoE and GPT-2 124M-shaped models, 128 tokens each; --quick: 1,
 4, 16 clients, 64 tokens), and llama-server on the GPT-2 model's f32 GGUF where it is built;
-then 1 and 16 nano-MoE clients that sample (temperature 0.8, top-k 40, top-p 0.95).
+then 1 and 16 nano-MoE clients that sample (temperature 0.8, top-k 40, top-p 0.95). Each
+server runs its client counts --rounds times in turn (1, 4, 16, 64, 1, 4, ...); a row's
+statistics are the medians of its rounds, and each target is the median of the rounds'
+ratios (every round's 16 clients against the same round's single client), printed with them.
 The gguf rows run llama.cpp (llama-bench, -t = the threads here) on the same GGUF files nanomoe
 writes (f32, f16, bf16, q8_0, q4_0): NANOMOE_LLAMA_CPP_BIN, or ~/.cache/llama.cpp as
 ../shared/tools/build-llama-cpp.sh builds it; they skip without it.
@@ -227,7 +230,8 @@ def main():
     ap.add_argument("--only", default="train,decode,prefill,moe,seed,gguf,serve")
     ap.add_argument("--rounds", type=int, default=3,
                     help="train and gguf rows: each side runs this many times, alternating, and the ratio is the median of "
-                         "the rounds' ratios, printed with their range")
+                         "the rounds' ratios, printed with their range; serve rows: each server runs its client counts this "
+                         "many times in turn, and each statistic is the median of the rounds")
     a = ap.parse_args()
     only = set(a.only.split(","))
     steps, reps = (4, 2) if a.quick else (7, 3)
@@ -376,14 +380,14 @@ def main():
                     f = str(Path(tmp) / "serve-gpt2-f32.gguf")
                     subprocess.run([BIN, "convert", d, "--out", f, "--dtype", "f32"], check=True, capture_output=True)
                     d = f
-                    theirs = serve_load.run_llama_server(server, f, tokens, clients, 16, threads)
+                    theirs = serve_load.run_llama_server(server, f, tokens, clients, 16, threads, rounds=a.rounds)
                 serve.append(("%s, %d tokens per client, --max-batch 16" % (label, tokens),
-                              serve_load.run_model(d, tokens, clients, 16, threads), theirs))
+                              serve_load.run_model(d, tokens, clients, 16, threads, rounds=a.rounds), theirs))
                 if label.startswith("nano-moe"):
                     # Clients that sample as chat UIs do (llama.cpp's defaults of top-k and top-p).
                     sampling = {"temperature": 0.8, "top_k": 40, "top_p": 0.95, "seed": 1}
                     serve.append(("%s, sampling %s, %d tokens per client, --max-batch 16" % (label, json.dumps(sampling), tokens),
-                                  serve_load.run_model(d, tokens, [1, 16], 16, threads, extra=sampling), None))
+                                  serve_load.run_model(d, tokens, [1, 16], 16, threads, extra=sampling, rounds=a.rounds), None))
         if "moe" in only:
             for e in (8, 16, 32, 64):
                 args = ["--experts", str(e), "--tokens", "2048", "--n-embd", "256"]
