@@ -618,13 +618,14 @@ mod tests {
     }
 
     /// The streamed decoding path gives the bits of the one-expert-at-a-time path, in every
-    /// weight format with [E, N, K] experts, for GPT-2 (biases, GELU) and SwiGLU experts.
+    /// weight format with [E, N, K] experts, for bias-free GELU experts (nanoMoE's default),
+    /// GELU experts with biases (GPT-2's) and SwiGLU experts.
     #[test]
     fn streamed_experts_equal_one_by_one_bit_for_bit() {
         use crate::params::{param_specs, ParamStore};
         use crate::quant::QKind;
         let base = GPTConfig { n_embd: 32, n_exp: 4, moe_top_k: 2, stride: 1, ..GPTConfig::tiny() };
-        for cfg in [base.clone(), base.clone().with_seed_architecture(true)] {
+        for cfg in [base.clone(), GPTConfig { bias: true, ..base.clone() }, base.clone().with_seed_architecture(true)] {
             let trained = ParamStore::init(&param_specs(&cfg), 3, &candle_core::Device::Cpu).unwrap();
             let stores = [
                 trained.clone().into_inference_layout().unwrap(),
