@@ -586,6 +586,21 @@ pub fn cached_attention_packed(seqs: &[CachedSeq], n_head: usize) -> Result<Vec<
         .collect();
     let mut ys: Vec<Vec<f32>> = ops.iter().map(|o| crate::kernels::for_overwrite(o.d.b * o.d.tq * o.d.h * o.d.hd)).collect();
     let outs: Vec<Out> = ys.iter_mut().map(|y| Out(y.as_mut_ptr())).collect();
+    // SAFETY: ys[i] is [B, tq, C].
+    unsafe { run_packed(&ops, &outs) };
+    drop(ops);
+    drop(slices);
+    drop(guards);
+    ys.into_iter().zip(&geo).map(|(y, (d, _, _))| Ok(Tensor::from_vec(y, (d.b, d.tq, d.h * d.hd), seqs[0].q.device())?)).collect()
+}
+
+
+/// The (row, head) tasks of packed sequences in one parallel pass, sequence i's y [B, tq, C]
+/// (rows C apart) written at outs[i].
+///
+/// # Safety
+/// Each outs[i] must point to B * tq * C writable f32s that no other sequence's cover.
+unsafe fn run_packed(ops: &[Operands], outs: &[Out]) {
     // Direct sequences in tasks of whole rows (heads split into groups only as far as the
     // pool needs tasks: a single decoding sequence still runs on every thread), the others
     // a task per (row, head).
@@ -603,7 +618,8 @@ pub fn cached_attention_packed(seqs: &[CachedSeq], n_head: usize) -> Result<Vec<
         .collect();
     tasks.par_iter().for_each(|&(i, b, h0, h1)| {
         let o = &ops[i];
-        // SAFETY: ys[i] is [B, tq, C]; each task writes its own (row, heads) columns.
+        // SAFETY: outs[i] holds [B, tq, C] (the caller's promise); each task writes its own
+        // (row, heads) columns.
         unsafe {
             if o.d.tq < DIRECT_BELOW {
                 let (c, w) = (o.d.h * o.d.hd, (h1 - h0) * o.d.hd);
@@ -618,10 +634,69 @@ pub fn cached_attention_packed(seqs: &[CachedSeq], n_head: usize) -> Result<Vec<
             }
         }
     });
+}
+
+/// One sequence of [`cached_attention_rows`]: its `t` new tokens are rows `off..off + t` of
+/// the packed projection; its cache's buffers [1, capacity, C] hold `tk` positions.
+pub struct PackedRows {
+    pub off: usize,
+    pub t: usize,
+    pub k: Tensor,
+    pub v: Tensor,
+    pub tk: usize,
+    pub mask: CausalMask,
+}
+
+/// [`cached_attention_packed`] for a serving step's sequences, their queries read where
+/// they lie in the packed projection `qkv` [1, N, 3C] (q is its first C columns) and their
+/// outputs written into one [1, N, C]: the same bits per sequence, without a query copy
+/// and an output tensor per sequence and their concatenation.
+pub fn cached_attention_rows(qkv: &Tensor, seqs: &[PackedRows], n_head: usize) -> Result<Tensor> {
+    let (one, n, c3) = qkv.dims3()?;
+    let c = c3 / 3;
+    if one != 1 || c3 != 3 * c || n_head == 0 || c % n_head != 0 {
+        return Err(crate::error::Error::Input(format!("{NAME}: packed projection {:?} with {n_head} heads", qkv.dims())));
+    }
+    let mut end = 0;
+    for s in seqs {
+        let cap = s.k.dim(1)?;
+        if s.off != end || s.t == 0 || s.k.dims() != [1, cap, c] || s.v.dims() != s.k.dims() || s.tk > cap || s.mask.pad.is_some() {
+            return Err(crate::error::Error::Input(format!("{NAME}: rows {}..{} of {n}, k {:?}, v {:?}, {} cached positions do not fit", s.off, s.off + s.t, s.k.dims(), s.v.dims(), s.tk)));
+        }
+        end += s.t;
+    }
+    if end != n {
+        return Err(crate::error::Error::Input(format!("{NAME}: the sequences hold {end} of the {n} packed rows")));
+    }
+    let qkv = qkv.contiguous()?;
+    let kvs: Vec<Tensor> = seqs.iter().flat_map(|s| [s.k.contiguous(), s.v.contiguous()]).collect::<candle_core::Result<_>>()?;
+    let guards: Vec<_> = std::iter::once(&qkv).chain(&kvs).map(|t| t.storage_and_layout()).collect();
+    let mut slices = Vec::with_capacity(guards.len());
+    for (storage, layout) in &guards {
+        match &**storage {
+            candle_core::Storage::Cpu(s) => slices.push(contiguous_f32(s, layout, NAME)?),
+            _ => return Err(crate::error::Error::Input(format!("{NAME} runs on the CPU"))),
+        }
+    }
+    let hd = c / n_head;
+    let ops: Vec<Operands> = seqs
+        .iter()
+        .enumerate()
+        .map(|(i, s)| {
+            let cap = s.k.dim(1).expect("checked above");
+            let kv = View { off: 0, bs: cap * c, rs: c };
+            let d = Dims { b: 1, tq: s.t, tk: s.tk, h: n_head, hd };
+            Operands { qd: slices[0], q: View { off: s.off * c3, bs: s.t * c3, rs: c3 }, kd: slices[1 + 2 * i], k: kv, vd: slices[2 + 2 * i], v: kv, d, mask: &s.mask, scale: 1.0 / (hd as f32).sqrt() }
+        })
+        .collect();
+    let mut y = crate::kernels::for_overwrite(n * c);
+    let outs: Vec<Out> = seqs.iter().map(|s| Out(y.as_mut_ptr().wrapping_add(s.off * c))).collect();
+    // SAFETY: sequence i's rows off..off + t of y [N, C], disjoint (checked above).
+    unsafe { run_packed(&ops, &outs) };
     drop(ops);
     drop(slices);
     drop(guards);
-    ys.into_iter().zip(&geo).map(|(y, (d, _, _))| Ok(Tensor::from_vec(y, (d.b, d.tq, d.h * d.hd), seqs[0].q.device())?)).collect()
+    Ok(Tensor::from_vec(y, (1, n, c), qkv.device())?)
 }
 
 #[cfg(test)]

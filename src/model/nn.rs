@@ -543,6 +543,41 @@ mod tests {
         assert_eq!(cached_attention_packed(&[bad], 2).err().map(|e| e.to_string()), Some("invalid input: fused attention: q [1, 1, 8], k [1, 2, 8], v [1, 2, 8], 3 cached positions and 2 heads do not fit".into()));
     }
 
+    /// Queries read in place in a packed projection give each sequence the bits of
+    /// `cached_attention` alone, and rows that do not add up are refused.
+    #[test]
+    fn attention_on_packed_projection_rows_gives_each_sequence_its_own_bits() {
+        use crate::kernels::attention::{cached_attention, cached_attention_rows, CausalMask, PackedRows};
+        use rand::{rngs::StdRng, Rng, SeedableRng};
+        let mut rng = StdRng::seed_from_u64(6);
+        for (h, hd) in [(6, 64), (3, 20)] {
+            let c = h * hd;
+            let mut r = |n: usize| -> Vec<f32> { (0..n).map(|_| rng.random_range(-2.0..2.0)).collect() };
+            // Decoding rows, a short chunk (the direct loops) and a long one (the products).
+            let shapes = [(1, 37), (5, 9), (1, 130), (40, 45), (1, 1)];
+            let n: usize = shapes.iter().map(|s| s.0).sum();
+            let qkv = t(&r(n * 3 * c), &[1, n, 3 * c]);
+            let mut seqs = Vec::new();
+            let mut off = 0;
+            for (tq, tk) in shapes {
+                let cap = tk + 3;
+                seqs.push(PackedRows { off, t: tq, k: t(&r(cap * c), &[1, cap, c]), v: t(&r(cap * c), &[1, cap, c]), tk, mask: CausalMask { past: tk - tq, pad: None } });
+                off += tq;
+            }
+            let y = cached_attention_rows(&qkv, &seqs, h).unwrap();
+            assert_eq!(y.dims(), [1, n, c]);
+            for s in &seqs {
+                let q = qkv.narrow(1, s.off, s.t).unwrap().narrow(2, 0, c).unwrap();
+                let alone = cached_attention(&q, &s.k, &s.v, s.tk, h, &s.mask).unwrap();
+                let got = y.narrow(1, s.off, s.t).unwrap();
+                let bits = |x: &Tensor| x.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&got), bits(&alone), "hd {hd}: rows {}..{}", s.off, s.off + s.t);
+            }
+            let short = &seqs[..2];
+            assert_eq!(cached_attention_rows(&qkv, short, h).err().map(|e| e.to_string()), Some(format!("invalid input: fused attention: the sequences hold 6 of the {n} packed rows")));
+        }
+    }
+
     #[test]
     fn expert_matmul_matches_batched_matmul_values_and_gradients() {
         use rand::{rngs::StdRng, Rng, SeedableRng};

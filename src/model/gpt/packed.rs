@@ -72,23 +72,22 @@ impl GPT {
             if block.attn.qk_norm {
                 qkv = nn::qk_norm(&qkv, block.attn.n_head)?;
             }
-            // Attention: each sequence over its own keys and values (appended first).
+            // Attention: each sequence over its own keys and values (appended first), its
+            // queries read in place in qkv.
             let mut parts = Vec::with_capacity(seqs.len());
             let mut off = 0;
             for s in seqs.iter_mut() {
                 let t = s.ids.len();
-                let part = qkv.narrow(1, off, t)?;
-                let (q, k, v) = (part.narrow(2, 0, c)?, part.narrow(2, c, c)?, part.narrow(2, 2 * c, c)?);
+                let (k, v) = (qkv.narrow(1, off, t)?.narrow(2, c, c)?, qkv.narrow(1, off, t)?.narrow(2, 2 * c, c)?);
                 let slot = &mut s.cache.layers[li];
                 let past = slot.as_ref().map_or(0, |l| l.len);
                 let layer = LayerKv::append(slot, &k, &v, cfg.block_size, s.cache.reserve)?;
-                parts.push(attention::CachedSeq { q, k: layer.k.clone(), v: layer.v.clone(), tk: layer.len, mask: CausalMask { past, pad: None } });
+                parts.push(attention::PackedRows { off, t, k: layer.k.clone(), v: layer.v.clone(), tk: layer.len, mask: CausalMask { past, pad: None } });
                 off += t;
             }
             // All sequences' heads in one parallel pass, each as it would run alone.
-            let mut ys = attention::cached_attention_packed(&parts, block.attn.n_head)?;
+            let y = attention::cached_attention_rows(&qkv, &parts, block.attn.n_head)?;
             drop(parts);
-            let y = if ys.len() == 1 { ys.pop().expect("one sequence") } else { Tensor::cat(&ys, 1)? };
             let x1 = (&x + block.attn.c_proj.forward(&y, Precision::F32)?)?;
             x = block.mlp_residual(x1, &mut ctx, &mut moe)?;
         }
