@@ -21,7 +21,7 @@ use rayon::prelude::*;
 use tokio::sync::mpsc::UnboundedSender;
 
 use super::metrics::Metrics;
-use crate::generate::{next_token, GenerationConfig};
+use crate::generate::{next_token_of, GenerationConfig};
 use crate::gpt::{KvCache, PackedSeq, GPT, MAX_PACKED_TOKENS};
 
 /// A token's log-probability under the model (log-softmax of its raw logits), with the
@@ -190,8 +190,7 @@ impl Seq {
     /// with its log-probability when the request asked for them.
     fn pick(&mut self, row: &[f32]) -> crate::Result<(u32, Option<TokenLogprob>)> {
         let lp = self.logprobs.map(|top| (log_softmax(row), top));
-        let mut logits = row.to_vec();
-        let id = next_token(&mut logits, &self.context, &self.gen, &mut self.rng)?;
+        let id = next_token_of(row, &self.context, &self.gen, &mut self.rng)?;
         Ok((id, lp.map(|(lp, top)| token_logprob(&lp, id, top))))
     }
 }
