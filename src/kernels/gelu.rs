@@ -131,6 +131,12 @@ impl CustomOp2 for GeluBackward {
     }
 }
 
+/// The activation of `x` into `y` (equal lengths) on this thread: the bits of
+/// [`fused_gelu`], which runs the same loop over chunks of the tensor.
+pub(crate) fn activate_slice(x: &[f32], y: &mut [f32], act: Activation) {
+    forward_slice(x, y, mode(act))
+}
+
 /// [`fused_gelu`] as a stage of a residual chain (`kernels::residual`).
 pub(crate) fn stage(act: Activation) -> crate::kernels::residual::Stage {
     crate::kernels::residual::Stage::Op1(Box::new(Gelu(act)))

@@ -490,16 +490,44 @@ impl MoeLayer {
         }
         let Some(mut up) = expert_products(&jobs, c)? else { return Ok(None) };
         let hidden = up[0].len() / per_expert[active[0]].0.len();
-        let mut gates = up.split_off(active.len()).into_iter();
-        let mut h = Vec::with_capacity(active.len());
-        for (u, &e) in up.into_iter().zip(&active) {
-            let m = per_expert[e].0.len();
-            let gate = gates.next().map(|g| Tensor::from_vec(g, (m, hidden), device)).transpose()?;
-            let hi = self.expert_hidden(e, Tensor::from_vec(u, (m, hidden), device)?, gate)?;
-            h.push(hi.flatten_all()?.to_vec1::<f32>()?);
-        }
+        let h = if self.gate_proj.is_none() && self.fc_bias.is_none() {
+            // The plain activation, every expert's rows in place at once (the bits of
+            // `expert_hidden`'s fused op, a pass of its own per expert).
+            use rayon::prelude::*;
+            up.par_iter_mut().for_each(|u| {
+                let x = u.clone();
+                crate::kernels::gelu::activate_slice(&x, u, self.act);
+            });
+            up
+        } else {
+            let mut gates = up.split_off(active.len()).into_iter();
+            let mut h = Vec::with_capacity(active.len());
+            for (u, &e) in up.into_iter().zip(&active) {
+                let m = per_expert[e].0.len();
+                let gate = gates.next().map(|g| Tensor::from_vec(g, (m, hidden), device)).transpose()?;
+                let hi = self.expert_hidden(e, Tensor::from_vec(u, (m, hidden), device)?, gate)?;
+                h.push(hi.flatten_all()?.to_vec1::<f32>()?);
+            }
+            h
+        };
         let jobs = expert_jobs(&self.c_proj, &active, &h, hidden);
         let Some(down) = expert_products(&jobs, hidden)? else { return Ok(None) };
+        if self.proj_bias.is_none() && probs.dtype() == DType::F32 {
+            // y[t] += prob(t, j) * out_e[row], expert after expert in order, as
+            // `add_expert_output`'s index_add of the weighted rows adds them (from zero).
+            let p: Vec<f32> = probs.to_vec1()?;
+            let mut y = vec![0f32; n * c];
+            for (d, &e) in down.iter().zip(&active) {
+                let (toks, pairs) = &per_expert[e];
+                for ((&t, &pair), row) in toks.iter().zip(pairs).zip(d.chunks_exact(c)) {
+                    let w = p[pair as usize];
+                    for (acc, &v) in y[t as usize * c..(t as usize + 1) * c].iter_mut().zip(row) {
+                        *acc += v * w;
+                    }
+                }
+            }
+            return Ok(Some(Tensor::from_vec(y, (n, c), device)?));
+        }
         let mut y = Tensor::zeros((n, c), x.dtype(), device)?;
         for (d, &e) in down.into_iter().zip(&active) {
             let (toks, pairs) = &per_expert[e];
