@@ -114,23 +114,83 @@ pub(crate) fn next_token_of(row: &[f32], context: &[u32], cfg: &GenerationConfig
 }
 
 /// [`next_token`] with greedy settings and no penalty: the same checks, the same error and
-/// the same token as [`all_finite_or_neg_inf`] and then [`argmax`], their two scans in one.
+/// the same token as [`all_finite_or_neg_inf`] and then [`argmax`], in one scan. Each lane
+/// keeps the index where its maximum first appeared (a strictly larger value replaces it,
+/// so that is the lane's first value equal to its maximum); the first index of the largest
+/// logit is then the least of those of the lanes that hold it (and of the tail's).
 fn greedy(v: &[f32]) -> Result<u32> {
-    let mut lanes = [f32::NEG_INFINITY; SCAN];
-    let mut bad = [false; SCAN];
-    let chunks = v.chunks_exact(SCAN);
-    let rest = chunks.remainder();
-    for c in chunks {
-        for i in 0..SCAN {
-            bad[i] |= unusable(c[i]);
-            lanes[i] = if c[i] > lanes[i] { c[i] } else { lanes[i] };
-        }
-    }
-    if bad.iter().any(|&b| b) || rest.iter().any(|&l| unusable(l)) {
+    let (lanes, at, bad) = greedy_scan(v);
+    let rest = &v[v.len() - v.len() % SCAN..];
+    if bad || rest.iter().any(|&l| unusable(l)) {
         return next_token(&mut v.to_vec(), &[], &GenerationConfig::greedy(1), &mut StdRng::seed_from_u64(0));
     }
     let max = lanes.iter().chain(rest).fold(f32::NEG_INFINITY, |m, &x| if x > m { x } else { m });
-    Ok(v.iter().position(|&x| x == max).unwrap_or(0) as u32)
+    if max == f32::NEG_INFINITY {
+        // Every logit masked (or none): argmax's first index.
+        return Ok(0);
+    }
+    let tail = v.len() - rest.len();
+    let first = (0..SCAN).filter(|&i| lanes[i] == max).map(|i| at[i]).min();
+    let in_rest = rest.iter().position(|&x| x == max).map(|i| (tail + i) as u32);
+    Ok(first.or(in_rest).unwrap_or(0))
+}
+
+/// [`greedy`]'s scan of v's whole SCAN-lane chunks: each lane's maximum, the index where it
+/// first appeared, and whether any logit was unusable.
+#[inline(always)]
+fn greedy_scan_body(v: &[f32]) -> ([f32; SCAN], [u32; SCAN], bool) {
+    let mut lanes = [f32::NEG_INFINITY; SCAN];
+    let mut at = [0u32; SCAN];
+    let mut bad = [false; SCAN];
+    for (j, c) in v.chunks_exact(SCAN).enumerate() {
+        let base = (j * SCAN) as u32;
+        for i in 0..SCAN {
+            bad[i] |= unusable(c[i]);
+            let up = c[i] > lanes[i];
+            lanes[i] = if up { c[i] } else { lanes[i] };
+            at[i] = if up { base + i as u32 } else { at[i] };
+        }
+    }
+    (lanes, at, bad.iter().any(|&b| b))
+}
+
+crate::kernels::math::multiversion!(fn greedy_scan_portable(v: &[f32]) -> ([f32; SCAN], [u32; SCAN], bool) => greedy_scan_body);
+
+/// [`greedy_scan_body`] for this CPU: in one AVX-512 register each where it has them (the
+/// compiled loop kept the lanes on the stack, a masked store and a reload every 16 logits),
+/// else the loop compiled for AVX2 or the baseline.
+fn greedy_scan(v: &[f32]) -> ([f32; SCAN], [u32; SCAN], bool) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512f") {
+        // SAFETY: the CPU has AVX-512F.
+        return unsafe { greedy_scan_zmm(v) };
+    }
+    greedy_scan_portable(v)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn greedy_scan_zmm(v: &[f32]) -> ([f32; SCAN], [u32; SCAN], bool) {
+    use std::arch::x86_64::*;
+    let mut lanes = _mm512_set1_ps(f32::NEG_INFINITY);
+    let mut at = _mm512_setzero_si512();
+    let mut idx = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    let (step, inf) = (_mm512_set1_epi32(SCAN as i32), _mm512_set1_ps(f32::INFINITY));
+    let mut bad: __mmask16 = 0;
+    for c in v.chunks_exact(SCAN) {
+        let x = _mm512_loadu_ps(c.as_ptr());
+        // Unusable: not below +Inf (NaN compares unordered: true).
+        bad |= _mm512_cmp_ps_mask::<_CMP_NLT_UQ>(x, inf);
+        // c[i] > lanes[i] (false for NaN, as `>`).
+        let up = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(x, lanes);
+        lanes = _mm512_mask_mov_ps(lanes, up, x);
+        at = _mm512_mask_mov_epi32(at, up, idx);
+        idx = _mm512_add_epi32(idx, step);
+    }
+    let (mut l, mut a) = ([0f32; SCAN], [0u32; SCAN]);
+    _mm512_storeu_ps(l.as_mut_ptr(), lanes);
+    _mm512_storeu_si512(a.as_mut_ptr() as *mut _, at);
+    (l, a, bad != 0)
 }
 
 /// The greedy next token of every row of `logits` [S, V] (rows scanned in parallel), with
@@ -707,10 +767,22 @@ mod tests {
                     })
                     .collect();
                 let kept = row.clone();
+                // This CPU's scan and the portable loop agree (lanes, indices, the check).
+                let (a, b) = (greedy_scan(&row), greedy_scan_body(&row));
+                assert_eq!((a.0.map(f32::to_bits), a.1, a.2), (b.0.map(f32::to_bits), b.1, b.2));
                 let want = next_token(&mut row.clone(), &[], &cfg, &mut StdRng::seed_from_u64(0)).unwrap();
                 assert_eq!(next_token_of(&row, &[3], &cfg, &mut StdRng::seed_from_u64(0)).unwrap(), want, "n {n}, case {case}");
                 assert_eq!(row.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), kept.iter().map(|v| v.to_bits()).collect::<Vec<_>>());
             }
+        }
+        for n in [0, 1, 16, 40] {
+            let row = vec![f32::NEG_INFINITY; n];
+            assert_eq!(next_token_of(&row, &[], &cfg, &mut StdRng::seed_from_u64(0)).unwrap(), 0);
+        }
+        let mut row = vec![-1.0f32; 50];
+        for i in [47, 35, 18, 3] {
+            row[i] = 2.0;
+            assert_eq!(next_token_of(&row, &[], &cfg, &mut StdRng::seed_from_u64(0)).unwrap(), i as u32);
         }
         for bad in [f32::NAN, f32::INFINITY] {
             for at in [1, 20, 33] {
