@@ -110,8 +110,78 @@ pub(crate) fn next_token_of(row: &[f32], context: &[u32], cfg: &GenerationConfig
     if !cfg.do_sample && cfg.repetition_penalty == 1.0 {
         return greedy(row);
     }
+    if cfg.repetition_penalty == 1.0 && cfg.top_k.is_some_and(|k| k >= 1 && k < row.len()) {
+        if let Some(id) = sample_top_k(row, cfg, rng) {
+            return Ok(id);
+        }
+    }
     next_token(&mut row.to_vec(), context, cfg, rng)
 }
+
+/// [`pick_token`]'s sampling with top-k (no penalty) on a row it leaves as it is, without
+/// the processed copy (l - max) / T that four more scans then read. The processing is
+/// monotone (never reverses two logits, in `total_cmp`'s order too), so the k-th largest
+/// processed logit is the processed k-th largest raw one, found on the raw row; the tokens
+/// `pick_token` keeps - processed logit not below it and not -Inf - are the raw logits at or
+/// above the raw k-th, and any just below it that the rounding of the processing makes equal
+/// (found among the few raw logits within a margin far wider than that rounding). Their
+/// processed logits are computed as `pick_token` computes them, in id order, and drawn from
+/// in the same way: the same token from the same random numbers. None (nothing drawn) when
+/// the row needs `next_token`'s other paths: an unusable logit (its error), every logit
+/// -Inf, or a temperature that is not a positive finite number.
+fn sample_top_k(row: &[f32], cfg: &GenerationConfig, rng: &mut StdRng) -> Option<u32> {
+    let k = cfg.top_k?;
+    let temp = cfg.temperature as f32;
+    if !(temp > 0.0 && temp.is_finite()) {
+        return None;
+    }
+    // The check and `math::max`'s maximum (the same lanes and the same folds).
+    let (lanes, _, bad) = greedy_scan(row);
+    let rest = &row[row.len() - row.len() % SCAN..];
+    if bad || rest.iter().any(|&l| unusable(l)) {
+        return None;
+    }
+    let max = lanes.iter().fold(f32::NEG_INFINITY, |a, &b| if b > a { b } else { a });
+    let max = rest.iter().fold(max, |a, &b| if b > a { b } else { a });
+    if max == f32::NEG_INFINITY {
+        return None;
+    }
+    let t = |l: f32| (l - max) / temp;
+    let raw_kth = kth_largest_isa(row, k);
+    let kth = t(raw_kth);
+    // Raw logits below `lo` process to less than `kth`: (l - max) / T rounds at most half an
+    // ulp twice, far inside 2^-16 of the magnitudes involved.
+    let lo = if raw_kth == f32::NEG_INFINITY { f32::NEG_INFINITY } else { raw_kth - (raw_kth.abs() + max.abs() + (raw_kth - max).abs()) * f32::powi(2.0, -16) - f32::MIN_POSITIVE };
+    let mut live = Vec::with_capacity(k + 8);
+    let mut compact = Vec::with_capacity(k + 8);
+    let mut keep = |i: usize, l: f32| {
+        let v = t(l);
+        if v >= kth && v != f32::NEG_INFINITY {
+            live.push(i as u32);
+            compact.push(v);
+        }
+    };
+    let chunks = row.chunks_exact(SCAN);
+    let tail = row.len() - chunks.remainder().len();
+    for (c, chunk) in chunks.enumerate() {
+        if chunk.iter().fold(false, |any, &l| any | (l >= lo)) {
+            for (i, &l) in chunk.iter().enumerate() {
+                if l >= lo {
+                    keep(c * SCAN + i, l);
+                }
+            }
+        }
+    }
+    for (i, &l) in row[tail..].iter().enumerate() {
+        if l >= lo {
+            keep(tail + i, l);
+        }
+    }
+    Some(live[draw(&compact, cfg, rng) as usize])
+}
+
+// The k-th largest's skip test over 16 logits at a time in one AVX-512 compare.
+crate::kernels::math::multiversion!(fn kth_largest_isa(v: &[f32], k: usize) -> f32 => kth_largest);
 
 /// [`next_token`] with greedy settings and no penalty: the same checks, the same error and
 /// the same token as [`all_finite_or_neg_inf`] and then [`argmax`], in one scan. Each lane
@@ -268,6 +338,7 @@ fn live_tokens(logits: &[f32]) -> Vec<u32> {
 /// ones are at least as large). On GPT-2's 50k logits, with k = 40, a few hundred
 /// elements pass the threshold; selecting over a copy of all of them took ~0.1 ms per
 /// token and sequence.
+#[inline(always)]
 fn kth_largest(v: &[f32], k: usize) -> f32 {
     use std::cmp::Ordering::Greater;
     debug_assert!(k >= 1 && k <= v.len());
@@ -792,6 +863,47 @@ mod tests {
                 assert_eq!(e, format!("the model's logits are not finite (token {at}: {bad}): its weights hold NaN or Inf values, or its activations overflowed"));
             }
         }
+    }
+
+    /// Top-k sampling on the row in place draws what `next_token` draws on a copy: the same
+    /// token and the same random numbers used, over rows with ties, zeros, -Inf masks and
+    /// lengths around the scan's lanes, for several k, temperatures, top-p and min-p.
+    #[test]
+    fn top_k_sampling_in_place_matches_next_token() {
+        use rand::Rng;
+        let mut gen = StdRng::seed_from_u64(8);
+        let mut drawn = 0;
+        for n in [2, 15, 16, 17, 40, 100, 333] {
+            for case in 0..40 {
+                let row: Vec<f32> = (0..n)
+                    .map(|_| match gen.random_range(0..12) {
+                        0 => f32::NEG_INFINITY,
+                        1 => 0.0,
+                        2 => -0.0,
+                        3 => 1.25,
+                        _ => gen.random_range(-6.0f32..6.0),
+                    })
+                    .collect();
+                let k = [1, 2, 5, 40][case % 4].min(n - 1).max(1);
+                let cfg = GenerationConfig {
+                    top_k: Some(k),
+                    temperature: [0.8, 1.0, 1.7, 1e-30][case % 3 + (case / 30)],
+                    top_p: [None, Some(0.95), Some(0.5)][case % 3],
+                    min_p: if case % 5 == 0 { Some(0.1) } else { None },
+                    ..Default::default()
+                };
+                let (mut a, mut b) = (StdRng::seed_from_u64(case as u64), StdRng::seed_from_u64(case as u64));
+                let want = next_token(&mut row.clone(), &[], &cfg, &mut a);
+                let got = next_token_of(&row, &[], &cfg, &mut b);
+                assert_eq!(got.as_ref().ok(), want.as_ref().ok(), "n {n}, case {case}, {cfg:?}");
+                assert_eq!(a.random::<u64>(), b.random::<u64>(), "n {n}, case {case}: random numbers used");
+                drawn += usize::from(sample_top_k(&row, &cfg, &mut StdRng::seed_from_u64(0)).is_some());
+            }
+        }
+        // The in-place path ran (rows with a finite logit), not only the fallback.
+        assert!(drawn > 200, "{drawn}");
+        let all_masked = vec![f32::NEG_INFINITY; 20];
+        assert!(sample_top_k(&all_masked, &GenerationConfig { top_k: Some(3), ..Default::default() }, &mut StdRng::seed_from_u64(0)).is_none());
     }
 
     #[test]
