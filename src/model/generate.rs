@@ -902,6 +902,19 @@ mod tests {
         }
         // The in-place path ran (rows with a finite logit), not only the fallback.
         assert!(drawn > 200, "{drawn}");
+        // A logit just below the k-th that the processing rounds onto it is kept, as
+        // `pick_token` keeps it: (1 - 1e6) and (1 - ulp - 1e6) are the same f32.
+        let below = f32::from_bits(1.0f32.to_bits() - 1);
+        let row = [1e6, 1.0, below, -5.0, 0.5];
+        // (A temperature of 1e6 keeps the three comparable: the draw can land on each.)
+        let cfg = GenerationConfig { top_k: Some(2), temperature: 1e6, ..Default::default() };
+        let mut seen = [0; 5];
+        for seed in 0..300 {
+            let want = next_token(&mut row.to_vec(), &[], &cfg, &mut StdRng::seed_from_u64(seed)).unwrap();
+            assert_eq!(next_token_of(&row, &[], &cfg, &mut StdRng::seed_from_u64(seed)).unwrap(), want);
+            seen[want as usize] += 1;
+        }
+        assert!(seen[0] > 0 && seen[1] > 0 && seen[2] > 0 && seen[3] + seen[4] == 0, "{seen:?}");
         let all_masked = vec![f32::NEG_INFINITY; 20];
         assert!(sample_top_k(&all_masked, &GenerationConfig { top_k: Some(3), ..Default::default() }, &mut StdRng::seed_from_u64(0)).is_none());
     }
