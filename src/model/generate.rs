@@ -818,25 +818,31 @@ mod tests {
         assert_eq!(e.to_string(), "invalid input: temperature must be > 0 when sampling, got inf");
     }
 
+    /// n logits for the scans' edge cases: about one in `one_in` each -Inf (masked), 0.0,
+    /// -0.0 or `tie` (repeated), the others uniform in (-6, 6).
+    fn logit_row(rng: &mut StdRng, n: usize, one_in: u32, tie: f32) -> Vec<f32> {
+        use rand::Rng;
+        (0..n)
+            .map(|_| match rng.random_range(0..one_in) {
+                0 => f32::NEG_INFINITY,
+                1 => 0.0,
+                2 => -0.0,
+                3 => tie,
+                _ => rng.random_range(-6.0f32..6.0),
+            })
+            .collect()
+    }
+
     /// The copy-free greedy pick gives `next_token`'s token (ties to the first, -Inf masks,
     /// both zeros, rows of every length around the scan's lanes) and its error, and leaves
     /// the row as it was.
     #[test]
     fn greedy_picks_without_a_copy_match_next_token() {
-        use rand::Rng;
         let mut rng = StdRng::seed_from_u64(5);
         let cfg = GenerationConfig::greedy(1);
         for n in 1..70 {
             for case in 0..20 {
-                let row: Vec<f32> = (0..n)
-                    .map(|_| match rng.random_range(0..10) {
-                        0 => f32::NEG_INFINITY,
-                        1 => 0.0,
-                        2 => -0.0,
-                        3 => 1.5,
-                        _ => rng.random_range(-4.0f32..4.0),
-                    })
-                    .collect();
+                let row = logit_row(&mut rng, n, 10, 1.5);
                 let kept = row.clone();
                 // This CPU's scan and the portable loop agree (lanes, indices, the check).
                 let (a, b) = (greedy_scan(&row), greedy_scan_body(&row));
@@ -875,15 +881,7 @@ mod tests {
         let mut drawn = 0;
         for n in [2, 15, 16, 17, 40, 100, 333] {
             for case in 0..40 {
-                let row: Vec<f32> = (0..n)
-                    .map(|_| match gen.random_range(0..12) {
-                        0 => f32::NEG_INFINITY,
-                        1 => 0.0,
-                        2 => -0.0,
-                        3 => 1.25,
-                        _ => gen.random_range(-6.0f32..6.0),
-                    })
-                    .collect();
+                let row = logit_row(&mut gen, n, 12, 1.25);
                 let k = [1, 2, 5, 40][case % 4].min(n - 1).max(1);
                 let cfg = GenerationConfig {
                     top_k: Some(k),
