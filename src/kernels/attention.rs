@@ -570,13 +570,7 @@ pub fn cached_attention_packed(seqs: &[CachedSeq], n_head: usize) -> Result<Vec<
     let ks: Vec<Tensor> = seqs.iter().map(|s| s.k.contiguous()).collect::<candle_core::Result<_>>()?;
     let vs: Vec<Tensor> = seqs.iter().map(|s| s.v.contiguous()).collect::<candle_core::Result<_>>()?;
     let guards: Vec<_> = qs.iter().chain(&ks).chain(&vs).map(|t| t.storage_and_layout()).collect();
-    let mut slices = Vec::with_capacity(guards.len());
-    for (storage, layout) in &guards {
-        match &**storage {
-            candle_core::Storage::Cpu(s) => slices.push(contiguous_f32(s, layout, NAME)?),
-            _ => return Err(crate::error::Error::Input(format!("{NAME} runs on the CPU"))),
-        }
-    }
+    let slices = cpu_slices(&guards)?;
     let n = seqs.len();
     let ops: Vec<Operands> = (0..n)
         .map(|i| {
@@ -594,6 +588,16 @@ pub fn cached_attention_packed(seqs: &[CachedSeq], n_head: usize) -> Result<Vec<
     ys.into_iter().zip(&geo).map(|(y, (d, _, _))| Ok(Tensor::from_vec(y, (d.b, d.tq, d.h * d.hd), seqs[0].q.device())?)).collect()
 }
 
+/// The f32 data of each guarded contiguous CPU tensor (`Tensor::storage_and_layout`'s).
+fn cpu_slices<'a, S: std::ops::Deref<Target = candle_core::Storage>>(guards: &'a [(S, &candle_core::Layout)]) -> Result<Vec<&'a [f32]>> {
+    guards
+        .iter()
+        .map(|(storage, layout)| match &**storage {
+            candle_core::Storage::Cpu(s) => Ok(contiguous_f32(s, layout, NAME)?),
+            _ => Err(crate::error::Error::Input(format!("{NAME} runs on the CPU"))),
+        })
+        .collect()
+}
 
 /// The (row, head) tasks of packed sequences in one parallel pass, sequence i's y [B, tq, C]
 /// (rows C apart) written at outs[i].
@@ -671,13 +675,7 @@ pub fn cached_attention_rows(qkv: &Tensor, seqs: &[PackedRows], n_head: usize) -
     let qkv = qkv.contiguous()?;
     let kvs: Vec<Tensor> = seqs.iter().flat_map(|s| [s.k.contiguous(), s.v.contiguous()]).collect::<candle_core::Result<_>>()?;
     let guards: Vec<_> = std::iter::once(&qkv).chain(&kvs).map(|t| t.storage_and_layout()).collect();
-    let mut slices = Vec::with_capacity(guards.len());
-    for (storage, layout) in &guards {
-        match &**storage {
-            candle_core::Storage::Cpu(s) => slices.push(contiguous_f32(s, layout, NAME)?),
-            _ => return Err(crate::error::Error::Input(format!("{NAME} runs on the CPU"))),
-        }
-    }
+    let slices = cpu_slices(&guards)?;
     let hd = c / n_head;
     let ops: Vec<Operands> = seqs
         .iter()

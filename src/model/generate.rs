@@ -135,14 +135,7 @@ fn sample_top_k(row: &[f32], cfg: &GenerationConfig, rng: &mut StdRng) -> Option
     if !(temp > 0.0 && temp.is_finite()) {
         return None;
     }
-    // The check and `math::max`'s maximum (the same lanes and the same folds).
-    let (lanes, _, bad) = greedy_scan(row);
-    let rest = &row[row.len() - row.len() % SCAN..];
-    if bad || rest.iter().any(|&l| unusable(l)) {
-        return None;
-    }
-    let max = lanes.iter().fold(f32::NEG_INFINITY, |a, &b| if b > a { b } else { a });
-    let max = rest.iter().fold(max, |a, &b| if b > a { b } else { a });
+    let (max, _) = checked_max(row)?;
     if max == f32::NEG_INFINITY {
         return None;
     }
@@ -184,28 +177,38 @@ fn sample_top_k(row: &[f32], cfg: &GenerationConfig, rng: &mut StdRng) -> Option
 crate::kernels::math::multiversion!(fn kth_largest_isa(v: &[f32], k: usize) -> f32 => kth_largest);
 
 /// [`next_token`] with greedy settings and no penalty: the same checks, the same error and
-/// the same token as [`all_finite_or_neg_inf`] and then [`argmax`], in one scan. Each lane
-/// keeps the index where its maximum first appeared (a strictly larger value replaces it,
-/// so that is the lane's first value equal to its maximum); the first index of the largest
-/// logit is then the least of those of the lanes that hold it (and of the tail's).
+/// the same token as [`all_finite_or_neg_inf`] and then [`argmax`], in one scan.
 fn greedy(v: &[f32]) -> Result<u32> {
+    match checked_max(v) {
+        Some((_, first)) => Ok(first),
+        // Its error, naming the first unusable logit.
+        None => next_token(&mut v.to_vec(), &[], &GenerationConfig::greedy(1), &mut StdRng::seed_from_u64(0)),
+    }
+}
+
+/// The largest logit of v (`math::max`'s value: the same lanes and folds) and argmax's
+/// first index of it (0 when every logit is -Inf, or there are none), in one scan; None
+/// when a logit is unusable (NaN or +Inf). Each lane keeps the index where its maximum
+/// first appeared (a strictly larger value replaces it, so that is the lane's first value
+/// equal to its maximum); the first index of the largest logit is the least of those of the
+/// lanes that hold it, else the tail's.
+fn checked_max(v: &[f32]) -> Option<(f32, u32)> {
     let (lanes, at, bad) = greedy_scan(v);
-    let rest = &v[v.len() - v.len() % SCAN..];
+    let tail = v.len() - v.len() % SCAN;
+    let rest = &v[tail..];
     if bad || rest.iter().any(|&l| unusable(l)) {
-        return next_token(&mut v.to_vec(), &[], &GenerationConfig::greedy(1), &mut StdRng::seed_from_u64(0));
+        return None;
     }
     let max = lanes.iter().chain(rest).fold(f32::NEG_INFINITY, |m, &x| if x > m { x } else { m });
     if max == f32::NEG_INFINITY {
-        // Every logit masked (or none): argmax's first index.
-        return Ok(0);
+        return Some((max, 0));
     }
-    let tail = v.len() - rest.len();
     let first = (0..SCAN).filter(|&i| lanes[i] == max).map(|i| at[i]).min();
     let in_rest = rest.iter().position(|&x| x == max).map(|i| (tail + i) as u32);
-    Ok(first.or(in_rest).unwrap_or(0))
+    Some((max, first.or(in_rest).unwrap_or(0)))
 }
 
-/// [`greedy`]'s scan of v's whole SCAN-lane chunks: each lane's maximum, the index where it
+/// [`checked_max`]'s scan of v's whole SCAN-lane chunks: each lane's maximum, the index where it
 /// first appeared, and whether any logit was unusable.
 #[inline(always)]
 fn greedy_scan_body(v: &[f32]) -> ([f32; SCAN], [u32; SCAN], bool) {

@@ -494,11 +494,13 @@ impl MoeLayer {
             // The plain activation, every expert's rows in place at once (the bits of
             // `expert_hidden`'s fused op, a pass of its own per expert).
             use rayon::prelude::*;
-            up.par_iter_mut().for_each(|u| {
-                let x = u.clone();
-                crate::kernels::gelu::activate_slice(&x, u, self.act);
-            });
-            up
+            up.par_iter()
+                .map(|u| {
+                    let mut h = crate::kernels::for_overwrite(u.len());
+                    crate::kernels::gelu::activate_slice(u, &mut h, self.act);
+                    h
+                })
+                .collect()
         } else {
             let mut gates = up.split_off(active.len()).into_iter();
             let mut h = Vec::with_capacity(active.len());

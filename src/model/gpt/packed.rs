@@ -78,7 +78,8 @@ impl GPT {
             let mut off = 0;
             for s in seqs.iter_mut() {
                 let t = s.ids.len();
-                let (k, v) = (qkv.narrow(1, off, t)?.narrow(2, c, c)?, qkv.narrow(1, off, t)?.narrow(2, 2 * c, c)?);
+                let rows = qkv.narrow(1, off, t)?;
+                let (k, v) = (rows.narrow(2, c, c)?, rows.narrow(2, 2 * c, c)?);
                 let slot = &mut s.cache.layers[li];
                 let past = slot.as_ref().map_or(0, |l| l.len);
                 let layer = LayerKv::append(slot, &k, &v, cfg.block_size, s.cache.reserve)?;
