@@ -20,6 +20,9 @@ then 1 and 16 nano-MoE clients that sample (temperature 0.8, top-k 40, top-p 0.9
 server runs its client counts --rounds times in turn (1, 4, 16, 64, 1, 4, ...); a row's
 statistics are the medians of its rounds, and each target is the median of the rounds'
 ratios (every round's 16 clients against the same round's single client), printed with them.
+Then, per model, the same decoding steps with no HTTP side and no clients (`nanomoe bench
+decode --packed` with 1 and 16 sequences, in turn, --rounds times): the p99 target computed
+on the engine alone.
 The gguf rows run llama.cpp (llama-bench, -t = the threads here) on the same GGUF files nanomoe
 writes (f32, f16, bf16, q8_0, q4_0): NANOMOE_LLAMA_CPP_BIN, or ~/.cache/llama.cpp as
 ../shared/tools/build-llama-cpp.sh builds it; they skip without it.
@@ -238,6 +241,7 @@ def main():
     rows = []
     alone = []  # rows without a reference: (case, ours, weight bytes per token)
     serve = []  # (label, nanomoe load rows, llama-server load rows or None)
+    engines = []  # (label, serve_load.engine_rows)
     machine = machine_info()
     ours_ceil, _ = timed([BIN, "bench", "ceilings", "--repeats", str(reps + 4)])
     ceilings = {"gemm_sgemm_gflops": ours_ceil["sgemm_gflops"], "torch_sgemm_gflops": torch_sgemm_gflops(repeats=reps + 4),
@@ -383,6 +387,8 @@ def main():
                     theirs = serve_load.run_llama_server(server, f, tokens, clients, 16, threads, rounds=a.rounds)
                 serve.append(("%s, %d tokens per client, --max-batch 16" % (label, tokens),
                               serve_load.run_model(d, tokens, clients, 16, threads, rounds=a.rounds), theirs))
+                # The same steps without the HTTP side: what the engine and the host alone give.
+                engines.append(("%s, %d tokens" % (label, tokens), serve_load.engine_rows(d, tokens, threads, rounds=a.rounds)))
                 if label.startswith("nano-moe"):
                     # Clients that sample as chat UIs do (llama.cpp's defaults of top-k and top-p).
                     sampling = {"temperature": 0.8, "top_k": 40, "top_p": 0.95, "seed": 1}
@@ -430,6 +436,7 @@ def main():
              "ours_share_of_read_bandwidth": b * o["tokens_per_sec"] / 1e9 / bw} for c, (o, rss), b in alone]
     record = {"date": time.strftime("%Y-%m-%d"), "machine": machine, "ceilings": ceilings, "results": out, "nanomoe_alone": solo,
               "serve": [{"case": c, "nanomoe": o, "llama_server": t} for c, o, t in serve],
+              "serve_engine": [{"case": c, "rows": e} for c, e in engines],
               "moe_layer_time_growth_8_to_64": growth}
     if a.json_out:
         Path(a.json_out).write_text(json.dumps(record, indent=1))
@@ -471,6 +478,8 @@ def main():
         serve_load.report("nanomoe serve, " + label, o)
         if t:
             serve_load.report("llama-server (-np 16), " + label, t)
+    for label, e in engines:
+        serve_load.engine_report("nanomoe, " + label, e)
     if growth:
         print("\nMoE layer time, 8 -> 64 experts (median): nanomoe %.2fx, reference %.2fx" % (growth["ours"], growth["reference"]))
 

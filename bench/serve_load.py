@@ -4,7 +4,7 @@ a model that rarely emits eos) for C in 1, 4, 16, 64. Prints aggregate tokens/s,
 first token and inter-token latency (p50 / p99), errors, and the issue's two targets.
 
 usage: python bench/serve_load.py MODEL [--tokens 128] [--clients 1,4,16,64] [--max-batch 16] [--json]
-                                 [--client events|threads] [--llama-server PATH] [--sampling JSON] [--rounds N]
+                                 [--client events|threads] [--llama-server PATH] [--sampling JSON] [--rounds N] [--engine]
 MODEL: a model directory or a .gguf file. With --llama-server (llama.cpp's binary) and a .gguf
 MODEL, the same load runs against llama-server too (--max-batch slots, continuous batching,
 ignore_eos), one server after the other.
@@ -268,6 +268,44 @@ def run_llama_server(binary, model, tokens, clients, max_batch, threads, client=
         p.wait(timeout=120)
 
 
+def engine_rows(model, tokens, threads, batches=(1, 16), rounds=1):
+    """The decoding steps of 1 and 16 clients without the HTTP side and the clients: `nanomoe
+    bench decode --packed` (serve's engine in process: one KV cache per sequence, packed
+    passes, greedy picks, one-token prompts) for each batch in turn, `rounds` times over, one
+    run of `tokens` steps each. Returns one row per batch: the step p50 / p99 in ms (medians of
+    the rounds) with the rounds' rows under "rounds"."""
+    per = []
+    for _ in range(max(1, rounds)):
+        row = []
+        for b in batches:
+            p = subprocess.run([BIN, "--threads", str(threads), "bench", "decode", model, "--packed", "--batch", str(b),
+                                "--new-tokens", str(tokens), "--repeats", "1"], capture_output=True, text=True)
+            if p.returncode != 0:
+                raise SystemExit("bench decode failed: %s" % p.stderr[-2000:])
+            steps = json.loads(p.stdout.strip().splitlines()[-1])["step_ms"]
+            row.append({"batch": b, "p50_ms": steps["p50"], "p99_ms": steps["p99"]})
+        per.append(row)
+    return [{"batch": b, "p50_ms": median([r[i]["p50_ms"] for r in per]), "p99_ms": median([r[i]["p99_ms"] for r in per]),
+             "rounds": [r[i] for r in per]} for i, b in enumerate(batches)]
+
+
+def engine_report(label, rows):
+    """Prints the engine rows and the serve p99 target computed on them: each round's 16-row
+    step p99 over the same round's 1-row step median."""
+    print("\n%s: the engine alone (bench decode --packed, no HTTP), medians of %d rounds" % (label, len(rows[0]["rounds"])))
+    print("| sequences | step p50 ms | step p99 ms |")
+    print("|---|---|---|")
+    for r in rows:
+        print("| %d | %.2f | %.2f |" % (r["batch"], r["p50_ms"], r["p99_ms"]))
+    one = next((r for r in rows if r["batch"] == 1), None)
+    many = next((r for r in rows if r["batch"] == 16), None)
+    if one and many:
+        v = [m["p99_ms"] / o["p50_ms"] for o, m in zip(one["rounds"], many["rounds"])]
+        w = [m["p50_ms"] / o["p50_ms"] for o, m in zip(one["rounds"], many["rounds"])]
+        print("16-row step p99 = %.2fx (rounds %s) the 1-row step median; 16-row median = %.2fx (rounds %s)" % (
+            median(v), ", ".join("%.2f" % x for x in v), median(w), ", ".join("%.2f" % x for x in w)))
+
+
 def targets(rows):
     """The issue's two targets, each round's loads against the same round's single client:
     [(16 clients' tokens/s over one client's, 16 clients' p99 inter-token latency over one
@@ -309,6 +347,7 @@ def main():
                     help="events: all clients on one thread, stamped as bytes arrive (default); threads: one http.client thread each (the old generator)")
     ap.add_argument("--llama-server", help="llama.cpp's llama-server binary: run the same load against it (GGUF MODEL)")
     ap.add_argument("--rounds", type=int, default=1, help="run the client counts this many times in turn; each statistic is the median of the rounds")
+    ap.add_argument("--engine", action="store_true", help="also time the same steps without the HTTP side (bench decode --packed, 1 and 16 sequences)")
     ap.add_argument("--sampling", help='request fields replacing greedy decoding, as JSON, e.g. \'{"temperature": 0.8, "top_k": 40, "top_p": 0.95, "seed": 1}\'')
     a = ap.parse_args()
     clients = [int(c) for c in a.clients.split(",")]
@@ -317,14 +356,17 @@ def main():
     theirs = None
     if a.llama_server and a.model.endswith(".gguf"):
         theirs = run_llama_server(a.llama_server, a.model, a.tokens, clients, a.max_batch, a.threads, a.client, extra, a.rounds)
+    engine = engine_rows(a.model, a.tokens, a.threads, rounds=a.rounds) if a.engine else None
     if a.json:
-        print(json.dumps({"nanomoe": rows, "llama_server": theirs}))
+        print(json.dumps({"nanomoe": rows, "llama_server": theirs, "engine": engine}))
         return
     report("nanomoe serve %s, %d tokens per client, --max-batch %d, %d threads" % (a.model, a.tokens, a.max_batch, a.threads), rows)
     if theirs:
         report("llama-server %s, %d tokens per client, -np %d, %d threads" % (a.model, a.tokens, a.max_batch, a.threads), theirs)
         for o, t in zip(rows, theirs):
             print("%d clients: nanomoe / llama-server aggregate tokens/s %.2fx" % (o["clients"], o["tokens_per_s"] / t["tokens_per_s"]))
+    if engine:
+        engine_report("nanomoe %s" % a.model, engine)
 
 
 if __name__ == "__main__":

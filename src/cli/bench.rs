@@ -132,19 +132,23 @@ fn at_least_one(s: &str) -> std::result::Result<usize, String> {
 }
 
 fn report(case: &str, times: &[f64], tokens_per_run: f64) -> Result<()> {
+    println!("{}", summary(case, times, tokens_per_run));
+    Ok(())
+}
+
+/// The JSON line of [`report`]: every run's time, the median, the range and tokens/s.
+fn summary(case: &str, times: &[f64], tokens_per_run: f64) -> serde_json::Value {
     let mut sorted = times.to_vec();
     sorted.sort_by(|a, b| a.total_cmp(b));
     let median = sorted[sorted.len() / 2];
-    let v = json!({
+    json!({
         "case": case,
         "times_s": times,
         "median_s": median,
         "min_s": sorted[0],
         "max_s": sorted[sorted.len() - 1],
         "tokens_per_sec": tokens_per_run / median,
-    });
-    println!("{v}");
-    Ok(())
+    })
 }
 
 fn load_inputs(path: &Path) -> Result<(Tensor, Tensor)> {
@@ -204,7 +208,10 @@ pub fn run(b: Bench, model_dir: impl Fn(&Path) -> Result<PathBuf>) -> Result<()>
                 steps.sort_by(|a, b| a.total_cmp(b));
                 let at = |q: f64| 1e3 * steps[((q * (steps.len() - 1) as f64).round() as usize).min(steps.len() - 1)];
                 eprintln!("decode steps: p50 {:.2} ms, p90 {:.2} ms, p99 {:.2} ms, max {:.2} ms ({} steps)", at(0.5), at(0.9), at(0.99), at(1.0), steps.len());
-                return report("decode", &times, (new_tokens * batch) as f64);
+                let mut v = summary("decode", &times, (new_tokens * batch) as f64);
+                v["step_ms"] = json!({"p50": at(0.5), "p90": at(0.9), "p99": at(0.99), "max": at(1.0), "steps": steps.len()});
+                println!("{v}");
+                return Ok(());
             }
             gpt.generate_with(&prompt, &GenerationConfig::greedy(4), |_, _| {})?; // warm up
             let mut times = Vec::new();
