@@ -103,6 +103,8 @@ pub struct EngineHandle {
 #[derive(Debug, PartialEq, Eq)]
 pub enum Refused {
     QueueFull(usize),
+    /// More prompts in one request than the queue holds: it could never be queued.
+    TooMany(usize),
     ShuttingDown,
 }
 
@@ -114,6 +116,9 @@ impl EngineHandle {
         }
         let n = jobs.len();
         let max = self.options.max_queue;
+        if n > max {
+            return Err(Refused::TooMany(n));
+        }
         self.waiting
             .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |w| (w + n <= max).then_some(w + n))
             .map_err(Refused::QueueFull)?;

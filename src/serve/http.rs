@@ -355,6 +355,9 @@ async fn generate(app: &Arc<App>, headers: &HeaderMap, body: Body, chat: bool) -
         Err(Refused::QueueFull(w)) => {
             return error(StatusCode::TOO_MANY_REQUESTS, &format!("the server is busy: {w} requests are waiting (--max-queue {}); retry later", app.engine.options.max_queue), "rate_limit_error", None, Some("queue_full"))
         }
+        Err(Refused::TooMany(n)) => {
+            return error(StatusCode::BAD_REQUEST, &format!("this request holds {n} prompts; the server queues at most {} (--max-queue)", app.engine.options.max_queue), "invalid_request_error", Some("prompt"), None)
+        }
         Err(Refused::ShuttingDown) => return error(StatusCode::SERVICE_UNAVAILABLE, "the server is shutting down", "server_error", None, Some("shutting_down")),
     }
     let total = req.prompts.len() * n;

@@ -251,6 +251,10 @@ def test_bad_requests_get_openai_errors(server):
     with pytest.raises(openai.BadRequestError) as e:
         c.completions.create(model="tiny-moe", prompt=[[1, 2], [50257]], max_tokens=2)
     assert e.value.body["message"] == "token id 50257 is out of range for vocab_size 50257"
+    # More prompts than the queue can ever hold (--max-queue 32): a 400, not a 429 to retry.
+    with pytest.raises(openai.BadRequestError) as e:
+        c.completions.create(model="tiny-moe", prompt=[[1]] * 33, max_tokens=2)
+    assert (e.value.body["param"], e.value.body["message"]) == ("prompt", "this request holds 33 prompts; the server queues at most 32 (--max-queue)")
     auth = {"Authorization": f"Bearer {KEY}"}
     status, body = server.raw("POST", "/v1/completions", b'{"prompt": "x", ', auth)
     assert status == 400 and json.loads(body)["error"]["message"].startswith("invalid JSON body: EOF while parsing")
