@@ -115,7 +115,44 @@ pub(crate) fn next_token_of(row: &[f32], context: &[u32], cfg: &GenerationConfig
             return Ok(id);
         }
     }
+    if cfg.do_sample && cfg.repetition_penalty == 1.0 && cfg.top_k.is_none_or(|k| k >= row.len()) {
+        if let Some(probs) = whole_probs(row, cfg.temperature as f32) {
+            return Ok(draw_from(probs, cfg, rng));
+        }
+    }
     next_token(&mut row.to_vec(), context, cfg, rng)
+}
+
+/// [`pick_token`]'s probabilities for sampling over the whole vocabulary (no top-k, no
+/// penalty: what a client that sends only a temperature, or top-p or min-p, asks for) from a
+/// row it leaves as it is. The processed logits (l - max) / T go straight into the buffer
+/// the softmax works in, the row checked and its maximum found in the same scan as the
+/// greedy pick: gone are the copy of the row, a processing pass over it, a scan for -Inf and
+/// the softmax's own copy. The same values through the same softmax: the same bits, then
+/// the same draw. None when the row needs `next_token`'s other paths: an unusable logit (its
+/// error), every logit -Inf, a processed logit of -Inf (a masked token, or one the
+/// processing sends there: `pick_token` then draws among the others alone), or a
+/// temperature that is not a positive finite number.
+fn whole_probs(row: &[f32], temp: f32) -> Option<Vec<f32>> {
+    if !(temp > 0.0 && temp.is_finite()) {
+        return None;
+    }
+    let (max, _) = checked_max(row)?;
+    if max == f32::NEG_INFINITY {
+        return None;
+    }
+    let mut probs = crate::kernels::for_overwrite(row.len());
+    let mut dead = false;
+    for (p, &l) in probs.iter_mut().zip(row) {
+        let v = (l - max) / temp;
+        dead |= v == f32::NEG_INFINITY;
+        *p = v;
+    }
+    if dead {
+        return None;
+    }
+    softmax_in_place(&mut probs);
+    Some(probs)
 }
 
 /// [`pick_token`]'s sampling with top-k (no penalty) on a row it leaves as it is, without
@@ -381,7 +418,11 @@ fn kth_largest(v: &[f32], k: usize) -> f32 {
 
 /// Softmax, top-p, min-p and the draw, on processed logits.
 fn draw(logits: &[f32], cfg: &GenerationConfig, rng: &mut StdRng) -> u32 {
-    let mut probs = softmax(logits);
+    draw_from(softmax(logits), cfg, rng)
+}
+
+/// [`draw`] from the softmax of the processed logits.
+fn draw_from(mut probs: Vec<f32>, cfg: &GenerationConfig, rng: &mut StdRng) -> u32 {
     if let Some(top_p) = cfg.top_p.filter(|&p| p < 1.0) {
         let keep = nucleus(&probs, top_p);
         probs.iter_mut().zip(&keep).for_each(|(p, k)| if !k { *p = 0.0 });
@@ -918,6 +959,63 @@ mod tests {
         assert!(seen[0] > 0 && seen[1] > 0 && seen[2] > 0 && seen[3] + seen[4] == 0, "{seen:?}");
         let all_masked = vec![f32::NEG_INFINITY; 20];
         assert!(sample_top_k(&all_masked, &GenerationConfig { top_k: Some(3), ..Default::default() }, &mut StdRng::seed_from_u64(0)).is_none());
+    }
+
+    /// Sampling over the whole vocabulary (no top-k, no penalty) from the row where it lies:
+    /// the probabilities bit for bit those `pick_token` draws from (its processing, then its
+    /// softmax), and `next_token`'s token from the same random numbers - temperatures,
+    /// top-p and min-p, ties, both zeros, -Inf masks (the fallback), a processing that
+    /// overflows to -Inf, and rows of every length around the scan's lanes.
+    #[test]
+    fn whole_vocabulary_sampling_in_place_matches_next_token() {
+        use rand::Rng;
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        let mut gen = StdRng::seed_from_u64(9);
+        let mut drawn = 0;
+        for n in [1, 2, 15, 16, 17, 40, 100, 333, 1000] {
+            for case in 0..40 {
+                // Masked tokens in a quarter of the rows only, so that most take the path.
+                let row = logit_row(&mut gen, n, if case % 4 == 0 { 12 } else { 1 << 30 }, 1.25);
+                let cfg = GenerationConfig {
+                    temperature: [0.8, 1.0, 1.7, 1e-30][case % 3 + (case / 30)],
+                    top_p: [None, Some(0.95), Some(0.5)][case % 3],
+                    min_p: if case % 5 == 0 { Some(0.1) } else { None },
+                    top_k: if case % 7 == 0 { Some(n) } else { None },
+                    ..Default::default()
+                };
+                let (mut a, mut b) = (StdRng::seed_from_u64(case as u64), StdRng::seed_from_u64(case as u64));
+                let want = next_token(&mut row.clone(), &[], &cfg, &mut a);
+                let got = next_token_of(&row, &[], &cfg, &mut b);
+                assert_eq!(got.as_ref().ok(), want.as_ref().ok(), "n {n}, case {case}, {cfg:?}");
+                assert_eq!(a.random::<u64>(), b.random::<u64>(), "n {n}, case {case}: random numbers used");
+                let temp = cfg.temperature as f32;
+                if let Some(probs) = whole_probs(&row, temp) {
+                    let max = crate::kernels::math::max(&row);
+                    let processed: Vec<f32> = row.iter().map(|&l| (l - max) / temp).collect();
+                    assert_eq!(bits(&probs), bits(&softmax(&processed)), "n {n}, case {case}");
+                    drawn += 1;
+                }
+            }
+        }
+        // The in-place path ran, not only the fallback.
+        assert!(drawn > 200, "{drawn}");
+        // (l - max) overflows to -Inf for -3e38 under a maximum of 3e38: `pick_token` draws
+        // among the others alone, and so does the fallback this path hands the row to.
+        let row = [3e38, -3e38, 1.0, 2e38];
+        let cfg = GenerationConfig { temperature: 1e38, ..Default::default() };
+        assert!(whole_probs(&row, 1e38).is_none());
+        for seed in 0..50 {
+            let want = next_token(&mut row.to_vec(), &[], &cfg, &mut StdRng::seed_from_u64(seed)).unwrap();
+            assert_eq!(next_token_of(&row, &[], &cfg, &mut StdRng::seed_from_u64(seed)).unwrap(), want);
+        }
+        // Every logit -Inf, NaN and +Inf: the fallback's draw and errors.
+        let cfg = GenerationConfig::default();
+        for row in [vec![f32::NEG_INFINITY; 20], vec![0.5, f32::NAN], vec![f32::INFINITY, 0.0]] {
+            assert!(whole_probs(&row, 1.0).is_none());
+            let want = next_token(&mut row.clone(), &[], &cfg, &mut StdRng::seed_from_u64(1));
+            let got = next_token_of(&row, &[], &cfg, &mut StdRng::seed_from_u64(1));
+            assert_eq!(got.map_err(|e| e.to_string()), want.map_err(|e| e.to_string()));
+        }
     }
 
     #[test]
