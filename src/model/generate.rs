@@ -428,7 +428,8 @@ fn draw_from(mut probs: Vec<f32>, cfg: &GenerationConfig, rng: &mut StdRng) -> u
         probs.iter_mut().zip(&keep).for_each(|(p, k)| if !k { *p = 0.0 });
     }
     if let Some(min_p) = cfg.min_p.filter(|&p| p > 0.0) {
-        let max = probs.iter().cloned().fold(0.0f32, f32::max);
+        // The largest probability, by the 16-lane scan (none is negative or NaN).
+        let max = crate::kernels::math::max(&probs);
         let floor = (min_p as f32) * max;
         probs.iter_mut().for_each(|p| if *p < floor { *p = 0.0 });
     }
