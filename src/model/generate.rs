@@ -909,6 +909,29 @@ mod tests {
             .collect()
     }
 
+    /// The sampling settings of case `case` of the in-place pick tests: temperatures down to
+    /// 1e-30, top-p, min-p, with `top_k`.
+    fn sampling_case(case: usize, top_k: Option<usize>) -> GenerationConfig {
+        GenerationConfig {
+            top_k,
+            temperature: [0.8, 1.0, 1.7, 1e-30][case % 3 + (case / 30)],
+            top_p: [None, Some(0.95), Some(0.5)][case % 3],
+            min_p: if case % 5 == 0 { Some(0.1) } else { None },
+            ..Default::default()
+        }
+    }
+
+    /// `next_token_of` on `row` gives `next_token`'s token (or error) from a generator seeded
+    /// with `seed`, and uses as many of its random numbers.
+    fn assert_picks_as_next_token(row: &[f32], cfg: &GenerationConfig, seed: u64, what: &str) {
+        use rand::Rng;
+        let (mut a, mut b) = (StdRng::seed_from_u64(seed), StdRng::seed_from_u64(seed));
+        let want = next_token(&mut row.to_vec(), &[], cfg, &mut a);
+        let got = next_token_of(row, &[], cfg, &mut b);
+        assert_eq!(got.as_ref().ok(), want.as_ref().ok(), "{what}, {cfg:?}");
+        assert_eq!(a.random::<u64>(), b.random::<u64>(), "{what}: random numbers used");
+    }
+
     /// The copy-free greedy pick gives `next_token`'s token (ties to the first, -Inf masks,
     /// both zeros, rows of every length around the scan's lanes) and its error, and leaves
     /// the row as it was.
@@ -952,25 +975,14 @@ mod tests {
     /// lengths around the scan's lanes, for several k, temperatures, top-p and min-p.
     #[test]
     fn top_k_sampling_in_place_matches_next_token() {
-        use rand::Rng;
         let mut gen = StdRng::seed_from_u64(8);
         let mut drawn = 0;
         for n in [2, 15, 16, 17, 40, 100, 333] {
             for case in 0..40 {
                 let row = logit_row(&mut gen, n, 12, 1.25);
                 let k = [1, 2, 5, 40][case % 4].min(n - 1).max(1);
-                let cfg = GenerationConfig {
-                    top_k: Some(k),
-                    temperature: [0.8, 1.0, 1.7, 1e-30][case % 3 + (case / 30)],
-                    top_p: [None, Some(0.95), Some(0.5)][case % 3],
-                    min_p: if case % 5 == 0 { Some(0.1) } else { None },
-                    ..Default::default()
-                };
-                let (mut a, mut b) = (StdRng::seed_from_u64(case as u64), StdRng::seed_from_u64(case as u64));
-                let want = next_token(&mut row.clone(), &[], &cfg, &mut a);
-                let got = next_token_of(&row, &[], &cfg, &mut b);
-                assert_eq!(got.as_ref().ok(), want.as_ref().ok(), "n {n}, case {case}, {cfg:?}");
-                assert_eq!(a.random::<u64>(), b.random::<u64>(), "n {n}, case {case}: random numbers used");
+                let cfg = sampling_case(case, Some(k));
+                assert_picks_as_next_token(&row, &cfg, case as u64, &format!("n {n}, case {case}"));
                 drawn += usize::from(sample_top_k(&row, &cfg, &mut StdRng::seed_from_u64(0)).is_some());
             }
         }
@@ -1000,7 +1012,6 @@ mod tests {
     /// overflows to -Inf, and rows of every length around the scan's lanes.
     #[test]
     fn whole_vocabulary_sampling_in_place_matches_next_token() {
-        use rand::Rng;
         let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
         let mut gen = StdRng::seed_from_u64(9);
         let mut drawn = 0;
@@ -1008,18 +1019,8 @@ mod tests {
             for case in 0..40 {
                 // Masked tokens in a quarter of the rows only, so that most take the path.
                 let row = logit_row(&mut gen, n, if case % 4 == 0 { 12 } else { 1 << 30 }, 1.25);
-                let cfg = GenerationConfig {
-                    temperature: [0.8, 1.0, 1.7, 1e-30][case % 3 + (case / 30)],
-                    top_p: [None, Some(0.95), Some(0.5)][case % 3],
-                    min_p: if case % 5 == 0 { Some(0.1) } else { None },
-                    top_k: if case % 7 == 0 { Some(n) } else { None },
-                    ..Default::default()
-                };
-                let (mut a, mut b) = (StdRng::seed_from_u64(case as u64), StdRng::seed_from_u64(case as u64));
-                let want = next_token(&mut row.clone(), &[], &cfg, &mut a);
-                let got = next_token_of(&row, &[], &cfg, &mut b);
-                assert_eq!(got.as_ref().ok(), want.as_ref().ok(), "n {n}, case {case}, {cfg:?}");
-                assert_eq!(a.random::<u64>(), b.random::<u64>(), "n {n}, case {case}: random numbers used");
+                let cfg = sampling_case(case, if case % 7 == 0 { Some(n) } else { None });
+                assert_picks_as_next_token(&row, &cfg, case as u64, &format!("n {n}, case {case}"));
                 let temp = cfg.temperature as f32;
                 if let Some(probs) = whole_probs(&row, temp) {
                     let max = crate::kernels::math::max(&row);
