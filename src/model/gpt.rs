@@ -139,50 +139,10 @@ impl LayerKv {
             *slot = Some(LayerKv { k: nk, v: nv, len });
         }
         let layer = slot.as_mut().expect("allocated above");
-        for (cache, new) in [(&layer.k, k), (&layer.v, v)] {
-            if cache.dtype() == DType::F32 && new.dtype() == DType::F32 && cache.device().is_cpu() && new.device().is_cpu() {
-                // Straight from wherever the rows lie (a decoding step's keys and values are
-                // column ranges of its qkv projection): no contiguous copy first.
-                cache.inplace_op2(new, &WriteRows { at: len })?;
-            } else {
-                cache.slice_set(&new.contiguous()?, 1, len)?;
-            }
-        }
+        layer.k.slice_set(&k.contiguous()?, 1, len)?;
+        layer.v.slice_set(&v.contiguous()?, 1, len)?;
         layer.len = len + t;
         Ok(layer)
-    }
-}
-
-/// Writes the rows of a [B, t, C] f32 tensor (any strides, each row's C values adjacent)
-/// into a contiguous [B, capacity, C] buffer at positions at..at + t: the KV cache's append,
-/// in place.
-struct WriteRows {
-    at: usize,
-}
-
-impl candle_core::InplaceOp2 for WriteRows {
-    fn name(&self) -> &'static str {
-        "kv-write-rows"
-    }
-
-    fn cpu_fwd(&self, dst: &mut candle_core::CpuStorage, dl: &candle_core::Layout, src: &candle_core::CpuStorage, sl: &candle_core::Layout) -> candle_core::Result<()> {
-        use candle_core::CpuStorage::F32;
-        let (F32(dst), F32(src)) = (dst, src) else { candle_core::bail!("kv-write-rows: f32 tensors only") };
-        let (b, cap, c) = dl.shape().dims3()?;
-        let (sb, t, sc) = sl.shape().dims3()?;
-        let Some((d0, _)) = dl.contiguous_offsets() else { candle_core::bail!("kv-write-rows: the cache buffer is not contiguous") };
-        let st = sl.stride();
-        if sb != b || sc != c || self.at + t > cap || (c > 1 && st[2] != 1) {
-            candle_core::bail!("kv-write-rows: rows {:?} (strides {st:?}) do not fit a [{b}, {cap}, {c}] buffer at {}", sl.dims(), self.at);
-        }
-        for bi in 0..b {
-            for ti in 0..t {
-                let from = sl.start_offset() + bi * st[0] + ti * st[1];
-                let to = d0 + (bi * cap + self.at + ti) * c;
-                dst[to..to + c].copy_from_slice(&src[from..from + c]);
-            }
-        }
-        Ok(())
     }
 }
 
