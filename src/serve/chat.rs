@@ -13,6 +13,16 @@ use crate::error::{input_err, Result};
 /// followed by a blank line, then "Assistant:" for the reply.
 pub const PLAIN_TEMPLATE: &str = "{% for m in messages %}{{ m.role | capitalize }}: {{ m.content }}\n\n{% endfor %}{% if add_generation_prompt %}Assistant:{% endif %}";
 
+/// Instructions one rendering may run: a template is the model's file, and one that loops
+/// (nested `range`s, recursion) is stopped with an error instead of holding the request.
+/// Templates of real models run ~10-40 per message: a conversation that fills the largest
+/// body (`--max-body`, 1 MiB) with short messages stays far below.
+pub const TEMPLATE_FUEL: u64 = 20_000_000;
+
+/// Most bytes a rendered prompt may have (a template can repeat strings: `"x" * 100000000`).
+/// Far more than any context holds.
+pub const MAX_PROMPT_BYTES: usize = 16 << 20;
+
 pub struct ChatTemplate {
     env: Environment<'static>,
     pub source: String,
@@ -78,6 +88,7 @@ impl ChatTemplate {
         // transformers renders chat templates with these settings and helpers.
         env.set_trim_blocks(true);
         env.set_lstrip_blocks(true);
+        env.set_fuel(Some(TEMPLATE_FUEL));
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
         env.add_function("raise_exception", |msg: String| -> std::result::Result<String, minijinja::Error> {
             Err(minijinja::Error::new(ErrorKind::InvalidOperation, msg))
@@ -94,7 +105,7 @@ impl ChatTemplate {
             "bos_token": self.bos,
             "eos_token": self.eos,
         });
-        self.env.render_str(&self.source, ctx).map_err(|e| {
+        let failed = |e: minijinja::Error| {
             let mut msg = e.to_string();
             if let Some(detail) = e.detail() {
                 if !msg.contains(detail) {
@@ -102,7 +113,35 @@ impl ChatTemplate {
                 }
             }
             input_err!("the chat template failed: {msg}")
-        })
+        };
+        let template = self.env.template_from_str(&self.source).map_err(failed)?;
+        let mut out = Capped { bytes: Vec::new(), limit: MAX_PROMPT_BYTES };
+        match template.render_to_write(ctx, &mut out) {
+            Ok(_) => String::from_utf8(out.bytes).map_err(|_| input_err!("the chat template failed: its output is not UTF-8")),
+            Err(_) if out.bytes.len() > MAX_PROMPT_BYTES => Err(input_err!("the chat template failed: its output exceeds {MAX_PROMPT_BYTES} bytes")),
+            Err(e) => Err(failed(e)),
+        }
+    }
+}
+
+/// A buffer that refuses to grow past `limit` bytes (it keeps one byte more, to tell).
+struct Capped {
+    bytes: Vec<u8>,
+    limit: usize,
+}
+
+impl std::io::Write for Capped {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.bytes.len() + buf.len() > self.limit {
+            self.bytes.resize(self.limit + 1, 0);
+            return Err(std::io::Error::other("the rendered prompt is too long"));
+        }
+        self.bytes.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
     }
 }
 
@@ -122,5 +161,25 @@ mod tests {
         assert_eq!(t.render(&msgs).unwrap(), "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n");
         let e = t.render(&[json!({"role": "tool", "content": "x"})]).unwrap_err().to_string();
         assert!(e.starts_with("invalid input: the chat template failed: ") && e.contains("bad role tool"), "{e}");
+    }
+
+    /// A hostile template (it is the model's file) is stopped with a named error: one that
+    /// loops ~10^10 times runs out of its instructions, one that repeats a string out of
+    /// bounds hits the prompt's size limit; the same conversation renders on a real template.
+    #[test]
+    fn hostile_templates_stop_with_an_error() {
+        let msgs = vec![json!({"role": "user", "content": "Hi"})];
+        let looping = ChatTemplate::new("{% for i in range(100000) %}{% for j in range(100000) %}x{% endfor %}{% endfor %}".into(), true, String::new(), String::new());
+        let t = std::time::Instant::now();
+        let e = looping.render(&msgs).unwrap_err().to_string();
+        assert!(e.starts_with("invalid input: the chat template failed: ") && e.contains("fuel"), "{e}");
+        assert!(t.elapsed().as_secs() < 30, "{:?}", t.elapsed());
+        let huge = ChatTemplate::new("{% for i in range(1000) %}{{ 'x' * 1000000 }}{% endfor %}".into(), true, String::new(), String::new());
+        assert_eq!(huge.render(&msgs).unwrap_err().to_string(), format!("invalid input: the chat template failed: its output exceeds {MAX_PROMPT_BYTES} bytes"));
+        // The largest conversation a 1 MiB body holds: 50,000 short messages, on a ChatML
+        // template, within the fuel.
+        let chatml = ChatTemplate::new("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}".into(), true, String::new(), String::new());
+        let many: Vec<Value> = (0..50_000).map(|_| json!({"role": "user", "content": "a"})).collect();
+        assert_eq!(chatml.render(&many).unwrap().len(), 50_000 * "<|im_start|>user\na<|im_end|>\n".len() + "<|im_start|>assistant\n".len());
     }
 }
