@@ -116,7 +116,7 @@ impl ChatTemplate {
         };
         let template = self.env.template_from_str(&self.source).map_err(failed)?;
         let mut out = Capped { bytes: Vec::new(), limit: MAX_PROMPT_BYTES };
-        match template.render_to_write(ctx, &mut out) {
+        match template.render_captured_to(ctx, &mut out) {
             Ok(_) => String::from_utf8(out.bytes).map_err(|_| input_err!("the chat template failed: its output is not UTF-8")),
             Err(_) if out.bytes.len() > MAX_PROMPT_BYTES => Err(input_err!("the chat template failed: its output exceeds {MAX_PROMPT_BYTES} bytes")),
             Err(e) => Err(failed(e)),
