@@ -107,20 +107,31 @@ pub(crate) fn next_token(logits: &mut [f32], context: &[u32], cfg: &GenerationCo
 /// repetition penalty read the row where it lies, in one pass that checks it and finds its
 /// largest logit (a serving step picks 16 rows of 50k), the other settings a copy.
 pub(crate) fn next_token_of(row: &[f32], context: &[u32], cfg: &GenerationConfig, rng: &mut StdRng) -> Result<u32> {
-    if !cfg.do_sample && cfg.repetition_penalty == 1.0 {
-        return greedy(row);
-    }
-    if cfg.repetition_penalty == 1.0 && cfg.top_k.is_some_and(|k| k >= 1 && k < row.len()) {
-        if let Some(id) = sample_top_k(row, cfg, rng) {
+    if cfg.repetition_penalty == 1.0 {
+        if !cfg.do_sample {
+            return greedy(row);
+        }
+        // top-k as `pick_token` applies it: only below the vocabulary's size.
+        let picked = match cfg.top_k.filter(|&k| k < row.len()) {
+            None => whole_probs(row, cfg.temperature as f32).map(|probs| draw_from(probs, cfg, rng)),
+            Some(0) => None,
+            Some(_) => sample_top_k(row, cfg, rng),
+        };
+        if let Some(id) = picked {
             return Ok(id);
         }
     }
-    if cfg.do_sample && cfg.repetition_penalty == 1.0 && cfg.top_k.is_none_or(|k| k >= row.len()) {
-        if let Some(probs) = whole_probs(row, cfg.temperature as f32) {
-            return Ok(draw_from(probs, cfg, rng));
-        }
-    }
     next_token(&mut row.to_vec(), context, cfg, rng)
+}
+
+/// The raw row's largest logit for sampling at temperature `temp` on it in place: None
+/// when the row needs `next_token`'s other paths - an unusable logit (its error), every
+/// logit -Inf, or a temperature that is not a positive finite number.
+fn sampling_max(row: &[f32], temp: f32) -> Option<f32> {
+    if !(temp > 0.0 && temp.is_finite()) {
+        return None;
+    }
+    checked_max(row).map(|(max, _)| max).filter(|&max| max != f32::NEG_INFINITY)
 }
 
 /// [`pick_token`]'s probabilities for sampling over the whole vocabulary (no top-k, no
@@ -134,13 +145,7 @@ pub(crate) fn next_token_of(row: &[f32], context: &[u32], cfg: &GenerationConfig
 /// processing sends there: `pick_token` then draws among the others alone), or a
 /// temperature that is not a positive finite number.
 fn whole_probs(row: &[f32], temp: f32) -> Option<Vec<f32>> {
-    if !(temp > 0.0 && temp.is_finite()) {
-        return None;
-    }
-    let (max, _) = checked_max(row)?;
-    if max == f32::NEG_INFINITY {
-        return None;
-    }
+    let max = sampling_max(row, temp)?;
     let mut probs = crate::kernels::for_overwrite(row.len());
     let mut dead = false;
     for (p, &l) in probs.iter_mut().zip(row) {
@@ -169,13 +174,7 @@ fn whole_probs(row: &[f32], temp: f32) -> Option<Vec<f32>> {
 fn sample_top_k(row: &[f32], cfg: &GenerationConfig, rng: &mut StdRng) -> Option<u32> {
     let k = cfg.top_k?;
     let temp = cfg.temperature as f32;
-    if !(temp > 0.0 && temp.is_finite()) {
-        return None;
-    }
-    let (max, _) = checked_max(row)?;
-    if max == f32::NEG_INFINITY {
-        return None;
-    }
+    let max = sampling_max(row, temp)?;
     let t = |l: f32| (l - max) / temp;
     let raw_kth = kth_largest_isa(row, k);
     let kth = t(raw_kth);

@@ -115,25 +115,25 @@ impl ChatTemplate {
             input_err!("the chat template failed: {msg}")
         };
         let template = self.env.template_from_str(&self.source).map_err(failed)?;
-        let mut out = Capped { bytes: Vec::new(), limit: MAX_PROMPT_BYTES };
+        let mut out = Capped { bytes: Vec::new(), over: false };
         match template.render_captured_to(ctx, &mut out) {
             Ok(_) => String::from_utf8(out.bytes).map_err(|_| input_err!("the chat template failed: its output is not UTF-8")),
-            Err(_) if out.bytes.len() > MAX_PROMPT_BYTES => Err(input_err!("the chat template failed: its output exceeds {MAX_PROMPT_BYTES} bytes")),
+            Err(_) if out.over => Err(input_err!("the chat template failed: its output exceeds {MAX_PROMPT_BYTES} bytes")),
             Err(e) => Err(failed(e)),
         }
     }
 }
 
-/// A buffer that refuses to grow past `limit` bytes (it keeps one byte more, to tell).
+/// A buffer that refuses to grow past [`MAX_PROMPT_BYTES`], and says when it did.
 struct Capped {
     bytes: Vec<u8>,
-    limit: usize,
+    over: bool,
 }
 
 impl std::io::Write for Capped {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        if self.bytes.len() + buf.len() > self.limit {
-            self.bytes.resize(self.limit + 1, 0);
+        if self.bytes.len() + buf.len() > MAX_PROMPT_BYTES {
+            self.over = true;
             return Err(std::io::Error::other("the rendered prompt is too long"));
         }
         self.bytes.extend_from_slice(buf);
